@@ -1,0 +1,328 @@
+//! `agent.toml`: the gateways an agent keeps tunnels to, the routes that send
+//! destinations through them, and local forward ports.
+//!
+//! ```toml
+//! control = "/run/user/1000/tunnel/agent.sock"   # optional
+//!
+//! [[gateway]]
+//! name = "site-b"
+//! address = "gw.site-b.example.org:7443"
+//! ca = "ca.pem"
+//! cert = "alice.pem"
+//! key = "alice-key.pem"
+//! # server_name = "gw.site-b.example.org"   # defaults to the address's host
+//! # connections = 2                         # pooled HTTP/2 connections
+//!
+//! [[route]]
+//! via = "site-b"
+//! to = ["10.20.0.0/16", "*.site-b.internal"]
+//!
+//! [[forward]]
+//! listen = "127.0.0.1:15432"
+//! to = "db.site-b.internal:5432"
+//! via = "site-b"
+//! ```
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{ConfigError, Problems, base_dir, parse_toml, resolve, seconds};
+use crate::pattern::Pattern;
+use crate::target::{Host, Target};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgentFile {
+    control: Option<String>,
+    connect_timeout: Option<f64>,
+    ping_interval: Option<f64>,
+    ping_timeout: Option<f64>,
+    #[serde(default)]
+    gateway: Vec<GatewayEntry>,
+    #[serde(default)]
+    route: Vec<RouteEntry>,
+    #[serde(default)]
+    forward: Vec<ForwardEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GatewayEntry {
+    name: String,
+    address: String,
+    ca: String,
+    cert: String,
+    key: String,
+    server_name: Option<String>,
+    connections: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteEntry {
+    via: Option<String>,
+    to: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ForwardEntry {
+    listen: String,
+    to: String,
+    via: Option<String>,
+}
+
+/// A validated agent configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentConfig {
+    /// The control socket (`status`); `None` means the default place.
+    pub control: Option<PathBuf>,
+    /// Time allowed for TCP + TLS + HTTP/2 set-up of one tunnel connection.
+    pub connect_timeout: Duration,
+    /// How often an idle tunnel connection is checked with an HTTP/2 PING.
+    pub ping_interval: Duration,
+    /// A PING unanswered for this long marks the connection dead.
+    pub ping_timeout: Duration,
+    pub gateways: Vec<GatewayPeer>,
+    pub routes: Vec<Route>,
+    pub forwards: Vec<Forward>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GatewayPeer {
+    pub name: String,
+    /// `host:port` as written.
+    pub address: String,
+    /// The name the gateway's certificate must carry.
+    pub server_name: String,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Size of the connection pool.
+    pub connections: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    pub via: String,
+    pub to: Vec<Pattern>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Forward {
+    pub listen: SocketAddr,
+    pub to: Target,
+    pub via: String,
+}
+
+pub const DEFAULT_CONNECTIONS: usize = 2;
+const MAX_CONNECTIONS: i64 = 64;
+
+impl AgentConfig {
+    /// Parses and validates the text of `file` (named in messages; relative paths are
+    /// taken from its directory).
+    pub fn parse(text: &str, file: &Path) -> Result<AgentConfig, ConfigError> {
+        let raw: AgentFile = parse_toml(text, file)?;
+        let base = base_dir(file);
+        let mut problems = Problems::default();
+
+        let mut gateways = Vec::new();
+        let mut names = HashSet::new();
+        if raw.gateway.is_empty() {
+            problems.add(
+                "gateway",
+                "no [[gateway]] table: add one with name, address, ca, cert and key",
+            );
+        }
+        for (i, g) in raw.gateway.iter().enumerate() {
+            let key = format!("gateway[{i}]");
+            if !crate::target::is_valid_service_name(&g.name) {
+                problems.add(
+                    format!("{key}.name"),
+                    format!(
+                        "`{}` is not a usable name: one word of letters, digits, - or _",
+                        g.name
+                    ),
+                );
+            } else if !names.insert(g.name.clone()) {
+                problems.add(
+                    format!("{key}.name"),
+                    format!("`{}` is used by two gateways: names must differ", g.name),
+                );
+            }
+            let host = match Target::parse(&g.address) {
+                Ok(Target::Addr { host, .. }) => Some(host),
+                _ => {
+                    problems.add(
+                        format!("{key}.address"),
+                        format!(
+                            "`{}` is not host:port (IPv6 as [addr]:port), e.g. \"gw.example.org:7443\"",
+                            g.address
+                        ),
+                    );
+                    None
+                }
+            };
+            let server_name = match (&g.server_name, host) {
+                (Some(name), _) => name.clone(),
+                (None, Some(Host::Ip(ip))) => ip.to_string(),
+                (None, Some(Host::Name(name))) => name,
+                (None, None) => String::new(),
+            };
+            let connections = g.connections.unwrap_or(DEFAULT_CONNECTIONS as i64);
+            if !(1..=MAX_CONNECTIONS).contains(&connections) {
+                problems.add(
+                    format!("{key}.connections"),
+                    format!("{connections} is out of range: give 1 to {MAX_CONNECTIONS}"),
+                );
+            }
+            gateways.push(GatewayPeer {
+                name: g.name.clone(),
+                address: g.address.clone(),
+                server_name,
+                ca: resolve(&base, &g.ca),
+                cert: resolve(&base, &g.cert),
+                key: resolve(&base, &g.key),
+                connections: connections.clamp(1, MAX_CONNECTIONS) as usize,
+            });
+        }
+
+        let via = |problems: &mut Problems, key: String, via: &Option<String>| -> String {
+            match via {
+                Some(v) if names.contains(v) => v.clone(),
+                Some(v) => {
+                    let known: Vec<&str> = raw.gateway.iter().map(|g| g.name.as_str()).collect();
+                    problems.add(
+                        key,
+                        format!(
+                            "no gateway is named `{v}`: use one of [{}]",
+                            known.join(", ")
+                        ),
+                    );
+                    v.clone()
+                }
+                None if raw.gateway.len() == 1 => raw.gateway[0].name.clone(),
+                None => {
+                    problems.add(
+                        key,
+                        "missing: with several gateways, say which one with via = \"NAME\"",
+                    );
+                    String::new()
+                }
+            }
+        };
+
+        let mut routes = Vec::new();
+        for (i, r) in raw.route.iter().enumerate() {
+            let key = format!("route[{i}]");
+            let via = via(&mut problems, format!("{key}.via"), &r.via);
+            if r.to.is_empty() {
+                problems.add(
+                    format!("{key}.to"),
+                    "empty: list the destinations, e.g. [\"10.20.0.0/16\", \"*.site-b.internal\"]",
+                );
+            }
+            let mut to = Vec::new();
+            for (j, pattern) in r.to.iter().enumerate() {
+                match Pattern::parse(pattern) {
+                    Ok(p) => to.push(p),
+                    Err(e) => problems.add(format!("{key}.to[{j}]"), e),
+                }
+            }
+            routes.push(Route { via, to });
+        }
+
+        let mut forwards = Vec::new();
+        let mut listens = HashSet::new();
+        for (i, f) in raw.forward.iter().enumerate() {
+            let key = format!("forward[{i}]");
+            let via = via(&mut problems, format!("{key}.via"), &f.via);
+            let listen = match f.listen.parse::<SocketAddr>() {
+                Ok(addr) => {
+                    if addr.port() != 0 && !listens.insert(addr) {
+                        problems.add(
+                            format!("{key}.listen"),
+                            format!("{addr} is used by two forwards"),
+                        );
+                    }
+                    Some(addr)
+                }
+                Err(_) => {
+                    problems.add(
+                        format!("{key}.listen"),
+                        format!(
+                            "`{}` is not ADDRESS:PORT, e.g. \"127.0.0.1:15432\"",
+                            f.listen
+                        ),
+                    );
+                    None
+                }
+            };
+            let to = match Target::parse(&f.to) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    problems.add(
+                        format!("{key}.to"),
+                        format!("{e} (a destination host:port, or a service name of the gateway)"),
+                    );
+                    None
+                }
+            };
+            if let (Some(listen), Some(to)) = (listen, to) {
+                forwards.push(Forward { listen, to, via });
+            }
+        }
+
+        let config = AgentConfig {
+            control: raw.control.as_deref().map(|c| resolve(&base, c)),
+            connect_timeout: seconds(&mut problems, "connect_timeout", raw.connect_timeout, 10.0),
+            ping_interval: seconds(&mut problems, "ping_interval", raw.ping_interval, 5.0),
+            ping_timeout: seconds(&mut problems, "ping_timeout", raw.ping_timeout, 5.0),
+            gateways,
+            routes,
+            forwards,
+        };
+        problems.finish(file, config)
+    }
+
+    pub fn gateway(&self, name: &str) -> Option<&GatewayPeer> {
+        self.gateways.iter().find(|g| g.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_parses_with_paths_from_the_file() {
+        let text = r#"
+            [[gateway]]
+            name = "site-b"
+            address = "127.0.0.1:7443"
+            ca = "ca.pem"
+            cert = "/abs/alice.pem"
+            key = "alice-key.pem"
+
+            [[route]]
+            to = ["10.20.0.0/16", "*.site-b.internal"]
+
+            [[forward]]
+            listen = "127.0.0.1:0"
+            to = "pg"
+        "#;
+        let c = AgentConfig::parse(text, Path::new("/etc/tunnel/agent.toml"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let g = &c.gateways[0];
+        assert_eq!(g.ca, PathBuf::from("/etc/tunnel/ca.pem"));
+        assert_eq!(g.cert, PathBuf::from("/abs/alice.pem"));
+        assert_eq!(g.server_name, "127.0.0.1");
+        assert_eq!(g.connections, 2);
+        assert_eq!(c.routes[0].via, "site-b");
+        assert_eq!(c.forwards[0].to, Target::Service("pg".into()));
+    }
+}

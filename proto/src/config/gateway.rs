@@ -1,0 +1,243 @@
+//! `gateway.toml`: where the gateway listens, its CA and certificate, who may reach
+//! what, and named services.
+//!
+//! ```toml
+//! listen = "0.0.0.0:7443"
+//! ca = "ca.pem"
+//! ca_key = "ca-key.pem"
+//! cert = "gateway.pem"
+//! key = "gateway-key.pem"
+//!
+//! [[allow]]
+//! identity = "alice"               # or "*" for every identity the CA vouches for
+//! to = ["10.20.0.0/16", "*.site-b.internal:22", "db.site-b.internal:5432", "pg"]
+//!
+//! [service.pg]                     # clients reach it as "pg"
+//! target = "db.site-b.internal:5432"
+//! ```
+//!
+//! A `to` entry that equals the name of a service allows that service; every other
+//! entry is a [`Pattern`].
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{ConfigError, Problems, base_dir, parse_toml, resolve, seconds};
+use crate::pattern::Pattern;
+use crate::target::{Target, is_valid_service_name};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GatewayFile {
+    listen: String,
+    ca: String,
+    ca_key: String,
+    cert: String,
+    key: String,
+    control: Option<String>,
+    connect_timeout: Option<f64>,
+    drain_timeout: Option<f64>,
+    ping_interval: Option<f64>,
+    ping_timeout: Option<f64>,
+    max_streams_per_connection: Option<i64>,
+    #[serde(default)]
+    allow: Vec<AllowEntry>,
+    #[serde(default)]
+    service: BTreeMap<String, ServiceEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AllowEntry {
+    identity: String,
+    to: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServiceEntry {
+    target: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GatewayConfig {
+    pub listen: SocketAddr,
+    pub ca: PathBuf,
+    pub ca_key: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The control socket (`status`); defaults to `gateway.sock` beside the config.
+    pub control: PathBuf,
+    /// Time allowed for an outbound connect to a destination.
+    pub connect_timeout: Duration,
+    /// On SIGTERM, streams in flight get this long to finish.
+    pub drain_timeout: Duration,
+    pub ping_interval: Duration,
+    pub ping_timeout: Duration,
+    pub max_streams_per_connection: u32,
+    pub allow: Vec<AllowRule>,
+    pub services: BTreeMap<String, Service>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AllowRule {
+    /// An identity (a client certificate's common name), or `*`.
+    pub identity: String,
+    pub to: Vec<AllowTo>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum AllowTo {
+    Pattern(Pattern),
+    Service(String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Service {
+    pub target: Target,
+}
+
+const DEFAULT_MAX_STREAMS: i64 = 10_000;
+
+/// True for a usable identity: 1 to 64 bytes of letters, digits, `.`, `-`, `_`, `@`.
+pub fn is_valid_identity(identity: &str) -> bool {
+    (1..=64).contains(&identity.len())
+        && identity
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b'@'))
+}
+
+impl GatewayConfig {
+    pub fn parse(text: &str, file: &Path) -> Result<GatewayConfig, ConfigError> {
+        let raw: GatewayFile = parse_toml(text, file)?;
+        let base = base_dir(file);
+        let mut problems = Problems::default();
+
+        let listen = raw.listen.parse::<SocketAddr>().unwrap_or_else(|_| {
+            problems.add(
+                "listen",
+                format!(
+                    "`{}` is not ADDRESS:PORT, e.g. \"0.0.0.0:7443\" or \"[::]:7443\"",
+                    raw.listen
+                ),
+            );
+            SocketAddr::from(([0, 0, 0, 0], 0))
+        });
+
+        let mut services = BTreeMap::new();
+        for (name, s) in &raw.service {
+            let key = format!("service.{name}");
+            if !is_valid_service_name(name) {
+                problems.add(
+                    &key,
+                    "a service name is one word of letters, digits, - or _ (no dots)",
+                );
+            }
+            match Target::parse(&s.target) {
+                Ok(target @ Target::Addr { .. }) => {
+                    services.insert(name.to_ascii_lowercase(), Service { target });
+                }
+                Ok(Target::Service(_)) | Err(_) => problems.add(
+                    format!("{key}.target"),
+                    format!(
+                        "`{}` is not host:port, e.g. \"db.site-b.internal:5432\"",
+                        s.target
+                    ),
+                ),
+            }
+        }
+
+        let mut allow = Vec::new();
+        for (i, a) in raw.allow.iter().enumerate() {
+            let key = format!("allow[{i}]");
+            if a.identity != "*" && !is_valid_identity(&a.identity) {
+                problems.add(
+                    format!("{key}.identity"),
+                    format!(
+                        "`{}` is not an identity: 1 to 64 letters, digits, . - _ @, or \"*\"",
+                        a.identity
+                    ),
+                );
+            }
+            if a.to.is_empty() {
+                problems.add(
+                    format!("{key}.to"),
+                    "empty: list what this identity may reach, e.g. [\"10.20.0.0/16\"]",
+                );
+            }
+            let mut to = Vec::new();
+            for (j, entry) in a.to.iter().enumerate() {
+                let lower = entry.to_ascii_lowercase();
+                if services.contains_key(&lower) {
+                    to.push(AllowTo::Service(lower));
+                    continue;
+                }
+                match Pattern::parse(entry) {
+                    Ok(p) => to.push(AllowTo::Pattern(p)),
+                    Err(e) => problems.add(format!("{key}.to[{j}]"), e),
+                }
+            }
+            allow.push(AllowRule {
+                identity: a.identity.clone(),
+                to,
+            });
+        }
+
+        let max_streams = raw
+            .max_streams_per_connection
+            .unwrap_or(DEFAULT_MAX_STREAMS);
+        if !(1..=1_000_000).contains(&max_streams) {
+            problems.add(
+                "max_streams_per_connection",
+                format!("{max_streams} is out of range: give 1 to 1000000"),
+            );
+        }
+
+        let config = GatewayConfig {
+            listen,
+            ca: resolve(&base, &raw.ca),
+            ca_key: resolve(&base, &raw.ca_key),
+            cert: resolve(&base, &raw.cert),
+            key: resolve(&base, &raw.key),
+            control: resolve(&base, raw.control.as_deref().unwrap_or("gateway.sock")),
+            connect_timeout: seconds(&mut problems, "connect_timeout", raw.connect_timeout, 10.0),
+            drain_timeout: seconds(&mut problems, "drain_timeout", raw.drain_timeout, 30.0),
+            ping_interval: seconds(&mut problems, "ping_interval", raw.ping_interval, 5.0),
+            ping_timeout: seconds(&mut problems, "ping_timeout", raw.ping_timeout, 5.0),
+            max_streams_per_connection: max_streams.clamp(1, 1_000_000) as u32,
+            allow,
+            services,
+        };
+        problems.finish(file, config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn services_and_patterns() {
+        let text = r#"
+            listen = "127.0.0.1:0"
+            ca = "ca.pem"
+            ca_key = "ca-key.pem"
+            cert = "gateway.pem"
+            key = "gateway-key.pem"
+            [[allow]]
+            identity = "alice"
+            to = ["PG", "10.0.0.0/8:22"]
+            [service.pg]
+            target = "127.0.0.1:5432"
+        "#;
+        let c = GatewayConfig::parse(text, Path::new("g/gateway.toml"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.allow[0].to[0], AllowTo::Service("pg".into()));
+        assert!(matches!(c.allow[0].to[1], AllowTo::Pattern(_)));
+        assert_eq!(c.control, PathBuf::from("g/gateway.sock"));
+    }
+}

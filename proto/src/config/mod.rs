@@ -1,0 +1,118 @@
+//! Configuration files: `agent.toml` and `gateway.toml`.
+//!
+//! Each file is read in two steps: serde takes the TOML into plain structs that refuse
+//! unknown keys, then one validation pass checks every field and collects *all* the
+//! problems, each naming its key and the fix, before anything starts. Relative paths
+//! are taken from the directory that holds the file.
+
+pub mod agent;
+pub mod gateway;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use agent::{AgentConfig, Forward, GatewayPeer, Route};
+pub use gateway::{AllowRule, AllowTo, GatewayConfig, Service};
+
+/// Everything wrong with one configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub problems: Vec<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.problems.as_slice() {
+            [one] => write!(f, "{}: {one}", self.file.display()),
+            many => {
+                write!(f, "{}: {} problems:", self.file.display(), many.len())?;
+                for p in many {
+                    write!(f, "\n  - {p}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Collects the problems of one validation pass.
+#[derive(Debug, Default)]
+struct Problems(Vec<String>);
+
+impl Problems {
+    fn add(&mut self, key: impl fmt::Display, message: impl fmt::Display) {
+        self.0.push(format!("{key}: {message}"));
+    }
+
+    fn finish<T>(self, file: &Path, value: T) -> Result<T, ConfigError> {
+        if self.0.is_empty() {
+            Ok(value)
+        } else {
+            Err(ConfigError {
+                file: file.to_path_buf(),
+                problems: self.0,
+            })
+        }
+    }
+}
+
+fn parse_toml<T: serde::de::DeserializeOwned>(text: &str, file: &Path) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|error| {
+        let mut message = error.message().trim().to_string();
+        if message.starts_with("unknown field") {
+            message.push_str(" (remove it, or check its spelling)");
+        }
+        let problem = match error.span() {
+            Some(span) => format!("line {}: {message}", line_of(text, span.start)),
+            None => message,
+        };
+        ConfigError {
+            file: file.to_path_buf(),
+            problems: vec![problem],
+        }
+    })
+}
+
+/// The line number (1-based) of a byte offset, for messages.
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()
+        .iter()
+        .take(offset)
+        .filter(|b| **b == b'\n')
+        .count()
+        + 1
+}
+
+/// A path from a config file, taken relative to the file's directory.
+fn resolve(base: &Path, path: &str) -> PathBuf {
+    let p = Path::new(path);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+fn base_dir(file: &Path) -> PathBuf {
+    file.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Seconds from the file, checked: positive, finite, at most a day.
+fn seconds(problems: &mut Problems, key: &str, value: Option<f64>, default: f64) -> Duration {
+    let v = value.unwrap_or(default);
+    if !(v.is_finite() && v > 0.0 && v <= 86_400.0) {
+        problems.add(
+            key,
+            format!("{v} is not a duration: give seconds, more than 0 and at most 86400"),
+        );
+        return Duration::from_secs_f64(default);
+    }
+    Duration::from_secs_f64(v)
+}

@@ -1,0 +1,25 @@
+//! Sans-I/O pieces that every part of tunnel shares.
+//!
+//! # Layout
+//!
+//! ```text
+//!  agent.toml ─┐                              ┌─ gateway.toml
+//!   config::agent        target::Target        config::gateway
+//!   (routes, forwards)   "host:port" | "svc"   (allow rules, services)
+//!         │                    │                      │
+//!         └── pattern::Pattern ┴── connect::Outcome ──┘
+//!             (CIDR / glob + ports)  (CONNECT answer ↔ failure class ↔ errno)
+//! ```
+//!
+//! No async runtime, no I/O, no `unsafe`: every decoder here is a pure function over
+//! a string or byte slice, returns a typed error on bad input, and never panics.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod connect;
+pub mod pattern;
+pub mod target;
+
+pub use connect::{ConnectError, Outcome};
+pub use pattern::Pattern;
+pub use target::{Host, Target};

@@ -1,0 +1,106 @@
+//! Every decoder of tunnel-proto: no panic on any input, and decode(encode(x)) == x.
+
+use std::net::IpAddr;
+use std::path::Path;
+
+use proptest::prelude::*;
+use tunnel_proto::config::{AgentConfig, GatewayConfig};
+use tunnel_proto::connect::{decode_outcome, encode_outcome};
+use tunnel_proto::pattern::{HostPattern, Pattern, Ports};
+use tunnel_proto::{ConnectError, Host, Target};
+
+fn name() -> impl Strategy<Value = String> {
+    proptest::collection::vec("[a-z0-9_]([a-z0-9_-]{0,10}[a-z0-9_])?", 1..4).prop_map(|l| l.join("."))
+}
+
+fn ip() -> impl Strategy<Value = IpAddr> {
+    prop_oneof![
+        any::<[u8; 4]>().prop_map(IpAddr::from),
+        any::<[u16; 8]>().prop_map(IpAddr::from),
+    ]
+}
+
+fn target() -> impl Strategy<Value = Target> {
+    prop_oneof![
+        (ip(), 1..=u16::MAX).prop_map(|(ip, port)| Target::Addr {
+            host: Host::Ip(ip),
+            port
+        }),
+        (name(), 1..=u16::MAX).prop_map(|(n, port)| Target::Addr {
+            host: Host::Name(n),
+            port
+        }),
+        "[a-z_][a-z0-9_]{0,12}".prop_map(Target::Service),
+    ]
+}
+
+fn pattern() -> impl Strategy<Value = Pattern> {
+    let host = prop_oneof![
+        Just(HostPattern::Any),
+        name().prop_map(HostPattern::Subdomains),
+        name().prop_map(HostPattern::Name),
+        (ip(), 0u8..=128).prop_map(|(ip, len)| {
+            let len = if ip.is_ipv4() { len % 33 } else { len };
+            let net = ipnet::IpNet::new(ip, len).map(|n| n.trunc());
+            HostPattern::Net(net.unwrap_or_else(|_| ipnet::IpNet::from(ip)))
+        }),
+    ];
+    let ports = (1..=u16::MAX, 1..=u16::MAX).prop_map(|(a, b)| Ports {
+        first: a.min(b),
+        last: a.max(b),
+    });
+    (host, ports).prop_map(|(host, ports)| Pattern { host, ports })
+}
+
+proptest! {
+    #[test]
+    fn target_round_trips(t in target()) {
+        prop_assume!(!matches!(&t, Target::Service(s) if s.bytes().all(|b| b.is_ascii_digit())));
+        prop_assert_eq!(Target::parse(&t.to_string()), Ok(t));
+    }
+
+    #[test]
+    fn target_never_panics(s in "\\PC{0,40}") {
+        let _ = Target::parse(&s);
+    }
+
+    #[test]
+    fn target_never_panics_on_near_misses(s in "[\\[\\]0-9a-f:./*-]{0,40}") {
+        let _ = Target::parse(&s);
+    }
+
+    #[test]
+    fn pattern_round_trips(p in pattern()) {
+        prop_assert_eq!(Pattern::parse(&p.to_string()), Ok(p));
+    }
+
+    #[test]
+    fn pattern_never_panics(s in "\\PC{0,40}", n in "\\PC{0,20}", port in any::<u16>()) {
+        if let Ok(p) = Pattern::parse(&s) {
+            let _ = p.matches_name(&n, port);
+        }
+    }
+
+    #[test]
+    fn pattern_never_panics_on_near_misses(s in "[\\[\\]0-9a-f:./*-]{0,40}") {
+        let _ = Pattern::parse(&s);
+    }
+
+    #[test]
+    fn outcome_never_panics(status in any::<u16>(), header in proptest::option::of(any::<Vec<u8>>())) {
+        let _ = decode_outcome(status, header.as_deref());
+    }
+
+    #[test]
+    fn outcome_round_trips(i in 0usize..8) {
+        let outcome = ConnectError::ALL.get(i).map_or(Ok(()), |e| Err(*e));
+        let (status, header) = encode_outcome(outcome);
+        prop_assert_eq!(decode_outcome(status, header.map(str::as_bytes)), outcome);
+    }
+
+    #[test]
+    fn configs_never_panic(s in "\\PC{0,200}") {
+        let _ = AgentConfig::parse(&s, Path::new("agent.toml"));
+        let _ = GatewayConfig::parse(&s, Path::new("gateway.toml"));
+    }
+}
