@@ -1,0 +1,195 @@
+//! Carries one connection: bytes both ways between a TCP socket and an HTTP/2 stream.
+//!
+//! ```text
+//!              tcp_to_tunnel: read ──▶ SendStream (END_STREAM on FIN)
+//!  TcpStream ◀─────────────────────────────────────────────────────▶ h2 stream
+//!              tunnel_to_tcp: write ◀── RecvStream (shutdown(WR) on END_STREAM)
+//! ```
+//!
+//! Each direction ends on its own: a FIN becomes END_STREAM and END_STREAM becomes a
+//! FIN, so a program that shuts its write side still reads the reply. An abort on either
+//! side (a TCP reset or error, an RST_STREAM, the loss of the tunnel) ends both
+//! directions at once: the HTTP/2 stream is reset and the TCP socket is closed with
+//! `SO_LINGER` 0, so the program sees a reset and never a clean EOF.
+
+use std::fmt;
+use std::future::{Future, poll_fn};
+use std::io;
+use std::net::Shutdown;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use h2::{Reason, RecvStream, SendStream};
+use tokio::net::TcpStream;
+use tunnel_proto::ConnectError;
+
+use crate::liveness::Health;
+
+/// Largest read from the TCP side in one go.
+const CHUNK: usize = 64 * 1024;
+
+/// Byte counts of one carried connection, read by `status` while it runs.
+#[derive(Debug, Default)]
+pub struct StreamStats {
+    pub tcp_to_tunnel: AtomicU64,
+    pub tunnel_to_tcp: AtomicU64,
+}
+
+/// Why a carried connection ended before both directions closed cleanly.
+#[derive(Debug)]
+pub enum Abort {
+    /// The local socket failed or was reset.
+    Tcp(io::Error),
+    /// The HTTP/2 stream was reset, or the tunnel connection was lost.
+    Tunnel(h2::Error),
+    /// The gateway answered the CONNECT with a failure.
+    Refused(ConnectError),
+}
+
+impl fmt::Display for Abort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Abort::Tcp(e) => write!(f, "local socket: {e}"),
+            Abort::Tunnel(e) => match e.reason() {
+                Some(reason) if e.is_remote() => write!(f, "reset by the far side ({reason:?})"),
+                _ => write!(f, "tunnel: {e}"),
+            },
+            Abort::Refused(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for Abort {}
+
+impl Abort {
+    /// The word for logs and status: `refused`, `denied`, … for CONNECT failures,
+    /// `reset` for aborts after the connection was made.
+    pub fn class(&self) -> &'static str {
+        match self {
+            Abort::Refused(e) => e.as_str(),
+            Abort::Tcp(_) | Abort::Tunnel(_) => "reset",
+        }
+    }
+}
+
+/// Closes `tcp` with a reset (RST) instead of a FIN.
+pub fn reset(tcp: TcpStream) {
+    // SO_LINGER {on, 0}: close() discards unsent data and sends RST.
+    let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+    drop(tcp);
+}
+
+/// Carries bytes between `tcp` and the HTTP/2 stream until both directions have ended
+/// (`Ok`) or one aborts (`Err`, after resetting both sides).
+///
+/// `recv` yields the receiving half once it is known; on the agent it waits for the
+/// gateway's answer to the CONNECT while the program's first bytes already travel.
+/// `health` counts, for the whole tunnel connection, the bytes that came in (the
+/// window tuning reads it).
+pub async fn splice(
+    tcp: TcpStream,
+    mut send: SendStream<Bytes>,
+    recv: impl Future<Output = Result<RecvStream, Abort>>,
+    stats: &StreamStats,
+    health: &Health,
+) -> Result<(), Abort> {
+    let both = async {
+        tokio::try_join!(tcp_to_tunnel(&tcp, &mut send, stats), async {
+            let mut recv = recv.await?;
+            tunnel_to_tcp(&mut recv, &tcp, stats, health).await
+        })
+    };
+    match both.await {
+        Ok(_) => Ok(()),
+        Err(abort) => {
+            send.send_reset(Reason::CANCEL);
+            reset(tcp);
+            Err(abort)
+        }
+    }
+}
+
+async fn tcp_to_tunnel(
+    tcp: &TcpStream,
+    send: &mut SendStream<Bytes>,
+    stats: &StreamStats,
+) -> Result<(), Abort> {
+    loop {
+        tcp.readable().await.map_err(Abort::Tcp)?;
+        // Allocated only once the socket is readable, so idle connections hold no buffer.
+        let mut buf = BytesMut::with_capacity(CHUNK);
+        let n = match tcp.try_read_buf(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(Abort::Tcp(e)),
+        };
+        if n == 0 {
+            send.send_data(Bytes::new(), true).map_err(Abort::Tunnel)?;
+            return Ok(());
+        }
+        stats.tcp_to_tunnel.fetch_add(n as u64, Ordering::Relaxed);
+        let mut data = buf.freeze();
+        while !data.is_empty() {
+            send.reserve_capacity(data.len());
+            let granted = match poll_fn(|cx| send.poll_capacity(cx)).await {
+                Some(Ok(n)) => n,
+                Some(Err(e)) => return Err(Abort::Tunnel(e)),
+                None => {
+                    // The stream can no longer send: the far side reset it.
+                    let reason = poll_fn(|cx| send.poll_reset(cx))
+                        .await
+                        .unwrap_or(Reason::CANCEL);
+                    return Err(Abort::Tunnel(h2::Error::from(reason)));
+                }
+            };
+            if granted == 0 {
+                continue;
+            }
+            let chunk = data.split_to(granted.min(data.len()));
+            send.send_data(chunk, false).map_err(Abort::Tunnel)?;
+        }
+    }
+}
+
+async fn tunnel_to_tcp(
+    recv: &mut RecvStream,
+    tcp: &TcpStream,
+    stats: &StreamStats,
+    health: &Health,
+) -> Result<(), Abort> {
+    while let Some(data) = recv.data().await {
+        let data = data.map_err(Abort::Tunnel)?;
+        health.note_received(data.len());
+        write_all(tcp, &data).await.map_err(Abort::Tcp)?;
+        stats
+            .tunnel_to_tcp
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        // Give the window back only once the bytes are on their way to the program, so
+        // a slow reader slows the sender instead of filling our memory.
+        let _ = recv.flow_control().release_capacity(data.len());
+    }
+    // END_STREAM: the far side will send no more. Pass the FIN on; our other direction
+    // goes on.
+    match socket2::SockRef::from(tcp).shutdown(Shutdown::Write) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+        Err(e) => Err(Abort::Tcp(e)),
+    }
+}
+
+async fn write_all(tcp: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        tcp.writable().await?;
+        match tcp.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Shared handle to a stream's byte counts.
+pub type SharedStats = Arc<StreamStats>;

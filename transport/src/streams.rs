@@ -1,0 +1,195 @@
+//! The table of carried connections that `status` shows: those live now, with their
+//! byte counts, and the most recent that ended, with how they ended.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use crate::splice::{Abort, StreamStats};
+
+/// How many ended connections `status` remembers.
+const RECENT: usize = 64;
+
+/// Which end of the tunnel keeps the table: it decides which way "to the destination" is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// TCP is the local program; the tunnel leads to the destination.
+    Agent,
+    /// TCP is the destination; the tunnel leads back to the program.
+    Gateway,
+}
+
+#[derive(Debug)]
+pub struct StreamTable {
+    side: Side,
+    next_id: AtomicU64,
+    live: Mutex<BTreeMap<u64, Live>>,
+    recent: Mutex<VecDeque<Ended>>,
+}
+
+#[derive(Debug)]
+struct Live {
+    destination: String,
+    peer: String,
+    started: Instant,
+    stats: Arc<StreamStats>,
+}
+
+/// A live connection as `status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct LiveView {
+    pub id: u64,
+    pub destination: String,
+    /// The gateway (on the agent) or the identity (on the gateway).
+    pub peer: String,
+    pub bytes_to_destination: u64,
+    pub bytes_from_destination: u64,
+    pub age_secs: f64,
+}
+
+/// An ended connection as `status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Ended {
+    pub id: u64,
+    pub destination: String,
+    pub peer: String,
+    /// `closed` for a clean end; else the failure class (`refused`, `denied`, `reset`, …).
+    pub outcome: String,
+    pub detail: String,
+    pub bytes_to_destination: u64,
+    pub bytes_from_destination: u64,
+    pub duration_secs: f64,
+    pub ended_unix: u64,
+}
+
+/// A connection's place in the table; it leaves the table when finished or dropped.
+#[derive(Debug)]
+pub struct Registered {
+    table: Arc<StreamTable>,
+    id: u64,
+    stats: Arc<StreamStats>,
+    finished: bool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl StreamTable {
+    pub fn new(side: Side) -> Arc<StreamTable> {
+        Arc::new(StreamTable {
+            side,
+            next_id: AtomicU64::new(1),
+            live: Mutex::default(),
+            recent: Mutex::default(),
+        })
+    }
+
+    pub fn register(self: &Arc<Self>, destination: String, peer: String) -> Registered {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let stats = Arc::new(StreamStats::default());
+        lock(&self.live).insert(
+            id,
+            Live {
+                destination,
+                peer,
+                started: Instant::now(),
+                stats: stats.clone(),
+            },
+        );
+        Registered {
+            table: self.clone(),
+            id,
+            stats,
+            finished: false,
+        }
+    }
+
+    fn directions(&self, stats: &StreamStats) -> (u64, u64) {
+        let out = stats.tcp_to_tunnel.load(Ordering::Relaxed);
+        let back = stats.tunnel_to_tcp.load(Ordering::Relaxed);
+        match self.side {
+            Side::Agent => (out, back),
+            Side::Gateway => (back, out),
+        }
+    }
+
+    pub fn live(&self) -> Vec<LiveView> {
+        lock(&self.live)
+            .iter()
+            .map(|(id, l)| {
+                let (to, from) = self.directions(&l.stats);
+                LiveView {
+                    id: *id,
+                    destination: l.destination.clone(),
+                    peer: l.peer.clone(),
+                    bytes_to_destination: to,
+                    bytes_from_destination: from,
+                    age_secs: l.started.elapsed().as_secs_f64(),
+                }
+            })
+            .collect()
+    }
+
+    pub fn live_count(&self) -> usize {
+        lock(&self.live).len()
+    }
+
+    pub fn recent(&self) -> Vec<Ended> {
+        lock(&self.recent).iter().cloned().collect()
+    }
+
+    fn end(&self, id: u64, outcome: &str, detail: String) {
+        let Some(l) = lock(&self.live).remove(&id) else {
+            return;
+        };
+        let (to, from) = self.directions(&l.stats);
+        let mut recent = lock(&self.recent);
+        if recent.len() == RECENT {
+            recent.pop_front();
+        }
+        recent.push_back(Ended {
+            id,
+            destination: l.destination,
+            peer: l.peer,
+            outcome: outcome.to_string(),
+            detail,
+            bytes_to_destination: to,
+            bytes_from_destination: from,
+            duration_secs: l.started.elapsed().as_secs_f64(),
+            ended_unix: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        });
+    }
+}
+
+impl Registered {
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub fn stats(&self) -> &StreamStats {
+        &self.stats
+    }
+
+    /// Records how the connection ended.
+    pub fn finish(mut self, result: &Result<(), Abort>) {
+        self.finished = true;
+        match result {
+            Ok(()) => self.table.end(self.id, "closed", String::new()),
+            Err(abort) => self.table.end(self.id, abort.class(), abort.to_string()),
+        }
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.table.end(self.id, "dropped", "ended without a result".into());
+        }
+    }
+}

@@ -1,0 +1,107 @@
+//! TLS 1.3 with client certificates, set up once for both ends.
+//!
+//! The gateway requires a certificate from its own CA and reads the caller's identity
+//! from its common name; the agent checks the gateway's certificate against the same CA
+//! and the gateway's name. Both offer only ALPN `h2`.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, anyhow, bail};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+
+const ALPN_H2: &[u8] = b"h2";
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Reads every certificate of a PEM file.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .with_context(|| format!("reading certificates from {}", path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("{}: not a valid PEM certificate file", path.display()))?;
+    if certs.is_empty() {
+        bail!(
+            "{}: holds no certificate (expected a PEM block `BEGIN CERTIFICATE`)",
+            path.display()
+        );
+    }
+    Ok(certs)
+}
+
+/// Reads the private key of a PEM file.
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| {
+        anyhow!(
+            "{}: no usable private key ({e}); expected a PEM `PRIVATE KEY` block",
+            path.display()
+        )
+    })
+}
+
+fn roots(ca: &Path) -> Result<RootCertStore> {
+    let mut roots = RootCertStore::empty();
+    for cert in load_certs(ca)? {
+        roots
+            .add(cert)
+            .with_context(|| format!("{}: not a usable CA certificate", ca.display()))?;
+    }
+    Ok(roots)
+}
+
+/// The gateway's TLS: its certificate, and a client certificate from `ca` required.
+pub fn server_config(ca: &Path, cert: &Path, key: &Path) -> Result<Arc<ServerConfig>> {
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider())
+        .build()
+        .context("building the client-certificate verifier")?;
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .context("TLS 1.3 set-up")?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(load_certs(cert)?, load_key(key)?)
+        .with_context(|| {
+            format!(
+                "{} and {} do not make a usable certificate and key pair",
+                cert.display(),
+                key.display()
+            )
+        })?;
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The agent's TLS towards one gateway.
+pub fn client_config(ca: &Path, cert: &Path, key: &Path) -> Result<Arc<ClientConfig>> {
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .context("TLS 1.3 set-up")?
+        .with_root_certificates(roots(ca)?)
+        .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
+        .with_context(|| {
+            format!(
+                "{} and {} do not make a usable certificate and key pair",
+                cert.display(),
+                key.display()
+            )
+        })?;
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The name the gateway's certificate must carry, in rustls's form.
+pub fn server_name(name: &str) -> Result<ServerName<'static>> {
+    ServerName::try_from(name.to_string())
+        .map_err(|_| anyhow!("`{name}` is not a valid server name for TLS"))
+}
+
+/// The identity a client certificate carries: its subject's common name.
+pub fn identity_of(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
+    let cn = parsed.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_string)
+}
