@@ -1,1 +1,310 @@
-fn main() {}
+//! `tunnel-gateway`: the far end of the tunnel. It accepts agents over mutually
+//! authenticated TLS, checks each CONNECT against its policy, and connects to the
+//! destination at its own site.
+#![forbid(unsafe_code)]
+
+mod outbound;
+mod policy;
+mod server;
+mod setup;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+use tracing::{info, warn};
+use tunnel_proto::config::GatewayConfig;
+
+use crate::server::Gateway;
+
+/// The gateway of a tunnel: mutual TLS in, policy-checked TCP out.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Make a CA, the gateway's certificate and a starter gateway.toml in a new directory.
+    Init {
+        /// Directory for the files [default: $XDG_CONFIG_HOME/tunnel/gateway].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The gateway's name, as agents will address it (goes into its certificate).
+        #[arg(long, default_value = "localhost")]
+        name: String,
+        /// Address and port to listen on.
+        #[arg(long, default_value = "0.0.0.0:7443")]
+        listen: String,
+        /// Another DNS name or address for the gateway's certificate (repeatable).
+        #[arg(long = "san")]
+        extra_names: Vec<String>,
+    },
+    /// Write a client certificate and key for one identity, signed by the gateway's CA.
+    Issue {
+        /// The identity (the name allow rules use).
+        #[arg(long)]
+        identity: String,
+        /// The gateway directory made by `init` [default: $XDG_CONFIG_HOME/tunnel/gateway].
+        #[arg(long, conflicts_with = "config")]
+        dir: Option<PathBuf>,
+        /// The gateway's config file (to find the CA) instead of --dir.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Where to write ID.pem, ID-key.pem and ca.pem.
+        #[arg(long)]
+        out: PathBuf,
+        /// Days the certificate stays valid.
+        #[arg(long, default_value_t = 90)]
+        days: u32,
+    },
+    /// Run the gateway in the foreground (SIGTERM: drain, then exit).
+    Run {
+        /// Config file [default: $TUNNEL_GATEWAY_CONFIG, else $XDG_CONFIG_HOME/tunnel/gateway/gateway.toml].
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Show a running gateway's agents and streams.
+    Status {
+        /// Config file of the gateway to ask (it names the control socket).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn config_path(explicit: Option<PathBuf>) -> PathBuf {
+    explicit
+        .or_else(|| std::env::var_os("TUNNEL_GATEWAY_CONFIG").map(PathBuf::from))
+        .unwrap_or_else(|| setup::default_dir().join("gateway.toml"))
+}
+
+fn load_config(path: &Path) -> Result<GatewayConfig> {
+    let text = std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "reading {} (make one with `tunnel-gateway init`, or pass --config)",
+            path.display()
+        )
+    })?;
+    Ok(GatewayConfig::parse(&text, path)?)
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+    if let Err(e) = run(cli) {
+        eprintln!("tunnel-gateway: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Init {
+            dir,
+            name,
+            listen,
+            extra_names,
+        } => {
+            let dir = dir.unwrap_or_else(setup::default_dir);
+            let config = setup::init(&dir, &name, &listen, &extra_names)?;
+            println!("wrote the CA, the gateway certificate and {}", config.display());
+            println!("next: add [[allow]] rules to it, then issue client certificates:");
+            println!(
+                "  tunnel-gateway issue --dir {} --identity alice --out ./alice",
+                dir.display()
+            );
+            Ok(())
+        }
+        Command::Issue {
+            identity,
+            dir,
+            config,
+            out,
+            days,
+        } => {
+            let path = match (config, dir) {
+                (Some(c), _) => c,
+                (None, Some(d)) => d.join("gateway.toml"),
+                (None, None) => config_path(None),
+            };
+            let config = load_config(&path)?;
+            let files = setup::issue(&config, &identity, &out, days)?;
+            println!(
+                "wrote {}, {} and {}",
+                files.cert.display(),
+                files.key.display(),
+                files.ca.display()
+            );
+            println!("for the agent's agent.toml:\n");
+            println!("[[gateway]]");
+            println!("name = \"gateway\"");
+            println!("address = \"{}\"", setup::reachable(config.listen));
+            println!("ca = \"{}\"", files.ca.display());
+            println!("cert = \"{}\"", files.cert.display());
+            println!("key = \"{}\"", files.key.display());
+            Ok(())
+        }
+        Command::Run { config } => {
+            let config = load_config(&config_path(config))?;
+            runtime()?.block_on(serve(config))
+        }
+        Command::Status { config, json } => {
+            let config = load_config(&config_path(config))?;
+            let reply = runtime()?
+                .block_on(tunnel_transport::control::query(&config.control, "status"))?;
+            if json {
+                println!("{reply}");
+            } else {
+                print!("{}", render_status(&reply)?);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+async fn serve(config: GatewayConfig) -> Result<()> {
+    let tls = tunnel_transport::tls::server_config(&config.ca, &config.cert, &config.key)?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listening on {} (listen in the config)", config.listen))?;
+    let local = listener.local_addr()?;
+    let control = tunnel_transport::control::bind(&config.control).await?;
+    let drain = config.drain_timeout;
+    let gateway = Gateway::new(config, local);
+
+    let status_gateway = gateway.clone();
+    tokio::spawn(tunnel_transport::control::serve(
+        control,
+        Arc::new(move |command| (command == "status").then(|| status_json(&status_gateway).to_string())),
+    ));
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    info!("listening on {local}");
+    let server = server::serve(
+        gateway.clone(),
+        listener,
+        tokio_rustls::TlsAcceptor::from(tls),
+        stop_rx,
+    );
+    tokio::pin!(server);
+    tokio::select! {
+        _ = &mut server => {}
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    let live = gateway.streams.live_count();
+    info!(
+        "stopping: no new connections; {live} streams in flight get up to {:.0}s",
+        drain.as_secs_f64()
+    );
+    let _ = stop_tx.send(true);
+    match tokio::time::timeout(drain, &mut server).await {
+        Ok(()) => info!("drained; exiting"),
+        Err(_) => warn!(
+            "drain limit reached with {} streams still open: they are cut",
+            gateway.streams.live_count()
+        ),
+    }
+    let _ = std::fs::remove_file(&gateway.config.control);
+    Ok(())
+}
+
+fn status_json(gateway: &Gateway) -> serde_json::Value {
+    json!({
+        "listen": gateway.local_addr.to_string(),
+        "uptime_secs": gateway.started.elapsed().as_secs_f64(),
+        "connections": gateway.connection_views(),
+        "streams": gateway.streams.live(),
+        "recent": gateway.streams.recent(),
+    })
+}
+
+fn render_status(reply: &str) -> Result<String> {
+    use std::fmt::Write;
+    let v: serde_json::Value =
+        serde_json::from_str(reply).context("the gateway's status answer is not JSON")?;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "gateway listening on {}, up {:.0}s",
+        v["listen"].as_str().unwrap_or("?"),
+        v["uptime_secs"].as_f64().unwrap_or(0.0)
+    );
+    let empty = Vec::new();
+    let connections = v["connections"].as_array().unwrap_or(&empty);
+    let _ = writeln!(out, "\nagent connections: {}", connections.len());
+    for c in connections {
+        let _ = writeln!(
+            out,
+            "  {:<24} {:<16} rtt {}  age {:.0}s",
+            c["peer"].as_str().unwrap_or("?"),
+            c["identity"].as_str().unwrap_or("?"),
+            c["rtt_ms"].as_f64().map_or("-".into(), |ms| format!("{ms:.2}ms")),
+            c["age_secs"].as_f64().unwrap_or(0.0)
+        );
+    }
+    out.push_str(&render_streams(&v));
+    Ok(out)
+}
+
+/// The live and recent streams of a status answer, as text (the agent prints the same).
+fn render_streams(v: &serde_json::Value) -> String {
+    use std::fmt::Write;
+    let empty = Vec::new();
+    let mut out = String::new();
+    let streams = v["streams"].as_array().unwrap_or(&empty);
+    let _ = writeln!(out, "\nlive streams: {}", streams.len());
+    for s in streams {
+        let _ = writeln!(
+            out,
+            "  #{:<6} {:<32} {:<16} out {:>12} B  in {:>12} B  age {:.1}s",
+            s["id"],
+            s["destination"].as_str().unwrap_or("?"),
+            s["peer"].as_str().unwrap_or("?"),
+            s["bytes_to_destination"],
+            s["bytes_from_destination"],
+            s["age_secs"].as_f64().unwrap_or(0.0)
+        );
+    }
+    let recent = v["recent"].as_array().unwrap_or(&empty);
+    let _ = writeln!(out, "\nrecently ended: {}", recent.len());
+    for s in recent.iter().rev().take(20) {
+        let _ = writeln!(
+            out,
+            "  #{:<6} {:<32} {:<16} {:<14} {}",
+            s["id"],
+            s["destination"].as_str().unwrap_or("?"),
+            s["peer"].as_str().unwrap_or("?"),
+            s["outcome"].as_str().unwrap_or("?"),
+            s["detail"].as_str().unwrap_or("")
+        );
+    }
+    out
+}
+

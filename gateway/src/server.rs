@@ -1,0 +1,320 @@
+//! The gateway's listener: TLS with client certificates, one HTTP/2 connection per
+//! agent connection, one CONNECT stream per carried connection.
+//!
+//! ```text
+//! TcpListener ─accept─▶ TLS handshake (client cert from our CA, or refused)
+//!                          │ identity = certificate's common name
+//!                          ▼
+//!                  h2 server connection ── PING: liveness, RTT, window tuning
+//!                          │ one task per CONNECT stream:
+//!                          ▼
+//!   policy (identity → allowed?) ─▶ outbound connect ─▶ 200 ─▶ splice
+//!                │ no                      │ failed
+//!                ▼                         ▼
+//!          403 denied            502/504 + tunnel-error: refused | timed-out | …
+//! ```
+//!
+//! Shutdown: stop accepting, send GOAWAY on every connection, let streams in flight
+//! finish; the caller bounds how long that may take.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use h2::RecvStream;
+use h2::server::SendResponse;
+use http::{Method, Request, Response};
+use serde::Serialize;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+use tunnel_proto::config::GatewayConfig;
+use tunnel_proto::connect::{ERROR_HEADER, encode_outcome};
+use tunnel_proto::{ConnectError, Target};
+use tunnel_transport::liveness::{self, Health, INITIAL_STREAM_WINDOW};
+use tunnel_transport::splice::{self, Abort};
+use tunnel_transport::streams::{Side, StreamTable};
+
+use crate::outbound;
+use crate::policy::Policy;
+
+/// Time allowed for a TLS handshake, so that a silent client cannot hold a socket.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Everything the connection and stream tasks share.
+pub struct Gateway {
+    pub config: GatewayConfig,
+    pub policy: Policy,
+    pub streams: Arc<StreamTable>,
+    pub connections: Mutex<BTreeMap<u64, ConnectionInfo>>,
+    next_connection: AtomicU64,
+    pub local_addr: SocketAddr,
+    pub started: Instant,
+}
+
+pub struct ConnectionInfo {
+    pub peer: SocketAddr,
+    pub identity: String,
+    pub since: Instant,
+    pub health: Arc<Health>,
+}
+
+#[derive(Serialize)]
+pub struct ConnectionView {
+    pub id: u64,
+    pub peer: String,
+    pub identity: String,
+    pub age_secs: f64,
+    pub rtt_ms: Option<f64>,
+}
+
+impl Gateway {
+    pub fn new(config: GatewayConfig, local_addr: SocketAddr) -> Arc<Gateway> {
+        Arc::new(Gateway {
+            policy: Policy::new(&config),
+            config,
+            streams: StreamTable::new(Side::Gateway),
+            connections: Mutex::default(),
+            next_connection: AtomicU64::new(1),
+            local_addr,
+            started: Instant::now(),
+        })
+    }
+
+    pub fn connection_views(&self) -> Vec<ConnectionView> {
+        let connections = self
+            .connections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        connections
+            .iter()
+            .map(|(id, c)| ConnectionView {
+                id: *id,
+                peer: c.peer.to_string(),
+                identity: c.identity.clone(),
+                age_secs: c.since.elapsed().as_secs_f64(),
+                rtt_ms: c.health.rtt().map(|d| d.as_secs_f64() * 1000.0),
+            })
+            .collect()
+    }
+}
+
+/// Accepts agents until `shutdown` turns true, then asks every connection to drain and
+/// returns once the last one has ended.
+pub async fn serve(
+    gateway: Arc<Gateway>,
+    listener: TcpListener,
+    tls: TlsAcceptor,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    // Each connection task holds a sender; when all are gone, every connection ended.
+    let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+    let connection_shutdown = shutdown.clone();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, peer)) => {
+                    let task = connection(gateway.clone(), tcp, peer, tls.clone(), connection_shutdown.clone());
+                    let done = done_tx.clone();
+                    tokio::spawn(async move {
+                        task.await;
+                        drop(done);
+                    });
+                }
+                Err(e) => {
+                    // Out of fds, most likely: back off instead of spinning.
+                    warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            _ = shutdown.wait_for(|stop| *stop) => break,
+        }
+    }
+    drop(listener);
+    drop(done_tx);
+    let _ = done_rx.recv().await;
+}
+
+async fn connection(
+    gateway: Arc<Gateway>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    tls: TlsAcceptor,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    tunnel_transport::tune_tcp(&tcp);
+    let tls_stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            warn!(%peer, "TLS handshake refused: {e}");
+            return;
+        }
+        Err(_) => {
+            warn!(%peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    let identity = tls_stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+        .and_then(tunnel_transport::tls::identity_of);
+    let Some(identity) = identity else {
+        warn!(%peer, "client certificate has no common name: connection refused");
+        return;
+    };
+
+    let mut conn = match h2::server::Builder::new()
+        .initial_window_size(INITIAL_STREAM_WINDOW)
+        .initial_connection_window_size(liveness::connection_window(INITIAL_STREAM_WINDOW))
+        .max_concurrent_streams(gateway.config.max_streams_per_connection)
+        .max_frame_size(64 * 1024)
+        .handshake::<_, Bytes>(tls_stream)
+        .await
+    {
+        Ok(conn) => conn,
+        Err(e) => {
+            warn!(%peer, %identity, "HTTP/2 handshake failed: {e}");
+            return;
+        }
+    };
+    let Some(ping_pong) = conn.ping_pong() else {
+        return;
+    };
+
+    let health = Arc::new(Health::default());
+    let id = gateway.next_connection.fetch_add(1, Ordering::Relaxed);
+    gateway
+        .connections
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(
+            id,
+            ConnectionInfo {
+                peer,
+                identity: identity.clone(),
+                since: Instant::now(),
+                health: health.clone(),
+            },
+        );
+    info!(%peer, %identity, "agent connected");
+
+    let (window_tx, mut window_rx) = watch::channel(INITIAL_STREAM_WINDOW);
+    let watcher = {
+        let health = health.clone();
+        let (interval, timeout) = (gateway.config.ping_interval, gateway.config.ping_timeout);
+        async move { liveness::watch_connection(ping_pong, &health, window_tx, interval, timeout).await }
+    };
+    tokio::pin!(watcher);
+    let mut draining = false;
+    let mut windows_open = true;
+    let reason = loop {
+        tokio::select! {
+            request = conn.accept() => match request {
+                Some(Ok((request, respond))) => {
+                    tokio::spawn(stream(gateway.clone(), identity.clone(), health.clone(), request, respond));
+                }
+                Some(Err(e)) => break format!("connection error: {e}"),
+                None => break "closed".to_string(),
+            },
+            changed = window_rx.changed(), if windows_open => match changed {
+                Ok(()) => {
+                    let window = *window_rx.borrow_and_update();
+                    debug!(%peer, window, "stream window grows");
+                    conn.set_target_window_size(liveness::connection_window(window));
+                    if let Err(e) = conn.set_initial_window_size(window) {
+                        break format!("window update failed: {e}");
+                    }
+                }
+                Err(_) => windows_open = false,
+            },
+            _ = shutdown.wait_for(|stop| *stop), if !draining => {
+                draining = true;
+                info!(%peer, %identity, "draining: GOAWAY sent");
+                conn.graceful_shutdown();
+            }
+            error = &mut watcher, if !draining => break error.to_string(),
+        }
+    };
+    gateway
+        .connections
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .remove(&id);
+    info!(%peer, %identity, "agent connection ended: {reason}");
+}
+
+async fn stream(
+    gateway: Arc<Gateway>,
+    identity: String,
+    health: Arc<Health>,
+    request: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) {
+    let target = request
+        .uri()
+        .authority()
+        .map(|a| a.as_str())
+        .and_then(|a| Target::parse(a).ok());
+    let Some(target) = target.filter(|_| request.method() == Method::CONNECT) else {
+        warn!(%identity, uri = %request.uri(), "not a CONNECT to host:port or a service");
+        let _ = answer(&mut respond, Err(ConnectError::BadRequest));
+        return;
+    };
+    let entry = gateway
+        .streams
+        .register(target.to_string(), identity.clone());
+
+    let connected = match gateway.policy.addresses(&identity, &target).await {
+        Ok(addrs) => outbound::connect(&addrs, gateway.config.connect_timeout).await,
+        Err(e) => Err(e),
+    };
+    let tcp = match connected {
+        Ok(tcp) => tcp,
+        Err(e) => {
+            warn!(%identity, destination = %target, "{e}");
+            let _ = answer(&mut respond, Err(e));
+            entry.finish(&Err(Abort::Refused(e)));
+            return;
+        }
+    };
+    tunnel_transport::tune_tcp(&tcp);
+    let send = match answer(&mut respond, Ok(())) {
+        Ok(Some(send)) => send,
+        _ => {
+            entry.finish(&Err(Abort::Refused(ConnectError::Gateway)));
+            return;
+        }
+    };
+    debug!(%identity, destination = %target, "connected");
+    let body = request.into_body();
+    let result = splice::splice(tcp, send, async { Ok(body) }, entry.stats(), &health).await;
+    if let Err(e) = &result {
+        info!(%identity, destination = %target, "stream aborted: {e}");
+    }
+    entry.finish(&result);
+}
+
+/// Sends the CONNECT answer; on success returns the stream to send data on.
+fn answer(
+    respond: &mut SendResponse<Bytes>,
+    outcome: Result<(), ConnectError>,
+) -> Result<Option<h2::SendStream<Bytes>>> {
+    let (status, error) = encode_outcome(outcome);
+    let mut response = Response::builder().status(status);
+    if let Some(error) = error {
+        response = response.header(ERROR_HEADER, error);
+    }
+    let response = response.body(()).context("building the CONNECT answer")?;
+    let end_of_stream = outcome.is_err();
+    let send = respond
+        .send_response(response, end_of_stream)
+        .context("sending the CONNECT answer")?;
+    Ok((!end_of_stream).then_some(send))
+}
