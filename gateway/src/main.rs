@@ -124,7 +124,10 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let dir = dir.unwrap_or_else(setup::default_dir);
             let config = setup::init(&dir, &name, &listen, &extra_names)?;
-            println!("wrote the CA, the gateway certificate and {}", config.display());
+            println!(
+                "wrote the CA, the gateway certificate and {}",
+                config.display()
+            );
             println!("next: add [[allow]] rules to it, then issue client certificates:");
             println!(
                 "  tunnel-gateway issue --dir {} --identity alice --out ./alice",
@@ -167,8 +170,8 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Status { config, json } => {
             let config = load_config(&config_path(config))?;
-            let reply = runtime()?
-                .block_on(tunnel_transport::control::query(&config.control, "status"))?;
+            let reply =
+                runtime()?.block_on(tunnel_transport::control::query(&config.control, "status"))?;
             if json {
                 println!("{reply}");
             } else {
@@ -199,7 +202,9 @@ async fn serve(config: GatewayConfig) -> Result<()> {
     let status_gateway = gateway.clone();
     tokio::spawn(tunnel_transport::control::serve(
         control,
-        Arc::new(move |command| (command == "status").then(|| status_json(&status_gateway).to_string())),
+        Arc::new(move |command| {
+            (command == "status").then(|| status_json(&status_gateway).to_string())
+        }),
     ));
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -265,46 +270,12 @@ fn render_status(reply: &str) -> Result<String> {
             "  {:<24} {:<16} rtt {}  age {:.0}s",
             c["peer"].as_str().unwrap_or("?"),
             c["identity"].as_str().unwrap_or("?"),
-            c["rtt_ms"].as_f64().map_or("-".into(), |ms| format!("{ms:.2}ms")),
+            c["rtt_ms"]
+                .as_f64()
+                .map_or("-".into(), |ms| format!("{ms:.2}ms")),
             c["age_secs"].as_f64().unwrap_or(0.0)
         );
     }
-    out.push_str(&render_streams(&v));
+    out.push_str(&tunnel_transport::streams::render(&v));
     Ok(out)
 }
-
-/// The live and recent streams of a status answer, as text (the agent prints the same).
-fn render_streams(v: &serde_json::Value) -> String {
-    use std::fmt::Write;
-    let empty = Vec::new();
-    let mut out = String::new();
-    let streams = v["streams"].as_array().unwrap_or(&empty);
-    let _ = writeln!(out, "\nlive streams: {}", streams.len());
-    for s in streams {
-        let _ = writeln!(
-            out,
-            "  #{:<6} {:<32} {:<16} out {:>12} B  in {:>12} B  age {:.1}s",
-            s["id"],
-            s["destination"].as_str().unwrap_or("?"),
-            s["peer"].as_str().unwrap_or("?"),
-            s["bytes_to_destination"],
-            s["bytes_from_destination"],
-            s["age_secs"].as_f64().unwrap_or(0.0)
-        );
-    }
-    let recent = v["recent"].as_array().unwrap_or(&empty);
-    let _ = writeln!(out, "\nrecently ended: {}", recent.len());
-    for s in recent.iter().rev().take(20) {
-        let _ = writeln!(
-            out,
-            "  #{:<6} {:<32} {:<16} {:<14} {}",
-            s["id"],
-            s["destination"].as_str().unwrap_or("?"),
-            s["peer"].as_str().unwrap_or("?"),
-            s["outcome"].as_str().unwrap_or("?"),
-            s["detail"].as_str().unwrap_or("")
-        );
-    }
-    out
-}
-

@@ -105,7 +105,8 @@ impl Policy {
             } => {
                 let by_name = self.patterns(identity).any(|p| p.matches_name(name, *port));
                 let by_address = self.patterns(identity).any(|p| {
-                    p.ports.contains(*port) && matches!(p.host, tunnel_proto::pattern::HostPattern::Net(_))
+                    p.ports.contains(*port)
+                        && matches!(p.host, tunnel_proto::pattern::HostPattern::Net(_))
                 });
                 if !by_name && !by_address {
                     // Not even looked up: a denied name costs the site no DNS query.
@@ -207,7 +208,11 @@ mod tests {
             Err(ConnectError::Denied)
         );
         assert!(p.addresses("x", &t("127.0.0.1:6379")).await.is_ok());
-        assert!(p.addresses("x", &t("[::ffff:127.0.0.1]:6379")).await.is_ok());
+        assert!(
+            p.addresses("x", &t("[::ffff:127.0.0.1]:6379"))
+                .await
+                .is_ok()
+        );
     }
 
     #[tokio::test]
@@ -217,10 +222,21 @@ mod tests {
         );
         assert_eq!(
             p.addresses("alice", &t("pg")).await,
-            Ok(vec!["127.0.0.1:5432".parse().unwrap_or_else(|e| panic!("{e}"))])
+            Ok(vec![
+                "127.0.0.1:5432".parse().unwrap_or_else(|e| panic!("{e}"))
+            ])
         );
-        assert_eq!(p.addresses("alice", &t("other")).await, Err(ConnectError::Denied));
-        assert_eq!(p.addresses("alice", &t("nope")).await, Err(ConnectError::Denied));
-        assert_eq!(p.addresses("bob", &t("pg")).await, Err(ConnectError::Denied));
+        assert_eq!(
+            p.addresses("alice", &t("other")).await,
+            Err(ConnectError::Denied)
+        );
+        assert_eq!(
+            p.addresses("alice", &t("nope")).await,
+            Err(ConnectError::Denied)
+        );
+        assert_eq!(
+            p.addresses("bob", &t("pg")).await,
+            Err(ConnectError::Denied)
+        );
     }
 }

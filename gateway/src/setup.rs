@@ -34,9 +34,9 @@ fn write_new(path: &Path, contents: &str, secret: bool) -> Result<()> {
 }
 
 pub fn init(dir: &Path, name: &str, listen: &str, extra_names: &[String]) -> Result<PathBuf> {
-    let listen_addr: SocketAddr = listen.parse().with_context(|| {
-        format!("--listen `{listen}` is not ADDRESS:PORT, e.g. 0.0.0.0:7443")
-    })?;
+    let listen_addr: SocketAddr = listen
+        .parse()
+        .with_context(|| format!("--listen `{listen}` is not ADDRESS:PORT, e.g. 0.0.0.0:7443"))?;
     let config_path = dir.join("gateway.toml");
     for existing in ["gateway.toml", "ca-key.pem"] {
         if dir.join(existing).exists() {
@@ -48,7 +48,12 @@ pub fn init(dir: &Path, name: &str, listen: &str, extra_names: &[String]) -> Res
     }
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
 
-    let mut names = vec![name.to_string(), "localhost".into(), "127.0.0.1".into(), "::1".into()];
+    let mut names = vec![
+        name.to_string(),
+        "localhost".into(),
+        "127.0.0.1".into(),
+        "::1".into(),
+    ];
     if !listen_addr.ip().is_unspecified() {
         names.push(listen_addr.ip().to_string());
     }
@@ -102,11 +107,14 @@ pub fn issue(config: &GatewayConfig, identity: &str, out: &Path, days: u32) -> R
     if !(1..=3650).contains(&days) {
         bail!("--days {days}: give 1 to 3650");
     }
-    let read = |p: &Path| {
-        fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
-    };
-    let ca = Authority::load(&read(&config.ca)?, &read(&config.ca_key)?)
-        .with_context(|| format!("loading the CA from {} and {}", config.ca.display(), config.ca_key.display()))?;
+    let read = |p: &Path| fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
+    let ca = Authority::load(&read(&config.ca)?, &read(&config.ca_key)?).with_context(|| {
+        format!(
+            "loading the CA from {} and {}",
+            config.ca.display(),
+            config.ca_key.display()
+        )
+    })?;
     let issued = ca.issue_client(identity, days)?;
     fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let files = IssuedFiles {

@@ -147,7 +147,10 @@ mod tests {
             assert_eq!(decode_outcome(status, header.map(str::as_bytes)), Err(e));
         }
         assert_eq!(decode_outcome(200, None), Ok(()));
-        assert_eq!(decode_outcome(502, Some(b"\xff")), Err(ConnectError::Gateway));
+        assert_eq!(
+            decode_outcome(502, Some(b"\xff")),
+            Err(ConnectError::Gateway)
+        );
         assert_eq!(decode_outcome(403, None), Err(ConnectError::Denied));
     }
 }

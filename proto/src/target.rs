@@ -22,7 +22,10 @@ pub enum Host {
 /// Where a carried connection goes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Target {
-    Addr { host: Host, port: u16 },
+    Addr {
+        host: Host,
+        port: u16,
+    },
     /// A named access point defined by the gateway (`[service.NAME]`).
     Service(String),
 }
@@ -106,7 +109,8 @@ impl Target {
         }
         match text.rsplit_once(':') {
             Some((host, port)) => {
-                let port = parse_port(port).ok_or_else(|| TargetError::BadPort(text.to_string()))?;
+                let port =
+                    parse_port(port).ok_or_else(|| TargetError::BadPort(text.to_string()))?;
                 Ok(Target::Addr {
                     host: Host::parse(host)?,
                     port,
@@ -200,7 +204,13 @@ mod tests {
             Target::parse("db.example.org"),
             Err(TargetError::MissingPort(_))
         ));
-        assert!(matches!(Target::parse("a b:1"), Err(TargetError::BadHost(_))));
-        assert!(matches!(Target::parse("x:+1"), Err(TargetError::BadPort(_))));
+        assert!(matches!(
+            Target::parse("a b:1"),
+            Err(TargetError::BadHost(_))
+        ));
+        assert!(matches!(
+            Target::parse("x:+1"),
+            Err(TargetError::BadPort(_))
+        ));
     }
 }

@@ -36,7 +36,10 @@ fn check(kind: &str, parse: impl Fn(&str, &Path) -> Result<(), String>) {
             .unwrap_or_else(|| panic!("{}: first line must be `# expect: TEXT`", file.display()))
             .trim();
         match parse(&text, &file) {
-            Ok(()) => panic!("{} was accepted; it must fail with `{expect}`", file.display()),
+            Ok(()) => panic!(
+                "{} was accepted; it must fail with `{expect}`",
+                file.display()
+            ),
             Err(message) => {
                 assert!(
                     message.contains(expect),
@@ -56,13 +59,17 @@ fn check(kind: &str, parse: impl Fn(&str, &Path) -> Result<(), String>) {
 #[test]
 fn invalid_agent_configs_are_refused_with_their_message() {
     check("agent", |text, file| {
-        AgentConfig::parse(text, file).map(drop).map_err(|e| e.to_string())
+        AgentConfig::parse(text, file)
+            .map(drop)
+            .map_err(|e| e.to_string())
     });
 }
 
 #[test]
 fn invalid_gateway_configs_are_refused_with_their_message() {
     check("gateway", |text, file| {
-        GatewayConfig::parse(text, file).map(drop).map_err(|e| e.to_string())
+        GatewayConfig::parse(text, file)
+            .map(drop)
+            .map_err(|e| e.to_string())
     });
 }

@@ -10,7 +10,8 @@ use tunnel_proto::pattern::{HostPattern, Pattern, Ports};
 use tunnel_proto::{ConnectError, Host, Target};
 
 fn name() -> impl Strategy<Value = String> {
-    proptest::collection::vec("[a-z0-9_]([a-z0-9_-]{0,10}[a-z0-9_])?", 1..4).prop_map(|l| l.join("."))
+    proptest::collection::vec("[a-z0-9_]([a-z0-9_-]{0,10}[a-z0-9_])?", 1..4)
+        .prop_map(|l| l.join("."))
 }
 
 fn ip() -> impl Strategy<Value = IpAddr> {

@@ -46,6 +46,8 @@ pub enum Abort {
     Tunnel(h2::Error),
     /// The gateway answered the CONNECT with a failure.
     Refused(ConnectError),
+    /// No tunnel connection to the gateway could carry the stream.
+    Unavailable(String),
 }
 
 impl fmt::Display for Abort {
@@ -57,6 +59,7 @@ impl fmt::Display for Abort {
                 _ => write!(f, "tunnel: {e}"),
             },
             Abort::Refused(e) => write!(f, "{e}"),
+            Abort::Unavailable(why) => write!(f, "gateway unavailable: {why}"),
         }
     }
 }
@@ -70,6 +73,7 @@ impl Abort {
         match self {
             Abort::Refused(e) => e.as_str(),
             Abort::Tcp(_) | Abort::Tunnel(_) => "reset",
+            Abort::Unavailable(_) => "unavailable",
         }
     }
 }

@@ -189,7 +189,43 @@ impl Registered {
 impl Drop for Registered {
     fn drop(&mut self) {
         if !self.finished {
-            self.table.end(self.id, "dropped", "ended without a result".into());
+            self.table
+                .end(self.id, "dropped", "ended without a result".into());
         }
     }
+}
+
+/// The `streams` and `recent` of a status answer, as text.
+pub fn render(v: &serde_json::Value) -> String {
+    use std::fmt::Write;
+    let empty = Vec::new();
+    let mut out = String::new();
+    let streams = v["streams"].as_array().unwrap_or(&empty);
+    let _ = writeln!(out, "\nlive streams: {}", streams.len());
+    for s in streams {
+        let _ = writeln!(
+            out,
+            "  #{:<6} {:<32} {:<16} out {:>12} B  in {:>12} B  age {:.1}s",
+            s["id"],
+            s["destination"].as_str().unwrap_or("?"),
+            s["peer"].as_str().unwrap_or("?"),
+            s["bytes_to_destination"],
+            s["bytes_from_destination"],
+            s["age_secs"].as_f64().unwrap_or(0.0)
+        );
+    }
+    let recent = v["recent"].as_array().unwrap_or(&empty);
+    let _ = writeln!(out, "\nrecently ended: {}", recent.len());
+    for s in recent.iter().rev().take(20) {
+        let _ = writeln!(
+            out,
+            "  #{:<6} {:<32} {:<16} {:<14} {}",
+            s["id"],
+            s["destination"].as_str().unwrap_or("?"),
+            s["peer"].as_str().unwrap_or("?"),
+            s["outcome"].as_str().unwrap_or("?"),
+            s["detail"].as_str().unwrap_or("")
+        );
+    }
+    out
 }

@@ -1,0 +1,56 @@
+//! From an accepted local socket to a carried connection: the one path that forward
+//! ports (and, later, preloaded programs) share.
+//!
+//! ```text
+//! accepted TcpStream ─▶ pool.open(CONNECT target) ─▶ splice ─┬─ both ends closed: done
+//!                         │ (first bytes go out at once)      └─ abort: RST both ways
+//!                         └─ answer ≠ 200: reset the socket, log and record the class
+//! ```
+
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+use tracing::{debug, warn};
+use tunnel_proto::Target;
+use tunnel_proto::connect::{ERROR_HEADER, decode_outcome};
+use tunnel_transport::splice::{self, Abort};
+
+use crate::Agent;
+
+pub async fn carry(agent: Arc<Agent>, tcp: TcpStream, target: Target, via: String) {
+    tunnel_transport::tune_tcp(&tcp);
+    let entry = agent.streams.register(target.to_string(), via.clone());
+    let Some(pool) = agent.pool(&via) else {
+        warn!(destination = %target, "no gateway named `{via}`");
+        splice::reset(tcp);
+        entry.finish(&Err(Abort::Unavailable(format!(
+            "no gateway named `{via}`"
+        ))));
+        return;
+    };
+    let opened = match pool.open(&target).await {
+        Ok(opened) => opened,
+        Err(e) => {
+            warn!(destination = %target, gateway = %via, "{e:#}");
+            splice::reset(tcp);
+            entry.finish(&Err(Abort::Unavailable(format!("{e:#}"))));
+            return;
+        }
+    };
+    let response = opened.response;
+    let answer = async {
+        let response = response.await.map_err(Abort::Tunnel)?;
+        let header = response.headers().get(ERROR_HEADER).map(|v| v.as_bytes());
+        decode_outcome(response.status().as_u16(), header).map_err(Abort::Refused)?;
+        Ok(response.into_body())
+    };
+    let result = splice::splice(tcp, opened.send, answer, entry.stats(), &opened.health).await;
+    match &result {
+        Ok(()) => debug!(destination = %target, gateway = %via, "closed"),
+        Err(abort @ Abort::Refused(_)) => {
+            warn!(destination = %target, gateway = %via, "{}", abort.class())
+        }
+        Err(abort) => warn!(destination = %target, gateway = %via, "aborted: {abort}"),
+    }
+    entry.finish(&result);
+}

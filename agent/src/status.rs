@@ -1,0 +1,84 @@
+//! What `tunnel-agent status` shows: gateways and their connections, forward ports,
+//! live streams and how recent ones ended.
+
+use std::fmt::Write;
+
+use anyhow::{Context, Result};
+use serde_json::{Value, json};
+
+use crate::Agent;
+
+pub fn json(agent: &Agent) -> Value {
+    let gateways: Vec<Value> = agent
+        .pools
+        .iter()
+        .map(|pool| {
+            json!({
+                "name": pool.peer.name,
+                "address": pool.peer.address,
+                "connections": pool.views(),
+            })
+        })
+        .collect();
+    json!({
+        "uptime_secs": agent.started.elapsed().as_secs_f64(),
+        "gateways": gateways,
+        "forwards": agent.forwards,
+        "streams": agent.streams.live(),
+        "recent": agent.streams.recent(),
+    })
+}
+
+pub fn render(reply: &str) -> Result<String> {
+    let v: Value = serde_json::from_str(reply).context("the agent's status answer is not JSON")?;
+    let empty = Vec::new();
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "agent up {:.0}s",
+        v["uptime_secs"].as_f64().unwrap_or(0.0)
+    );
+    for g in v["gateways"].as_array().unwrap_or(&empty) {
+        let _ = writeln!(
+            out,
+            "\ngateway {} at {}",
+            g["name"].as_str().unwrap_or("?"),
+            g["address"].as_str().unwrap_or("?")
+        );
+        for (i, c) in g["connections"]
+            .as_array()
+            .unwrap_or(&empty)
+            .iter()
+            .enumerate()
+        {
+            let _ = writeln!(
+                out,
+                "  connection {i}: {:<10} for {:.0}s  rtt {}  streams {}{}",
+                c["state"].as_str().unwrap_or("?"),
+                c["state_secs"].as_f64().unwrap_or(0.0),
+                c["rtt_ms"]
+                    .as_f64()
+                    .map_or("-".into(), |ms| format!("{ms:.2}ms")),
+                c["streams"],
+                c["last_error"]
+                    .as_str()
+                    .map_or(String::new(), |e| format!("  (last error: {e})"))
+            );
+        }
+    }
+    let forwards = v["forwards"].as_array().unwrap_or(&empty);
+    if !forwards.is_empty() {
+        let _ = writeln!(out, "\nforward ports:");
+        for f in forwards {
+            let _ = writeln!(
+                out,
+                "  {} -> {} via {}",
+                f["listen"].as_str().unwrap_or("?"),
+                f["to"].as_str().unwrap_or("?"),
+                f["via"].as_str().unwrap_or("?")
+            );
+        }
+    }
+    out.push_str(&tunnel_transport::streams::render(&v));
+    Ok(out)
+}
