@@ -1,1 +1,472 @@
-//! Support for the end-to-end tests in `tests/`.
+//! Support for the end-to-end tests: a throwaway site with a real gateway and a real
+//! agent, started from the built binaries, on loopback ports the kernel picks.
+//!
+//! ```text
+//! Site (temp dir) ── Gateway: init + issue + allow rules, `tunnel-gateway run`
+//!                 └─ Agent: agent.toml with forward ports, `tunnel-agent run`
+//! ```
+//!
+//! Every process is killed when its handle drops, so a failing test leaves nothing
+//! behind. Waits are bounded; a timeout fails the test with the daemon's log.
+#![forbid(unsafe_code)]
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde_json::Value;
+
+/// The directory holding the workspace's built binaries (next to this test's `deps/`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/ directory");
+    dir.to_path_buf()
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run `cargo build --workspace` first (the README's test command does)",
+        path.display()
+    );
+    path
+}
+
+/// Fails the test when a program the tests need is missing, naming the package.
+pub fn require(program: &str, package: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()))
+        .unwrap_or(false);
+    assert!(
+        found,
+        "`{program}` is not installed: apt-get install {package} (.ci/run does)"
+    );
+}
+
+/// Polls `check` until it returns `Some`, or fails after `limit` with `what`.
+pub fn wait_for<T>(limit: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> Result<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check() {
+            return Ok(v);
+        }
+        if start.elapsed() > limit {
+            bail!("timed out after {limit:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A child process killed (SIGKILL) and reaped when dropped.
+pub struct Daemon {
+    pub name: String,
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    pub fn spawn(name: &str, mut command: Command, log: PathBuf) -> Result<Daemon> {
+        let file = fs::File::create(&log)?;
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        Ok(Daemon {
+            name: name.to_string(),
+            child: Some(child),
+            log,
+        })
+    }
+
+    pub fn pid(&self) -> nix::unistd::Pid {
+        let id = self.child.as_ref().map_or(0, Child::id);
+        nix::unistd::Pid::from_raw(id as i32)
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for a log line containing `needle`; returns the rest of that line.
+    pub fn wait_log(&mut self, needle: &str, limit: Duration) -> Result<String> {
+        let found = wait_for(limit, needle, || {
+            self.log_text()
+                .lines()
+                .find_map(|l| l.split_once(needle).map(|(_, rest)| rest.to_string()))
+        });
+        found.map_err(|e| anyhow!("{}: {e}\n--- {} log ---\n{}", self.name, self.name, self.log_text()))
+    }
+
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(self.pid(), signal);
+    }
+
+    /// Waits for the process to exit by itself; returns its exit code.
+    pub fn wait_exit(&mut self, limit: Duration) -> Result<Option<i32>> {
+        let child = self.child.as_mut().context("already reaped")?;
+        let status = wait_for(limit, "process exit", || child.try_wait().ok().flatten())?;
+        self.child = None;
+        Ok(status.code())
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A site: a temp dir with a gateway CA, client identities and configs.
+pub struct Site {
+    pub dir: tempfile::TempDir,
+}
+
+impl Site {
+    pub fn new() -> Site {
+        Site {
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// `tunnel-gateway init` in `<site>/<name>`, listening on a port the kernel picks.
+    pub fn init_gateway(&self, name: &str) -> PathBuf {
+        let dir = self.path(name);
+        run_ok(
+            Command::new(bin("tunnel-gateway"))
+                .args(["init", "--listen", "127.0.0.1:0", "--dir"])
+                .arg(&dir),
+        );
+        dir
+    }
+
+    /// `tunnel-gateway issue` for `identity`, into `<site>/<out>`.
+    pub fn issue(&self, gateway_dir: &Path, identity: &str, out: &str) -> PathBuf {
+        let out = self.path(out);
+        run_ok(
+            Command::new(bin("tunnel-gateway"))
+                .args(["issue", "--identity", identity, "--dir"])
+                .arg(gateway_dir)
+                .arg("--out")
+                .arg(&out),
+        );
+        out
+    }
+}
+
+impl Default for Site {
+    fn default() -> Self {
+        Site::new()
+    }
+}
+
+/// Runs a command that must succeed; returns its stdout.
+pub fn run_ok(command: &mut Command) -> String {
+    let out = command.output().expect("running a command");
+    assert!(
+        out.status.success(),
+        "{command:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A running gateway.
+pub struct Gateway {
+    pub daemon: Daemon,
+    pub config: PathBuf,
+    pub addr: SocketAddr,
+}
+
+impl Gateway {
+    /// Appends `rules` (TOML) to the gateway's config and starts it.
+    pub fn start(dir: &Path, rules: &str) -> Result<Gateway> {
+        let config = dir.join("gateway.toml");
+        let mut text = fs::read_to_string(&config)?;
+        text.push_str(rules);
+        fs::write(&config, text)?;
+        Gateway::run(dir)
+    }
+
+    /// Starts the gateway with the config as it is.
+    pub fn run(dir: &Path) -> Result<Gateway> {
+        let config = dir.join("gateway.toml");
+        let mut command = Command::new(bin("tunnel-gateway"));
+        command.arg("run").arg("--config").arg(&config);
+        command.env("RUST_LOG", "info,tunnel_gateway=debug");
+        let mut daemon = Daemon::spawn("gateway", command, dir.join("gateway.log"))?;
+        let addr = daemon
+            .wait_log("listening on ", Duration::from_secs(20))?
+            .trim()
+            .parse()?;
+        Ok(Gateway {
+            daemon,
+            config,
+            addr,
+        })
+    }
+
+    /// Makes the config listen on the port this run got, so a restart comes back there.
+    pub fn pin_port(&self) -> Result<()> {
+        let text = fs::read_to_string(&self.config)?;
+        let pinned = text.replace("listen = \"127.0.0.1:0\"", &format!("listen = \"{}\"", self.addr));
+        fs::write(&self.config, pinned)?;
+        Ok(())
+    }
+
+    pub fn status(&self) -> Result<Value> {
+        let out = Command::new(bin("tunnel-gateway"))
+            .args(["status", "--json", "--config"])
+            .arg(&self.config)
+            .output()?;
+        if !out.status.success() {
+            bail!("gateway status: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+}
+
+/// A running agent.
+pub struct Agent {
+    pub daemon: Daemon,
+    pub config: PathBuf,
+    /// The bound address of each `[[forward]]`, in config order.
+    pub forwards: Vec<SocketAddr>,
+}
+
+/// The `[[gateway]]` table for an identity issued into `creds`.
+pub fn gateway_table(name: &str, addr: SocketAddr, creds: &Path, identity: &str) -> String {
+    format!(
+        "[[gateway]]\nname = \"{name}\"\naddress = \"{addr}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+        creds.join("ca.pem").display(),
+        creds.join(format!("{identity}.pem")).display(),
+        creds.join(format!("{identity}-key.pem")).display(),
+    )
+}
+
+/// A `[[forward]]` table from a port the kernel picks to `to`.
+pub fn forward_table(to: &str) -> String {
+    format!("[[forward]]\nlisten = \"127.0.0.1:0\"\nto = \"{to}\"\n")
+}
+
+impl Agent {
+    /// Writes `<dir>/agent.toml` from `body` and starts the agent; waits until every
+    /// forward port is bound and, if `wait_connected`, a tunnel connection is up.
+    pub fn start(dir: &Path, body: &str, wait_connected: bool) -> Result<Agent> {
+        fs::create_dir_all(dir)?;
+        let config = dir.join("agent.toml");
+        fs::write(
+            &config,
+            format!("control = \"agent.sock\"\nping_interval = 1\nping_timeout = 2\n{body}"),
+        )?;
+        let mut command = Command::new(bin("tunnel-agent"));
+        command.arg("run").arg("--config").arg(&config);
+        command.env("RUST_LOG", "info,tunnel_agent=debug");
+        let mut daemon = Daemon::spawn("agent", command, dir.join("agent.log"))?;
+        daemon.wait_log("agent ready", Duration::from_secs(20))?;
+        let mut agent = Agent {
+            daemon,
+            config,
+            forwards: Vec::new(),
+        };
+        let status = agent.status()?;
+        agent.forwards = status["forwards"]
+            .as_array()
+            .map(|f| {
+                f.iter()
+                    .filter_map(|f| f["listen"].as_str()?.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if wait_connected {
+            agent.wait_connected(Duration::from_secs(20))?;
+        }
+        Ok(agent)
+    }
+
+    pub fn status(&self) -> Result<Value> {
+        let out = Command::new(bin("tunnel-agent"))
+            .args(["status", "--json", "--config"])
+            .arg(&self.config)
+            .output()?;
+        if !out.status.success() {
+            bail!("agent status: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// The number of tunnel connections in state `up`.
+    pub fn connections_up(&self) -> usize {
+        self.status()
+            .ok()
+            .and_then(|s| {
+                s["gateways"].as_array().map(|gs| {
+                    gs.iter()
+                        .flat_map(|g| g["connections"].as_array().cloned().unwrap_or_default())
+                        .filter(|c| c["state"] == "up")
+                        .count()
+                })
+            })
+            .unwrap_or(0)
+    }
+
+    pub fn wait_connected(&self, limit: Duration) -> Result<()> {
+        wait_for(limit, "a tunnel connection to be up", || {
+            (self.connections_up() > 0).then_some(())
+        })
+        .map_err(|e| anyhow!("{e}\n--- agent log ---\n{}", self.daemon.log_text()))
+    }
+
+    /// The outcomes of recently ended streams, oldest first.
+    pub fn recent_outcomes(&self) -> Vec<String> {
+        self.status()
+            .ok()
+            .and_then(|s| {
+                s["recent"].as_array().map(|r| {
+                    r.iter()
+                        .filter_map(|e| e["outcome"].as_str().map(str::to_string))
+                        .collect()
+                })
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// A loopback port that was free a moment ago, for servers that cannot report the
+/// port they bound (redis-server). Prefer port 0 wherever the server can.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// A byte stream that both ends can regenerate: xorshift64* over a seed.
+pub struct Pattern {
+    state: u64,
+}
+
+impl Pattern {
+    pub fn new(seed: u64) -> Pattern {
+        Pattern {
+            state: seed | 1,
+        }
+    }
+
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            self.state ^= self.state >> 12;
+            self.state ^= self.state << 25;
+            self.state ^= self.state >> 27;
+            let v = self.state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
+
+/// Writes `total` pattern bytes to `w`; returns their SHA-256.
+pub fn send_pattern(w: &mut impl Write, seed: u64, total: u64) -> std::io::Result<[u8; 32]> {
+    use sha2::Digest;
+    let mut hash = sha2::Sha256::new();
+    let mut pattern = Pattern::new(seed);
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut left = total;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        pattern.fill(&mut buf[..n]);
+        w.write_all(&buf[..n])?;
+        hash.update(&buf[..n]);
+        left -= n as u64;
+    }
+    Ok(hash.finalize().into())
+}
+
+/// Reads `r` to EOF; returns the byte count and SHA-256. A reset is an error, never
+/// an early EOF.
+pub fn drain_hash(r: &mut impl Read) -> std::io::Result<(u64, [u8; 32])> {
+    use sha2::Digest;
+    let mut hash = sha2::Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = r.read(&mut buf)?;
+        if n == 0 {
+            return Ok((total, hash.finalize().into()));
+        }
+        hash.update(&buf[..n]);
+        total += n as u64;
+    }
+}
+
+pub fn hex(hash: &[u8]) -> String {
+    hash.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Connects with a deadline on every read and write, so no test hangs.
+pub fn connect(addr: SocketAddr, io_timeout: Duration) -> TcpStream {
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).expect("connect");
+    s.set_read_timeout(Some(io_timeout)).expect("read timeout");
+    s.set_write_timeout(Some(io_timeout)).expect("write timeout");
+    s
+}
+
+/// A whole set-up on loopback: one gateway with `rules`, one agent (identity `alice`)
+/// with a forward port to each of `forwards`.
+pub struct Tunnel {
+    // Dropped last: the daemons above it die before their files go.
+    pub agent: Agent,
+    pub gateway: Gateway,
+    pub site: Site,
+    pub creds: PathBuf,
+}
+
+impl Tunnel {
+    pub fn start(rules: &str, forwards: &[&str]) -> Result<Tunnel> {
+        let site = Site::new();
+        let gw_dir = site.init_gateway("gateway");
+        let creds = site.issue(&gw_dir, "alice", "alice");
+        let gateway = Gateway::start(&gw_dir, rules)?;
+        let mut body = gateway_table("site-b", gateway.addr, &creds, "alice");
+        for to in forwards {
+            body.push_str(&forward_table(to));
+        }
+        let agent = Agent::start(&site.path("agent"), &body, true)?;
+        Ok(Tunnel {
+            agent,
+            gateway,
+            site,
+            creds,
+        })
+    }
+
+    pub fn forward(&self, index: usize) -> SocketAddr {
+        self.agent.forwards[index]
+    }
+}
+
+/// An allow rule for `alice`.
+pub fn allow_alice(to: &[&str]) -> String {
+    let list: Vec<String> = to.iter().map(|t| format!("\"{t}\"")).collect();
+    format!("\n[[allow]]\nidentity = \"alice\"\nto = [{}]\n", list.join(", "))
+}

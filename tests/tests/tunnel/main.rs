@@ -1,0 +1,6 @@
+//! End-to-end tests: real gateway and agent binaries, real TLS, real clients, loopback.
+
+mod errors;
+mod forward;
+mod resilience;
+mod transfer;
