@@ -170,17 +170,20 @@ async fn connection(
         return;
     };
 
-    let mut conn = match h2::server::Builder::new()
+    let handshake = h2::server::Builder::new()
         .initial_window_size(INITIAL_STREAM_WINDOW)
         .initial_connection_window_size(liveness::connection_window(INITIAL_STREAM_WINDOW))
         .max_concurrent_streams(gateway.config.max_streams_per_connection)
         .max_frame_size(64 * 1024)
-        .handshake::<_, Bytes>(tls_stream)
-        .await
-    {
-        Ok(conn) => conn,
-        Err(e) => {
+        .handshake::<_, Bytes>(tls_stream);
+    let mut conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => {
             warn!(%peer, %identity, "HTTP/2 handshake failed: {e}");
+            return;
+        }
+        Err(_) => {
+            warn!(%peer, %identity, "HTTP/2 handshake timed out");
             return;
         }
     };

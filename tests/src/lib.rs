@@ -104,7 +104,14 @@ impl Daemon {
                 .lines()
                 .find_map(|l| l.split_once(needle).map(|(_, rest)| rest.to_string()))
         });
-        found.map_err(|e| anyhow!("{}: {e}\n--- {} log ---\n{}", self.name, self.name, self.log_text()))
+        found.map_err(|e| {
+            anyhow!(
+                "{}: {e}\n--- {} log ---\n{}",
+                self.name,
+                self.name,
+                self.log_text()
+            )
+        })
     }
 
     pub fn signal(&self, signal: nix::sys::signal::Signal) {
@@ -230,7 +237,10 @@ impl Gateway {
     /// Makes the config listen on the port this run got, so a restart comes back there.
     pub fn pin_port(&self) -> Result<()> {
         let text = fs::read_to_string(&self.config)?;
-        let pinned = text.replace("listen = \"127.0.0.1:0\"", &format!("listen = \"{}\"", self.addr));
+        let pinned = text.replace(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"{}\"", self.addr),
+        );
         fs::write(&self.config, pinned)?;
         Ok(())
     }
@@ -369,9 +379,7 @@ pub struct Pattern {
 
 impl Pattern {
     pub fn new(seed: u64) -> Pattern {
-        Pattern {
-            state: seed | 1,
-        }
+        Pattern { state: seed | 1 }
     }
 
     pub fn fill(&mut self, buf: &mut [u8]) {
@@ -427,7 +435,8 @@ pub fn hex(hash: &[u8]) -> String {
 pub fn connect(addr: SocketAddr, io_timeout: Duration) -> TcpStream {
     let s = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).expect("connect");
     s.set_read_timeout(Some(io_timeout)).expect("read timeout");
-    s.set_write_timeout(Some(io_timeout)).expect("write timeout");
+    s.set_write_timeout(Some(io_timeout))
+        .expect("write timeout");
     s
 }
 
@@ -468,5 +477,8 @@ impl Tunnel {
 /// An allow rule for `alice`.
 pub fn allow_alice(to: &[&str]) -> String {
     let list: Vec<String> = to.iter().map(|t| format!("\"{t}\"")).collect();
-    format!("\n[[allow]]\nidentity = \"alice\"\nto = [{}]\n", list.join(", "))
+    format!(
+        "\n[[allow]]\nidentity = \"alice\"\nto = [{}]\n",
+        list.join(", ")
+    )
 }

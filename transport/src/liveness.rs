@@ -79,8 +79,8 @@ pub async fn watch_connection(
             .store(rtt.as_micros().max(1) as u64, Ordering::Relaxed);
         let in_flight = health.received.load(Ordering::Relaxed) - before;
         if in_flight > 0 {
-            if in_flight >= u64::from(stream_window) * 2 / 3 && stream_window < MAX_STREAM_WINDOW {
-                stream_window = stream_window.saturating_mul(2).min(MAX_STREAM_WINDOW);
+            if let Some(grown) = grown_window(stream_window, in_flight) {
+                stream_window = grown;
                 let _ = window.send(stream_window);
             }
             // Busy: measure again right away (a short pause keeps PINGs from crowding
@@ -95,6 +95,14 @@ pub async fn watch_connection(
     }
 }
 
+/// The next stream window, when `in_flight` bytes arrived during one PING round trip
+/// with `window` in force: doubled when the window was nearly used up (so it, not the
+/// link, limited the stream), else unchanged (`None`).
+pub fn grown_window(window: u32, in_flight: u64) -> Option<u32> {
+    (window < MAX_STREAM_WINDOW && in_flight >= u64::from(window) * 2 / 3)
+        .then(|| window.saturating_mul(2).min(MAX_STREAM_WINDOW))
+}
+
 async fn ping(ping_pong: &mut PingPong, timeout: Duration) -> Result<()> {
     match tokio::time::timeout(timeout, ping_pong.ping(Ping::opaque())).await {
         Ok(Ok(_pong)) => Ok(()),
@@ -103,5 +111,25 @@ async fn ping(ping_pong: &mut PingPong, timeout: Duration) -> Result<()> {
             "no answer to PING within {:.1}s: connection presumed dead",
             timeout.as_secs_f64()
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_grows_only_when_it_limits_the_stream() {
+        let w = INITIAL_STREAM_WINDOW;
+        assert_eq!(grown_window(w, 1000), None);
+        assert_eq!(grown_window(w, u64::from(w)), Some(2 * w));
+        // A window-limited stream keeps doubling up to the cap, then stays there.
+        let mut window = w;
+        while let Some(next) = grown_window(window, u64::from(window)) {
+            assert!(next > window);
+            window = next;
+        }
+        assert_eq!(window, MAX_STREAM_WINDOW);
+        assert!(connection_window(MAX_STREAM_WINDOW) <= i32::MAX as u32);
     }
 }

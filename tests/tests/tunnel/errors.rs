@@ -47,7 +47,8 @@ fn closed_port_at_the_far_site_is_a_prompt_reset_and_says_refused() {
     .expect("agent status");
     let log = tunnel.agent.daemon.log_text();
     assert!(
-        log.lines().any(|l| l.contains(&closed) && l.contains("refused")),
+        log.lines()
+            .any(|l| l.contains(&closed) && l.contains("refused")),
         "agent log does not say refused:\n{log}"
     );
 }
@@ -61,8 +62,8 @@ fn denied_destination_is_never_contacted() {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind");
         l.local_addr().expect("addr").to_string()
     };
-    let tunnel = Tunnel::start(&allow_alice(&[&allowed, "10.0.0.0/8", "*"]), &[&forbidden])
-        .expect("tunnel");
+    let tunnel =
+        Tunnel::start(&allow_alice(&[&allowed, "10.0.0.0/8", "*"]), &[&forbidden]).expect("tunnel");
     let (result, took) = read_result(tunnel.forward(0));
     assert_reset(result, took);
 
@@ -76,7 +77,9 @@ fn denied_destination_is_never_contacted() {
     .expect("agent status");
     let gw_log = tunnel.gateway.daemon.log_text();
     assert!(
-        gw_log.lines().any(|l| l.contains("denied") && l.contains(&forbidden)),
+        gw_log
+            .lines()
+            .any(|l| l.contains("denied") && l.contains(&forbidden)),
         "gateway log does not say denied:\n{gw_log}"
     );
     let gw = tunnel.gateway.status().expect("gateway status");
@@ -121,8 +124,14 @@ fn client_certificate_from_another_ca_is_refused_and_nothing_is_connected() {
         !matches!(result, Ok(n) if n > 0),
         "data came back through a refused tunnel"
     );
-    assert!(!matches!(result, Ok(0)), "a refused tunnel looked like a clean EOF");
-    assert_eq!(gateway.status().expect("status")["connections"], serde_json::json!([]));
+    assert!(
+        !matches!(result, Ok(0)),
+        "a refused tunnel looked like a clean EOF"
+    );
+    assert_eq!(
+        gateway.status().expect("status")["connections"],
+        serde_json::json!([])
+    );
     match destination.accept() {
         Err(e) if e.kind() == ErrorKind::WouldBlock => {}
         other => panic!("the destination saw a connection: {other:?}"),
@@ -150,5 +159,8 @@ fn tls_client_without_a_certificate_is_refused() {
         .daemon
         .wait_log("TLS handshake refused", Duration::from_secs(10))
         .expect("the gateway refuses the handshake");
-    assert_eq!(gateway.status().expect("status")["connections"], serde_json::json!([]));
+    assert_eq!(
+        gateway.status().expect("status")["connections"],
+        serde_json::json!([])
+    );
 }

@@ -42,12 +42,23 @@ fn redis_cli_reaches_redis_server_through_the_tunnel() {
         )
     };
     assert_eq!(cli(&["PING"]).trim(), "PONG");
-    assert_eq!(cli(&["SET", "greeting", "hello through the tunnel"]).trim(), "OK");
+    assert_eq!(
+        cli(&["SET", "greeting", "hello through the tunnel"]).trim(),
+        "OK"
+    );
     assert_eq!(cli(&["GET", "greeting"]).trim(), "hello through the tunnel");
     // A value bigger than any window or frame, both ways.
     let big = "x".repeat(3 * 1024 * 1024);
     let mut set = Command::new("redis-cli")
-        .args(["-h", "127.0.0.1", "-p", &fwd.port().to_string(), "-x", "SET", "big"])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &fwd.port().to_string(),
+            "-x",
+            "SET",
+            "big",
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -63,10 +74,14 @@ fn redis_cli_reaches_redis_server_through_the_tunnel() {
     assert_eq!(cli(&["GET", "big"]).trim_end_matches('\n'), big);
 
     // And the direct server agrees: the tunnel wrote to the real thing.
-    let direct = run_ok(Command::new("redis-cli").args(["-p", &port.to_string(), "GET", "greeting"]));
+    let direct =
+        run_ok(Command::new("redis-cli").args(["-p", &port.to_string(), "GET", "greeting"]));
     assert_eq!(direct.trim(), "hello through the tunnel");
     let outcomes = tunnel.agent.recent_outcomes();
-    assert!(!outcomes.is_empty() && outcomes.iter().all(|o| o == "closed"), "{outcomes:?}");
+    assert!(
+        !outcomes.is_empty() && outcomes.iter().all(|o| o == "closed"),
+        "{outcomes:?}"
+    );
 }
 
 #[test]
@@ -81,7 +96,15 @@ fn curl_fetches_from_python_http_server_through_the_tunnel() {
     std::fs::write(www.join("data.bin"), &data).expect("data file");
 
     let mut python = Command::new("python3")
-        .args(["-u", "-m", "http.server", "0", "--bind", "127.0.0.1", "--directory"])
+        .args([
+            "-u",
+            "-m",
+            "http.server",
+            "0",
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+        ])
         .arg(&www)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -121,5 +144,8 @@ fn curl_fetches_from_python_http_server_through_the_tunnel() {
     );
     let fetched = std::fs::read(&out).expect("fetched file");
     assert_eq!(fetched.len(), data.len());
-    assert!(fetched == data, "the fetched file differs from the served one");
+    assert!(
+        fetched == data,
+        "the fetched file differs from the served one"
+    );
 }

@@ -85,7 +85,11 @@ fn gateway_killed_mid_transfer_is_a_reset_and_the_agent_reconnects() {
         }
     };
     assert_eq!(end.kind(), ErrorKind::ConnectionReset, "{end}");
-    assert!(killed.elapsed() < Duration::from_secs(5), "reset took {:?}", killed.elapsed());
+    assert!(
+        killed.elapsed() < Duration::from_secs(5),
+        "reset took {:?}",
+        killed.elapsed()
+    );
     drop(s);
 
     let gw_dir = tunnel.site.path("gateway");
@@ -94,7 +98,11 @@ fn gateway_killed_mid_transfer_is_a_reset_and_the_agent_reconnects() {
         .agent
         .wait_connected(Duration::from_secs(30))
         .expect("the agent reconnects by itself");
-    assert_eq!(tunnel.agent.daemon.pid(), agent_pid, "the agent was restarted");
+    assert_eq!(
+        tunnel.agent.daemon.pid(),
+        agent_pid,
+        "the agent was restarted"
+    );
 
     let mut s = connect(tunnel.forward(1), Duration::from_secs(30));
     let (sent, reply) = paced_upload(&mut s, 32 << 20, Duration::ZERO);
@@ -111,10 +119,14 @@ fn sigterm_lets_a_transfer_in_flight_finish() {
         // About 2 s at this pace: long enough to be cut by a careless shutdown.
         paced_upload(&mut s, 128 << 20, Duration::from_millis(15))
     });
-    wait_for(Duration::from_secs(20), "the upload to be under way", || {
-        let status = tunnel.gateway.status().ok()?;
-        (status["streams"][0]["bytes_to_destination"].as_u64()? > 0).then_some(())
-    })
+    wait_for(
+        Duration::from_secs(20),
+        "the upload to be under way",
+        || {
+            let status = tunnel.gateway.status().ok()?;
+            (status["streams"][0]["bytes_to_destination"].as_u64()? > 0).then_some(())
+        },
+    )
     .expect("upload under way");
     tunnel.gateway.daemon.signal(Signal::SIGTERM);
     tunnel
@@ -131,7 +143,13 @@ fn sigterm_lets_a_transfer_in_flight_finish() {
         .wait_exit(Duration::from_secs(10))
         .expect("the gateway exits once drained");
     assert_eq!(code, Some(0));
-    assert!(tunnel.gateway.daemon.log_text().contains("drained; exiting"));
+    assert!(
+        tunnel
+            .gateway
+            .daemon
+            .log_text()
+            .contains("drained; exiting")
+    );
 }
 
 #[test]
@@ -139,9 +157,11 @@ fn a_frozen_gateway_is_noticed_by_ping_within_seconds() {
     let tunnel = Tunnel::start(&allow_alice(&["127.0.0.1:9"]), &[]).expect("tunnel");
     tunnel.gateway.daemon.signal(Signal::SIGSTOP);
     let stopped = Instant::now();
-    let noticed = wait_for(Duration::from_secs(10), "the agent to drop the dead connections", || {
-        (tunnel.agent.connections_up() == 0).then(|| stopped.elapsed())
-    });
+    let noticed = wait_for(
+        Duration::from_secs(10),
+        "the agent to drop the dead connections",
+        || (tunnel.agent.connections_up() == 0).then(|| stopped.elapsed()),
+    );
     tunnel.gateway.daemon.signal(Signal::SIGCONT);
     let noticed = noticed.expect("PING liveness");
     // ping_interval 1 s + ping_timeout 2 s, as the test agent is configured.

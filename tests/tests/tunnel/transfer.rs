@@ -37,7 +37,8 @@ fn one_gib_upload_arrives_exact_and_the_reply_comes_back_after_half_close() {
         let sent = send_pattern(&mut s, 1, GIB).expect("upload");
         s.shutdown(Shutdown::Write).expect("half-close");
         let mut reply = String::new();
-        s.read_to_string(&mut reply).expect("reply after half-close");
+        s.read_to_string(&mut reply)
+            .expect("reply after half-close");
         (sent, reply)
     });
 
@@ -56,10 +57,18 @@ fn one_gib_upload_arrives_exact_and_the_reply_comes_back_after_half_close() {
     server.join().expect("server");
     assert_eq!(received, GIB, "the server received {received} bytes");
     assert_eq!(server_hash, sent, "bytes changed on the way");
-    assert_eq!(reply, hex(&sent), "the reply after half-close did not arrive intact");
+    assert_eq!(
+        reply,
+        hex(&sent),
+        "the reply after half-close did not arrive intact"
+    );
 
     let gw = tunnel.gateway.status().expect("gateway status");
-    let ended = gw["recent"].as_array().and_then(|r| r.last()).cloned().unwrap_or_default();
+    let ended = gw["recent"]
+        .as_array()
+        .and_then(|r| r.last())
+        .cloned()
+        .unwrap_or_default();
     assert_eq!(ended["outcome"], "closed", "{gw}");
     assert_eq!(ended["bytes_to_destination"], GIB);
     assert_eq!(ended["peer"], "alice");
@@ -73,7 +82,8 @@ fn one_gib_download_arrives_exact_after_the_client_half_closes() {
         s.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
         s.set_write_timeout(Some(IO_TIMEOUT)).expect("timeout");
         let mut request = String::new();
-        s.read_to_string(&mut request).expect("request until the client's FIN");
+        s.read_to_string(&mut request)
+            .expect("request until the client's FIN");
         assert_eq!(request, "send 1 GiB\n");
         send_pattern(&mut s, 2, GIB).expect("download")
     });
