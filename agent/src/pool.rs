@@ -7,7 +7,9 @@
 //!
 //! Each slot has a task that dials the gateway (TCP, TLS 1.3 with our client
 //! certificate, HTTP/2), keeps the connection while PINGs are answered, and redials
-//! with jittered exponential backoff when it is lost. New streams go to the live slot
+//! with jittered exponential backoff when it is lost. When the gateway has several
+//! addresses (replicas sharing one CA), the slots start spread over them and a slot
+//! that loses its connection moves on to the next address. New streams go to the live slot
 //! with the fewest streams; a slot whose gateway sent GOAWAY takes no new streams while
 //! its old ones finish.
 
@@ -43,6 +45,7 @@ pub struct Pool {
 
 #[derive(Default)]
 struct Slot {
+    address: String,
     state: SlotState,
     since: Option<Instant>,
     last_error: Option<String>,
@@ -87,6 +90,7 @@ impl Drop for StreamCount {
 
 #[derive(Serialize)]
 pub struct SlotView {
+    pub address: String,
     pub state: SlotState,
     pub state_secs: f64,
     pub rtt_ms: Option<f64>,
@@ -103,8 +107,12 @@ impl Pool {
     pub fn start(peer: GatewayPeer, config: &AgentConfig) -> Result<Arc<Pool>> {
         let tls = tunnel_transport::tls::client_config(&peer.ca, &peer.cert, &peer.key)
             .with_context(|| format!("gateway `{}`", peer.name))?;
-        let server_name = tunnel_transport::tls::server_name(&peer.server_name)
-            .with_context(|| format!("gateway `{}`", peer.name))?;
+        let mut addresses = Vec::new();
+        for a in &peer.addresses {
+            let server_name = tunnel_transport::tls::server_name(&a.server_name)
+                .with_context(|| format!("gateway `{}`", peer.name))?;
+            addresses.push((a.address.clone(), server_name));
+        }
         let pool = Arc::new(Pool {
             slots: (0..peer.connections).map(|_| Mutex::default()).collect(),
             peer,
@@ -113,7 +121,7 @@ impl Pool {
         });
         let dialer = Dialer {
             tls: TlsConnector::from(tls),
-            server_name,
+            addresses,
             ping_interval: config.ping_interval,
             ping_timeout: config.ping_timeout,
         };
@@ -129,6 +137,7 @@ impl Pool {
             .map(|slot| {
                 let slot = lock(slot);
                 SlotView {
+                    address: slot.address.clone(),
                     state: slot.state,
                     state_secs: slot.since.map_or(0.0, |s| s.elapsed().as_secs_f64()),
                     rtt_ms: slot
@@ -191,10 +200,16 @@ impl Pool {
                         .iter()
                         .find_map(|s| lock(s).last_error.clone())
                         .unwrap_or_else(|| "still connecting".into());
+                    let addresses: Vec<&str> = self
+                        .peer
+                        .addresses
+                        .iter()
+                        .map(|a| a.address.as_str())
+                        .collect();
                     return Err(anyhow!(
                         "no connection to gateway `{}` ({}) within {:.0}s: {why}",
                         self.peer.name,
-                        self.peer.address,
+                        addresses.join(", "),
                         self.connect_timeout.as_secs_f64()
                     ));
                 }
@@ -238,7 +253,7 @@ impl Pool {
 #[derive(Clone)]
 struct Dialer {
     tls: TlsConnector,
-    server_name: tokio_rustls::rustls::pki_types::ServerName<'static>,
+    addresses: Vec<(String, tokio_rustls::rustls::pki_types::ServerName<'static>)>,
     ping_interval: Duration,
     ping_timeout: Duration,
 }
@@ -246,28 +261,39 @@ struct Dialer {
 async fn keep_connected(pool: Arc<Pool>, index: usize, dialer: Dialer) {
     let name = pool.peer.name.clone();
     let mut backoff = BACKOFF_FIRST;
+    let mut which = index % dialer.addresses.len().max(1);
     loop {
+        let Some((address, server_name)) = dialer.addresses.get(which) else {
+            return;
+        };
+        if let Some(slot) = pool.slots.get(index) {
+            lock(slot).address = address.clone();
+        }
         pool.set(index, SlotState::Connecting, None, None);
-        let dialed =
-            tokio::time::timeout(pool.connect_timeout, dial(&pool.peer.address, &dialer)).await;
+        let dialed = tokio::time::timeout(
+            pool.connect_timeout,
+            dial(address, server_name, &dialer.tls),
+        )
+        .await;
         let error = match dialed {
             Err(_) => format!(
-                "no answer within {:.0}s",
+                "{address}: no answer within {:.0}s",
                 pool.connect_timeout.as_secs_f64()
             ),
-            Ok(Err(e)) => format!("{e:#}"),
+            Ok(Err(e)) => format!("{address}: {e:#}"),
             Ok(Ok(connection)) => {
                 let up_since = Instant::now();
-                info!(gateway = %name, slot = index, "connected to {}", pool.peer.address);
+                info!(gateway = %name, slot = index, "connected to {address}");
                 let reason = run_connection(&pool, index, connection, &dialer).await;
                 if up_since.elapsed() > STABLE {
                     backoff = BACKOFF_FIRST;
                 }
-                reason
+                format!("{address}: {reason}")
             }
         };
         warn!(gateway = %name, slot = index, "connection lost or failed: {error}");
         pool.set(index, SlotState::Backoff, None, Some(error));
+        which = (which + 1) % dialer.addresses.len();
         // Full jitter on an exponential ceiling, so that many agents do not redial in step.
         let pause = backoff.mul_f64(0.5 + fastrand::f64() * 0.5);
         tokio::time::sleep(pause).await;
@@ -280,14 +306,17 @@ type Connection = (
     h2::client::Connection<tokio_rustls::client::TlsStream<TcpStream>, Bytes>,
 );
 
-async fn dial(address: &str, dialer: &Dialer) -> Result<Connection> {
+async fn dial(
+    address: &str,
+    server_name: &tokio_rustls::rustls::pki_types::ServerName<'static>,
+    tls: &TlsConnector,
+) -> Result<Connection> {
     let tcp = TcpStream::connect(address)
         .await
         .with_context(|| format!("TCP connect to {address}"))?;
     tunnel_transport::tune_tcp(&tcp);
-    let tls = dialer
-        .tls
-        .connect(dialer.server_name.clone(), tcp)
+    let tls = tls
+        .connect(server_name.clone(), tcp)
         .await
         .context("TLS handshake")?;
     h2::client::Builder::new()

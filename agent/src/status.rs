@@ -15,7 +15,7 @@ pub fn json(agent: &Agent) -> Value {
         .map(|pool| {
             json!({
                 "name": pool.peer.name,
-                "address": pool.peer.address,
+                "addresses": pool.peer.addresses.iter().map(|a| a.address.as_str()).collect::<Vec<_>>(),
                 "connections": pool.views(),
             })
         })
@@ -39,11 +39,17 @@ pub fn render(reply: &str) -> Result<String> {
         v["uptime_secs"].as_f64().unwrap_or(0.0)
     );
     for g in v["gateways"].as_array().unwrap_or(&empty) {
+        let addresses: Vec<&str> = g["addresses"]
+            .as_array()
+            .unwrap_or(&empty)
+            .iter()
+            .filter_map(|a| a.as_str())
+            .collect();
         let _ = writeln!(
             out,
             "\ngateway {} at {}",
             g["name"].as_str().unwrap_or("?"),
-            g["address"].as_str().unwrap_or("?")
+            addresses.join(", ")
         );
         for (i, c) in g["connections"]
             .as_array()
@@ -53,7 +59,8 @@ pub fn render(reply: &str) -> Result<String> {
         {
             let _ = writeln!(
                 out,
-                "  connection {i}: {:<10} for {:.0}s  rtt {}  streams {}{}",
+                "  connection {i}: {:<22} {:<10} for {:.0}s  rtt {}  streams {}{}",
+                c["address"].as_str().unwrap_or("?"),
                 c["state"].as_str().unwrap_or("?"),
                 c["state_secs"].as_f64().unwrap_or(0.0),
                 c["rtt_ms"]

@@ -482,3 +482,39 @@ pub fn allow_alice(to: &[&str]) -> String {
         list.join(", ")
     )
 }
+
+/// A server that reads to EOF and answers with the SHA-256 of what it read.
+pub fn hashing_sink() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr").to_string();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            std::thread::spawn(move || {
+                if let Ok((_, hash)) = drain_hash(&mut s) {
+                    let _ = s.write_all(hex(&hash).as_bytes());
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Sends `total` bytes in 1 MiB steps with a pause between them, half-closes, and
+/// returns (what was sent, the sink's reply).
+pub fn paced_upload(s: &mut TcpStream, total: u64, pause: Duration) -> ([u8; 32], String) {
+    use sha2::Digest;
+    let mut hash = sha2::Sha256::new();
+    let mut pattern = Pattern::new(9);
+    let mut buf = vec![0u8; 1 << 20];
+    for _ in 0..total / buf.len() as u64 {
+        pattern.fill(&mut buf);
+        s.write_all(&buf).expect("upload");
+        hash.update(&buf);
+        std::thread::sleep(pause);
+    }
+    s.shutdown(std::net::Shutdown::Write).expect("half-close");
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).expect("reply");
+    (hash.finalize().into(), reply)
+}

@@ -6,11 +6,12 @@
 //!
 //! [[gateway]]
 //! name = "site-b"
-//! address = "gw.site-b.example.org:7443"
+//! address = "gw.site-b.example.org:7443"     # or a list of replicas sharing the CA:
+//!                                            # ["gw1.site-b.example.org:7443", "gw2…:7443"]
 //! ca = "ca.pem"
 //! cert = "alice.pem"
 //! key = "alice-key.pem"
-//! # server_name = "gw.site-b.example.org"   # defaults to the address's host
+//! # server_name = "gw.site-b.example.org"   # defaults to each address's host
 //! # connections = 2                         # pooled HTTP/2 connections
 //!
 //! [[route]]
@@ -53,12 +54,19 @@ struct AgentFile {
 #[serde(deny_unknown_fields)]
 struct GatewayEntry {
     name: String,
-    address: String,
+    address: OneOrMany,
     ca: String,
     cert: String,
     key: String,
     server_name: Option<String>,
     connections: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
 }
 
 #[derive(Debug, Deserialize)]
@@ -95,15 +103,22 @@ pub struct AgentConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct GatewayPeer {
     pub name: String,
-    /// `host:port` as written.
-    pub address: String,
-    /// The name the gateway's certificate must carry.
-    pub server_name: String,
+    /// Where the gateway (or its replicas, which share one CA) listens; the pool's
+    /// connections are spread over them.
+    pub addresses: Vec<GatewayAddress>,
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
     /// Size of the connection pool.
     pub connections: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GatewayAddress {
+    /// `host:port` as written.
+    pub address: String,
+    /// The name the gateway's certificate must carry there.
+    pub server_name: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -154,25 +169,40 @@ impl AgentConfig {
                     format!("`{}` is used by two gateways: names must differ", g.name),
                 );
             }
-            let host = match Target::parse(&g.address) {
-                Ok(Target::Addr { host, .. }) => Some(host),
-                _ => {
-                    problems.add(
-                        format!("{key}.address"),
-                        format!(
-                            "`{}` is not host:port (IPv6 as [addr]:port), e.g. \"gw.example.org:7443\"",
-                            g.address
-                        ),
-                    );
-                    None
-                }
+            let written = match &g.address {
+                OneOrMany::One(a) => vec![a.clone()],
+                OneOrMany::Many(list) => list.clone(),
             };
-            let server_name = match (&g.server_name, host) {
-                (Some(name), _) => name.clone(),
-                (None, Some(Host::Ip(ip))) => ip.to_string(),
-                (None, Some(Host::Name(name))) => name,
-                (None, None) => String::new(),
-            };
+            if written.is_empty() {
+                problems.add(
+                    format!("{key}.address"),
+                    "empty: give host:port, or a list of them",
+                );
+            }
+            let mut addresses = Vec::new();
+            for address in written {
+                let host = match Target::parse(&address) {
+                    Ok(Target::Addr { host, .. }) => host,
+                    _ => {
+                        problems.add(
+                            format!("{key}.address"),
+                            format!(
+                                "`{address}` is not host:port (IPv6 as [addr]:port), e.g. \"gw.example.org:7443\""
+                            ),
+                        );
+                        continue;
+                    }
+                };
+                let server_name = match (&g.server_name, host) {
+                    (Some(name), _) => name.clone(),
+                    (None, Host::Ip(ip)) => ip.to_string(),
+                    (None, Host::Name(name)) => name,
+                };
+                addresses.push(GatewayAddress {
+                    address,
+                    server_name,
+                });
+            }
             let connections = g.connections.unwrap_or(DEFAULT_CONNECTIONS as i64);
             if !(1..=MAX_CONNECTIONS).contains(&connections) {
                 problems.add(
@@ -182,8 +212,7 @@ impl AgentConfig {
             }
             gateways.push(GatewayPeer {
                 name: g.name.clone(),
-                address: g.address.clone(),
-                server_name,
+                addresses,
                 ca: resolve(&base, &g.ca),
                 cert: resolve(&base, &g.cert),
                 key: resolve(&base, &g.key),
@@ -320,7 +349,7 @@ mod tests {
         let g = &c.gateways[0];
         assert_eq!(g.ca, PathBuf::from("/etc/tunnel/ca.pem"));
         assert_eq!(g.cert, PathBuf::from("/abs/alice.pem"));
-        assert_eq!(g.server_name, "127.0.0.1");
+        assert_eq!(g.addresses[0].server_name, "127.0.0.1");
         assert_eq!(g.connections, 2);
         assert_eq!(c.routes[0].via, "site-b");
         assert_eq!(c.forwards[0].to, Target::Service("pg".into()));

@@ -1,8 +1,8 @@
 //! Losing the gateway: kill -9 mid-transfer is a reset (never EOF) and the agent comes
 //! back by itself; SIGTERM lets a transfer finish; a frozen gateway is noticed by PING.
 
-use std::io::{ErrorKind, Read, Write};
-use std::net::{Shutdown, TcpListener};
+use std::io::{ErrorKind, Read};
+use std::net::TcpListener;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -22,42 +22,6 @@ fn endless_source() -> String {
         }
     });
     addr
-}
-
-/// A server that reads to EOF and answers with the SHA-256 of what it read.
-fn hashing_sink() -> String {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = l.local_addr().expect("addr").to_string();
-    thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { return };
-            thread::spawn(move || {
-                if let Ok((_, hash)) = drain_hash(&mut s) {
-                    let _ = s.write_all(hex(&hash).as_bytes());
-                }
-            });
-        }
-    });
-    addr
-}
-
-/// Sends `total` bytes in 1 MiB steps with a pause between them, half-closes, and
-/// returns (what was sent, the sink's reply).
-fn paced_upload(s: &mut std::net::TcpStream, total: u64, pause: Duration) -> ([u8; 32], String) {
-    use sha2::Digest;
-    let mut hash = sha2::Sha256::new();
-    let mut pattern = Pattern::new(9);
-    let mut buf = vec![0u8; 1 << 20];
-    for _ in 0..total / buf.len() as u64 {
-        pattern.fill(&mut buf);
-        s.write_all(&buf).expect("upload");
-        hash.update(&buf);
-        thread::sleep(pause);
-    }
-    s.shutdown(Shutdown::Write).expect("half-close");
-    let mut reply = String::new();
-    s.read_to_string(&mut reply).expect("reply");
-    (hash.finalize().into(), reply)
 }
 
 #[test]
@@ -175,4 +139,97 @@ fn a_frozen_gateway_is_noticed_by_ping_within_seconds() {
         .agent
         .wait_connected(Duration::from_secs(30))
         .expect("reconnects once the gateway runs again");
+}
+
+#[test]
+fn while_one_replica_drains_new_streams_go_to_the_other() {
+    let sink = hashing_sink();
+    let site = Site::new();
+    let a = site.init_gateway("gateway-a");
+    let creds = site.issue(&a, "alice", "alice");
+    // A replica: the same CA, certificate and rules, its own port and control socket.
+    let b = site.path("gateway-b");
+    std::fs::create_dir_all(&b).expect("replica dir");
+    for file in [
+        "ca.pem",
+        "ca-key.pem",
+        "gateway.pem",
+        "gateway-key.pem",
+        "gateway.toml",
+    ] {
+        std::fs::copy(a.join(file), b.join(file)).expect("copy");
+    }
+    let rules = allow_alice(&[&sink]);
+    let mut gateways = [
+        Gateway::start(&a, &rules).expect("replica a"),
+        Gateway::start(&b, &rules).expect("replica b"),
+    ];
+    let body = format!(
+        "[[gateway]]\nname = \"site-b\"\naddress = [\"{}\", \"{}\"]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n{}",
+        gateways[0].addr,
+        gateways[1].addr,
+        creds.join("ca.pem").display(),
+        creds.join("alice.pem").display(),
+        creds.join("alice-key.pem").display(),
+        forward_table(&sink),
+    );
+    let agent = Agent::start(&site.path("agent"), &body, true).expect("agent");
+    wait_for(
+        Duration::from_secs(20),
+        "a connection to each replica",
+        || (agent.connections_up() == 2).then_some(()),
+    )
+    .expect("both replicas connected");
+
+    let fwd = agent.forwards[0];
+    let in_flight = thread::spawn(move || {
+        let mut s = connect(fwd, Duration::from_secs(30));
+        paced_upload(&mut s, 96 << 20, Duration::from_millis(20))
+    });
+    let carrying = wait_for(
+        Duration::from_secs(20),
+        "the replica carrying the upload",
+        || {
+            gateways.iter().position(|g| {
+                g.status()
+                    .ok()
+                    .and_then(|s| s["streams"][0]["bytes_to_destination"].as_u64())
+                    .is_some_and(|n| n > 0)
+            })
+        },
+    )
+    .expect("upload under way");
+    let draining = &mut gateways[carrying];
+    draining.daemon.signal(Signal::SIGTERM);
+    draining
+        .daemon
+        .wait_log("draining: GOAWAY sent", Duration::from_secs(5))
+        .expect("GOAWAY");
+
+    for _ in 0..5 {
+        let start = Instant::now();
+        let mut s = connect(fwd, Duration::from_secs(10));
+        let (sent, reply) = paced_upload(&mut s, 1 << 20, Duration::ZERO);
+        assert_eq!(reply, hex(&sent), "a new stream failed during the drain");
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "took {:?}",
+            start.elapsed()
+        );
+    }
+    let other = &gateways[1 - carrying];
+    let served = other.status().expect("status")["recent"]
+        .as_array()
+        .map_or(0, Vec::len);
+    assert_eq!(served, 5, "the other replica did not carry the new streams");
+
+    let (sent, reply) = in_flight.join().expect("upload");
+    assert_eq!(reply, hex(&sent), "the draining replica cut its transfer");
+    assert_eq!(
+        gateways[carrying]
+            .daemon
+            .wait_exit(Duration::from_secs(10))
+            .expect("exit"),
+        Some(0)
+    );
 }
