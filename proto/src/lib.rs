@@ -17,7 +17,9 @@
 
 pub mod config;
 pub mod connect;
+pub mod local;
 pub mod pattern;
+pub mod routes;
 pub mod target;
 
 pub use connect::{ConnectError, Outcome};

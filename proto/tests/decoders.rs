@@ -105,3 +105,84 @@ proptest! {
         let _ = GatewayConfig::parse(&s, Path::new("gateway.toml"));
     }
 }
+
+mod local_protocol {
+    use super::*;
+    use tunnel_proto::local::{Reply, Request};
+    use tunnel_proto::routes::RouteTable;
+
+    fn request() -> impl Strategy<Value = Request> {
+        prop_oneof![
+            (
+                ip(),
+                any::<u16>(),
+                target(),
+                proptest::option::of("[a-z][a-z0-9_-]{0,10}[a-z0-9]"),
+                any::<bool>()
+            )
+                .prop_map(|(ip, port, target, via, wait)| Request::Register {
+                    source: std::net::SocketAddr::new(ip, port),
+                    target,
+                    via,
+                    wait
+                }),
+            name().prop_map(|name| Request::Resolve { name }),
+            ip().prop_map(|ip| Request::Name { ip }),
+        ]
+    }
+
+    fn reply() -> impl Strategy<Value = Reply> {
+        prop_oneof![
+            (ip(), any::<u16>()).prop_map(|(ip, p)| Reply::Ok {
+                listener: std::net::SocketAddr::new(ip, p)
+            }),
+            proptest::option::of("[a-z][a-z-]{0,20}").prop_map(|error| Reply::Verdict {
+                error: error.filter(|e| e != "ok")
+            }),
+            (ip(), ip()).prop_map(|(v4, v6)| Reply::Addrs { v4, v6 }),
+            name().prop_map(|name| Reply::Name { name }),
+            ("[a-z][a-z-]{0,20}", "[ -~]{0,40}").prop_map(|(class, message)| Reply::Err {
+                class,
+                message: message.trim_end().to_string()
+            }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn request_round_trips(r in request()) {
+            prop_assume!(!matches!(&r, Request::Register { target: Target::Service(s), .. } if s.bytes().all(|b| b.is_ascii_digit())));
+            let wire = r.encode();
+            prop_assert_eq!(Request::decode(wire.as_bytes()), Ok(Some((r, wire.len()))));
+        }
+
+        #[test]
+        fn reply_round_trips(r in reply()) {
+            let wire = r.encode();
+            prop_assert_eq!(Reply::decode(wire.as_bytes()), Ok(Some((r, wire.len()))));
+        }
+
+        #[test]
+        fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = Request::decode(&bytes);
+            let _ = Reply::decode(&bytes);
+        }
+
+        #[test]
+        fn decoders_never_panic_on_near_misses(s in "(REGISTER|RESOLVE|NAME|OK|VERDICT|ADDRS|ERR) [ -~]{0,60}\n") {
+            let _ = Request::decode(s.as_bytes());
+            let _ = Reply::decode(s.as_bytes());
+        }
+
+        #[test]
+        fn routes_never_panic(s in "\\PC{0,80}") {
+            let _ = RouteTable::parse(&s);
+        }
+
+        #[test]
+        fn routes_round_trip(vias in proptest::collection::vec(("[a-z][a-z0-9_]{0,8}", proptest::collection::vec(pattern(), 1..4)), 0..4)) {
+            let table = RouteTable { routes: vias };
+            prop_assert_eq!(RouteTable::parse(&table.to_string()), Ok(table));
+        }
+    }
+}

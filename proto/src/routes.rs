@@ -1,0 +1,144 @@
+//! The route table as it travels in `TUNNEL_ROUTES`, from `tunnel-run` or
+//! `tunnel-agent env` to the preload library.
+//!
+//! ```text
+//! TUNNEL_ROUTES = route *( ";" route )
+//! route         = gateway "=" pattern *( "," pattern )
+//! ```
+//!
+//! e.g. `site-b=10.20.0.0/16,*.site-b.internal;site-c=[fd00::/8]:22`. Patterns never
+//! contain `;`, `,` or `=`, so no escaping is needed. The first route whose pattern
+//! matches a destination decides its gateway.
+
+use std::fmt;
+use std::net::IpAddr;
+
+use crate::pattern::{HostPattern, Pattern, PatternError};
+use crate::target::is_valid_service_name;
+
+/// Longest `TUNNEL_ROUTES` accepted (an environment variable, not a file).
+pub const MAX_LEN: usize = 64 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RouteTable {
+    pub routes: Vec<(String, Vec<Pattern>)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RoutesError {
+    #[error("TUNNEL_ROUTES is longer than {MAX_LEN} bytes")]
+    TooLong,
+    #[error("TUNNEL_ROUTES: `{0}` is not GATEWAY=PATTERN[,PATTERN…]")]
+    BadRoute(String),
+    #[error("TUNNEL_ROUTES: `{0}` is not a gateway name")]
+    BadGateway(String),
+    #[error("TUNNEL_ROUTES: {0}")]
+    BadPattern(#[from] PatternError),
+}
+
+impl RouteTable {
+    pub fn parse(text: &str) -> Result<RouteTable, RoutesError> {
+        if text.len() > MAX_LEN {
+            return Err(RoutesError::TooLong);
+        }
+        let mut routes = Vec::new();
+        for route in text.split(';').map(str::trim).filter(|r| !r.is_empty()) {
+            let (via, patterns) = route
+                .split_once('=')
+                .ok_or_else(|| RoutesError::BadRoute(route.to_string()))?;
+            if !is_valid_service_name(via) {
+                return Err(RoutesError::BadGateway(via.to_string()));
+            }
+            let patterns = patterns
+                .split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(Pattern::parse)
+                .collect::<Result<Vec<_>, _>>()?;
+            if patterns.is_empty() {
+                return Err(RoutesError::BadRoute(route.to_string()));
+            }
+            routes.push((via.to_string(), patterns));
+        }
+        Ok(RouteTable { routes })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+
+    /// The gateway for a connection to `ip:port`, if a route selects it.
+    pub fn route_ip(&self, ip: IpAddr, port: u16) -> Option<&str> {
+        self.routes
+            .iter()
+            .find(|(_, patterns)| patterns.iter().any(|p| p.matches_ip(ip, port)))
+            .map(|(via, _)| via.as_str())
+    }
+
+    /// The gateway for a connection to `name:port`, if a route selects it.
+    pub fn route_name(&self, name: &str, port: u16) -> Option<&str> {
+        self.routes
+            .iter()
+            .find(|(_, patterns)| patterns.iter().any(|p| p.matches_name(name, port)))
+            .map(|(via, _)| via.as_str())
+    }
+
+    /// True when some route may select `name` on some port: such names get a synthetic
+    /// address at lookup time, before the port is known.
+    pub fn may_route_name(&self, name: &str) -> bool {
+        self.routes.iter().any(|(_, patterns)| {
+            patterns.iter().any(|p| {
+                !matches!(p.host, HostPattern::Net(_))
+                    && Pattern {
+                        host: p.host.clone(),
+                        ports: crate::pattern::Ports::ANY,
+                    }
+                    .matches_name(name, 1)
+            })
+        })
+    }
+}
+
+impl fmt::Display for RouteTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, (via, patterns)) in self.routes.iter().enumerate() {
+            if i > 0 {
+                f.write_str(";")?;
+            }
+            write!(f, "{via}=")?;
+            for (j, p) in patterns.iter().enumerate() {
+                if j > 0 {
+                    f.write_str(",")?;
+                }
+                write!(f, "{p}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_matching_route_decides() {
+        let t = RouteTable::parse("b=10.20.0.0/16,*.site-b.internal; c=10.0.0.0/8,db:5432")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(t.route_ip(ip("10.20.1.1"), 80), Some("b"));
+        assert_eq!(t.route_ip(ip("10.21.1.1"), 80), Some("c"));
+        assert_eq!(t.route_ip(ip("11.0.0.1"), 80), None);
+        assert_eq!(t.route_name("x.site-b.internal", 1), Some("b"));
+        assert_eq!(t.route_name("db", 5432), Some("c"));
+        assert_eq!(t.route_name("db", 80), None);
+        assert!(t.may_route_name("db"));
+        assert!(!t.may_route_name("example.org"));
+        assert_eq!(RouteTable::parse(&t.to_string()), Ok(t));
+        assert!(RouteTable::parse("").is_ok_and(|t| t.is_empty()));
+        assert!(RouteTable::parse("b").is_err());
+        assert!(RouteTable::parse("b=").is_err());
+        assert!(RouteTable::parse("a.b=10.0.0.0/8").is_err());
+    }
+}
