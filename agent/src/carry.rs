@@ -10,6 +10,7 @@
 use std::sync::Arc;
 
 use tokio::net::TcpStream;
+use tokio::sync::oneshot;
 use tracing::{debug, warn};
 use tunnel_proto::Target;
 use tunnel_proto::connect::{ERROR_HEADER, decode_outcome};
@@ -17,11 +18,28 @@ use tunnel_transport::splice::{self, Abort};
 
 use crate::Agent;
 
-pub async fn carry(agent: Arc<Agent>, tcp: TcpStream, target: Target, via: String) {
+/// The gateway's answer for a program that waits in a blocking connect: `None` for
+/// success, else the failure class (`refused`, `denied`, `unavailable`, …).
+pub type Verdict = Option<&'static str>;
+
+fn tell(verdict: &mut Option<oneshot::Sender<Verdict>>, value: Verdict) {
+    if let Some(v) = verdict.take() {
+        let _ = v.send(value);
+    }
+}
+
+pub async fn carry(
+    agent: Arc<Agent>,
+    tcp: TcpStream,
+    target: Target,
+    via: String,
+    mut verdict: Option<oneshot::Sender<Verdict>>,
+) {
     tunnel_transport::tune_tcp(&tcp);
     let entry = agent.streams.register(target.to_string(), via.clone());
     let Some(pool) = agent.pool(&via) else {
         warn!(destination = %target, "no gateway named `{via}`");
+        tell(&mut verdict, Some("unavailable"));
         splice::reset(tcp);
         entry.finish(&Err(Abort::Unavailable(format!(
             "no gateway named `{via}`"
@@ -32,6 +50,7 @@ pub async fn carry(agent: Arc<Agent>, tcp: TcpStream, target: Target, via: Strin
         Ok(opened) => opened,
         Err(e) => {
             warn!(destination = %target, gateway = %via, "{e:#}");
+            tell(&mut verdict, Some("unavailable"));
             splice::reset(tcp);
             entry.finish(&Err(Abort::Unavailable(format!("{e:#}"))));
             return;
@@ -39,10 +58,18 @@ pub async fn carry(agent: Arc<Agent>, tcp: TcpStream, target: Target, via: Strin
     };
     let response = opened.response;
     let answer = async {
-        let response = response.await.map_err(Abort::Tunnel)?;
-        let header = response.headers().get(ERROR_HEADER).map(|v| v.as_bytes());
-        decode_outcome(response.status().as_u16(), header).map_err(Abort::Refused)?;
-        Ok(response.into_body())
+        let answered = async {
+            let response = response.await.map_err(Abort::Tunnel)?;
+            let header = response.headers().get(ERROR_HEADER).map(|v| v.as_bytes());
+            decode_outcome(response.status().as_u16(), header).map_err(Abort::Refused)?;
+            Ok(response.into_body())
+        }
+        .await;
+        tell(
+            &mut verdict,
+            answered.as_ref().err().map(|abort: &Abort| abort.class()),
+        );
+        answered
     };
     let result = splice::splice(tcp, opened.send, answer, entry.stats(), &opened.health).await;
     match &result {

@@ -65,6 +65,7 @@ pub async fn serve(agent: Arc<Agent>, listener: TcpListener, forward: Forward) {
                     tcp,
                     forward.to.clone(),
                     forward.via.clone(),
+                    None,
                 ));
             }
             Err(e) => {

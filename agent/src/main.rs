@@ -4,15 +4,28 @@
 //!
 //! # Layout
 //!
+//! ```text
+//!  preload ──REGISTER/RESOLVE──▶ local (Unix socket, SO_PEERCRED)
+//!                                  │ registrations, fake_dns
+//!  program's socket ──connect──▶ redirect (loopback listeners) ─┐
+//!  [[forward]] port ──accept───▶ forward ───────────────────────┴▶ carry ─▶ pool ═▶ gateway
+//! ```
+//!
 //! - `pool`: connections to one gateway (dial, PING, backoff, GOAWAY).
 //! - `carry`: one local connection through the tunnel, from accept to close.
 //! - `forward`: `[[forward]]` listeners.
+//! - `redirect`: loopback listeners for preloaded programs, and their registrations.
+//! - `local`: the Unix socket (registrations, synthetic names, status).
+//! - `fake_dns`: synthetic addresses for routed names.
 //! - `status`: what `tunnel-agent status` shows.
 #![forbid(unsafe_code)]
 
 mod carry;
+mod fake_dns;
 mod forward;
+mod local;
 mod pool;
+mod redirect;
 mod status;
 
 use std::path::{Path, PathBuf};
@@ -24,6 +37,7 @@ use clap::{Parser, Subcommand};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::info;
 use tunnel_proto::config::AgentConfig;
+use tunnel_proto::paths;
 use tunnel_transport::streams::{Side, StreamTable};
 
 use crate::forward::ForwardView;
@@ -44,6 +58,19 @@ enum Command {
         /// Config file [default: $TUNNEL_CONFIG, else $XDG_CONFIG_HOME/tunnel/agent.toml].
         #[arg(long)]
         config: Option<PathBuf>,
+        /// The agent's Unix socket, instead of the config's `control`.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Exit when this process ends (how `tunnel-run` scopes an agent to one command).
+        #[arg(long, value_name = "PID")]
+        exit_with: Option<i32>,
+    },
+    /// Print `export` lines that make a job script's programs use the tunnel:
+    /// eval "$(tunnel-agent env)"
+    Env {
+        /// Config file [default: $TUNNEL_CONFIG, else $XDG_CONFIG_HOME/tunnel/agent.toml].
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Show a running agent's gateways, connections and streams.
     Status {
@@ -59,6 +86,10 @@ enum Command {
 /// Everything the agent's tasks share.
 pub struct Agent {
     pub config: AgentConfig,
+    pub fake_dns: fake_dns::FakeDns,
+    pub registrations: redirect::Registrations,
+    /// The loopback listeners that redirected sockets connect to (IPv4, IPv6).
+    pub listener_addresses: (std::net::SocketAddr, Option<std::net::SocketAddr>),
     pub pools: Vec<Arc<Pool>>,
     pub streams: Arc<StreamTable>,
     pub forwards: Vec<ForwardView>,
@@ -72,15 +103,13 @@ impl Agent {
 }
 
 fn config_path(explicit: Option<PathBuf>) -> PathBuf {
-    explicit
-        .or_else(|| std::env::var_os("TUNNEL_CONFIG").map(PathBuf::from))
-        .unwrap_or_else(|| {
-            std::env::var_os("XDG_CONFIG_HOME")
-                .map(PathBuf::from)
-                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
-                .unwrap_or_else(|| PathBuf::from("."))
-                .join("tunnel/agent.toml")
-        })
+    let var = |name| std::env::var_os(name).map(PathBuf::from);
+    paths::agent_config(
+        explicit,
+        var("TUNNEL_CONFIG"),
+        var("XDG_CONFIG_HOME"),
+        var("HOME"),
+    )
 }
 
 fn load_config(path: &Path) -> Result<AgentConfig> {
@@ -93,14 +122,13 @@ fn load_config(path: &Path) -> Result<AgentConfig> {
     Ok(AgentConfig::parse(&text, path)?)
 }
 
-/// The control socket: from the config, else in the user's runtime directory.
-fn control_path(config: &AgentConfig) -> PathBuf {
-    config.control.clone().unwrap_or_else(|| {
-        std::env::var_os("XDG_RUNTIME_DIR")
-            .map(|d| PathBuf::from(d).join("tunnel"))
-            .unwrap_or_else(|| PathBuf::from(format!("/tmp/tunnel-{}", nix::unistd::getuid())))
-            .join("agent.sock")
-    })
+/// The agent's Unix socket: from the config, else in the user's runtime directory.
+fn socket_path(config: &AgentConfig) -> PathBuf {
+    paths::agent_socket(
+        config.control.as_deref(),
+        std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from),
+        nix::unistd::getuid().as_raw(),
+    )
 }
 
 fn main() {
@@ -128,14 +156,27 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Run { config } => {
-            let config = load_config(&config_path(config))?;
-            runtime()?.block_on(serve(config))
+        Command::Run {
+            config,
+            socket,
+            exit_with,
+        } => {
+            let mut config = load_config(&config_path(config))?;
+            if socket.is_some() {
+                config.control = socket;
+            }
+            runtime()?.block_on(serve(config, exit_with))
+        }
+        Command::Env { config } => {
+            let path = config_path(config);
+            let config = load_config(&path)?;
+            print!("{}", env_lines(&config)?);
+            Ok(())
         }
         Command::Status { config, json } => {
             let config = load_config(&config_path(config))?;
             let reply = runtime()?.block_on(tunnel_transport::control::query(
-                &control_path(&config),
+                &socket_path(&config),
                 "status",
             ))?;
             if json {
@@ -148,16 +189,83 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-async fn serve(config: AgentConfig) -> Result<()> {
-    let control = control_path(&config);
+/// The `export` lines of `tunnel-agent env`.
+fn env_lines(config: &AgentConfig) -> Result<String> {
+    let exe = std::env::current_exe().context("finding this executable")?;
+    let bin_dir = exe.parent().context("this executable's directory")?;
+    let library = paths::preload_candidates(bin_dir)
+        .into_iter()
+        .find(|p| p.exists())
+        .with_context(|| {
+            format!(
+                "{} is not installed beside {} or in ../lib",
+                paths::PRELOAD_LIBRARY,
+                exe.display()
+            )
+        })?;
+    let library = library.canonicalize().unwrap_or(library);
+    let q = |s: &str| paths::shell_quote(s);
+    Ok(format!(
+        "export TUNNEL_AGENT={}\nexport TUNNEL_ROUTES={}\nexport LD_PRELOAD={}\"${{LD_PRELOAD:+:$LD_PRELOAD}}\"\n",
+        q(&socket_path(config).to_string_lossy()),
+        q(&config.route_table().to_string()),
+        q(&library.to_string_lossy()),
+    ))
+}
+
+/// Tells systemd (or whoever set NOTIFY_SOCKET) that the agent is ready.
+fn notify_ready() {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let path = path.to_string_lossy().into_owned();
+    let address = match path.strip_prefix('@') {
+        Some(abstract_name) => {
+            use std::os::linux::net::SocketAddrExt;
+            std::os::unix::net::SocketAddr::from_abstract_name(abstract_name.as_bytes())
+        }
+        None => std::os::unix::net::SocketAddr::from_pathname(&path),
+    };
+    let sent = address.and_then(|address| {
+        let socket = std::os::unix::net::UnixDatagram::unbound()?;
+        socket.send_to_addr(b"READY=1\nSTATUS=agent ready", &address)
+    });
+    if let Err(e) = sent {
+        tracing::warn!("could not notify {path}: {e}");
+    }
+}
+
+/// Returns when process `pid` has ended.
+async fn process_ended(pid: i32) {
+    let pid = nix::unistd::Pid::from_raw(pid);
+    while nix::sys::signal::kill(pid, None).is_ok() {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+async fn serve(config: AgentConfig, exit_with: Option<i32>) -> Result<()> {
+    let socket = socket_path(&config);
     let mut pools = Vec::new();
     for peer in &config.gateways {
         pools.push(Pool::start(peer.clone(), &config)?);
     }
     let bound = forward::bind_all(&config.forwards).await?;
-    let control_listener = tunnel_transport::control::bind(&control).await?;
+    let listeners = redirect::Listeners::bind().await?;
+    let access = local::Access::new(config.group.as_deref())?;
+    let local_listener = tunnel_transport::control::bind(&socket).await?;
+    if config.group.is_some() {
+        // Members of the group must reach the socket; the directory stays private to others.
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o660));
+        if let Some(dir) = socket.parent() {
+            let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750));
+        }
+    }
     let agent = Arc::new(Agent {
         forwards: bound.iter().map(|(l, f)| forward::view(l, f)).collect(),
+        fake_dns: fake_dns::FakeDns::new(config.synthetic_ipv4, config.synthetic_ipv6),
+        registrations: redirect::Registrations::default(),
+        listener_addresses: listeners.addresses(),
         config,
         pools,
         streams: StreamTable::new(Side::Agent),
@@ -166,25 +274,31 @@ async fn serve(config: AgentConfig) -> Result<()> {
     for (listener, forward) in bound {
         tokio::spawn(forward::serve(agent.clone(), listener, forward));
     }
-    let status_agent = agent.clone();
-    tokio::spawn(tunnel_transport::control::serve(
-        control_listener,
-        Arc::new(move |command| {
-            (command == "status").then(|| status::json(&status_agent).to_string())
-        }),
-    ));
-    info!("agent ready; status on {}", control.display());
+    tokio::spawn(redirect::serve(agent.clone(), listeners.v4));
+    if let Some(v6) = listeners.v6 {
+        tokio::spawn(redirect::serve(agent.clone(), v6));
+    }
+    tokio::spawn(local::serve(agent.clone(), local_listener, access));
+    info!("agent ready; socket {}", socket.display());
+    notify_ready();
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let parent_gone = async {
+        match exit_with {
+            Some(pid) => process_ended(pid).await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+        _ = parent_gone => info!("the command it served has ended"),
     }
     info!(
         "stopping; {} streams in flight are cut",
         agent.streams.live_count()
     );
-    let _ = std::fs::remove_file(&control);
+    let _ = std::fs::remove_file(&socket);
     Ok(())
 }

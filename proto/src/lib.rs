@@ -18,6 +18,7 @@
 pub mod config;
 pub mod connect;
 pub mod local;
+pub mod paths;
 pub mod pattern;
 pub mod routes;
 pub mod target;

@@ -43,12 +43,24 @@ pub enum Request {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply {
     /// Registered: connect the program's socket to this listener.
-    Ok { listener: SocketAddr },
+    Ok {
+        listener: SocketAddr,
+    },
     /// The gateway's answer for a blocking connect: `None` is success, else the class.
-    Verdict { error: Option<String> },
-    Addrs { v4: IpAddr, v6: IpAddr },
-    Name { name: String },
-    Err { class: String, message: String },
+    Verdict {
+        error: Option<String>,
+    },
+    Addrs {
+        v4: IpAddr,
+        v6: IpAddr,
+    },
+    Name {
+        name: String,
+    },
+    Err {
+        class: String,
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -219,7 +231,10 @@ mod tests {
             wait: true,
         };
         let wire = r.encode();
-        assert_eq!(Request::decode(&wire.as_bytes()[..wire.len() - 1]), Ok(None));
+        assert_eq!(
+            Request::decode(&wire.as_bytes()[..wire.len() - 1]),
+            Ok(None)
+        );
         assert_eq!(Request::decode(wire.as_bytes()), Ok(Some((r, wire.len()))));
         assert!(Request::decode(b"REGISTER x y z w\n").is_err());
         assert!(Request::decode(&[b'a'; MAX_LINE + 2]).is_err());

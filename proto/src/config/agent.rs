@@ -33,12 +33,15 @@ use serde::Deserialize;
 
 use super::{ConfigError, Problems, base_dir, parse_toml, resolve, seconds};
 use crate::pattern::Pattern;
-use crate::target::{Host, Target};
+use crate::target::{Host, Target, is_valid_name};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct AgentFile {
     control: Option<String>,
+    group: Option<String>,
+    synthetic_ipv4: Option<String>,
+    synthetic_ipv6: Option<String>,
     connect_timeout: Option<f64>,
     ping_interval: Option<f64>,
     ping_timeout: Option<f64>,
@@ -87,8 +90,14 @@ struct ForwardEntry {
 /// A validated agent configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AgentConfig {
-    /// The control socket (`status`); `None` means the default place.
+    /// The agent's Unix socket (registrations from the preload, `status`); `None`
+    /// means the default place.
     pub control: Option<PathBuf>,
+    /// A group whose members may use the agent besides its own user.
+    pub group: Option<String>,
+    /// Synthetic addresses handed out for routed names.
+    pub synthetic_ipv4: ipnet::Ipv4Net,
+    pub synthetic_ipv6: ipnet::Ipv6Net,
     /// Time allowed for TCP + TLS + HTTP/2 set-up of one tunnel connection.
     pub connect_timeout: Duration,
     /// How often an idle tunnel connection is checked with an HTTP/2 PING.
@@ -135,6 +144,36 @@ pub struct Forward {
 }
 
 pub const DEFAULT_CONNECTIONS: usize = 2;
+/// Benchmarking range (RFC 2544): never used on real networks.
+pub const DEFAULT_SYNTHETIC_IPV4: &str = "198.18.0.0/15";
+/// A unique-local range for synthetic IPv6 addresses.
+pub const DEFAULT_SYNTHETIC_IPV6: &str = "fd7e:7e7e:7e7e::/64";
+
+fn synthetic_net<T>(
+    problems: &mut Problems,
+    key: &str,
+    written: Option<&str>,
+    default: &str,
+    pick: impl Fn(&ipnet::IpNet) -> Option<T>,
+) -> Option<T> {
+    let text = written.unwrap_or(default);
+    let net = text
+        .parse::<ipnet::IpNet>()
+        .ok()
+        .filter(|n| n.trunc() == *n);
+    match net.as_ref().and_then(pick) {
+        Some(net) => Some(net),
+        None => {
+            problems.add(
+                key,
+                format!(
+                    "`{text}` is not a usable block: give a CIDR of the right family with room for names (IPv4 /24 or larger, IPv6 /112 or larger), e.g. \"{default}\""
+                ),
+            );
+            None
+        }
+    }
+}
 const MAX_CONNECTIONS: i64 = 64;
 
 impl AgentConfig {
@@ -306,8 +345,36 @@ impl AgentConfig {
             }
         }
 
+        let synthetic_ipv4 = synthetic_net(
+            &mut problems,
+            "synthetic_ipv4",
+            raw.synthetic_ipv4.as_deref(),
+            DEFAULT_SYNTHETIC_IPV4,
+            |n: &ipnet::IpNet| match n {
+                ipnet::IpNet::V4(v4) if v4.prefix_len() <= 24 => Some(*v4),
+                _ => None,
+            },
+        );
+        let synthetic_ipv6 = synthetic_net(
+            &mut problems,
+            "synthetic_ipv6",
+            raw.synthetic_ipv6.as_deref(),
+            DEFAULT_SYNTHETIC_IPV6,
+            |n: &ipnet::IpNet| match n {
+                ipnet::IpNet::V6(v6) if v6.prefix_len() <= 112 => Some(*v6),
+                _ => None,
+            },
+        );
+        if let Some(group) = &raw.group {
+            if !is_valid_name(group) || group.contains('.') {
+                problems.add("group", format!("`{group}` is not a group name"));
+            }
+        }
         let config = AgentConfig {
             control: raw.control.as_deref().map(|c| resolve(&base, c)),
+            group: raw.group.clone(),
+            synthetic_ipv4: synthetic_ipv4.unwrap_or_default(),
+            synthetic_ipv6: synthetic_ipv6.unwrap_or_default(),
             connect_timeout: seconds(&mut problems, "connect_timeout", raw.connect_timeout, 10.0),
             ping_interval: seconds(&mut problems, "ping_interval", raw.ping_interval, 5.0),
             ping_timeout: seconds(&mut problems, "ping_timeout", raw.ping_timeout, 5.0),
@@ -320,6 +387,17 @@ impl AgentConfig {
 
     pub fn gateway(&self, name: &str) -> Option<&GatewayPeer> {
         self.gateways.iter().find(|g| g.name == name)
+    }
+
+    /// The routes in the form the preload reads (`TUNNEL_ROUTES`).
+    pub fn route_table(&self) -> crate::routes::RouteTable {
+        crate::routes::RouteTable {
+            routes: self
+                .routes
+                .iter()
+                .map(|r| (r.via.clone(), r.to.clone()))
+                .collect(),
+        }
     }
 }
 

@@ -1,0 +1,125 @@
+//! Synthetic addresses for routed names, so that a name only the far site can resolve
+//! still gets an address here.
+//!
+//! The preload asks for a name that a route selects; the agent hands out the next free
+//! address of each pool (IPv4 and IPv6) and remembers the pair, so every process of a
+//! job sees the same mapping. A connect to a synthetic address carries the *name* to the
+//! gateway, which resolves it at its own site.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Mutex;
+
+use ipnet::{Ipv4Net, Ipv6Net};
+
+#[derive(Debug)]
+pub struct FakeDns {
+    v4: Ipv4Net,
+    v6: Ipv6Net,
+    table: Mutex<Table>,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    by_name: HashMap<String, u32>,
+    names: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the synthetic address pools are full ({0} names); widen synthetic_ipv4 in agent.toml")]
+pub struct PoolFull(usize);
+
+impl FakeDns {
+    pub fn new(v4: Ipv4Net, v6: Ipv6Net) -> FakeDns {
+        FakeDns {
+            v4,
+            v6,
+            table: Mutex::default(),
+        }
+    }
+
+    /// How many names fit: the IPv4 pool without its first and last address.
+    fn capacity(&self) -> u64 {
+        (1u64 << (32 - self.v4.prefix_len())).saturating_sub(2)
+    }
+
+    fn addresses(&self, index: u32) -> (Ipv4Addr, Ipv6Addr) {
+        let offset = index + 1;
+        let v4 = Ipv4Addr::from(u32::from(self.v4.network()).wrapping_add(offset));
+        let v6 = Ipv6Addr::from(u128::from(self.v6.network()).wrapping_add(u128::from(offset)));
+        (v4, v6)
+    }
+
+    /// The synthetic pair for `name`, made on first use.
+    pub fn resolve(&self, name: &str) -> Result<(Ipv4Addr, Ipv6Addr), PoolFull> {
+        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(index) = table.by_name.get(name) {
+            return Ok(self.addresses(*index));
+        }
+        let index = table.names.len();
+        if index as u64 >= self.capacity() {
+            return Err(PoolFull(index));
+        }
+        let index = index as u32;
+        table.names.push(name.to_string());
+        table.by_name.insert(name.to_string(), index);
+        Ok(self.addresses(index))
+    }
+
+    /// True when `ip` lies in one of the pools (whether or not handed out).
+    pub fn is_synthetic(&self, ip: IpAddr) -> bool {
+        match ip.to_canonical() {
+            IpAddr::V4(v4) => self.v4.contains(&v4),
+            IpAddr::V6(v6) => self.v6.contains(&v6),
+        }
+    }
+
+    /// The name a synthetic address stands for.
+    pub fn name_of(&self, ip: IpAddr) -> Option<String> {
+        let offset = match ip.to_canonical() {
+            IpAddr::V4(v4) if self.v4.contains(&v4) => {
+                u64::from(u32::from(v4).wrapping_sub(u32::from(self.v4.network())))
+            }
+            IpAddr::V6(v6) if self.v6.contains(&v6) => {
+                u64::try_from(u128::from(v6).wrapping_sub(u128::from(self.v6.network()))).ok()?
+            }
+            _ => return None,
+        };
+        let index = usize::try_from(offset.checked_sub(1)?).ok()?;
+        let table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        table.names.get(index).cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_name_same_pair_and_back() {
+        let dns = FakeDns::new(
+            "198.18.0.0/30".parse().unwrap_or_else(|e| panic!("{e}")),
+            "fd7e::/64".parse().unwrap_or_else(|e| panic!("{e}")),
+        );
+        let (a4, a6) = dns
+            .resolve("db.site-b.internal")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(a4, Ipv4Addr::new(198, 18, 0, 1));
+        assert_eq!(dns.resolve("db.site-b.internal").ok(), Some((a4, a6)));
+        assert_eq!(
+            dns.name_of(IpAddr::V4(a4)).as_deref(),
+            Some("db.site-b.internal")
+        );
+        assert_eq!(
+            dns.name_of(IpAddr::V6(a6)).as_deref(),
+            Some("db.site-b.internal")
+        );
+        assert!(dns.resolve("other").is_ok());
+        assert!(dns.resolve("third").is_err(), "a /30 holds two names");
+        assert_eq!(
+            dns.name_of("198.18.0.3".parse().unwrap_or_else(|e| panic!("{e}"))),
+            None
+        );
+        assert!(!dns.is_synthetic("10.0.0.1".parse().unwrap_or_else(|e| panic!("{e}"))));
+    }
+}

@@ -1,0 +1,271 @@
+//! The agent's Unix socket: registrations and name lookups from the preload, and
+//! `status`. One request per connection (see `tunnel_proto::local`).
+//!
+//! Only the agent's own user may use it, or members of the group named in the config
+//! (`group`); the peer is identified by the kernel (SO_PEERCRED), not by anything it
+//! says. Anyone else gets `ERR forbidden` and nothing is registered.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::oneshot;
+use tracing::{debug, warn};
+use tunnel_proto::local::{MAX_LINE, Reply, Request};
+use tunnel_proto::{Host, Target};
+
+use crate::Agent;
+use crate::redirect::listener_for;
+
+/// Time a blocking connect may wait for the gateway's answer.
+const VERDICT_WITHIN: Duration = Duration::from_secs(60);
+
+/// Who may use the socket besides root.
+pub struct Access {
+    uid: u32,
+    gid: Option<u32>,
+}
+
+impl Access {
+    pub fn new(group: Option<&str>) -> Result<Access> {
+        let gid = match group {
+            None => None,
+            Some(name) => match nix::unistd::Group::from_name(name) {
+                Ok(Some(g)) => Some(g.gid.as_raw()),
+                Ok(None) => bail!("group `{name}` (agent.toml `group`) does not exist"),
+                Err(e) => return Err(e).with_context(|| format!("looking up group `{name}`")),
+            },
+        };
+        Ok(Access {
+            uid: nix::unistd::getuid().as_raw(),
+            gid,
+        })
+    }
+
+    fn allows(&self, stream: &UnixStream) -> bool {
+        let Ok(cred) = stream.peer_cred() else {
+            return false;
+        };
+        if cred.uid() == self.uid || cred.uid() == 0 {
+            return true;
+        }
+        let Some(gid) = self.gid else { return false };
+        cred.gid() == gid || cred.pid().is_some_and(|pid| in_group(pid, gid))
+    }
+}
+
+/// Reads a process's supplementary groups from /proc.
+fn in_group(pid: i32, gid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("Groups:").map(str::to_string))
+        })
+        .is_some_and(|groups| groups.split_whitespace().any(|g| g == gid.to_string()))
+}
+
+pub async fn serve(agent: Arc<Agent>, listener: UnixListener, access: Access) {
+    let access = Arc::new(access);
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let agent = agent.clone();
+        let access = access.clone();
+        tokio::spawn(async move {
+            if let Err(e) = answer(&agent, &access, stream).await {
+                debug!("local request: {e:#}");
+            }
+        });
+    }
+}
+
+async fn read_line(stream: &mut UnixStream) -> Result<Vec<u8>> {
+    let mut buf = Vec::with_capacity(128);
+    let mut chunk = [0u8; 256];
+    while !buf.contains(&b'\n') {
+        if buf.len() > MAX_LINE {
+            bail!("request longer than {MAX_LINE} bytes");
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut chunk))
+            .await
+            .context("request not sent within 5 s")??;
+        if n == 0 {
+            bail!("closed before a full request");
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    Ok(buf)
+}
+
+async fn reply(stream: &mut UnixStream, reply: Reply) -> Result<()> {
+    stream.write_all(reply.encode().as_bytes()).await?;
+    Ok(())
+}
+
+fn err(class: &str, message: impl Into<String>) -> Reply {
+    Reply::Err {
+        class: class.into(),
+        message: message.into(),
+    }
+}
+
+async fn answer(agent: &Agent, access: &Access, mut stream: UnixStream) -> Result<()> {
+    let line = read_line(&mut stream).await?;
+    if !access.allows(&stream) {
+        let cred = stream.peer_cred().ok();
+        warn!(
+            uid = cred.map(|c| c.uid()),
+            pid = cred.and_then(|c| c.pid()),
+            "refused a request from another user"
+        );
+        return reply(
+            &mut stream,
+            err("forbidden", "not the agent's user or group"),
+        )
+        .await;
+    }
+    if line.trim_ascii() == b"status" {
+        let status = crate::status::json(agent).to_string();
+        stream.write_all(status.as_bytes()).await?;
+        return Ok(());
+    }
+    let request = match Request::decode(&line) {
+        Ok(Some((request, _))) => request,
+        Ok(None) | Err(_) => {
+            return reply(&mut stream, err("bad-request", "malformed request")).await;
+        }
+    };
+    match request {
+        Request::Resolve { name } => {
+            let answer = if agent.config.route_table().may_route_name(&name) {
+                match agent.fake_dns.resolve(&name) {
+                    Ok((v4, v6)) => Reply::Addrs {
+                        v4: v4.into(),
+                        v6: v6.into(),
+                    },
+                    Err(e) => err("pool-full", e.to_string()),
+                }
+            } else {
+                err("unrouted", format!("no route selects {name}"))
+            };
+            reply(&mut stream, answer).await
+        }
+        Request::Name { ip } => {
+            let answer = match agent.fake_dns.name_of(ip) {
+                Some(name) => Reply::Name { name },
+                None => err("unknown", "not a synthetic address"),
+            };
+            reply(&mut stream, answer).await
+        }
+        Request::Register {
+            source,
+            target,
+            via,
+            wait,
+        } => register(agent, &mut stream, source, target, via, wait).await,
+    }
+}
+
+/// Puts back the name behind a synthetic address and picks the gateway.
+fn destination(
+    agent: &Agent,
+    target: Target,
+    via: Option<String>,
+) -> Result<(Target, String), Reply> {
+    let table = agent.config.route_table();
+    let target = match target {
+        Target::Addr {
+            host: Host::Ip(ip),
+            port,
+        } if agent.fake_dns.is_synthetic(ip) => match agent.fake_dns.name_of(ip) {
+            Some(name) => Target::Addr {
+                host: Host::Name(name),
+                port,
+            },
+            None => {
+                return Err(err(
+                    "refused",
+                    format!("{ip} is a synthetic address this agent never handed out"),
+                ));
+            }
+        },
+        other => other,
+    };
+    let chosen = via.or_else(|| match &target {
+        Target::Addr {
+            host: Host::Ip(ip),
+            port,
+        } => table.route_ip(*ip, *port).map(str::to_string),
+        Target::Addr {
+            host: Host::Name(name),
+            port,
+        } => table.route_name(name, *port).map(str::to_string),
+        Target::Service(_) => None,
+    });
+    match chosen {
+        Some(via) if agent.pool(&via).is_some() => Ok((target, via)),
+        Some(via) => Err(err(
+            "unavailable",
+            format!("no gateway named `{via}` in agent.toml"),
+        )),
+        None => Err(err("denied", format!("no route selects {target}"))),
+    }
+}
+
+async fn register(
+    agent: &Agent,
+    stream: &mut UnixStream,
+    source: SocketAddr,
+    target: Target,
+    via: Option<String>,
+    wait: bool,
+) -> Result<()> {
+    let (target, via) = match destination(agent, target, via) {
+        Ok(d) => d,
+        Err(refusal) => return reply(stream, refusal).await,
+    };
+    if !is_loopback(source.ip()) {
+        return reply(
+            stream,
+            err("bad-request", "source must be a loopback address"),
+        )
+        .await;
+    }
+    let (verdict_tx, verdict_rx) = if wait {
+        let (tx, rx) = oneshot::channel();
+        (Some(tx), Some(rx))
+    } else {
+        (None, None)
+    };
+    debug!(%source, destination = %target, gateway = %via, wait, "registered");
+    agent.registrations.insert(source, target, via, verdict_tx);
+    let (v4, v6) = agent.listener_addresses;
+    reply(
+        stream,
+        Reply::Ok {
+            listener: listener_for(source, v4, v6),
+        },
+    )
+    .await?;
+    if let Some(rx) = verdict_rx {
+        let error = match tokio::time::timeout(VERDICT_WITHIN, rx).await {
+            Ok(Ok(verdict)) => verdict.map(str::to_string),
+            // The program never connected, or the answer took too long.
+            Ok(Err(_)) => Some("unavailable".to_string()),
+            Err(_) => Some("timed-out".to_string()),
+        };
+        reply(stream, Reply::Verdict { error }).await?;
+    }
+    Ok(())
+}
+
+fn is_loopback(ip: IpAddr) -> bool {
+    ip.to_canonical().is_loopback()
+}
