@@ -1,7 +1,35 @@
-//! `libtunnel_preload.so`: the hooks that carry an unmodified program's routed
-//! connections to the local agent.
+//! `libtunnel_preload.so`: carries an unmodified program's routed connections to the
+//! local agent.
 //!
-//! Not built yet: this crate compiles to the library's final name and path so that
-//! packaging and `tunnel-run` can be laid out around it. With no hooks it changes
-//! nothing in the programs it is loaded into, which is also what it must do when
-//! `TUNNEL_ROUTES` is absent.
+//! # Layout
+//!
+//! ```text
+//!  program: connect(fd, D) ──▶ hooks::connect (extern "C", the only unsafe edge)
+//!                                 │ guard: re-entrant call? → real connect
+//!                                 │ state: no TUNNEL_ROUTES? → real connect
+//!                                 ▼
+//!                           redirect::decide(D) ── Passthrough ─▶ real connect, errno kept
+//!                                 │ Redirect(target, via)
+//!                                 ▼
+//!          agent_client: REGISTER source → target   (Unix socket, opened per call)
+//!          sys: real connect(fd, agent's loopback listener) with the program's flags
+//!          blocking: wait for the gateway's VERDICT → 0 or the real errno
+//!
+//!  getaddrinfo / gethostbyname* / getnameinfo ──▶ names: routed names get synthetic
+//!  addresses from the agent; getpeername on a redirected socket shows D.
+//! ```
+//!
+//! No threads and no long-lived file descriptors: programs close fds they do not own
+//! and fork without exec. A panic never crosses into C and never sends routed traffic
+//! direct: it becomes `ECONNREFUSED`. With no `TUNNEL_ROUTES` in the environment the
+//! library changes nothing.
+// The hooks are the project's one FFI edge; `unsafe` stays in `hooks` and `sys`.
+#![allow(unsafe_code)]
+
+mod agent_client;
+mod guard;
+mod hooks;
+mod names;
+mod redirect;
+mod state;
+mod sys;

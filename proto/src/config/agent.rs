@@ -365,10 +365,12 @@ impl AgentConfig {
                 _ => None,
             },
         );
-        if let Some(group) = &raw.group {
-            if !is_valid_name(group) || group.contains('.') {
-                problems.add("group", format!("`{group}` is not a group name"));
-            }
+        if let Some(group) = raw
+            .group
+            .as_ref()
+            .filter(|g| !is_valid_name(g) || g.contains('.'))
+        {
+            problems.add("group", format!("`{group}` is not a group name"));
         }
         let config = AgentConfig {
             control: raw.control.as_deref().map(|c| resolve(&base, c)),

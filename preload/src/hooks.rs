@@ -1,0 +1,567 @@
+//! The exported symbols. Each converts its raw arguments, asks safe code what to do,
+//! and calls the real function for everything that is not ours. A panic is caught
+//! here and becomes an error return: it never unwinds into C and never lets a routed
+//! connection go direct.
+
+use std::cell::RefCell;
+use std::ffi::{CStr, CString};
+use std::mem::{align_of, size_of};
+use std::net::IpAddr;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::ptr::null_mut;
+
+use libc::{addrinfo, c_char, c_int, hostent, size_t, sockaddr, socklen_t};
+
+use crate::guard::Guard;
+use crate::names::{self, Lookup};
+use crate::redirect::{self, Decision};
+use crate::state::state;
+use crate::sys;
+
+/// Calls the real function `$real` of type `$ty` with `$args`, or fails with ENOSYS.
+macro_rules! call_real {
+    ($real:expr, $ty:ty, $fail:expr, $($arg:expr),*) => {{
+        match $real.address() {
+            0 => {
+                sys::set_errno(libc::ENOSYS);
+                $fail
+            }
+            // SAFETY: the symbol found is libc's function of exactly this type.
+            f => unsafe { std::mem::transmute::<usize, $ty>(f)($($arg),*) },
+        }
+    }};
+}
+
+/// # Safety
+/// As for `connect(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
+    let Some(_guard) = Guard::enter() else {
+        // SAFETY: forwarded as given.
+        return unsafe { sys::real_connect_raw(fd, addr, len) };
+    };
+    let saved_errno = sys::errno();
+    let Some(state) = state() else {
+        sys::set_errno(saved_errno);
+        // SAFETY: forwarded as given.
+        return unsafe { sys::real_connect_raw(fd, addr, len) };
+    };
+    // SAFETY: the program vouches for addr/len as connect(2) requires.
+    let Some(destination) = (unsafe { sys::from_raw(addr, len) }) else {
+        sys::set_errno(saved_errno);
+        // SAFETY: forwarded as given.
+        return unsafe { sys::real_connect_raw(fd, addr, len) };
+    };
+    match redirect::decide(state, destination) {
+        Decision::Passthrough => {
+            sys::set_errno(saved_errno);
+            // SAFETY: forwarded as given.
+            unsafe { sys::real_connect_raw(fd, addr, len) }
+        }
+        Decision::Refuse(errno) => {
+            sys::set_errno(errno);
+            -1
+        }
+        Decision::Redirect { via } => catch_unwind(AssertUnwindSafe(|| {
+            redirect::redirect(state, fd, destination, via)
+        }))
+        .unwrap_or_else(|_| {
+            sys::set_errno(libc::ECONNREFUSED);
+            -1
+        }),
+    }
+}
+
+type GetpeernameFn = unsafe extern "C" fn(c_int, *mut sockaddr, *mut socklen_t) -> c_int;
+
+/// # Safety
+/// As for `getpeername(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn getpeername(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
+    let real = |addr, len| call_real!(sys::REAL_GETPEERNAME, GetpeernameFn, -1, fd, addr, len);
+    let Some(_guard) = Guard::enter() else {
+        return real(addr, len);
+    };
+    if state().is_none() || addr.is_null() || len.is_null() {
+        return real(addr, len);
+    }
+    let original = catch_unwind(|| redirect::original_peer(fd)).ok().flatten();
+    match original {
+        Some(destination) => {
+            // SAFETY: the program vouches for addr/len as getpeername(2) requires.
+            unsafe { sys::write_raw(destination, addr, len) };
+            0
+        }
+        None => real(addr, len),
+    }
+}
+
+type GetaddrinfoFn = unsafe extern "C" fn(
+    *const c_char,
+    *const c_char,
+    *const addrinfo,
+    *mut *mut addrinfo,
+) -> c_int;
+
+/// # Safety
+/// As for `getaddrinfo(3)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn getaddrinfo(
+    node: *const c_char,
+    service: *const c_char,
+    hints: *const addrinfo,
+    res: *mut *mut addrinfo,
+) -> c_int {
+    let real = |node, hints| {
+        call_real!(
+            sys::REAL_GETADDRINFO,
+            GetaddrinfoFn,
+            libc::EAI_SYSTEM,
+            node,
+            service,
+            hints,
+            res
+        )
+    };
+    let Some(_guard) = Guard::enter() else {
+        return real(node, hints);
+    };
+    let Some(state) = state() else {
+        return real(node, hints);
+    };
+    if node.is_null() || res.is_null() {
+        return real(node, hints);
+    }
+    // SAFETY: node is a NUL-terminated string, as getaddrinfo(3) requires.
+    let Ok(name) = unsafe { CStr::from_ptr(node) }.to_str() else {
+        return real(node, hints);
+    };
+    let lookup = catch_unwind(|| names::lookup(state, name)).unwrap_or(Lookup::Fail);
+    let (v4, v6) = match lookup {
+        Lookup::Passthrough => return real(node, hints),
+        Lookup::Fail => return libc::EAI_AGAIN,
+        Lookup::Synthetic(v4, v6) => (v4, v6),
+    };
+    // SAFETY: hints is null or points to an addrinfo, as getaddrinfo(3) requires.
+    let mut numeric: addrinfo = match unsafe { hints.as_ref() } {
+        Some(h) => *h,
+        // SAFETY: all-zero is a valid addrinfo (AF_UNSPEC, no flags).
+        None => unsafe { std::mem::zeroed() },
+    };
+    let family = numeric.ai_family;
+    let want_canonical = numeric.ai_flags & libc::AI_CANONNAME != 0;
+    // Let the real getaddrinfo build the list for the synthetic address, so services,
+    // socket types and memory layout are exactly what freeaddrinfo expects.
+    numeric.ai_flags = (numeric.ai_flags | libc::AI_NUMERICHOST) & !libc::AI_ADDRCONFIG;
+    let addresses: Vec<IpAddr> = match family {
+        libc::AF_INET => vec![v4.into()],
+        libc::AF_INET6 => vec![v6.into()],
+        _ => vec![v4.into(), v6.into()],
+    };
+    let mut head: *mut addrinfo = null_mut();
+    let mut tail: *mut addrinfo = null_mut();
+    for ip in addresses {
+        numeric.ai_family = if ip.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        };
+        let Ok(text) = CString::new(ip.to_string()) else {
+            continue;
+        };
+        let mut part: *mut addrinfo = null_mut();
+        let rc = call_real!(
+            sys::REAL_GETADDRINFO,
+            GetaddrinfoFn,
+            libc::EAI_SYSTEM,
+            text.as_ptr(),
+            service,
+            &numeric,
+            &mut part
+        );
+        if rc != 0 {
+            if !head.is_null() {
+                // SAFETY: head is a list getaddrinfo made.
+                unsafe { libc::freeaddrinfo(head) };
+            }
+            return rc;
+        }
+        if head.is_null() {
+            head = part;
+        } else {
+            // SAFETY: tail is the last node of our list; part a fresh list.
+            unsafe { (*tail).ai_next = part };
+        }
+        tail = part;
+        // SAFETY: walking a list getaddrinfo made.
+        while !unsafe { (*tail).ai_next }.is_null() {
+            tail = unsafe { (*tail).ai_next };
+        }
+    }
+    if head.is_null() {
+        return libc::EAI_NONAME;
+    }
+    if want_canonical {
+        // SAFETY: head is a node getaddrinfo made; its canonname came from malloc.
+        unsafe {
+            libc::free((*head).ai_canonname.cast());
+            (*head).ai_canonname = libc::strdup(node);
+        }
+    }
+    // SAFETY: res is a valid out-pointer (checked non-null).
+    unsafe { *res = head };
+    0
+}
+
+type GetnameinfoFn = unsafe extern "C" fn(
+    *const sockaddr,
+    socklen_t,
+    *mut c_char,
+    socklen_t,
+    *mut c_char,
+    socklen_t,
+    c_int,
+) -> c_int;
+
+/// # Safety
+/// As for `getnameinfo(3)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn getnameinfo(
+    sa: *const sockaddr,
+    salen: socklen_t,
+    host: *mut c_char,
+    hostlen: socklen_t,
+    serv: *mut c_char,
+    servlen: socklen_t,
+    flags: c_int,
+) -> c_int {
+    let real = |host, hostlen| {
+        call_real!(
+            sys::REAL_GETNAMEINFO,
+            GetnameinfoFn,
+            libc::EAI_SYSTEM,
+            sa,
+            salen,
+            host,
+            hostlen,
+            serv,
+            servlen,
+            flags
+        )
+    };
+    let Some(_guard) = Guard::enter() else {
+        return real(host, hostlen);
+    };
+    let Some(state) = state() else {
+        return real(host, hostlen);
+    };
+    if host.is_null() || hostlen == 0 || flags & libc::NI_NUMERICHOST != 0 {
+        return real(host, hostlen);
+    }
+    // SAFETY: sa/salen as getnameinfo(3) requires.
+    let Some(address) = (unsafe { sys::from_raw(sa, salen) }) else {
+        return real(host, hostlen);
+    };
+    let Some(name) = catch_unwind(|| names::name_of(state, address.ip()))
+        .ok()
+        .flatten()
+    else {
+        return real(host, hostlen);
+    };
+    if name.len() + 1 > hostlen as usize {
+        return libc::EAI_OVERFLOW;
+    }
+    // SAFETY: host has hostlen bytes, more than the name and its NUL.
+    unsafe {
+        std::ptr::copy_nonoverlapping(name.as_ptr(), host.cast::<u8>(), name.len());
+        *host.add(name.len()) = 0;
+    }
+    if serv.is_null() || servlen == 0 {
+        0
+    } else {
+        real(null_mut(), 0)
+    }
+}
+
+type GethostbynameFn = unsafe extern "C" fn(*const c_char) -> *mut hostent;
+type Gethostbyname2Fn = unsafe extern "C" fn(*const c_char, c_int) -> *mut hostent;
+type GethostbynameRFn = unsafe extern "C" fn(
+    *const c_char,
+    *mut hostent,
+    *mut c_char,
+    size_t,
+    *mut *mut hostent,
+    *mut c_int,
+) -> c_int;
+type Gethostbyname2RFn = unsafe extern "C" fn(
+    *const c_char,
+    c_int,
+    *mut hostent,
+    *mut c_char,
+    size_t,
+    *mut *mut hostent,
+    *mut c_int,
+) -> c_int;
+
+/// What the gethostbyname family should do with a name.
+enum HostLookup {
+    Real,
+    Answer(IpAddr, String),
+    TryAgain,
+    NotFound,
+}
+
+fn host_lookup(name: *const c_char, family: c_int) -> HostLookup {
+    let Some(state) = state() else {
+        return HostLookup::Real;
+    };
+    if name.is_null() || !(family == libc::AF_INET || family == libc::AF_INET6) {
+        return HostLookup::Real;
+    }
+    // SAFETY: a NUL-terminated string, as gethostbyname(3) requires.
+    let Ok(text) = unsafe { CStr::from_ptr(name) }.to_str() else {
+        return HostLookup::Real;
+    };
+    match catch_unwind(|| names::lookup(state, text)).unwrap_or(Lookup::Fail) {
+        Lookup::Passthrough => HostLookup::Real,
+        Lookup::Fail => HostLookup::TryAgain,
+        Lookup::Synthetic(v4, _) if family == libc::AF_INET => {
+            HostLookup::Answer(v4.into(), text.to_string())
+        }
+        Lookup::Synthetic(_, v6) if family == libc::AF_INET6 => {
+            HostLookup::Answer(v6.into(), text.to_string())
+        }
+        Lookup::Synthetic(..) => HostLookup::NotFound,
+    }
+}
+
+/// Lays a hostent's data out in `buf`: aliases (none), the address list (one), the
+/// address, the name. Returns false when `buf` is too small.
+///
+/// # Safety
+/// `buf` must point to `buflen` writable bytes and `out` to a hostent.
+unsafe fn fill_hostent(
+    ip: IpAddr,
+    name: &str,
+    out: *mut hostent,
+    buf: *mut c_char,
+    buflen: usize,
+) -> bool {
+    let ptr = size_of::<*mut c_char>();
+    let start = buf.align_offset(align_of::<*mut c_char>());
+    let address: Vec<u8> = match ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    };
+    let aliases_at = start;
+    let list_at = aliases_at + ptr;
+    let address_at = list_at + 2 * ptr;
+    let name_at = address_at + address.len();
+    if start == usize::MAX || name_at + name.len() + 1 > buflen {
+        return false;
+    }
+    // SAFETY: every offset written below is inside buf (checked above) and the
+    // pointer-sized ones are aligned (start is aligned, ptr-sized steps).
+    unsafe {
+        let aliases = buf.add(aliases_at).cast::<*mut c_char>();
+        *aliases = null_mut();
+        let list = buf.add(list_at).cast::<*mut c_char>();
+        let address_ptr = buf.add(address_at);
+        std::ptr::copy_nonoverlapping(address.as_ptr(), address_ptr.cast::<u8>(), address.len());
+        *list = address_ptr;
+        *list.add(1) = null_mut();
+        let name_ptr = buf.add(name_at);
+        std::ptr::copy_nonoverlapping(name.as_ptr(), name_ptr.cast::<u8>(), name.len());
+        *name_ptr.add(name.len()) = 0;
+        (*out).h_name = name_ptr;
+        (*out).h_aliases = aliases;
+        (*out).h_addrtype = if ip.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        };
+        (*out).h_length = address.len() as c_int;
+        (*out).h_addr_list = list;
+    }
+    true
+}
+
+const TRY_AGAIN: c_int = 2;
+const HOST_NOT_FOUND: c_int = 1;
+
+/// The reentrant form both `_r` hooks share.
+///
+/// # Safety
+/// As for `gethostbyname2_r(3)`.
+unsafe fn lookup_r(
+    name: *const c_char,
+    family: c_int,
+    ret: *mut hostent,
+    buf: *mut c_char,
+    buflen: size_t,
+    result: *mut *mut hostent,
+    h_errnop: *mut c_int,
+) -> Option<c_int> {
+    let answer = host_lookup(name, family);
+    let set = |value: c_int| {
+        if !h_errnop.is_null() {
+            // SAFETY: a valid out-pointer when not null.
+            unsafe { *h_errnop = value };
+        }
+    };
+    // SAFETY: result is a valid out-pointer, as gethostbyname_r(3) requires.
+    let set_result = |value: *mut hostent| unsafe {
+        if !result.is_null() {
+            *result = value;
+        }
+    };
+    match answer {
+        HostLookup::Real => None,
+        HostLookup::TryAgain => {
+            set(TRY_AGAIN);
+            set_result(null_mut());
+            Some(libc::EAGAIN)
+        }
+        HostLookup::NotFound => {
+            set(HOST_NOT_FOUND);
+            set_result(null_mut());
+            Some(libc::ENOENT)
+        }
+        HostLookup::Answer(ip, text) => {
+            // SAFETY: buf/buflen/ret as the caller gave them.
+            if unsafe { fill_hostent(ip, &text, ret, buf, buflen) } {
+                set(0);
+                set_result(ret);
+                Some(0)
+            } else {
+                set_result(null_mut());
+                Some(libc::ERANGE)
+            }
+        }
+    }
+}
+
+/// # Safety
+/// As for `gethostbyname_r(3)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn gethostbyname_r(
+    name: *const c_char,
+    ret: *mut hostent,
+    buf: *mut c_char,
+    buflen: size_t,
+    result: *mut *mut hostent,
+    h_errnop: *mut c_int,
+) -> c_int {
+    if let Some(_guard) = Guard::enter() {
+        // SAFETY: forwarded as given.
+        if let Some(rc) =
+            unsafe { lookup_r(name, libc::AF_INET, ret, buf, buflen, result, h_errnop) }
+        {
+            return rc;
+        }
+    }
+    call_real!(
+        sys::REAL_GETHOSTBYNAME_R,
+        GethostbynameRFn,
+        libc::ENOSYS,
+        name,
+        ret,
+        buf,
+        buflen,
+        result,
+        h_errnop
+    )
+}
+
+/// # Safety
+/// As for `gethostbyname2_r(3)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn gethostbyname2_r(
+    name: *const c_char,
+    family: c_int,
+    ret: *mut hostent,
+    buf: *mut c_char,
+    buflen: size_t,
+    result: *mut *mut hostent,
+    h_errnop: *mut c_int,
+) -> c_int {
+    if let Some(_guard) = Guard::enter() {
+        // SAFETY: forwarded as given.
+        if let Some(rc) = unsafe { lookup_r(name, family, ret, buf, buflen, result, h_errnop) } {
+            return rc;
+        }
+    }
+    call_real!(
+        sys::REAL_GETHOSTBYNAME2_R,
+        Gethostbyname2RFn,
+        libc::ENOSYS,
+        name,
+        family,
+        ret,
+        buf,
+        buflen,
+        result,
+        h_errnop
+    )
+}
+
+/// Per-thread storage for the non-reentrant forms (glibc keeps one per process).
+struct HostStorage {
+    entry: hostent,
+    buffer: [c_char; 1024],
+}
+
+thread_local! {
+    static HOST_STORAGE: RefCell<Option<Box<HostStorage>>> = const { RefCell::new(None) };
+}
+
+fn static_lookup(name: *const c_char, family: c_int) -> Option<*mut hostent> {
+    let answer = host_lookup(name, family);
+    match answer {
+        HostLookup::Real => None,
+        HostLookup::TryAgain | HostLookup::NotFound => Some(null_mut()),
+        HostLookup::Answer(ip, text) => HOST_STORAGE
+            .try_with(|cell| {
+                let mut slot = cell.borrow_mut();
+                let storage = slot.get_or_insert_with(|| {
+                    Box::new(HostStorage {
+                        // SAFETY: all-zero is a valid hostent (null pointers).
+                        entry: unsafe { std::mem::zeroed() },
+                        buffer: [0; 1024],
+                    })
+                });
+                let entry: *mut hostent = &mut storage.entry;
+                let buffer = storage.buffer.as_mut_ptr();
+                // SAFETY: buffer has 1024 bytes; entry is a valid hostent.
+                let ok = unsafe { fill_hostent(ip, &text, entry, buffer, 1024) };
+                if ok { entry } else { null_mut() }
+            })
+            .ok(),
+    }
+}
+
+/// # Safety
+/// As for `gethostbyname(3)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn gethostbyname(name: *const c_char) -> *mut hostent {
+    if let Some(answer) = Guard::enter().and_then(|_guard| static_lookup(name, libc::AF_INET)) {
+        return answer;
+    }
+    call_real!(sys::REAL_GETHOSTBYNAME, GethostbynameFn, null_mut(), name)
+}
+
+/// # Safety
+/// As for `gethostbyname2(3)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn gethostbyname2(name: *const c_char, family: c_int) -> *mut hostent {
+    if let Some(answer) = Guard::enter().and_then(|_guard| static_lookup(name, family)) {
+        return answer;
+    }
+    call_real!(
+        sys::REAL_GETHOSTBYNAME2,
+        Gethostbyname2Fn,
+        null_mut(),
+        name,
+        family
+    )
+}

@@ -1,0 +1,84 @@
+//! What the environment says, read once, lazily, on the first hooked call.
+//!
+//! - `TUNNEL_ROUTES`: which destinations go through which gateway (absent: the library
+//!   changes nothing).
+//! - `TUNNEL_AGENT`: the agent's Unix socket.
+//! - `TUNNEL_SYNTHETIC`: the agent's synthetic address blocks (default 198.18.0.0/15
+//!   and fd7e:7e7e:7e7e::/64).
+//! - `TUNNEL_DEBUG`: when set, each decision is written to stderr.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use tunnel_proto::Pattern;
+use tunnel_proto::config::agent::{DEFAULT_SYNTHETIC_IPV4, DEFAULT_SYNTHETIC_IPV6};
+use tunnel_proto::routes::RouteTable;
+
+pub struct State {
+    pub routes: RouteTable,
+    pub agent: PathBuf,
+    pub synthetic: Vec<Pattern>,
+    pub debug: bool,
+    /// Set when the environment could not be read: every Internet connect is then
+    /// refused, because nothing can tell which of them had to be routed.
+    pub broken: Option<String>,
+}
+
+static STATE: OnceLock<Option<State>> = OnceLock::new();
+
+/// The parsed environment, or `None` for a pure pass-through.
+pub fn state() -> Option<&'static State> {
+    STATE.get_or_init(read).as_ref()
+}
+
+fn read() -> Option<State> {
+    let routes = std::env::var("TUNNEL_ROUTES").ok()?;
+    let debug = std::env::var_os("TUNNEL_DEBUG").is_some_and(|v| !v.is_empty() && v != "0");
+    let mut broken = None;
+    let routes = RouteTable::parse(&routes).unwrap_or_else(|e| {
+        broken = Some(e.to_string());
+        RouteTable::default()
+    });
+    let agent = match std::env::var_os("TUNNEL_AGENT") {
+        Some(path) if !path.is_empty() => PathBuf::from(path),
+        _ => {
+            broken.get_or_insert_with(|| {
+                "TUNNEL_ROUTES is set but TUNNEL_AGENT (the agent's socket) is not".into()
+            });
+            PathBuf::new()
+        }
+    };
+    let synthetic_text = std::env::var("TUNNEL_SYNTHETIC")
+        .unwrap_or_else(|_| format!("{DEFAULT_SYNTHETIC_IPV4},[{DEFAULT_SYNTHETIC_IPV6}]"));
+    let synthetic = synthetic_text
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(Pattern::parse)
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap_or_else(|e| {
+            broken.get_or_insert_with(|| format!("TUNNEL_SYNTHETIC: {e}"));
+            Vec::new()
+        });
+    if let Some(problem) = &broken {
+        eprintln!("libtunnel_preload: {problem}; Internet connections of this program are refused");
+    }
+    Some(State {
+        routes,
+        agent,
+        synthetic,
+        debug,
+        broken,
+    })
+}
+
+impl State {
+    pub fn is_synthetic(&self, ip: std::net::IpAddr) -> bool {
+        self.synthetic.iter().any(|p| p.matches_ip(ip, 1))
+    }
+
+    pub fn trace(&self, message: std::fmt::Arguments<'_>) {
+        if self.debug {
+            eprintln!("libtunnel_preload[{}]: {message}", std::process::id());
+        }
+    }
+}

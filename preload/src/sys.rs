@@ -1,0 +1,229 @@
+//! The libc calls the hooks need, wrapped so that the deciding code stays safe: real
+//! symbols found with `dlsym(RTLD_NEXT)` and cached, socket options, addresses, errno.
+
+use std::ffi::CStr;
+use std::mem::{size_of, zeroed};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use libc::{c_int, sockaddr, sockaddr_in, sockaddr_in6, sockaddr_storage, socklen_t};
+
+/// A libc function found once with `dlsym(RTLD_NEXT)`.
+pub struct RealFn {
+    name: &'static CStr,
+    address: AtomicUsize,
+}
+
+impl RealFn {
+    pub const fn new(name: &'static CStr) -> RealFn {
+        RealFn {
+            name,
+            address: AtomicUsize::new(0),
+        }
+    }
+
+    /// The address of the next definition after ours, or 0 if there is none.
+    pub fn address(&self) -> usize {
+        let cached = self.address.load(Ordering::Relaxed);
+        if cached != 0 {
+            return cached;
+        }
+        // SAFETY: dlsym with RTLD_NEXT and a NUL-terminated name has no preconditions.
+        let found = unsafe { libc::dlsym(libc::RTLD_NEXT, self.name.as_ptr()) } as usize;
+        self.address.store(found, Ordering::Relaxed);
+        found
+    }
+}
+
+pub static REAL_CONNECT: RealFn = RealFn::new(c"connect");
+pub static REAL_GETPEERNAME: RealFn = RealFn::new(c"getpeername");
+pub static REAL_GETADDRINFO: RealFn = RealFn::new(c"getaddrinfo");
+pub static REAL_GETNAMEINFO: RealFn = RealFn::new(c"getnameinfo");
+pub static REAL_GETHOSTBYNAME: RealFn = RealFn::new(c"gethostbyname");
+pub static REAL_GETHOSTBYNAME2: RealFn = RealFn::new(c"gethostbyname2");
+pub static REAL_GETHOSTBYNAME_R: RealFn = RealFn::new(c"gethostbyname_r");
+pub static REAL_GETHOSTBYNAME2_R: RealFn = RealFn::new(c"gethostbyname2_r");
+
+pub fn errno() -> c_int {
+    // SAFETY: __errno_location always returns this thread's errno.
+    unsafe { *libc::__errno_location() }
+}
+
+pub fn set_errno(value: c_int) {
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() = value }
+}
+
+type ConnectFn = unsafe extern "C" fn(c_int, *const sockaddr, socklen_t) -> c_int;
+
+/// Calls the real `connect` on a raw address.
+///
+/// # Safety
+/// `addr` must point to `len` readable bytes, as for `connect(2)`.
+pub unsafe fn real_connect_raw(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
+    match REAL_CONNECT.address() {
+        0 => {
+            set_errno(libc::ENOSYS);
+            -1
+        }
+        f => {
+            // SAFETY: the symbol is libc's connect, whose type this is.
+            let f: ConnectFn = unsafe { std::mem::transmute::<usize, ConnectFn>(f) };
+            // SAFETY: forwarded from the caller.
+            unsafe { f(fd, addr, len) }
+        }
+    }
+}
+
+/// Calls the real `connect` with a Rust address; returns its result, errno set by it.
+pub fn real_connect(fd: c_int, addr: SocketAddr) -> c_int {
+    let (storage, len) = to_raw(addr);
+    // SAFETY: storage holds len valid bytes of a sockaddr.
+    unsafe { real_connect_raw(fd, (&raw const storage).cast(), len) }
+}
+
+/// Reads a socket address given by a program; `None` for anything but a well-formed
+/// AF_INET or AF_INET6 address.
+///
+/// # Safety
+/// `addr` must be null or point to `len` readable bytes.
+pub unsafe fn from_raw(addr: *const sockaddr, len: socklen_t) -> Option<SocketAddr> {
+    if addr.is_null() || (len as usize) < size_of::<libc::sa_family_t>() {
+        return None;
+    }
+    // SAFETY: at least the family field is readable (checked above).
+    let family = c_int::from(unsafe { (*addr).sa_family });
+    match family {
+        libc::AF_INET if len as usize >= size_of::<sockaddr_in>() => {
+            // SAFETY: len covers a sockaddr_in; read_unaligned copes with any alignment.
+            let sin = unsafe { addr.cast::<sockaddr_in>().read_unaligned() };
+            Some(SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))),
+                u16::from_be(sin.sin_port),
+            ))
+        }
+        libc::AF_INET6 if len as usize >= size_of::<sockaddr_in6>() => {
+            // SAFETY: as above, for sockaddr_in6.
+            let sin6 = unsafe { addr.cast::<sockaddr_in6>().read_unaligned() };
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(sin6.sin6_addr.s6_addr),
+                u16::from_be(sin6.sin6_port),
+                sin6.sin6_flowinfo,
+                sin6.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}
+
+/// A Rust address as a C one.
+pub fn to_raw(addr: SocketAddr) -> (sockaddr_storage, socklen_t) {
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut storage: sockaddr_storage = unsafe { zeroed() };
+    let len = match addr {
+        SocketAddr::V4(v4) => {
+            // SAFETY: all-zero is a valid sockaddr_in.
+            let mut sin: sockaddr_in = unsafe { zeroed() };
+            sin.sin_family = libc::AF_INET as libc::sa_family_t;
+            sin.sin_port = v4.port().to_be();
+            sin.sin_addr.s_addr = u32::from(*v4.ip()).to_be();
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+            unsafe { (&raw mut storage).cast::<sockaddr_in>().write(sin) };
+            size_of::<sockaddr_in>()
+        }
+        SocketAddr::V6(v6) => {
+            // SAFETY: all-zero is a valid sockaddr_in6.
+            let mut sin6: sockaddr_in6 = unsafe { zeroed() };
+            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sin6.sin6_port = v6.port().to_be();
+            sin6.sin6_addr.s6_addr = v6.ip().octets();
+            sin6.sin6_flowinfo = v6.flowinfo();
+            sin6.sin6_scope_id = v6.scope_id();
+            // SAFETY: as above, for sockaddr_in6.
+            unsafe { (&raw mut storage).cast::<sockaddr_in6>().write(sin6) };
+            size_of::<sockaddr_in6>()
+        }
+    };
+    (storage, len as socklen_t)
+}
+
+/// Copies `addr` into a caller's buffer the way the kernel does: truncated to
+/// `*len`, with `*len` set to the full size.
+///
+/// # Safety
+/// `out` must point to `*len` writable bytes and `len` must be valid.
+pub unsafe fn write_raw(addr: SocketAddr, out: *mut sockaddr, len: *mut socklen_t) {
+    let (storage, full) = to_raw(addr);
+    // SAFETY: the caller vouches for len.
+    let room = unsafe { *len } as usize;
+    let n = room.min(full as usize);
+    // SAFETY: n bytes are readable from storage and writable at out.
+    unsafe {
+        std::ptr::copy_nonoverlapping((&raw const storage).cast::<u8>(), out.cast::<u8>(), n);
+        *len = full;
+    }
+}
+
+/// The socket's type (SOCK_STREAM, …), or `None` if `fd` is not a socket.
+pub fn socket_type(fd: c_int) -> Option<c_int> {
+    let mut value: c_int = 0;
+    let mut len = size_of::<c_int>() as socklen_t;
+    // SAFETY: value and len are valid for getsockopt's out-parameters.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            (&raw mut value).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then_some(value)
+}
+
+pub fn is_nonblocking(fd: c_int) -> bool {
+    // SAFETY: F_GETFL takes no pointer.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    flags >= 0 && flags & libc::O_NONBLOCK != 0
+}
+
+/// The socket's local address.
+pub fn local_addr(fd: c_int) -> Option<SocketAddr> {
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut storage: sockaddr_storage = unsafe { zeroed() };
+    let mut len = size_of::<sockaddr_storage>() as socklen_t;
+    // SAFETY: storage/len are valid out-parameters.
+    let rc = unsafe { libc::getsockname(fd, (&raw mut storage).cast(), &mut len) };
+    // SAFETY: the kernel wrote len bytes of an address.
+    (rc == 0)
+        .then(|| unsafe { from_raw((&raw const storage).cast(), len) })
+        .flatten()
+}
+
+/// The socket's peer as the kernel sees it (the real getpeername).
+pub fn real_peer_addr(fd: c_int) -> Option<SocketAddr> {
+    type GetpeernameFn = unsafe extern "C" fn(c_int, *mut sockaddr, *mut socklen_t) -> c_int;
+    let f = REAL_GETPEERNAME.address();
+    if f == 0 {
+        return None;
+    }
+    // SAFETY: libc's getpeername has this type.
+    let f: GetpeernameFn = unsafe { std::mem::transmute::<usize, GetpeernameFn>(f) };
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut storage: sockaddr_storage = unsafe { zeroed() };
+    let mut len = size_of::<sockaddr_storage>() as socklen_t;
+    // SAFETY: storage/len are valid out-parameters.
+    let rc = unsafe { f(fd, (&raw mut storage).cast(), &mut len) };
+    // SAFETY: the kernel wrote len bytes of an address.
+    (rc == 0)
+        .then(|| unsafe { from_raw((&raw const storage).cast(), len) })
+        .flatten()
+}
+
+/// Binds `fd` to `addr`; returns the errno on failure.
+pub fn bind(fd: c_int, addr: SocketAddr) -> Result<(), c_int> {
+    let (storage, len) = to_raw(addr);
+    // SAFETY: storage holds len valid bytes.
+    let rc = unsafe { libc::bind(fd, (&raw const storage).cast(), len) };
+    if rc == 0 { Ok(()) } else { Err(errno()) }
+}
