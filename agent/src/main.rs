@@ -64,6 +64,12 @@ enum Command {
         /// Exit when this process ends (how `tunnel-run` scopes an agent to one command).
         #[arg(long, value_name = "PID")]
         exit_with: Option<i32>,
+        /// Another route, PATTERN=GATEWAY, tried before the config's.
+        #[arg(long, value_name = "PATTERN=GATEWAY")]
+        route: Vec<String>,
+        /// A directory of this agent's own (socket, log) to remove when it exits.
+        #[arg(long, hide = true)]
+        scratch_dir: Option<PathBuf>,
     },
     /// Print `export` lines that make a job script's programs use the tunnel:
     /// eval "$(tunnel-agent env)"
@@ -160,12 +166,21 @@ fn run(cli: Cli) -> Result<()> {
             config,
             socket,
             exit_with,
+            route,
+            scratch_dir,
         } => {
             let mut config = load_config(&config_path(config))?;
+            config
+                .add_command_line_routes(&route)
+                .map_err(anyhow::Error::msg)?;
             if socket.is_some() {
                 config.control = socket;
             }
-            runtime()?.block_on(serve(config, exit_with))
+            let served = runtime()?.block_on(serve(config, exit_with));
+            if let Some(dir) = scratch_dir {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            served
         }
         Command::Env { config } => {
             let path = config_path(config);
@@ -206,9 +221,10 @@ fn env_lines(config: &AgentConfig) -> Result<String> {
     let library = library.canonicalize().unwrap_or(library);
     let q = |s: &str| paths::shell_quote(s);
     Ok(format!(
-        "export TUNNEL_AGENT={}\nexport TUNNEL_ROUTES={}\nexport LD_PRELOAD={}\"${{LD_PRELOAD:+:$LD_PRELOAD}}\"\n",
-        q(&socket_path(config).to_string_lossy()),
+        "export TUNNEL_AGENT={}\nexport TUNNEL_ROUTES={}\nexport TUNNEL_SYNTHETIC={}\nexport LD_PRELOAD={}\"${{LD_PRELOAD:+:$LD_PRELOAD}}\"\n",
+        q(&std::path::absolute(socket_path(config))?.to_string_lossy()),
         q(&config.route_table().to_string()),
+        q(&paths::synthetic_env(config)),
         q(&library.to_string_lossy()),
     ))
 }

@@ -47,3 +47,9 @@ pub fn preload_candidates(bin_dir: &Path) -> [PathBuf; 2] {
 pub fn shell_quote(value: &str) -> String {
     format!("'{}'", value.replace('\'', r"'\''"))
 }
+
+/// The value of `TUNNEL_SYNTHETIC` for an agent config: its synthetic blocks as
+/// patterns.
+pub fn synthetic_env(config: &crate::config::AgentConfig) -> String {
+    format!("{},[{}]", config.synthetic_ipv4, config.synthetic_ipv6)
+}

@@ -1,33 +1,215 @@
 //! `tunnel-run [--config FILE] [--route PATTERN=GATEWAY]... -- CMD [ARGS...]`
 //!
-//! Interception is not built yet; until it is, this tool says so and points to the
-//! `[[forward]]` ports of `tunnel-agent`, which carry any program today.
+//! Runs CMD with `libtunnel_preload.so`, so the connections the routes select go
+//! through the tunnel and everything else goes direct. Finds the library beside this
+//! executable (or in `../lib`), makes sure an agent answers (starting one for the
+//! lifetime of CMD if none does), then execs CMD: its exit status and signals are its
+//! own.
 #![forbid(unsafe_code)]
 
-use std::path::PathBuf;
+mod elf;
 
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
 use clap::Parser;
+use tunnel_proto::config::AgentConfig;
+use tunnel_proto::paths;
+
+use crate::elf::Executable;
 
 /// Run a program so that the connections your routes select go through the tunnel.
+///
+/// Routes come from agent.toml ([[route]]) and from --route. An agent already running
+/// on the config's socket is used; otherwise one is started for the lifetime of the
+/// command. Statically linked and Go programs cannot be preloaded: use a [[forward]]
+/// port for those.
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(version, about, long_about)]
 struct Args {
-    /// Agent config file (default: $TUNNEL_CONFIG, else $XDG_CONFIG_HOME/tunnel/agent.toml).
+    /// Agent config file [default: $TUNNEL_CONFIG, else $XDG_CONFIG_HOME/tunnel/agent.toml].
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Extra route, PATTERN=GATEWAY.
-    #[arg(long)]
+    /// Another route, PATTERN=GATEWAY (e.g. '10.20.0.0/16=site-b'); tried before the config's.
+    #[arg(long, value_name = "PATTERN=GATEWAY")]
     route: Vec<String>,
     /// The program and its arguments.
-    #[arg(last = true, required = true)]
+    #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<String>,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() {
     let args = Args::parse();
-    anyhow::bail!(
-        "tunnel-run cannot intercept `{}` yet: transparent interception is not built. \
-         Use a [[forward]] port in agent.toml and point the program at it.",
-        args.command.first().map(String::as_str).unwrap_or_default()
+    match run(args) {
+        Ok(never) => match never {},
+        Err(e) => {
+            eprintln!("tunnel-run: {e:#}");
+            std::process::exit(127);
+        }
+    }
+}
+
+enum Never {}
+
+fn run(args: Args) -> Result<Never> {
+    let var = |name| std::env::var_os(name).map(PathBuf::from);
+    let config_path = paths::agent_config(
+        args.config.clone(),
+        var("TUNNEL_CONFIG"),
+        var("XDG_CONFIG_HOME"),
+        var("HOME"),
+    );
+    let text = std::fs::read_to_string(&config_path).with_context(|| {
+        format!(
+            "reading the agent config {} (write one, see the README, or pass --config)",
+            config_path.display()
+        )
+    })?;
+    let mut config = AgentConfig::parse(&text, &config_path)?;
+    config
+        .add_command_line_routes(&args.route)
+        .map_err(anyhow::Error::msg)?;
+    if config.routes.is_empty() {
+        eprintln!(
+            "tunnel-run: warning: {} has no [[route]] and no --route was given: nothing will go through the tunnel",
+            config_path.display()
+        );
+    }
+
+    let exe = std::env::current_exe().context("finding tunnel-run's own path")?;
+    let bin_dir = exe
+        .parent()
+        .context("tunnel-run's directory")?
+        .to_path_buf();
+    let library = paths::preload_candidates(&bin_dir)
+        .into_iter()
+        .find(|p| p.exists())
+        .with_context(|| {
+            format!(
+                "{} is not beside {} or in ../lib: reinstall tunnel",
+                paths::PRELOAD_LIBRARY,
+                exe.display()
+            )
+        })?;
+    let library = library.canonicalize().unwrap_or(library);
+
+    warn_if_unpreloadable(&args.command[0]);
+
+    let socket = std::path::absolute(paths::agent_socket(
+        config.control.as_deref(),
+        var("XDG_RUNTIME_DIR"),
+        nix::unistd::getuid().as_raw(),
+    ))?;
+    let socket = if agent_answers(&socket) {
+        socket
+    } else {
+        start_agent(&bin_dir, &config_path, &args.route)?
+    };
+
+    let preload = match std::env::var("LD_PRELOAD") {
+        Ok(existing) if !existing.is_empty() => format!("{}:{existing}", library.display()),
+        _ => library.display().to_string(),
+    };
+    let error = Command::new(&args.command[0])
+        .args(&args.command[1..])
+        .env("LD_PRELOAD", preload)
+        .env("TUNNEL_ROUTES", config.route_table().to_string())
+        .env("TUNNEL_AGENT", &socket)
+        .env("TUNNEL_SYNTHETIC", paths::synthetic_env(&config))
+        .exec();
+    bail!("cannot run `{}`: {error}", args.command[0])
+}
+
+/// True when an agent answers on `socket`.
+fn agent_answers(socket: &Path) -> bool {
+    let Ok(mut stream) = UnixStream::connect(socket) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut byte = [0u8; 1];
+    stream.write_all(b"status\n").is_ok() && matches!(stream.read(&mut byte), Ok(1))
+}
+
+/// Starts an agent for the lifetime of this process (which becomes the command), on a
+/// socket of its own; returns that socket.
+fn start_agent(bin_dir: &Path, config: &Path, routes: &[String]) -> Result<PathBuf> {
+    let agent = bin_dir.join("tunnel-agent");
+    let pid = std::process::id();
+    let base = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir());
+    let scratch = base.join(format!("tunnel-run-{pid}"));
+    std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+    let socket = scratch.join("agent.sock");
+    let log_path = scratch.join("agent.log");
+    let log = std::fs::File::create(&log_path)?;
+    let mut command = Command::new(&agent);
+    command
+        .arg("run")
+        .arg("--config")
+        .arg(config)
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--exit-with")
+        .arg(pid.to_string())
+        .arg("--scratch-dir")
+        .arg(&scratch)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    for route in routes {
+        command.arg("--route").arg(route);
+    }
+    let mut child = command
+        .spawn()
+        .with_context(|| format!("starting {}", agent.display()))?;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(10) {
+        if agent_answers(&socket) {
+            return Ok(socket);
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let _ = std::fs::remove_dir_all(&scratch);
+            bail!("the agent it started exited ({status}):\n{log}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    bail!(
+        "the agent it started did not answer within 10 s (log: {})",
+        log_path.display()
     )
+}
+
+/// Says so when LD_PRELOAD cannot reach the program.
+fn warn_if_unpreloadable(program: &str) {
+    let path = if program.contains('/') {
+        Some(PathBuf::from(program))
+    } else {
+        std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join(program))
+                .find(|p| p.is_file())
+        })
+    };
+    let Some(bytes) = path.as_ref().and_then(|p| std::fs::read(p).ok()) else {
+        return;
+    };
+    let why = match elf::classify(&bytes) {
+        Executable::Static => "is statically linked",
+        Executable::Go => "is a Go program (it makes its own system calls)",
+        Executable::Dynamic | Executable::Other => return,
+    };
+    eprintln!(
+        "tunnel-run: warning: {} {why}, so LD_PRELOAD cannot see its connections and they \
+         will NOT go through the tunnel. Give it a [[forward]] port in agent.toml \
+         (listen = \"127.0.0.1:PORT\", to = \"HOST:PORT\") and point it there instead.",
+        path.map_or_else(|| program.to_string(), |p| p.display().to_string())
+    );
 }

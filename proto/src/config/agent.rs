@@ -391,6 +391,34 @@ impl AgentConfig {
         self.gateways.iter().find(|g| g.name == name)
     }
 
+    /// Puts routes given on a command line (`PATTERN=GATEWAY` each) in front of the
+    /// file's; the message names the bad argument and the fix.
+    pub fn add_command_line_routes(&mut self, routes: &[String]) -> Result<(), String> {
+        let mut extra = Vec::new();
+        for route in routes {
+            let Some((pattern, via)) = route.rsplit_once('=') else {
+                return Err(format!(
+                    "--route `{route}`: write PATTERN=GATEWAY, e.g. 10.20.0.0/16=site-b"
+                ));
+            };
+            let pattern = Pattern::parse(pattern).map_err(|e| format!("--route `{route}`: {e}"))?;
+            if self.gateway(via).is_none() {
+                let known: Vec<&str> = self.gateways.iter().map(|g| g.name.as_str()).collect();
+                return Err(format!(
+                    "--route `{route}`: no gateway named `{via}` in the config (known: {})",
+                    known.join(", ")
+                ));
+            }
+            extra.push(Route {
+                via: via.to_string(),
+                to: vec![pattern],
+            });
+        }
+        extra.append(&mut self.routes);
+        self.routes = extra;
+        Ok(())
+    }
+
     /// The routes in the form the preload reads (`TUNNEL_ROUTES`).
     pub fn route_table(&self) -> crate::routes::RouteTable {
         crate::routes::RouteTable {
