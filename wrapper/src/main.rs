@@ -142,7 +142,7 @@ fn start_agent(bin_dir: &Path, config: &Path, routes: &[String]) -> Result<PathB
     let pid = std::process::id();
     let base = std::env::var_os("XDG_RUNTIME_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| std::env::temp_dir());
+        .unwrap_or_else(std::env::temp_dir);
     let scratch = base.join(format!("tunnel-run-{pid}"));
     std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
     let socket = scratch.join("agent.sock");
