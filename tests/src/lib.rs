@@ -452,6 +452,11 @@ pub struct Tunnel {
 
 impl Tunnel {
     pub fn start(rules: &str, forwards: &[&str]) -> Result<Tunnel> {
+        Tunnel::start_routed(rules, forwards, &[])
+    }
+
+    /// Like [`Tunnel::start`], with a `[[route]]` to the gateway for `routes`.
+    pub fn start_routed(rules: &str, forwards: &[&str], routes: &[&str]) -> Result<Tunnel> {
         let site = Site::new();
         let gw_dir = site.init_gateway("gateway");
         let creds = site.issue(&gw_dir, "alice", "alice");
@@ -459,6 +464,9 @@ impl Tunnel {
         let mut body = gateway_table("site-b", gateway.addr, &creds, "alice");
         for to in forwards {
             body.push_str(&forward_table(to));
+        }
+        if !routes.is_empty() {
+            body.push_str(&route_table(routes));
         }
         let agent = Agent::start(&site.path("agent"), &body, true)?;
         Ok(Tunnel {
@@ -472,6 +480,126 @@ impl Tunnel {
     pub fn forward(&self, index: usize) -> SocketAddr {
         self.agent.forwards[index]
     }
+
+    /// `tunnel-run --config <agent.toml> -- program`: the real wrapper, using this
+    /// tunnel's running agent.
+    pub fn run(&self, program: &str) -> Command {
+        let mut command = Command::new(bin("tunnel-run"));
+        command
+            .arg("--config")
+            .arg(&self.agent.config)
+            .arg("--")
+            .arg(program);
+        command
+    }
+
+    /// The live and recent streams the agent has seen, counted.
+    pub fn streams_seen(&self) -> usize {
+        self.agent
+            .status()
+            .map(|s| {
+                s["recent"].as_array().map_or(0, Vec::len)
+                    + s["streams"].as_array().map_or(0, Vec::len)
+            })
+            .unwrap_or(0)
+    }
+}
+
+/// A `[[route]]` table sending `to` through the only gateway.
+pub fn route_table(to: &[&str]) -> String {
+    let list: Vec<String> = to.iter().map(|t| format!("\"{t}\"")).collect();
+    format!("[[route]]\nto = [{}]\n", list.join(", "))
+}
+
+/// Runs a command to completion within `limit`; returns (exit code, stdout, stderr).
+pub fn output_within(command: &mut Command, limit: Duration) -> (Option<i32>, String, String) {
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{command:?}: {e}"));
+    let id = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(Ok(out)) => (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ),
+        _ => {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(id as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            panic!("{command:?} did not finish within {limit:?}");
+        }
+    }
+}
+
+/// Runs a command that must succeed within `limit`; returns its stdout.
+pub fn stdout_within(command: &mut Command, limit: Duration) -> String {
+    let (code, out, err) = output_within(command, limit);
+    assert_eq!(code, Some(0), "{command:?} failed:\n{out}\n{err}");
+    out
+}
+
+/// An HTTP server (python's http.server) on `ip`, port chosen by the kernel; serves `dir`.
+pub fn http_server(ip: &str, dir: &Path) -> (Daemon, SocketAddr) {
+    let mut command = Command::new("python3");
+    command
+        .args(["-u", "-m", "http.server", "0", "--bind", ip, "--directory"])
+        .arg(dir);
+    let mut daemon =
+        Daemon::spawn("http.server", command, dir.join("../http.log")).expect("python http.server");
+    let rest = daemon
+        .wait_log(" port ", Duration::from_secs(20))
+        .expect("http.server started");
+    let port: u16 = rest
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("http.server port");
+    (daemon, SocketAddr::new(ip.parse().expect("ip"), port))
+}
+
+/// A TCP server on `ip` that answers every line with the same line, one thread per
+/// connection, until the test ends.
+pub fn echo_server(ip: &str) -> SocketAddr {
+    let l = TcpListener::bind((ip, 0)).expect("bind echo server");
+    let addr = l.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Says loudly that a test needs root and did not run its checks.
+pub fn needs_root(test: &str) -> bool {
+    if is_root() {
+        return false;
+    }
+    eprintln!(
+        "\n*** {test}: NOT RUN: needs root (network namespaces / other users); CI runs it as root ***\n"
+    );
+    true
 }
 
 /// An allow rule for `alice`.

@@ -2,5 +2,6 @@
 
 mod errors;
 mod forward;
+mod preload;
 mod resilience;
 mod transfer;

@@ -1,0 +1,378 @@
+//! Unmodified programs through `tunnel-run` and `LD_PRELOAD`, on loopback: destinations
+//! on 127.0.0.2 are routed; the agent listens on 127.0.0.1.
+
+use std::process::Command;
+use std::time::Duration;
+
+use tunnel_tests::*;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// A tunnel that routes and allows 127.0.0.2, with an HTTP server there.
+fn routed() -> (Tunnel, Daemon, std::net::SocketAddr) {
+    let tunnel = Tunnel::start_routed(&allow_alice(&["127.0.0.2/32"]), &[], &["127.0.0.2/32"])
+        .expect("tunnel");
+    let www = tunnel.site.path("www");
+    std::fs::create_dir_all(&www).expect("www");
+    std::fs::write(www.join("hello.txt"), "hello through the tunnel\n").expect("file");
+    let (server, addr) = http_server("127.0.0.2", &www);
+    (tunnel, server, addr)
+}
+
+#[test]
+fn curl_python_node_and_nc_go_through_tunnel_run() {
+    require("curl", "curl");
+    require("node", "nodejs");
+    require("nc", "netcat-openbsd");
+    let (tunnel, _server, web) = routed();
+    let url = format!("http://{web}/hello.txt");
+    let before = tunnel.streams_seen();
+
+    let out = stdout_within(tunnel.run("curl").args(["-sS", "--fail", &url]), LIMIT);
+    assert_eq!(out, "hello through the tunnel\n");
+    let py = format!(
+        "import urllib.request; print(urllib.request.urlopen('{url}').read().decode(), end='')"
+    );
+    assert_eq!(
+        stdout_within(tunnel.run("python3").args(["-c", &py]), LIMIT),
+        out
+    );
+    let node_get = format!(
+        "require('http').get('{url}', r => {{ let b=''; r.on('data', d => b += d); r.on('end', () => process.stdout.write(b)); }}).on('error', e => {{ console.error(e); process.exit(1); }})"
+    );
+    assert_eq!(
+        stdout_within(tunnel.run("node").args(["-e", &node_get]), LIMIT),
+        out
+    );
+    let node_fetch = format!(
+        "fetch('{url}').then(r => r.text()).then(t => process.stdout.write(t)).catch(e => {{ console.error(e); process.exit(1); }})"
+    );
+    assert_eq!(
+        stdout_within(tunnel.run("node").args(["-e", &node_fetch]), LIMIT),
+        out
+    );
+    let nc = format!(
+        "printf 'GET /hello.txt HTTP/1.0\\r\\n\\r\\n' | nc -N {} {}",
+        web.ip(),
+        web.port()
+    );
+    let reply = stdout_within(tunnel.run("sh").args(["-c", &nc]), LIMIT);
+    assert!(reply.ends_with("hello through the tunnel\n"), "{reply}");
+
+    // Five programs, five streams through the tunnel: none went direct.
+    assert_eq!(
+        tunnel.streams_seen() - before,
+        5,
+        "{}",
+        tunnel.agent.status().unwrap_or_default()
+    );
+}
+
+#[test]
+fn blocking_connect_gets_the_real_errno_promptly() {
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.2:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let denied = echo_server("127.0.0.3");
+    let tunnel = Tunnel::start_routed(
+        &allow_alice(&["127.0.0.2/32"]),
+        &[],
+        &["127.0.0.2/32", "127.0.0.3/32"],
+    )
+    .expect("tunnel");
+    let script = format!(
+        r#"
+import socket, time
+def attempt(addr):
+    start = time.monotonic()
+    try:
+        # No timeout: with one, python makes the socket non-blocking, and a
+        # non-blocking connect learns of a remote failure as a reset instead.
+        socket.create_connection(addr)
+        return "connected", time.monotonic() - start
+    except OSError as e:
+        return type(e).__name__, time.monotonic() - start
+print(*attempt(("127.0.0.2", {closed})))
+print(*attempt(("127.0.0.3", {denied_port})))
+"#,
+        denied_port = denied.port()
+    );
+    let out = stdout_within(tunnel.run("python3").args(["-c", &script]), LIMIT);
+    let lines: Vec<(&str, f64)> = out
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(what, secs)| (what, secs.parse().unwrap_or(f64::MAX)))
+        .collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert_eq!(lines[0].0, "ConnectionRefusedError", "closed port: {out}");
+    // EACCES: the gateway's policy said no (see the README's failure table).
+    assert_eq!(lines[1].0, "PermissionError", "denied destination: {out}");
+    assert!(lines.iter().all(|(_, secs)| *secs < 5.0), "too slow: {out}");
+}
+
+#[test]
+fn non_blocking_connects_work_and_remote_failures_are_resets() {
+    require("node", "nodejs");
+    let (tunnel, _server, web) = routed();
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.2:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let script = format!(
+        r#"
+import asyncio
+async def fetch():
+    r, w = await asyncio.open_connection("{ip}", {port})
+    w.write(b"GET /hello.txt HTTP/1.0\r\n\r\n")
+    body = await r.read()
+    return body.split(b"\r\n\r\n", 1)[1].decode()
+async def failing():
+    try:
+        r, w = await asyncio.open_connection("{ip}", {closed})
+        w.write(b"hello")
+        data = await r.read()
+        return "EOF" if data == b"" else "data"
+    except ConnectionResetError:
+        return "reset"
+    except ConnectionRefusedError:
+        return "refused"
+async def main():
+    print(await fetch(), end="")
+    print(await failing())
+asyncio.run(main())
+"#,
+        ip = web.ip(),
+        port = web.port()
+    );
+    let out = stdout_within(tunnel.run("python3").args(["-c", &script]), LIMIT);
+    assert_eq!(out, "hello through the tunnel\nreset\n", "python asyncio");
+
+    let node = format!(
+        r#"
+const net = require('net');
+const s = net.connect({{host: '{ip}', port: {closed}}}, () => s.write('hello'));
+s.on('data', () => {{ console.log('data'); process.exit(1); }});
+s.on('end', () => {{ console.log('EOF'); process.exit(1); }});
+s.on('error', e => {{ console.log(e.code); process.exit(0); }});
+"#,
+        ip = web.ip()
+    );
+    let out = stdout_within(tunnel.run("node").args(["-e", &node]), LIMIT);
+    assert_eq!(
+        out.trim(),
+        "ECONNRESET",
+        "node: a remote failure must be a reset"
+    );
+}
+
+#[test]
+fn getpeername_shows_the_original_destination() {
+    let (tunnel, _server, web) = routed();
+    let script = format!(
+        "import socket\ns = socket.create_connection(('{}', {}))\nprint(s.getpeername()[0], s.getpeername()[1], s.getsockname()[0])",
+        web.ip(),
+        web.port()
+    );
+    let out = stdout_within(tunnel.run("python3").args(["-c", &script]), LIMIT);
+    // The kernel's peer is the agent on 127.0.0.1; the program sees where it was going.
+    assert_eq!(out.trim(), format!("{} {} 127.0.0.1", web.ip(), web.port()));
+}
+
+#[test]
+fn agent_down_fails_closed_fast_and_leaves_other_traffic_alone() {
+    let routed_server = echo_server("127.0.0.2");
+    let direct_server = echo_server("127.0.0.4");
+    let site = Site::new();
+    let library = bin_dir().join("libtunnel_preload.so");
+    assert!(library.exists(), "{} is not built", library.display());
+    let script = format!(
+        r#"
+import socket, time, statistics
+times = []
+for _ in range(21):
+    start = time.perf_counter()
+    try:
+        socket.create_connection(("127.0.0.2", {routed}))
+        print("LEAK"); raise SystemExit(1)
+    except ConnectionRefusedError:
+        times.append(time.perf_counter() - start)
+print("median_ms", statistics.median(times) * 1000)
+s = socket.create_connection(("127.0.0.4", {direct}))
+s.sendall(b"ping"); print("direct", s.recv(4).decode())
+"#,
+        routed = routed_server.port(),
+        direct = direct_server.port()
+    );
+    let out = stdout_within(
+        Command::new("python3")
+            .args(["-c", &script])
+            .env("LD_PRELOAD", &library)
+            .env("TUNNEL_ROUTES", "site-b=127.0.0.2/32")
+            .env("TUNNEL_AGENT", site.path("no-agent-here.sock")),
+        LIMIT,
+    );
+    let median: f64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("median_ms "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        median < 10.0,
+        "a routed connect with no agent took {median} ms"
+    );
+    assert!(out.contains("direct ping"), "{out}");
+
+    // LD_PRELOAD alone (no TUNNEL_ROUTES): the library changes nothing.
+    let plain = format!(
+        "import socket\ns = socket.create_connection(('127.0.0.2', {}))\ns.sendall(b'pong'); print(s.recv(4).decode(), s.getpeername()[0])",
+        routed_server.port()
+    );
+    let out = stdout_within(
+        Command::new("python3")
+            .args(["-c", &plain])
+            .env("LD_PRELOAD", &library)
+            .env_remove("TUNNEL_ROUTES"),
+        LIMIT,
+    );
+    assert_eq!(out.trim(), "pong 127.0.0.2");
+}
+
+#[test]
+fn many_threads_and_many_processes_without_leaks_or_deadlock() {
+    require("curl", "curl");
+    let echo = echo_server("127.0.0.2");
+    let (tunnel, _server, web) = routed();
+    let script = format!(
+        r#"
+import os, socket, threading
+def fds(): return len(os.listdir("/proc/self/fd"))
+before = fds()
+errors = []
+def worker(n):
+    for i in range(200):
+        try:
+            with socket.create_connection(("127.0.0.2", {port}), timeout=30) as s:
+                msg = f"{{n}}-{{i}}".encode()
+                s.sendall(msg)
+                got = b""
+                while len(got) < len(msg):
+                    chunk = s.recv(64)
+                    if not chunk: break
+                    got += chunk
+                if got != msg: errors.append((n, i, got))
+        except OSError as e:
+            errors.append((n, i, repr(e)))
+threads = [threading.Thread(target=worker, args=(n,)) for n in range(16)]
+for t in threads: t.start()
+for t in threads: t.join()
+print("errors", len(errors), errors[:3])
+print("fds", before, fds())
+"#,
+        port = echo.port()
+    );
+    let out = stdout_within(
+        tunnel.run("python3").args(["-c", &script]),
+        Duration::from_secs(240),
+    );
+    assert!(out.contains("errors 0 "), "{out}");
+    let fds: Vec<&str> = out
+        .lines()
+        .find_map(|l| l.strip_prefix("fds "))
+        .map(|l| l.split(' ').collect())
+        .unwrap_or_default();
+    assert_eq!(fds.len(), 2, "{out}");
+    assert_eq!(fds[0], fds[1], "file descriptors leaked: {out}");
+
+    let url = format!("http://{web}/hello.txt");
+    let loop_script = format!(
+        "for i in $(seq 200); do curl -sS --fail --max-time 20 -o /dev/null {url} || {{ echo failed at $i; exit 1; }}; done; echo all done"
+    );
+    let out = stdout_within(
+        tunnel.run("bash").args(["-c", &loop_script]),
+        Duration::from_secs(240),
+    );
+    assert_eq!(out.trim(), "all done");
+}
+
+#[test]
+fn another_user_cannot_register_with_the_agent() {
+    if needs_root("another_user_cannot_register_with_the_agent") {
+        return;
+    }
+    require("setpriv", "util-linux");
+    let echo = echo_server("127.0.0.2");
+    let tunnel = Tunnel::start_routed(&allow_alice(&["127.0.0.2/32"]), &[], &["127.0.0.2/32"])
+        .expect("tunnel");
+    // Open the way to the socket, so that only the agent's own check stands between
+    // the other user and a registration.
+    use std::os::unix::fs::PermissionsExt;
+    let socket = tunnel.site.path("agent/agent.sock");
+    let everyone = |p: &std::path::Path, mode| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod")
+    };
+    everyone(tunnel.site.dir.path(), 0o755);
+    everyone(&tunnel.site.path("agent"), 0o755);
+    everyone(&socket, 0o777);
+    let library = bin_dir().join("libtunnel_preload.so");
+    let mut library_dir = library.parent();
+    while let Some(dir) = library_dir {
+        let mode = std::fs::metadata(dir)
+            .map(|m| m.permissions().mode())
+            .unwrap_or(0);
+        everyone(dir, mode | 0o005);
+        library_dir = dir.parent();
+    }
+    let raw = format!(
+        r#"
+import socket
+u = socket.socket(socket.AF_UNIX)
+u.connect("{socket}")
+u.sendall(b"REGISTER 127.0.0.1:40000 127.0.0.2:{port} site-b nowait\n")
+print(u.recv(200).decode().strip())
+try:
+    socket.create_connection(("127.0.0.2", {port}), timeout=10)
+    print("connected")
+except OSError as e:
+    print(type(e).__name__)
+"#,
+        socket = socket.display(),
+        port = echo.port()
+    );
+    let before = tunnel.streams_seen();
+    let out = stdout_within(
+        Command::new("setpriv")
+            .args([
+                "--reuid=nobody",
+                "--regid=nogroup",
+                "--clear-groups",
+                "/usr/bin/python3",
+                "-c",
+                &raw,
+            ])
+            .env("LD_PRELOAD", &library)
+            .env("TUNNEL_ROUTES", "site-b=127.0.0.2/32")
+            .env("TUNNEL_AGENT", &socket),
+        LIMIT,
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines
+            .first()
+            .is_some_and(|l| l.starts_with("ERR forbidden")),
+        "{out}"
+    );
+    assert_eq!(lines.get(1), Some(&"ConnectionRefusedError"), "{out}");
+    assert_eq!(
+        tunnel.streams_seen(),
+        before,
+        "another user's connection was carried"
+    );
+    assert!(
+        tunnel
+            .agent
+            .daemon
+            .log_text()
+            .contains("refused a request from another user")
+    );
+}
