@@ -10,6 +10,8 @@
 //! behind. Waits are bounded; a timeout fails the test with the daemon's log.
 #![forbid(unsafe_code)]
 
+pub mod netns;
+
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -62,6 +64,14 @@ pub fn wait_for<T>(limit: Duration, what: &str, mut check: impl FnMut() -> Optio
             bail!("timed out after {limit:?} waiting for {what}");
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `program`, run inside network namespace `ns` when given.
+pub fn in_namespace(ns: Option<&str>, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    match ns {
+        Some(ns) => netns::Topology::command(ns, program),
+        None => Command::new(program),
     }
 }
 
@@ -158,10 +168,15 @@ impl Site {
 
     /// `tunnel-gateway init` in `<site>/<name>`, listening on a port the kernel picks.
     pub fn init_gateway(&self, name: &str) -> PathBuf {
+        self.init_gateway_on(name, "127.0.0.1")
+    }
+
+    /// `tunnel-gateway init` listening on `ip`, port chosen by the kernel.
+    pub fn init_gateway_on(&self, name: &str, ip: &str) -> PathBuf {
         let dir = self.path(name);
         run_ok(
             Command::new(bin("tunnel-gateway"))
-                .args(["init", "--listen", "127.0.0.1:0", "--dir"])
+                .args(["init", "--listen", &format!("{ip}:0"), "--dir"])
                 .arg(&dir),
         );
         dir
@@ -218,8 +233,13 @@ impl Gateway {
 
     /// Starts the gateway with the config as it is.
     pub fn run(dir: &Path) -> Result<Gateway> {
+        Gateway::run_in(dir, None)
+    }
+
+    /// Starts the gateway, inside network namespace `ns` if given.
+    pub fn run_in(dir: &Path, ns: Option<&str>) -> Result<Gateway> {
         let config = dir.join("gateway.toml");
-        let mut command = Command::new(bin("tunnel-gateway"));
+        let mut command = in_namespace(ns, bin("tunnel-gateway"));
         command.arg("run").arg("--config").arg(&config);
         command.env("RUST_LOG", "info,tunnel_gateway=debug");
         let mut daemon = Daemon::spawn("gateway", command, dir.join("gateway.log"))?;
@@ -284,13 +304,23 @@ impl Agent {
     /// Writes `<dir>/agent.toml` from `body` and starts the agent; waits until every
     /// forward port is bound and, if `wait_connected`, a tunnel connection is up.
     pub fn start(dir: &Path, body: &str, wait_connected: bool) -> Result<Agent> {
+        Agent::start_in(dir, body, wait_connected, None)
+    }
+
+    /// Starts the agent, inside network namespace `ns` if given.
+    pub fn start_in(
+        dir: &Path,
+        body: &str,
+        wait_connected: bool,
+        ns: Option<&str>,
+    ) -> Result<Agent> {
         fs::create_dir_all(dir)?;
         let config = dir.join("agent.toml");
         fs::write(
             &config,
             format!("control = \"agent.sock\"\nping_interval = 1\nping_timeout = 2\n{body}"),
         )?;
-        let mut command = Command::new(bin("tunnel-agent"));
+        let mut command = in_namespace(ns, bin("tunnel-agent"));
         command.arg("run").arg("--config").arg(&config);
         command.env("RUST_LOG", "info,tunnel_agent=debug");
         let mut daemon = Daemon::spawn("agent", command, dir.join("agent.log"))?;
