@@ -6,3 +6,4 @@ mod namespaces;
 mod preload;
 mod resilience;
 mod transfer;
+mod wrapper;

@@ -1,0 +1,151 @@
+//! `tunnel-run` itself and the agent's service manager contract: an agent of its own
+//! when none answers, exec semantics, warnings for programs it cannot reach, READY=1.
+
+use std::os::unix::net::UnixDatagram;
+use std::os::unix::process::ExitStatusExt;
+use std::process::Command;
+use std::time::Duration;
+
+use tunnel_tests::*;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// An agent config for `tunnel`'s gateway whose socket no agent listens on.
+fn config_without_agent(tunnel: &Tunnel) -> std::path::PathBuf {
+    let dir = tunnel.site.path("solo");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let config = dir.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "control = \"nobody-listens.sock\"\n{}{}",
+            gateway_table("site-b", tunnel.gateway.addr, &tunnel.creds, "alice"),
+            route_table(&["127.0.0.2/32"])
+        ),
+    )
+    .expect("agent.toml");
+    config
+}
+
+#[test]
+fn tunnel_run_starts_an_agent_for_the_command_and_stops_it_after() {
+    require("curl", "curl");
+    let echo = echo_server("127.0.0.2");
+    let tunnel = Tunnel::start_routed(&allow_alice(&["127.0.0.2/32"]), &[], &[]).expect("gateway");
+    let config = config_without_agent(&tunnel);
+    let script = format!(
+        "echo $$; printf ping | python3 -c \"import socket,sys; s=socket.create_connection(('127.0.0.2', {})); s.sendall(b'ping'); print(s.recv(4).decode())\"",
+        echo.port()
+    );
+    let out = stdout_within(
+        Command::new(bin("tunnel-run"))
+            .arg("--config")
+            .arg(&config)
+            .args(["--", "sh", "-c", &script]),
+        LIMIT,
+    );
+    let mut lines = out.lines();
+    let pid = lines.next().unwrap_or_default().trim().to_string();
+    assert_eq!(lines.next(), Some("ping"), "{out}");
+    // The gateway carried it: the agent tunnel-run started was real.
+    let gw = tunnel.gateway.status().expect("gateway status");
+    assert!(
+        gw["recent"].as_array().is_some_and(|r| !r.is_empty()),
+        "nothing went through the gateway: {gw}"
+    );
+    // Its agent is gone with the command (it removes its own directory as it exits).
+    let base = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    let scratch = base.join(format!("tunnel-run-{pid}"));
+    wait_for(Duration::from_secs(5), "the agent to stop", || {
+        (!scratch.exists()).then_some(())
+    })
+    .expect("the agent started for the command outlived it");
+}
+
+#[test]
+fn tunnel_run_execs_so_status_and_signals_are_the_programs() {
+    let tunnel = Tunnel::start_routed(&allow_alice(&["127.0.0.2/32"]), &[], &["127.0.0.2/32"])
+        .expect("tunnel");
+    let status = tunnel
+        .run("sh")
+        .args(["-c", "exit 7"])
+        .status()
+        .expect("tunnel-run");
+    assert_eq!(status.code(), Some(7));
+    let status = tunnel
+        .run("sh")
+        .args(["-c", "kill -TERM $$"])
+        .status()
+        .expect("tunnel-run");
+    assert_eq!(status.signal(), Some(15), "{status:?}");
+    let (code, _, err) = output_within(&mut tunnel.run("/nonexistent/program"), LIMIT);
+    assert_eq!(code, Some(127));
+    assert!(err.contains("/nonexistent/program"), "{err}");
+}
+
+#[test]
+fn tunnel_run_says_when_a_static_program_cannot_be_preloaded() {
+    require("gcc", "gcc");
+    let tunnel = Tunnel::start_routed(&allow_alice(&["127.0.0.2/32"]), &[], &["127.0.0.2/32"])
+        .expect("tunnel");
+    let source = tunnel.site.path("hello.c");
+    std::fs::write(&source, "int main(void) { return 0; }\n").expect("source");
+    let program = tunnel.site.path("hello-static");
+    let built = Command::new("gcc")
+        .arg("-static")
+        .arg("-o")
+        .arg(&program)
+        .arg(&source)
+        .output()
+        .expect("gcc");
+    assert!(
+        built.status.success(),
+        "gcc -static failed (is libc6-dev installed?): {}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let (code, _, err) = output_within(&mut tunnel.run(program.to_str().expect("path")), LIMIT);
+    assert_eq!(code, Some(0));
+    assert!(err.contains("statically linked"), "{err}");
+    assert!(err.contains("[[forward]]"), "{err}");
+    // A normal dynamic program gets no such warning.
+    let (_, _, err) = output_within(tunnel.run("sh").args(["-c", "true"]), LIMIT);
+    assert!(!err.contains("statically linked"), "{err}");
+}
+
+#[test]
+fn the_agent_tells_its_service_manager_when_it_is_ready() {
+    let tunnel = Tunnel::start_routed(&allow_alice(&["127.0.0.2/32"]), &[], &[]).expect("gateway");
+    let config = config_without_agent(&tunnel);
+    let notify_path = tunnel.site.path("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).expect("notify socket");
+    notify
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut command = Command::new(bin("tunnel-agent"));
+    command
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .env("NOTIFY_SOCKET", &notify_path);
+    let agent =
+        Daemon::spawn("agent", command, tunnel.site.path("notify-agent.log")).expect("agent");
+    let mut buf = [0u8; 256];
+    let n = notify
+        .recv(&mut buf)
+        .unwrap_or_else(|e| panic!("no READY=1 within 20 s ({e}):\n{}", agent.log_text()));
+    let message = String::from_utf8_lossy(&buf[..n]);
+    assert!(message.lines().any(|l| l == "READY=1"), "{message}");
+    // Ready means ready: its socket answers now.
+    let status = Command::new(bin("tunnel-agent"))
+        .args(["status", "--config"])
+        .arg(&config)
+        .output()
+        .expect("status");
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+}
