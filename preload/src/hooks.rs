@@ -13,10 +13,11 @@ use std::ptr::null_mut;
 use libc::{addrinfo, c_char, c_int, hostent, size_t, sockaddr, socklen_t};
 
 use crate::guard::Guard;
+use crate::ip_routes::Via;
 use crate::names::{self, Lookup};
 use crate::redirect::{self, Decision};
 use crate::state::state;
-use crate::sys;
+use crate::sys::{self, Peek};
 
 /// Calls the real function `$real` of type `$ty` with `$args`, or fails with ENOSYS.
 macro_rules! call_real {
@@ -34,30 +35,49 @@ macro_rules! call_real {
 
 /// # Safety
 /// As for `connect(2)`.
+///
+/// The pass-through path (no `TUNNEL_ROUTES`, or a destination no route selects) reads
+/// the address, asks [`redirect::decide`] and calls the real `connect`: no system call,
+/// no allocation, errno untouched. No re-entrancy guard is needed here: the redirect
+/// connects only a Unix socket (passed through by family) and the program's socket
+/// through the real function.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
-    let Some(_guard) = Guard::enter() else {
-        // SAFETY: forwarded as given.
-        return unsafe { sys::real_connect_raw(fd, addr, len) };
-    };
-    let saved_errno = sys::errno();
-    let Some(state) = state() else {
-        sys::set_errno(saved_errno);
-        // SAFETY: forwarded as given.
-        return unsafe { sys::real_connect_raw(fd, addr, len) };
-    };
-    // SAFETY: the program vouches for addr/len as connect(2) requires.
-    let Some(destination) = (unsafe { sys::from_raw(addr, len) }) else {
-        sys::set_errno(saved_errno);
-        // SAFETY: forwarded as given.
-        return unsafe { sys::real_connect_raw(fd, addr, len) };
-    };
-    match redirect::decide(state, destination) {
-        Decision::Passthrough => {
-            sys::set_errno(saved_errno);
-            // SAFETY: forwarded as given.
-            unsafe { sys::real_connect_raw(fd, addr, len) }
+    if let Some(state) = state() {
+        // SAFETY: the program vouches for addr/len as connect(2) requires.
+        let via = match unsafe { sys::peek(addr, len) } {
+            Peek::V4(address, port) => state.ip_routes.lookup_v4(address, port),
+            Peek::V6(address, port) => state.ip_routes.lookup_v6(address, port),
+            Peek::Other => None,
+        };
+        if let Some(via) = via {
+            // SAFETY: as above.
+            return unsafe { routed_connect(state, fd, addr, len, via) };
         }
+    }
+    // SAFETY: forwarded as given.
+    unsafe { sys::real_connect_raw(fd, addr, len) }
+}
+
+/// A connect that a route selected: out of line, so the pass-through path stays short.
+///
+/// # Safety
+/// As for `connect(2)`.
+#[cold]
+#[inline(never)]
+unsafe fn routed_connect(
+    state: &'static crate::state::State,
+    fd: c_int,
+    addr: *const sockaddr,
+    len: socklen_t,
+    via: Via,
+) -> c_int {
+    // SAFETY: forwarded from connect.
+    let Some(destination) = (unsafe { sys::from_raw(addr, len) }) else {
+        sys::set_errno(libc::EINVAL);
+        return -1;
+    };
+    match redirect::decide(state, via) {
         Decision::Refuse(errno) => {
             sys::set_errno(errno);
             -1

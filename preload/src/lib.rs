@@ -29,6 +29,7 @@
 mod agent_client;
 mod guard;
 mod hooks;
+mod ip_routes;
 mod names;
 mod redirect;
 mod state;

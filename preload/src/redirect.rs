@@ -10,33 +10,28 @@ use tunnel_proto::local::{Reply, Request};
 use tunnel_proto::{ConnectError, Target};
 
 use crate::agent_client::{AgentError, Exchange};
+use crate::ip_routes::Via;
 use crate::state::State;
 use crate::sys;
 
-/// What to do with a connect.
+/// What to do with a connect that a route selected (see [`IpRoutes`](crate::ip_routes)).
 pub enum Decision {
-    /// Not ours: the real connect, untouched.
-    Passthrough,
     /// Through the tunnel; `via` is `None` for synthetic addresses (the agent knows).
     Redirect { via: Option<String> },
     /// Refused here, with this errno.
     Refuse(c_int),
 }
 
-/// Decides from the destination alone: no system call on the pass-through path.
-pub fn decide(state: &State, destination: SocketAddr) -> Decision {
-    if state.broken.is_some() {
-        return Decision::Refuse(libc::ECONNREFUSED);
-    }
-    let ip = destination.ip().to_canonical();
-    if state.is_synthetic(ip) {
-        return Decision::Redirect { via: None };
-    }
-    match state.routes.route_ip(ip, destination.port()) {
-        Some(via) => Decision::Redirect {
-            via: Some(via.to_string()),
+pub fn decide(state: &State, via: Via) -> Decision {
+    match via {
+        Via::Synthetic => Decision::Redirect { via: None },
+        Via::Route(index) => match state.gateway_of(index) {
+            Some(via) => Decision::Redirect {
+                via: Some(via.to_string()),
+            },
+            None => Decision::Refuse(libc::ECONNREFUSED),
         },
-        None => Decision::Passthrough,
+        Via::Refuse => Decision::Refuse(libc::ECONNREFUSED),
     }
 }
 

@@ -14,8 +14,12 @@ use tunnel_proto::Pattern;
 use tunnel_proto::config::agent::{DEFAULT_SYNTHETIC_IPV4, DEFAULT_SYNTHETIC_IPV6};
 use tunnel_proto::routes::RouteTable;
 
+use crate::ip_routes::IpRoutes;
+
 pub struct State {
     pub routes: RouteTable,
+    /// `routes` and `synthetic` compiled for connect's per-call question.
+    pub ip_routes: IpRoutes,
     pub agent: PathBuf,
     pub synthetic: Vec<Pattern>,
     pub debug: bool,
@@ -26,9 +30,19 @@ pub struct State {
 
 static STATE: OnceLock<Option<State>> = OnceLock::new();
 
-/// The parsed environment, or `None` for a pure pass-through.
+/// The parsed environment, or `None` for a pure pass-through. After the first call this
+/// is one atomic load; the first call keeps the program's errno as it was.
+#[inline(always)]
 pub fn state() -> Option<&'static State> {
-    STATE.get_or_init(read).as_ref()
+    match STATE.get() {
+        Some(state) => state.as_ref(),
+        None => {
+            let saved = crate::sys::errno();
+            let state = STATE.get_or_init(read).as_ref();
+            crate::sys::set_errno(saved);
+            state
+        }
+    }
 }
 
 fn read() -> Option<State> {
@@ -63,6 +77,11 @@ fn read() -> Option<State> {
         eprintln!("libtunnel_preload: {problem}; Internet connections of this program are refused");
     }
     Some(State {
+        ip_routes: if broken.is_some() {
+            IpRoutes::refuse_all()
+        } else {
+            IpRoutes::compile(&synthetic, &routes)
+        },
         routes,
         agent,
         synthetic,
@@ -74,6 +93,11 @@ fn read() -> Option<State> {
 impl State {
     pub fn is_synthetic(&self, ip: std::net::IpAddr) -> bool {
         self.synthetic.iter().any(|p| p.matches_ip(ip, 1))
+    }
+
+    /// The gateway name for a route index from [`IpRoutes`].
+    pub fn gateway_of(&self, route: usize) -> Option<&str> {
+        self.routes.routes.get(route).map(|(via, _)| via.as_str())
     }
 
     pub fn trace(&self, message: std::fmt::Arguments<'_>) {

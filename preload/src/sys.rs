@@ -60,6 +60,7 @@ type ConnectFn = unsafe extern "C" fn(c_int, *const sockaddr, socklen_t) -> c_in
 ///
 /// # Safety
 /// `addr` must point to `len` readable bytes, as for `connect(2)`.
+#[inline(always)]
 pub unsafe fn real_connect_raw(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
     match REAL_CONNECT.address() {
         0 => {
@@ -80,6 +81,45 @@ pub fn real_connect(fd: c_int, addr: SocketAddr) -> c_int {
     let (storage, len) = to_raw(addr);
     // SAFETY: storage holds len valid bytes of a sockaddr.
     unsafe { real_connect_raw(fd, (&raw const storage).cast(), len) }
+}
+
+/// An Internet address as numbers, read without building a `SocketAddr`: what
+/// `connect` needs to decide.
+pub enum Peek {
+    V4(u32, u16),
+    V6(u128, u16),
+    Other,
+}
+
+/// Reads the family, address and port of a program's socket address.
+///
+/// # Safety
+/// `addr` must be null or point to `len` readable bytes.
+#[inline(always)]
+pub unsafe fn peek(addr: *const sockaddr, len: socklen_t) -> Peek {
+    if addr.is_null() || (len as usize) < size_of::<libc::sa_family_t>() {
+        return Peek::Other;
+    }
+    // SAFETY: at least the family field is readable (checked above).
+    match c_int::from(unsafe { (*addr).sa_family }) {
+        libc::AF_INET if len as usize >= size_of::<sockaddr_in>() => {
+            // SAFETY: len covers a sockaddr_in.
+            let sin = unsafe { addr.cast::<sockaddr_in>().read_unaligned() };
+            Peek::V4(
+                u32::from_be(sin.sin_addr.s_addr),
+                u16::from_be(sin.sin_port),
+            )
+        }
+        libc::AF_INET6 if len as usize >= size_of::<sockaddr_in6>() => {
+            // SAFETY: len covers a sockaddr_in6.
+            let sin6 = unsafe { addr.cast::<sockaddr_in6>().read_unaligned() };
+            Peek::V6(
+                u128::from_be_bytes(sin6.sin6_addr.s6_addr),
+                u16::from_be(sin6.sin6_port),
+            )
+        }
+        _ => Peek::Other,
+    }
 }
 
 /// Reads a socket address given by a program; `None` for anything but a well-formed
