@@ -149,3 +149,64 @@ fn the_agent_tells_its_service_manager_when_it_is_ready() {
         String::from_utf8_lossy(&status.stderr)
     );
 }
+
+#[test]
+fn installed_units_pass_systemd_analyze_verify() {
+    require("systemd-analyze", "systemd");
+    let prefix = tempfile::tempdir().expect("prefix");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let profile = bin_dir()
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("debug")
+        .to_string();
+    let install = Command::new(root.join("scripts/install"))
+        .arg("--prefix")
+        .arg(prefix.path())
+        .arg(format!("--{profile}"))
+        .arg("--no-build")
+        .output()
+        .expect("scripts/install");
+    assert!(
+        install.status.success(),
+        "scripts/install failed: {}{}",
+        String::from_utf8_lossy(&install.stdout),
+        String::from_utf8_lossy(&install.stderr)
+    );
+    let agent_unit = prefix.path().join("lib/systemd/user/tunnel-agent.service");
+    let gateway_unit = prefix.path().join("lib/systemd/system/tunnel-gateway.service");
+    let (code, out, err) = output_within(
+        Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(&agent_unit)
+            .arg(&gateway_unit),
+        LIMIT,
+    );
+    // verify exits 0 even when it warns: an empty report is the pass.
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert_eq!(format!("{out}{err}").trim(), "", "systemd-analyze verify complained");
+    let units = std::fs::read_to_string(&agent_unit).expect("agent unit");
+    assert!(units.contains("Type=notify"), "the agent's unit must wait for READY=1");
+    assert!(!units.contains("@BINDIR@"));
+
+    // The installed layout works: tunnel-run and `tunnel-agent env` find ../lib.
+    let config = prefix.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        "[[gateway]]\nname = \"b\"\naddress = \"127.0.0.1:1\"\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n[[route]]\nto = [\"10.0.0.0/8\"]\n",
+    )
+    .expect("config");
+    let env = stdout_within(
+        Command::new(prefix.path().join("bin/tunnel-agent"))
+            .args(["env", "--config"])
+            .arg(&config),
+        LIMIT,
+    );
+    let library = prefix
+        .path()
+        .join("lib/libtunnel_preload.so")
+        .canonicalize()
+        .expect("installed library");
+    assert!(env.contains(&format!("LD_PRELOAD='{}'", library.display())), "{env}");
+    assert!(env.contains("TUNNEL_ROUTES='b=10.0.0.0/8'"), "{env}");
+}
