@@ -144,16 +144,14 @@ async fn answer(agent: &Agent, access: &Access, mut stream: UnixStream) -> Resul
     };
     match request {
         Request::Resolve { name } => {
-            let answer = if agent.config.route_table().may_route_name(&name) {
-                match agent.fake_dns.resolve(&name) {
-                    Ok((v4, v6)) => Reply::Addrs {
-                        v4: v4.into(),
-                        v6: v6.into(),
-                    },
-                    Err(e) => err("pool-full", e.to_string()),
-                }
-            } else {
-                err("unrouted", format!("no route selects {name}"))
+            // The preload asks only for names its routes select, which may include
+            // routes given to `tunnel-run --route` that this agent's config lacks.
+            let answer = match agent.fake_dns.resolve(&name) {
+                Ok((v4, v6)) => Reply::Addrs {
+                    v4: v4.into(),
+                    v6: v6.into(),
+                },
+                Err(e) => err("pool-full", e.to_string()),
             };
             reply(&mut stream, answer).await
         }

@@ -7,7 +7,8 @@
 //! 169.254.169.254), unspecified and multicast addresses are refused unless a rule names
 //! them by address; a host pattern or `*` never unlocks them, so a name that resolves to
 //! 127.0.0.1 cannot reach the gateway's own services. A service's target is the
-//! operator's own choice and is not checked again.
+//! operator's own choice and is not checked again. Names in the config's `[hosts]`
+//! resolve from there before DNS; the same rules apply to their addresses.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
@@ -20,6 +21,7 @@ use tunnel_proto::{ConnectError, Host, Pattern, Target};
 pub struct Policy {
     rules: Vec<AllowRule>,
     services: BTreeMap<String, Service>,
+    hosts: BTreeMap<String, Vec<IpAddr>>,
     resolve_timeout: Duration,
 }
 
@@ -50,6 +52,7 @@ impl Policy {
         Policy {
             rules: config.allow.clone(),
             services: config.services.clone(),
+            hosts: config.hosts.clone(),
             resolve_timeout: config.connect_timeout,
         }
     }
@@ -140,6 +143,11 @@ impl Policy {
     async fn lookup(&self, host: &Host, port: u16) -> Result<Vec<SocketAddr>, ConnectError> {
         match host {
             Host::Ip(ip) => Ok(vec![SocketAddr::new(*ip, port)]),
+            Host::Name(name) if self.hosts.contains_key(name) => Ok(self
+                .hosts
+                .get(name)
+                .map(|ips| ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect())
+                .unwrap_or_default()),
             Host::Name(name) => {
                 let lookup = tokio::net::lookup_host((name.as_str(), port));
                 match tokio::time::timeout(self.resolve_timeout, lookup).await {
@@ -212,6 +220,24 @@ mod tests {
             p.addresses("x", &t("[::ffff:127.0.0.1]:6379"))
                 .await
                 .is_ok()
+        );
+    }
+
+    #[tokio::test]
+    async fn static_hosts_resolve_before_dns_and_stay_guarded() {
+        let p = policy(
+            "[[allow]]\nidentity = \"*\"\nto = [\"*.site-b.internal\", \"127.0.0.2/32\"]\n[hosts]\n\"db.site-b.internal\" = [\"127.0.0.2\"]\n\"up.site-b.internal\" = [\"127.0.0.3\"]\n",
+        );
+        assert_eq!(
+            p.addresses("x", &t("DB.site-b.internal:5432")).await,
+            Ok(vec![
+                "127.0.0.2:5432".parse().unwrap_or_else(|e| panic!("{e}"))
+            ])
+        );
+        // Loopback, and no rule names 127.0.0.3: refused despite the name rule.
+        assert_eq!(
+            p.addresses("x", &t("up.site-b.internal:80")).await,
+            Err(ConnectError::Denied)
         );
     }
 

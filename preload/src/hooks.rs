@@ -77,7 +77,13 @@ unsafe fn routed_connect(
         sys::set_errno(libc::EINVAL);
         return -1;
     };
-    match redirect::decide(state, via) {
+    let decision = match via {
+        Via::Synthetic => Decision::Redirect {
+            via: names::route_for_synthetic(state, destination.ip(), destination.port()),
+        },
+        other => redirect::decide(state, other),
+    };
+    match decision {
         Decision::Refuse(errno) => {
             sys::set_errno(errno);
             -1

@@ -1,8 +1,10 @@
 //! Name lookups for routed names: the agent hands out a synthetic address, the same for
 //! every process of the job; the name itself travels to the gateway at connect time.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use parking_lot::Mutex;
 use tunnel_proto::local::{Reply, Request};
 
 use crate::agent_client::ask;
@@ -14,6 +16,27 @@ pub enum Lookup {
     Synthetic(Ipv4Addr, Ipv6Addr),
     /// Routed, but no answer could be had: fail, never fall back to a real lookup.
     Fail,
+}
+
+/// Synthetic addresses this process looked up, with their names, so a connect to one
+/// can pick its route by name (routes from `tunnel-run --route` included). Bounded:
+/// cleared when full, after which the agent's own routes decide.
+static LOOKED_UP: Mutex<BTreeMap<IpAddr, String>> = Mutex::new(BTreeMap::new());
+const LOOKED_UP_MAX: usize = 4096;
+
+fn remember(v4: Ipv4Addr, v6: Ipv6Addr, name: &str) {
+    let mut map = LOOKED_UP.lock();
+    if map.len() >= LOOKED_UP_MAX {
+        map.clear();
+    }
+    map.insert(v4.into(), name.to_string());
+    map.insert(v6.into(), name.to_string());
+}
+
+/// The gateway for a connect to a synthetic address, if this process looked it up.
+pub fn route_for_synthetic(state: &State, ip: IpAddr, port: u16) -> Option<String> {
+    let name = LOOKED_UP.lock().get(&ip.to_canonical()).cloned()?;
+    state.routes.route_name(&name, port).map(str::to_string)
 }
 
 pub fn lookup(state: &State, name: &str) -> Lookup {
@@ -39,6 +62,7 @@ pub fn lookup(state: &State, name: &str) -> Lookup {
             v6: IpAddr::V6(v6),
         }) => {
             state.trace(format_args!("{name} is {v4} / {v6} (synthetic)"));
+            remember(v4, v6, name);
             Lookup::Synthetic(v4, v6)
         }
         Ok(Reply::Err { class, .. }) if class == "unrouted" => Lookup::Passthrough,

@@ -14,6 +14,9 @@
 //!
 //! [service.pg]                     # clients reach it as "pg"
 //! target = "db.site-b.internal:5432"
+//!
+//! [hosts]                          # names the gateway resolves itself, before DNS
+//! "db.site-b.internal" = ["10.20.0.5"]
 //! ```
 //!
 //! A `to` entry that equals the name of a service allows that service; every other
@@ -48,6 +51,8 @@ struct GatewayFile {
     allow: Vec<AllowEntry>,
     #[serde(default)]
     service: BTreeMap<String, ServiceEntry>,
+    #[serde(default)]
+    hosts: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -81,6 +86,8 @@ pub struct GatewayConfig {
     pub max_streams_per_connection: u32,
     pub allow: Vec<AllowRule>,
     pub services: BTreeMap<String, Service>,
+    /// Names this gateway resolves from its config, before asking DNS (lower case).
+    pub hosts: BTreeMap<String, Vec<std::net::IpAddr>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -187,6 +194,30 @@ impl GatewayConfig {
             });
         }
 
+        let mut hosts = BTreeMap::new();
+        for (name, addresses) in &raw.hosts {
+            let key = format!("hosts.\"{name}\"");
+            let bare = name.strip_suffix('.').unwrap_or(name);
+            if !crate::target::is_valid_name(bare) {
+                problems.add(&key, "not a host name");
+                continue;
+            }
+            if addresses.is_empty() {
+                problems.add(
+                    &key,
+                    "empty: give one or more addresses, e.g. [\"10.20.0.5\"]",
+                );
+            }
+            let mut ips = Vec::new();
+            for a in addresses {
+                match a.parse::<std::net::IpAddr>() {
+                    Ok(ip) => ips.push(ip),
+                    Err(_) => problems.add(&key, format!("`{a}` is not an IP address")),
+                }
+            }
+            hosts.insert(bare.to_ascii_lowercase(), ips);
+        }
+
         let max_streams = raw
             .max_streams_per_connection
             .unwrap_or(DEFAULT_MAX_STREAMS);
@@ -211,6 +242,7 @@ impl GatewayConfig {
             max_streams_per_connection: max_streams.clamp(1, 1_000_000) as u32,
             allow,
             services,
+            hosts,
         };
         problems.finish(file, config)
     }

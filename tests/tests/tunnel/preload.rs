@@ -376,3 +376,48 @@ except OSError as e:
             .contains("refused a request from another user")
     );
 }
+
+#[test]
+fn a_name_only_the_gateway_knows_through_a_command_line_route() {
+    require("curl", "curl");
+    let www_site = Site::new();
+    let www = www_site.path("www");
+    std::fs::create_dir_all(&www).expect("www");
+    std::fs::write(www.join("hello.txt"), "hello by name\n").expect("file");
+    let (_server, web) = http_server("127.0.0.2", &www);
+    // The gateway knows the name from its [hosts]; nothing on this machine resolves it.
+    let rules = format!(
+        "{}\n[hosts]\n\"files.site-b.internal\" = [\"127.0.0.2\"]\n",
+        allow_alice(&["127.0.0.2/32", "*.site-b.internal"])
+    );
+    // The running agent has no route for the name: only `--route` names it.
+    let tunnel = Tunnel::start_routed(&rules, &[], &["127.0.0.9/32"]).expect("tunnel");
+    let url = format!("http://files.site-b.internal:{}/hello.txt", web.port());
+    let (code, _, _) = output_within(
+        Command::new("curl").args(["-sS", "--max-time", "5", &url]),
+        LIMIT,
+    );
+    assert_ne!(code, Some(0), "this machine resolves the name by itself");
+    let out = stdout_within(
+        Command::new(bin("tunnel-run"))
+            .arg("--config")
+            .arg(&tunnel.agent.config)
+            .args([
+                "--route",
+                "*.site-b.internal=site-b",
+                "--",
+                "curl",
+                "-sS",
+                "--fail",
+                &url,
+            ]),
+        LIMIT,
+    );
+    assert_eq!(out, "hello by name\n");
+    let recent = tunnel.agent.status().expect("status")["recent"].clone();
+    assert_eq!(
+        recent[0]["destination"],
+        format!("files.site-b.internal:{}", web.port()),
+        "the name must travel to the gateway: {recent}"
+    );
+}

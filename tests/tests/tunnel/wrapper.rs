@@ -174,7 +174,9 @@ fn installed_units_pass_systemd_analyze_verify() {
         String::from_utf8_lossy(&install.stderr)
     );
     let agent_unit = prefix.path().join("lib/systemd/user/tunnel-agent.service");
-    let gateway_unit = prefix.path().join("lib/systemd/system/tunnel-gateway.service");
+    let gateway_unit = prefix
+        .path()
+        .join("lib/systemd/system/tunnel-gateway.service");
     let (code, out, err) = output_within(
         Command::new("systemd-analyze")
             .arg("verify")
@@ -184,9 +186,16 @@ fn installed_units_pass_systemd_analyze_verify() {
     );
     // verify exits 0 even when it warns: an empty report is the pass.
     assert_eq!(code, Some(0), "{out}{err}");
-    assert_eq!(format!("{out}{err}").trim(), "", "systemd-analyze verify complained");
+    assert_eq!(
+        format!("{out}{err}").trim(),
+        "",
+        "systemd-analyze verify complained"
+    );
     let units = std::fs::read_to_string(&agent_unit).expect("agent unit");
-    assert!(units.contains("Type=notify"), "the agent's unit must wait for READY=1");
+    assert!(
+        units.contains("Type=notify"),
+        "the agent's unit must wait for READY=1"
+    );
     assert!(!units.contains("@BINDIR@"));
 
     // The installed layout works: tunnel-run and `tunnel-agent env` find ../lib.
@@ -207,6 +216,9 @@ fn installed_units_pass_systemd_analyze_verify() {
         .join("lib/libtunnel_preload.so")
         .canonicalize()
         .expect("installed library");
-    assert!(env.contains(&format!("LD_PRELOAD='{}'", library.display())), "{env}");
+    assert!(
+        env.contains(&format!("LD_PRELOAD='{}'", library.display())),
+        "{env}"
+    );
     assert!(env.contains("TUNNEL_ROUTES='b=10.0.0.0/8'"), "{env}");
 }
