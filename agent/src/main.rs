@@ -139,25 +139,11 @@ fn socket_path(config: &AgentConfig) -> PathBuf {
 
 fn main() {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .init();
+    tunnel_transport::daemon::init_logging();
     if let Err(e) = run(cli) {
         eprintln!("tunnel-agent: {e:#}");
         std::process::exit(1);
     }
-}
-
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -176,7 +162,7 @@ fn run(cli: Cli) -> Result<()> {
             if socket.is_some() {
                 config.control = socket;
             }
-            let served = runtime()?.block_on(serve(config, exit_with));
+            let served = tunnel_transport::daemon::runtime()?.block_on(serve(config, exit_with));
             if let Some(dir) = scratch_dir {
                 let _ = std::fs::remove_dir_all(dir);
             }
@@ -190,10 +176,9 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Status { config, json } => {
             let config = load_config(&config_path(config))?;
-            let reply = runtime()?.block_on(tunnel_transport::control::query(
-                &socket_path(&config),
-                "status",
-            ))?;
+            let reply = tunnel_transport::daemon::runtime()?.block_on(
+                tunnel_transport::control::query(&socket_path(&config), "status"),
+            )?;
             if json {
                 println!("{reply}");
             } else {

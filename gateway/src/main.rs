@@ -100,14 +100,7 @@ fn load_config(path: &Path) -> Result<GatewayConfig> {
 
 fn main() {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .init();
+    tunnel_transport::daemon::init_logging();
     if let Err(e) = run(cli) {
         eprintln!("tunnel-gateway: {e:#}");
         std::process::exit(1);
@@ -166,12 +159,12 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Run { config } => {
             let config = load_config(&config_path(config))?;
-            runtime()?.block_on(serve(config))
+            tunnel_transport::daemon::runtime()?.block_on(serve(config))
         }
         Command::Status { config, json } => {
             let config = load_config(&config_path(config))?;
-            let reply =
-                runtime()?.block_on(tunnel_transport::control::query(&config.control, "status"))?;
+            let reply = tunnel_transport::daemon::runtime()?
+                .block_on(tunnel_transport::control::query(&config.control, "status"))?;
             if json {
                 println!("{reply}");
             } else {
@@ -180,13 +173,6 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
-}
-
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")
 }
 
 async fn serve(config: GatewayConfig) -> Result<()> {

@@ -311,14 +311,6 @@ pub unsafe extern "C" fn getnameinfo(
 
 type GethostbynameFn = unsafe extern "C" fn(*const c_char) -> *mut hostent;
 type Gethostbyname2Fn = unsafe extern "C" fn(*const c_char, c_int) -> *mut hostent;
-type GethostbynameRFn = unsafe extern "C" fn(
-    *const c_char,
-    *mut hostent,
-    *mut c_char,
-    size_t,
-    *mut *mut hostent,
-    *mut c_int,
-) -> c_int;
 type Gethostbyname2RFn = unsafe extern "C" fn(
     *const c_char,
     c_int,
@@ -478,25 +470,9 @@ pub unsafe extern "C" fn gethostbyname_r(
     result: *mut *mut hostent,
     h_errnop: *mut c_int,
 ) -> c_int {
-    if let Some(_guard) = Guard::enter() {
-        // SAFETY: forwarded as given.
-        if let Some(rc) =
-            unsafe { lookup_r(name, libc::AF_INET, ret, buf, buflen, result, h_errnop) }
-        {
-            return rc;
-        }
-    }
-    call_real!(
-        sys::REAL_GETHOSTBYNAME_R,
-        GethostbynameRFn,
-        libc::ENOSYS,
-        name,
-        ret,
-        buf,
-        buflen,
-        result,
-        h_errnop
-    )
+    // The IPv4 case of gethostbyname2_r, in glibc as here.
+    // SAFETY: forwarded as given.
+    unsafe { gethostbyname2_r(name, libc::AF_INET, ret, buf, buflen, result, h_errnop) }
 }
 
 /// # Safety

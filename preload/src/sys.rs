@@ -41,7 +41,6 @@ pub static REAL_GETADDRINFO: RealFn = RealFn::new(c"getaddrinfo");
 pub static REAL_GETNAMEINFO: RealFn = RealFn::new(c"getnameinfo");
 pub static REAL_GETHOSTBYNAME: RealFn = RealFn::new(c"gethostbyname");
 pub static REAL_GETHOSTBYNAME2: RealFn = RealFn::new(c"gethostbyname2");
-pub static REAL_GETHOSTBYNAME_R: RealFn = RealFn::new(c"gethostbyname_r");
 pub static REAL_GETHOSTBYNAME2_R: RealFn = RealFn::new(c"gethostbyname2_r");
 
 pub fn errno() -> c_int {

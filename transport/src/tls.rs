@@ -54,6 +54,14 @@ fn roots(ca: &Path) -> Result<RootCertStore> {
     Ok(roots)
 }
 
+fn unusable_pair(cert: &Path, key: &Path) -> String {
+    format!(
+        "{} and {} do not make a usable certificate and key pair",
+        cert.display(),
+        key.display()
+    )
+}
+
 /// The gateway's TLS: its certificate, and a client certificate from `ca` required.
 pub fn server_config(ca: &Path, cert: &Path, key: &Path) -> Result<Arc<ServerConfig>> {
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider())
@@ -64,13 +72,7 @@ pub fn server_config(ca: &Path, cert: &Path, key: &Path) -> Result<Arc<ServerCon
         .context("TLS 1.3 set-up")?
         .with_client_cert_verifier(verifier)
         .with_single_cert(load_certs(cert)?, load_key(key)?)
-        .with_context(|| {
-            format!(
-                "{} and {} do not make a usable certificate and key pair",
-                cert.display(),
-                key.display()
-            )
-        })?;
+        .with_context(|| unusable_pair(cert, key))?;
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(Arc::new(config))
 }
@@ -82,13 +84,7 @@ pub fn client_config(ca: &Path, cert: &Path, key: &Path) -> Result<Arc<ClientCon
         .context("TLS 1.3 set-up")?
         .with_root_certificates(roots(ca)?)
         .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
-        .with_context(|| {
-            format!(
-                "{} and {} do not make a usable certificate and key pair",
-                cert.display(),
-                key.display()
-            )
-        })?;
+        .with_context(|| unusable_pair(cert, key))?;
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(Arc::new(config))
 }

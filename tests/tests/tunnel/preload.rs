@@ -414,6 +414,49 @@ fn a_name_only_the_gateway_knows_through_a_command_line_route() {
         LIMIT,
     );
     assert_eq!(out, "hello by name\n");
+
+    // The other lookups a program may use: gethostbyname_r (python's
+    // gethostbyname_ex), gethostbyname2 (getent hosts), and getnameinfo back to the name.
+    let lookups = r#"
+import socket
+name, aliases, addresses = socket.gethostbyname_ex("files.site-b.internal")
+print(name, addresses[0].startswith("198.1"))
+print(socket.getnameinfo((addresses[0], 80), 0)[0])
+print(socket.getnameinfo((addresses[0], 80), socket.NI_NUMERICHOST)[0] == addresses[0])
+"#;
+    let out = stdout_within(
+        Command::new(bin("tunnel-run"))
+            .arg("--config")
+            .arg(&tunnel.agent.config)
+            .args([
+                "--route",
+                "*.site-b.internal=site-b",
+                "--",
+                "python3",
+                "-c",
+                lookups,
+            ]),
+        LIMIT,
+    );
+    assert_eq!(
+        out,
+        "files.site-b.internal True\nfiles.site-b.internal\nTrue\n"
+    );
+    let getent = stdout_within(
+        Command::new(bin("tunnel-run"))
+            .arg("--config")
+            .arg(&tunnel.agent.config)
+            .args([
+                "--route",
+                "*.site-b.internal=site-b",
+                "--",
+                "getent",
+                "hosts",
+                "files.site-b.internal",
+            ]),
+        LIMIT,
+    );
+    assert!(getent.contains("files.site-b.internal"), "{getent}");
     let recent = tunnel.agent.status().expect("status")["recent"].clone();
     assert_eq!(
         recent[0]["destination"],
