@@ -24,6 +24,7 @@ pub fn json(agent: &Agent) -> Value {
         "uptime_secs": agent.started.elapsed().as_secs_f64(),
         "gateways": gateways,
         "forwards": agent.forwards,
+        "registrations_pending": agent.registrations.len(),
         "streams": agent.streams.live(),
         "recent": agent.streams.recent(),
     })

@@ -77,6 +77,14 @@ pub fn redirect(state: &State, fd: c_int, destination: SocketAddr, via: Option<S
         // Not TCP (a UDP "connect" only sets a default peer): nothing to carry.
         _ => return sys::real_connect(fd, destination),
     }
+    // A program that polls a non-blocking connect by calling connect again (EALREADY,
+    // then EISCONN) asks about the connection already made to the agent.
+    let earlier = REDIRECTED.lock().get(&fd).copied();
+    if let Some((_, listener, _)) =
+        earlier.filter(|(source, _, to)| *to == destination && sys::local_addr(fd) == Some(*source))
+    {
+        return sys::real_connect(fd, listener);
+    }
     let source = match source_address(fd, destination) {
         Ok(s) => s,
         Err(errno) => return fail(errno),

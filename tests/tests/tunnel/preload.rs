@@ -464,3 +464,56 @@ print(socket.getnameinfo((addresses[0], 80), socket.NI_NUMERICHOST)[0] == addres
         "the name must travel to the gateway: {recent}"
     );
 }
+
+#[test]
+fn a_non_blocking_connect_polled_with_connect_again_completes_once() {
+    require("gcc", "gcc");
+    let echo = echo_server("127.0.0.2");
+    let tunnel = Tunnel::start_routed(&allow_alice(&["127.0.0.2/32"]), &[], &["127.0.0.2/32"])
+        .expect("tunnel");
+    // The old idiom: call connect until it says EISCONN, then talk.
+    let source = format!(
+        r#"
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+int main(void) {{
+    int s = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+    struct sockaddr_in a = {{0}};
+    a.sin_family = AF_INET; a.sin_port = htons({port});
+    inet_pton(AF_INET, "127.0.0.2", &a.sin_addr);
+    int calls = 0;
+    for (;;) {{
+        calls++;
+        if (connect(s, (struct sockaddr *)&a, sizeof a) == 0 || errno == EISCONN) break;
+        if (errno != EINPROGRESS && errno != EALREADY) {{ perror("connect"); return 1; }}
+        if (calls > 10000) {{ fprintf(stderr, "never connected\n"); return 1; }}
+        usleep(1000);
+    }}
+    fcntl(s, F_SETFL, 0);
+    write(s, "poll", 4);
+    char buf[5] = {{0}};
+    if (read(s, buf, 4) != 4) {{ perror("read"); return 1; }}
+    printf("%s\n", buf);
+    return 0;
+}}
+"#,
+        port = echo.port()
+    );
+    let c = tunnel.site.path("poll.c");
+    std::fs::write(&c, source).expect("source");
+    let program = tunnel.site.path("poll");
+    run_ok(Command::new("gcc").arg("-o").arg(&program).arg(&c));
+    let out = stdout_within(&mut tunnel.run(program.to_str().expect("path")), LIMIT);
+    assert_eq!(out.trim(), "poll");
+    assert_eq!(tunnel.streams_seen(), 1, "one connection, one stream");
+    let status = tunnel.agent.status().expect("status");
+    assert_eq!(
+        status["registrations_pending"], 0,
+        "each poll registered the connection again: {status}"
+    );
+}
