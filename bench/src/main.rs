@@ -1,0 +1,452 @@
+//! `tunnel-bench [--quick] [--json FILE]`: tunnel measured side by side with direct
+//! TCP and its peers, in the same run, on the same machine.
+//!
+//! # Layout
+//!
+//! ```text
+//!  workload: one destination server (127.0.0.2) and one client program (`client` subcommand)
+//!  paths:    direct | tunnel-run | tunnel forward | ssh -L | stunnel | socat | proxychains (ssh -D)
+//!            each gives the client an entry address and maybe a command prefix
+//!  relay:    delay-and-rate link on each path's wide-area leg (WAN scenarios)
+//!  report:   table + JSON: each figure per path, the tunnel's advantage, the budgets
+//! ```
+#![forbid(unsafe_code)]
+
+mod measure;
+mod peers;
+mod procs;
+mod relay;
+mod report;
+mod tunnel;
+mod workload;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use serde_json::Value;
+
+use crate::relay::Link;
+use crate::report::{Better, Report};
+
+/// Measures tunnel side by side with direct TCP, ssh -L, an stunnel pair, socat and
+/// proxychains (through ssh -D), on loopback and over an emulated wide-area link.
+/// Prints a table; --json writes every figure. Peers that are not installed are
+/// reported as missing.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about)]
+struct Cli {
+    /// Shorter runs and one WAN scenario: under two minutes.
+    #[arg(long)]
+    quick: bool,
+    /// Also write the results as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Internal>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Internal {
+    /// One client measurement (run by the benchmark itself, under each path's wrapper).
+    #[command(hide = true)]
+    Client {
+        op: String,
+        addr: SocketAddr,
+        arg: f64,
+        #[arg(default_value_t = 1)]
+        streams: usize,
+    },
+}
+
+/// How long each measurement runs.
+struct Plan {
+    bulk_secs: f64,
+    rr_count: f64,
+    connect_secs: f64,
+    wan_secs: f64,
+    idle_streams: usize,
+    links: Vec<(&'static str, Link)>,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Plan {
+        let ms = Duration::from_millis;
+        let wan_50 = (
+            "WAN 50 ms, 500 Mbit/s",
+            Link {
+                rtt: ms(50),
+                bits_per_sec: 500e6,
+            },
+        );
+        let wan_100 = (
+            "WAN 100 ms, 1 Gbit/s",
+            Link {
+                rtt: ms(100),
+                bits_per_sec: 1e9,
+            },
+        );
+        if quick {
+            Plan {
+                bulk_secs: 1.0,
+                rr_count: 2000.0,
+                connect_secs: 1.0,
+                wan_secs: 3.0,
+                idle_streams: 2000,
+                links: vec![wan_50],
+            }
+        } else {
+            Plan {
+                bulk_secs: 4.0,
+                rr_count: 10000.0,
+                connect_secs: 3.0,
+                wan_secs: 10.0,
+                idle_streams: 10_000,
+                links: vec![wan_50, wan_100],
+            }
+        }
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Internal::Client {
+            op,
+            addr,
+            arg,
+            streams,
+        }) => workload::client(&op, addr, arg, streams).map(|v| println!("{v}")),
+        None => run(cli.quick, cli.json.as_deref()),
+    };
+    if let Err(e) = result {
+        eprintln!("tunnel-bench: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// A path ready to measure: where the client connects, and under what.
+struct Ready {
+    entry: SocketAddr,
+    wrapper: Vec<String>,
+    _keep: Box<dyn std::any::Any>,
+}
+
+const PATHS: [&str; 7] = [
+    "direct",
+    "tunnel-run",
+    "tunnel forward",
+    "ssh -L",
+    "stunnel",
+    "socat",
+    "proxychains",
+];
+
+fn bins() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe
+        .parent()
+        .context("the benchmark's directory")?
+        .to_path_buf();
+    for needed in [
+        "tunnel-gateway",
+        "tunnel-agent",
+        "tunnel-run",
+        "libtunnel_preload.so",
+    ] {
+        if !dir.join(needed).exists() {
+            bail!(
+                "{} is missing beside {}: build with `cargo build --release --workspace`",
+                needed,
+                exe.display()
+            );
+        }
+    }
+    Ok(dir)
+}
+
+/// Sets up every path to `destination`, with the relay on its wide-area leg if `link`.
+fn paths(
+    bins: &Path,
+    destination: SocketAddr,
+    link: Option<Link>,
+) -> Vec<(&'static str, Result<Ready, String>)> {
+    let wan_fn =
+        move |upstream: SocketAddr| relay::start(upstream, link.expect("only called with a link"));
+    let wan: peers::Wan = if link.is_some() { Some(&wan_fn) } else { None };
+    let peer = |r: Result<peers::PeerPath, peers::PeerError>| -> Result<Ready, String> {
+        r.map(|p| Ready {
+            entry: p.entry,
+            wrapper: p.wrapper.clone(),
+            _keep: Box::new(p),
+        })
+        .map_err(|e| e.to_string())
+    };
+    let mut out: Vec<(&'static str, Result<Ready, String>)> = Vec::new();
+    let direct = match link {
+        Some(l) => relay::start(destination, l).map_err(|e| e.to_string()),
+        None => Ok(destination),
+    };
+    out.push((
+        "direct",
+        direct.map(|entry| Ready {
+            entry,
+            wrapper: Vec::new(),
+            _keep: Box::new(()),
+        }),
+    ));
+    match tunnel::Tunnel::start(bins, destination, link) {
+        Ok(t) => {
+            let forward = t.forward;
+            let wrapper = t.wrapper(bins);
+            let shared = std::rc::Rc::new(t);
+            out.push((
+                "tunnel-run",
+                Ok(Ready {
+                    entry: destination,
+                    wrapper,
+                    _keep: Box::new(shared.clone()),
+                }),
+            ));
+            out.push((
+                "tunnel forward",
+                Ok(Ready {
+                    entry: forward,
+                    wrapper: Vec::new(),
+                    _keep: Box::new(shared),
+                }),
+            ));
+        }
+        Err(e) => {
+            out.push(("tunnel-run", Err(format!("{e:#}"))));
+            out.push(("tunnel forward", Err(format!("{e:#}"))));
+        }
+    }
+    out.push(("ssh -L", peer(peers::ssh_forward(destination, wan))));
+    out.push(("stunnel", peer(peers::stunnel_pair(destination, wan))));
+    out.push(("socat", peer(peers::socat_relay(destination, wan))));
+    out.push((
+        "proxychains",
+        peer(peers::proxychains_ssh(destination, wan)),
+    ));
+    out
+}
+
+/// Runs the client for one measurement through one path.
+fn client(ready: &Ready, op: &str, arg: f64, streams: usize, limit: Duration) -> Result<Value> {
+    let exe = std::env::current_exe()?;
+    let mut command = match ready.wrapper.split_first() {
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(&exe);
+            c
+        }
+        None => Command::new(&exe),
+    };
+    command
+        .arg("client")
+        .arg(op)
+        .arg(ready.entry.to_string())
+        .arg(arg.to_string())
+        .arg(streams.to_string());
+    let out = procs::output_within(&mut command, limit)?;
+    let line = out
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_default();
+    serde_json::from_str(line).with_context(|| format!("{op}: no result in {out:?}"))
+}
+
+type Measure<'a> = (&'a str, &'a str, Better, &'a str, f64, usize, &'a str, f64);
+
+fn measure_all(
+    report: &mut Report,
+    paths: &[(&'static str, Result<Ready, String>)],
+    measures: &[Measure<'_>],
+) {
+    for (name, ready) in paths {
+        if let Err(why) = ready {
+            report
+                .missing
+                .entry(name.to_string())
+                .or_insert_with(|| why.clone());
+        }
+    }
+    for (figure, unit, better, op, arg, streams, field, scale) in measures {
+        let mut values = BTreeMap::new();
+        for (name, ready) in paths {
+            let Ok(ready) = ready else { continue };
+            let limit = Duration::from_secs_f64(arg.max(1.0) * 4.0 + 60.0);
+            let value = client(ready, op, *arg, *streams, limit)
+                .map_err(|e| eprintln!("  {name}: {figure}: {e:#}"))
+                .ok()
+                .and_then(|v| v[*field].as_f64())
+                .map(|v| v * scale);
+            values.insert(name.to_string(), value);
+        }
+        eprintln!("  {figure}: {values:?}");
+        report.add(figure, unit, *better, values);
+    }
+}
+
+fn run(quick: bool, json: Option<&Path>) -> Result<()> {
+    let bins = bins()?;
+    measure::raise_fd_limit();
+    let plan = Plan::new(quick);
+    let mut report = Report {
+        quick,
+        machine: measure::machine(),
+        paths: PATHS.iter().map(|p| p.to_string()).collect(),
+        ..Report::default()
+    };
+    let destination = workload::serve("127.0.0.2")?;
+
+    eprintln!("loopback");
+    {
+        let ready = paths(&bins, destination, None);
+        let b = plan.bulk_secs;
+        measure_all(
+            &mut report,
+            &ready,
+            &[
+                (
+                    "loopback: 1 stream upload",
+                    "Mbit/s",
+                    Better::Higher,
+                    "bulk-up",
+                    b,
+                    1,
+                    "bits_per_sec",
+                    1e-6,
+                ),
+                (
+                    "loopback: 1 stream download",
+                    "Mbit/s",
+                    Better::Higher,
+                    "bulk-down",
+                    b,
+                    1,
+                    "bits_per_sec",
+                    1e-6,
+                ),
+                (
+                    "loopback: 8 streams download",
+                    "Mbit/s",
+                    Better::Higher,
+                    "bulk-down",
+                    b,
+                    8,
+                    "bits_per_sec",
+                    1e-6,
+                ),
+                (
+                    "loopback: round trip p50",
+                    "µs",
+                    Better::Lower,
+                    "rr",
+                    plan.rr_count,
+                    1,
+                    "p50_us",
+                    1.0,
+                ),
+                (
+                    "loopback: round trip p99",
+                    "µs",
+                    Better::Lower,
+                    "rr",
+                    plan.rr_count,
+                    1,
+                    "p99_us",
+                    1.0,
+                ),
+                (
+                    "loopback: new connections",
+                    "per s",
+                    Better::Higher,
+                    "connect",
+                    plan.connect_secs,
+                    8,
+                    "per_sec",
+                    1.0,
+                ),
+                (
+                    "loopback: connect p50",
+                    "µs",
+                    Better::Lower,
+                    "connect",
+                    plan.connect_secs,
+                    1,
+                    "connect_p50_us",
+                    1.0,
+                ),
+                (
+                    "loopback: connect p99",
+                    "µs",
+                    Better::Lower,
+                    "connect",
+                    plan.connect_secs,
+                    1,
+                    "connect_p99_us",
+                    1.0,
+                ),
+            ],
+        );
+    }
+
+    for (name, link) in &plan.links {
+        eprintln!("{name}");
+        let ready = paths(&bins, destination, Some(*link));
+        let rate_mbit = link.bits_per_sec / 1e6;
+        let rtt_ms = link.rtt.as_secs_f64() * 1000.0;
+        let share = format!("{name}: 1 stream download, share of the link");
+        let ttfb = format!("{name}: time to first byte, new connection");
+        measure_all(
+            &mut report,
+            &ready,
+            &[
+                (
+                    &share,
+                    "% of link",
+                    Better::Higher,
+                    "bulk-down",
+                    plan.wan_secs,
+                    1,
+                    "bits_per_sec",
+                    100.0 / link.bits_per_sec,
+                ),
+                (
+                    &ttfb,
+                    "RTT",
+                    Better::Lower,
+                    "ttfb",
+                    5.0,
+                    1,
+                    "p50_ms",
+                    1.0 / rtt_ms,
+                ),
+            ],
+        );
+        eprintln!("  (link {rate_mbit} Mbit/s, RTT {rtt_ms} ms)");
+    }
+
+    eprintln!("preload and memory");
+    measure::preload(&bins, &mut report)?;
+    measure::idle_memory(&bins, plan.idle_streams, &mut report)?;
+    measure::budgets(
+        &mut report,
+        &plan.links.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+    );
+
+    let table = report.table();
+    println!("{table}");
+    if let Some(path) = json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
