@@ -46,6 +46,10 @@ struct Cli {
     /// Also write the results as JSON to this file.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+    /// Measure only these paths (repeatable): direct, tunnel-run, tunnel forward,
+    /// ssh -L, stunnel, socat, proxychains.
+    #[arg(long, value_name = "PATH")]
+    only: Vec<String>,
     #[command(subcommand)]
     command: Option<Internal>,
 }
@@ -121,7 +125,7 @@ fn main() {
             arg,
             streams,
         }) => workload::client(&op, addr, arg, streams).map(|v| println!("{v}")),
-        None => run(cli.quick, cli.json.as_deref()),
+        None => run(cli.quick, cli.json.as_deref(), &cli.only),
     };
     if let Err(e) = result {
         eprintln!("tunnel-bench: {e:#}");
@@ -236,6 +240,16 @@ fn paths(
     out
 }
 
+/// Keeps the paths named by `--only` (all when it is empty).
+fn selected(
+    all: Vec<(&'static str, Result<Ready, String>)>,
+    only: &[String],
+) -> Vec<(&'static str, Result<Ready, String>)> {
+    all.into_iter()
+        .filter(|(name, _)| only.is_empty() || only.iter().any(|o| o == name))
+        .collect()
+}
+
 /// Runs the client for one measurement through one path.
 fn client(ready: &Ready, op: &str, arg: f64, streams: usize, limit: Duration) -> Result<Value> {
     let exe = std::env::current_exe()?;
@@ -294,21 +308,28 @@ fn measure_all(
     }
 }
 
-fn run(quick: bool, json: Option<&Path>) -> Result<()> {
+fn run(quick: bool, json: Option<&Path>, only: &[String]) -> Result<()> {
+    if let Some(unknown) = only.iter().find(|p| !PATHS.contains(&p.as_str())) {
+        bail!("--only `{unknown}`: the paths are {}", PATHS.join(", "));
+    }
     let bins = bins()?;
     measure::raise_fd_limit();
     let plan = Plan::new(quick);
     let mut report = Report {
         quick,
         machine: measure::machine(),
-        paths: PATHS.iter().map(|p| p.to_string()).collect(),
+        paths: PATHS
+            .iter()
+            .filter(|p| only.is_empty() || only.iter().any(|o| o == *p))
+            .map(|p| p.to_string())
+            .collect(),
         ..Report::default()
     };
     let destination = workload::serve("127.0.0.2")?;
 
     eprintln!("loopback");
     {
-        let ready = paths(&bins, destination, None);
+        let ready = selected(paths(&bins, destination, None), only);
         let b = plan.bulk_secs;
         measure_all(
             &mut report,
@@ -400,7 +421,7 @@ fn run(quick: bool, json: Option<&Path>) -> Result<()> {
 
     for (name, link) in &plan.links {
         eprintln!("{name}");
-        let ready = paths(&bins, destination, Some(*link));
+        let ready = selected(paths(&bins, destination, Some(*link)), only);
         let rate_mbit = link.bits_per_sec / 1e6;
         let rtt_ms = link.rtt.as_secs_f64() * 1000.0;
         let share = format!("{name}: 1 stream download, share of the link");

@@ -2,13 +2,13 @@
 //! `ssh -L`, a stunnel pair, a socat relay, and proxychains4 through `ssh -D`.
 //!
 //! Every path runs in a private temp dir (keys, configs, one log per process) and owns its
-//! processes: they are SIGKILLed by PID and reaped when the path is dropped. Nothing here
+//! processes: they are killed (SIGKILL, by PID) and reaped when the path is dropped. Nothing here
 //! touches system-wide state except `/run/sshd`, which sshd needs when started as root.
 
 use std::ffi::OsStr;
 use std::fmt;
 use std::fs::{self, File};
-use std::io;
+use std::io::{self, BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -345,6 +345,36 @@ struct Running {
     log: PathBuf,
 }
 
+impl Running {
+    /// Waits (bounded) until the process listens on 127.0.0.1:`port`; if it exits or
+    /// never does, says so.
+    fn await_listener(&mut self, port: u16) -> Result<(), String> {
+        let name = self.name;
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => {
+                    return Err(format!(
+                        "{name} exited ({status}) before listening on 127.0.0.1:{port}"
+                    ));
+                }
+                Err(e) => return Err(format!("waiting for {name}: {e}")),
+                Ok(None) => {}
+            }
+            match listens(self.child.id(), port) {
+                Ok(true) => return Ok(()),
+                Ok(false) if Instant::now() < deadline => thread::sleep(POLL),
+                Ok(false) => {
+                    return Err(format!(
+                        "{name} did not listen on 127.0.0.1:{port} within {START_TIMEOUT:?}"
+                    ));
+                }
+                Err(e) => return Err(format!("checking whether {name} listens: {e}")),
+            }
+        }
+    }
+}
+
 impl Procs {
     fn new(prefix: &str) -> Result<Self, PeerError> {
         let dir = tempfile::Builder::new()
@@ -410,32 +440,23 @@ impl Procs {
     {
         let (mut child, log) = self.spawn(program, name, args)?;
         let deadline = Instant::now() + TOOL_TIMEOUT;
-        loop {
+        let why = loop {
             match child.try_wait() {
                 Ok(Some(status)) if status.success() => return Ok(()),
-                Ok(Some(status)) => {
-                    return Err(PeerError::Failed(format!(
-                        "{name} failed ({status}){}",
-                        tail(&log)
-                    )));
-                }
+                Ok(Some(status)) => break format!("{name} failed ({status})"),
                 Ok(None) if Instant::now() < deadline => thread::sleep(POLL),
-                outcome => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    let why = match outcome {
-                        Err(e) => format!("waiting for {name}: {e}"),
-                        _ => format!("{name} did not finish within {TOOL_TIMEOUT:?}"),
-                    };
-                    return Err(PeerError::Failed(format!("{why}{}", tail(&log))));
-                }
+                Ok(None) => break format!("{name} did not finish within {TOOL_TIMEOUT:?}"),
+                Err(e) => break format!("waiting for {name}: {e}"),
             }
-        }
+        };
+        // A no-op if it has exited: std does not signal a child it has already reaped.
+        let _ = child.kill();
+        let _ = child.wait();
+        Err(PeerError::Failed(format!("{why}{}", tail(&log))))
     }
 
     /// Starts a long-running process and waits (bounded) until it listens on
-    /// 127.0.0.1:`port`. It is kept for killing from the moment it is spawned, so an
-    /// early return anywhere in a path's setup still cleans up.
+    /// 127.0.0.1:`port`. On failure, the error carries the tails of this path's logs.
     fn start_listening<I, S>(
         &mut self,
         name: &'static str,
@@ -448,33 +469,11 @@ impl Procs {
         S: AsRef<OsStr>,
     {
         let (child, log) = self.spawn(program, name, args)?;
-        self.running.push(Running { name, child, log });
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            let Some(started) = self.running.last_mut() else {
-                return Err(PeerError::Failed(format!(
-                    "{name}: lost track of the process"
-                )));
-            };
-            let why = match started.child.try_wait() {
-                Ok(Some(status)) => {
-                    format!("{name} exited ({status}) before listening on 127.0.0.1:{port}")
-                }
-                Err(e) => format!("waiting for {name}: {e}"),
-                Ok(None) => match listens(started.child.id(), port) {
-                    Ok(true) => return Ok(()),
-                    Ok(false) if Instant::now() < deadline => {
-                        thread::sleep(POLL);
-                        continue;
-                    }
-                    Ok(false) => format!(
-                        "{name} did not listen on 127.0.0.1:{port} within {START_TIMEOUT:?}"
-                    ),
-                    Err(e) => format!("checking whether {name} listens: {e}"),
-                },
-            };
-            return Err(PeerError::Failed(format!("{why}{}", self.logs())));
-        }
+        let mut started = Running { name, child, log };
+        let outcome = started.await_listener(port);
+        // Kept for killing (on drop) whether or not it came up.
+        self.running.push(started);
+        outcome.map_err(|why| PeerError::Failed(format!("{why}{}", self.logs())))
     }
 
     /// The tails of every non-empty log of this path: when the ssh client fails to log in,
@@ -525,21 +524,31 @@ fn has_children(pid: u32) -> bool {
 /// moment between [`free_port`] and our process binding it is not mistaken for ours.
 fn listens(pid: u32, port: u16) -> io::Result<bool> {
     const LISTEN: &str = "0A";
-    let table = fs::read_to_string("/proc/net/tcp")?;
-    let inodes: Vec<&str> = table
-        .lines()
-        .skip(1)
-        .filter_map(|line| {
-            // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode ...
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let (&local, &state, &inode) = (fields.get(1)?, fields.get(3)?, fields.get(9)?);
-            let (ip, local_port) = local.split_once(':')?;
-            // The kernel prints the network-order address as a native integer.
-            let ip = Ipv4Addr::from(u32::from_str_radix(ip, 16).ok()?.to_ne_bytes());
-            let local_port = u16::from_str_radix(local_port, 16).ok()?;
-            (state == LISTEN && ip == Ipv4Addr::LOCALHOST && local_port == port).then_some(inode)
-        })
-        .collect();
+    let mut inodes = Vec::new();
+    // The kernel lists listening sockets before all others (it walks the listening hash,
+    // then the established one) and renders the table as it is read, so stop at the first
+    // other state: behind it can be tens of thousands of TIME_WAIT sockets left by earlier
+    // measurements, costly to render and parse on every poll.
+    for line in BufReader::new(File::open("/proc/net/tcp")?).lines().skip(1) {
+        let line = line?;
+        // sl local_address rem_address st tx_queue:rx_queue tr:when retrnsmt uid timeout inode
+        let mut fields = line.split_whitespace();
+        let (Some(local), Some(state), Some(inode)) = (fields.nth(1), fields.nth(1), fields.nth(5))
+        else {
+            continue;
+        };
+        if state != LISTEN {
+            break;
+        }
+        let Some((ip, local_port)) = local.split_once(':') else {
+            continue;
+        };
+        // The kernel prints the network-order address as a native integer.
+        let ip = u32::from_str_radix(ip, 16).map(|ip| Ipv4Addr::from(ip.to_ne_bytes()));
+        if ip == Ok(Ipv4Addr::LOCALHOST) && u16::from_str_radix(local_port, 16) == Ok(port) {
+            inodes.push(format!("socket:[{inode}]"));
+        }
+    }
     if inodes.is_empty() {
         return Ok(false);
     }
@@ -551,10 +560,9 @@ fn listens(pid: u32, port: u16) -> io::Result<bool> {
     };
     let owned = fds.filter_map(Result::ok).any(|fd| {
         fs::read_link(fd.path()).is_ok_and(|target| {
-            let target = target.to_string_lossy();
             inodes
                 .iter()
-                .any(|inode| target == format!("socket:[{inode}]"))
+                .any(|inode| target.as_os_str() == inode.as_str())
         })
     });
     Ok(owned)
@@ -617,17 +625,16 @@ fn privsep_dir() -> Result<(), PeerError> {
     if dir.is_dir() {
         return Ok(());
     }
-    match fs::DirBuilder::new()
+    fs::DirBuilder::new()
         .recursive(true)
         .mode(0o755)
         .create(dir)
-    {
-        Ok(()) => Ok(()),
-        Err(e) => Err(failed(
-            "creating /run/sshd (sshd's privilege-separation directory)",
-            e,
-        )),
-    }
+        .map_err(|e| {
+            failed(
+                "creating /run/sshd (sshd's privilege-separation directory)",
+                e,
+            )
+        })
 }
 
 fn failed(what: &str, e: io::Error) -> PeerError {

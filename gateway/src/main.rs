@@ -159,12 +159,14 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Run { config } => {
             let config = load_config(&config_path(config))?;
-            tunnel_transport::daemon::runtime()?.block_on(serve(config))
+            tunnel_transport::daemon::runtime(tunnel_transport::daemon::Threads::PerCore)?
+                .block_on(serve(config))
         }
         Command::Status { config, json } => {
             let config = load_config(&config_path(config))?;
-            let reply = tunnel_transport::daemon::runtime()?
-                .block_on(tunnel_transport::control::query(&config.control, "status"))?;
+            let reply =
+                tunnel_transport::daemon::runtime(tunnel_transport::daemon::Threads::PerCore)?
+                    .block_on(tunnel_transport::control::query(&config.control, "status"))?;
             if json {
                 println!("{reply}");
             } else {
