@@ -425,7 +425,9 @@ fn run(quick: bool, json: Option<&Path>, only: &[String]) -> Result<()> {
         let rate_mbit = link.bits_per_sec / 1e6;
         let rtt_ms = link.rtt.as_secs_f64() * 1000.0;
         let share = format!("{name}: 1 stream download, share of the link");
-        let ttfb = format!("{name}: time to first byte, new connection");
+        let ttfb = format!("{name}: time to first byte, new connection (non-blocking connect)");
+        let ttfb_blocking =
+            format!("{name}: time to first byte, new connection (blocking connect)");
         measure_all(
             &mut report,
             &ready,
@@ -442,6 +444,16 @@ fn run(quick: bool, json: Option<&Path>, only: &[String]) -> Result<()> {
                 ),
                 (
                     &ttfb,
+                    "RTT",
+                    Better::Lower,
+                    "ttfb-nonblocking",
+                    5.0,
+                    1,
+                    "p50_ms",
+                    1.0 / rtt_ms,
+                ),
+                (
+                    &ttfb_blocking,
                     "RTT",
                     Better::Lower,
                     "ttfb",

@@ -253,16 +253,21 @@ pub fn budgets(report: &mut Report, links: &[&str]) {
             format!("{}%", fmt(share)),
             share.map(|s| s >= 90.0),
         );
-        let ttfb = v(
-            report,
-            &format!("{link}: time to first byte, new connection"),
-            "tunnel-run",
-        );
-        report.budget(
-            &format!("{link}: time to first byte ≤ 1.2 RTT"),
-            format!("{} RTT", fmt(ttfb)),
-            ttfb.map(|t| t <= 1.2),
-        );
+        // Judged as programs connect: non-blocking (curl, browsers, event loops). A
+        // blocking connect waits one more round trip for the gateway's verdict, so that
+        // it can return the real errno; its row is in the table.
+        for path in ["tunnel-run", "tunnel forward"] {
+            let ttfb = v(
+                report,
+                &format!("{link}: time to first byte, new connection (non-blocking connect)"),
+                path,
+            );
+            report.budget(
+                &format!("{link}: time to first byte ≤ 1.2 RTT ({path})"),
+                format!("{} RTT", fmt(ttfb)),
+                ttfb.map(|t| t <= 1.2),
+            );
+        }
     }
     let per_stream = report
         .tunnel_only

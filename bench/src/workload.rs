@@ -229,11 +229,21 @@ fn new_connections(addr: SocketAddr, secs: f64, threads: usize) -> Result<serde_
 }
 
 /// Time from the start of connect to the first byte of an HTTP answer, milliseconds.
-fn first_byte(addr: SocketAddr, count: usize) -> Result<serde_json::Value> {
+/// `blocking`: a plain blocking connect; else a non-blocking one with a poll for
+/// completion, as curl, browsers and event loops do.
+fn first_byte(addr: SocketAddr, count: usize, blocking: bool) -> Result<serde_json::Value> {
     let mut samples = Vec::new();
     for _ in 0..count {
         let t = Instant::now();
-        let mut s = connect(addr)?;
+        let mut s = if blocking {
+            connect(addr)?
+        } else {
+            // std's connect_timeout: non-blocking connect, poll, then blocking I/O.
+            let s = TcpStream::connect_timeout(&addr, Duration::from_secs(30))?;
+            s.set_nodelay(true)?;
+            s.set_read_timeout(Some(Duration::from_secs(60)))?;
+            s
+        };
         s.write_all(b"HGET / HTTP/1.0\r\n\r\n")?;
         let mut b = [0u8; 1];
         s.read_exact(&mut b)?;
@@ -281,7 +291,8 @@ pub fn client(op: &str, addr: SocketAddr, arg: f64, streams: usize) -> Result<se
         "bulk-down" => bulk_down(addr, arg, streams),
         "rr" => round_trips(addr, arg as usize),
         "connect" => new_connections(addr, arg, streams),
-        "ttfb" => first_byte(addr, arg as usize),
+        "ttfb" => first_byte(addr, arg as usize, true),
+        "ttfb-nonblocking" => first_byte(addr, arg as usize, false),
         "idle" => hold_idle(addr, arg as usize),
         "passthrough" => passthrough(arg as usize),
         other => bail!("unknown client operation {other}"),

@@ -43,20 +43,39 @@ macro_rules! call_real {
 /// through the real function.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
-    if let Some(state) = state() {
-        // SAFETY: the program vouches for addr/len as connect(2) requires.
-        let via = match unsafe { sys::peek(addr, len) } {
-            Peek::V4(address, port) => state.ip_routes.lookup_v4(address, port),
-            Peek::V6(address, port) => state.ip_routes.lookup_v6(address, port),
-            Peek::Other => None,
-        };
-        if let Some(via) = via {
-            // SAFETY: as above.
-            return unsafe { routed_connect(state, fd, addr, len, via) };
+    // Every call below is in tail position: the pass-through path needs no frame.
+    match crate::state::state_if_read() {
+        // SAFETY: forwarded as given.
+        None => unsafe { connect_first(fd, addr, len) },
+        // SAFETY: forwarded as given.
+        Some(None) => unsafe { sys::real_connect_raw(fd, addr, len) },
+        Some(Some(state)) => {
+            // SAFETY: the program vouches for addr/len as connect(2) requires.
+            let via = match unsafe { sys::peek(addr, len) } {
+                Peek::V4(address, port) => state.ip_routes.lookup_v4(address, port),
+                Peek::V6(address, port) => state.ip_routes.lookup_v6(address, port),
+                Peek::Other => None,
+            };
+            match via {
+                // SAFETY: as above.
+                Some(via) => unsafe { routed_connect(state, fd, addr, len, via) },
+                // SAFETY: forwarded as given.
+                None => unsafe { sys::real_connect_raw(fd, addr, len) },
+            }
         }
     }
-    // SAFETY: forwarded as given.
-    unsafe { sys::real_connect_raw(fd, addr, len) }
+}
+
+/// The first connect of the process: reads the environment, then decides as usual.
+///
+/// # Safety
+/// As for `connect(2)`.
+#[cold]
+#[inline(never)]
+unsafe fn connect_first(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
+    crate::state::first_state();
+    // SAFETY: forwarded as given; the state is read now, so this does not come back.
+    unsafe { connect(fd, addr, len) }
 }
 
 /// A connect that a route selected: out of line, so the pass-through path stays short.

@@ -36,13 +36,23 @@ static STATE: OnceLock<Option<State>> = OnceLock::new();
 pub fn state() -> Option<&'static State> {
     match STATE.get() {
         Some(state) => state.as_ref(),
-        None => {
-            let saved = crate::sys::errno();
-            let state = STATE.get_or_init(read).as_ref();
-            crate::sys::set_errno(saved);
-            state
-        }
+        None => first_state(),
     }
+}
+
+/// The state once it has been read, without reading it: `None` before the first call.
+#[inline(always)]
+pub fn state_if_read() -> Option<&'static Option<State>> {
+    STATE.get()
+}
+
+#[cold]
+#[inline(never)]
+pub fn first_state() -> Option<&'static State> {
+    let saved = crate::sys::errno();
+    let state = STATE.get_or_init(read).as_ref();
+    crate::sys::set_errno(saved);
+    state
 }
 
 fn read() -> Option<State> {

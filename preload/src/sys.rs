@@ -23,11 +23,17 @@ impl RealFn {
     }
 
     /// The address of the next definition after ours, or 0 if there is none.
+    #[inline(always)]
     pub fn address(&self) -> usize {
-        let cached = self.address.load(Ordering::Relaxed);
-        if cached != 0 {
-            return cached;
+        match self.address.load(Ordering::Relaxed) {
+            0 => self.find(),
+            cached => cached,
         }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn find(&self) -> usize {
         // SAFETY: dlsym with RTLD_NEXT and a NUL-terminated name has no preconditions.
         let found = unsafe { libc::dlsym(libc::RTLD_NEXT, self.name.as_ptr()) } as usize;
         self.address.store(found, Ordering::Relaxed);
@@ -59,13 +65,14 @@ type ConnectFn = unsafe extern "C" fn(c_int, *const sockaddr, socklen_t) -> c_in
 ///
 /// # Safety
 /// `addr` must point to `len` readable bytes, as for `connect(2)`.
+///
+/// Every call here is in tail position, so that a hook that ends with it needs no
+/// stack frame of its own on the pass-through path.
 #[inline(always)]
 pub unsafe fn real_connect_raw(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
-    match REAL_CONNECT.address() {
-        0 => {
-            set_errno(libc::ENOSYS);
-            -1
-        }
+    match REAL_CONNECT.address.load(Ordering::Relaxed) {
+        // SAFETY: forwarded from the caller.
+        0 => unsafe { real_connect_first(fd, addr, len) },
         f => {
             // SAFETY: the symbol is libc's connect, whose type this is.
             let f: ConnectFn = unsafe { std::mem::transmute::<usize, ConnectFn>(f) };
@@ -73,6 +80,31 @@ pub unsafe fn real_connect_raw(fd: c_int, addr: *const sockaddr, len: socklen_t)
             unsafe { f(fd, addr, len) }
         }
     }
+}
+
+/// The first call: finds the real connect, then makes the call.
+///
+/// # Safety
+/// As for `connect(2)`.
+#[cold]
+#[inline(never)]
+unsafe fn real_connect_first(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
+    match REAL_CONNECT.address() {
+        0 => no_such_function(),
+        f => {
+            // SAFETY: the symbol is libc's connect, whose type this is.
+            let f: ConnectFn = unsafe { std::mem::transmute::<usize, ConnectFn>(f) };
+            // SAFETY: forwarded from the caller.
+            unsafe { f(fd, addr, len) }
+        }
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn no_such_function() -> c_int {
+    set_errno(libc::ENOSYS);
+    -1
 }
 
 /// Calls the real `connect` with a Rust address; returns its result, errno set by it.
@@ -96,13 +128,14 @@ pub enum Peek {
 /// `addr` must be null or point to `len` readable bytes.
 #[inline(always)]
 pub unsafe fn peek(addr: *const sockaddr, len: socklen_t) -> Peek {
-    if addr.is_null() || (len as usize) < size_of::<libc::sa_family_t>() {
+    // One length check covers the family field and a whole sockaddr_in.
+    if addr.is_null() || (len as usize) < size_of::<sockaddr_in>() {
         return Peek::Other;
     }
-    // SAFETY: at least the family field is readable (checked above).
+    // SAFETY: at least a sockaddr_in is readable (checked above).
     match c_int::from(unsafe { (*addr).sa_family }) {
-        libc::AF_INET if len as usize >= size_of::<sockaddr_in>() => {
-            // SAFETY: len covers a sockaddr_in.
+        libc::AF_INET => {
+            // SAFETY: as above; read_unaligned copes with any alignment.
             let sin = unsafe { addr.cast::<sockaddr_in>().read_unaligned() };
             Peek::V4(
                 u32::from_be(sin.sin_addr.s_addr),
