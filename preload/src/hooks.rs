@@ -44,38 +44,56 @@ macro_rules! call_real {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
     // Every call below is in tail position: the pass-through path needs no frame.
-    match crate::state::state_if_read() {
+    match crate::state::fast_routes() {
         // SAFETY: forwarded as given.
-        None => unsafe { connect_first(fd, addr, len) },
+        Some(routes) => unsafe { route_or_pass(routes, fd, addr, len) },
         // SAFETY: forwarded as given.
-        Some(None) => unsafe { sys::real_connect_raw(fd, addr, len) },
-        Some(Some(state)) => {
-            // SAFETY: the program vouches for addr/len as connect(2) requires.
-            let via = match unsafe { sys::peek(addr, len) } {
-                Peek::V4(address, port) => state.ip_routes.lookup_v4(address, port),
-                Peek::V6(address, port) => state.ip_routes.lookup_v6(address, port),
-                Peek::Other => None,
-            };
-            match via {
-                // SAFETY: as above.
-                Some(via) => unsafe { routed_connect(state, fd, addr, len, via) },
-                // SAFETY: forwarded as given.
-                None => unsafe { sys::real_connect_raw(fd, addr, len) },
-            }
-        }
+        None => unsafe { connect_without_routes(fd, addr, len) },
     }
 }
 
-/// The first connect of the process: reads the environment, then decides as usual.
+/// Looks the destination up in the routes: a routed connect goes out of line, any
+/// other straight to the real connect.
 ///
 /// # Safety
 /// As for `connect(2)`.
-#[cold]
+#[inline(always)]
+unsafe fn route_or_pass(
+    routes: &'static crate::ip_routes::IpRoutes,
+    fd: c_int,
+    addr: *const sockaddr,
+    len: socklen_t,
+) -> c_int {
+    // SAFETY: the program vouches for addr/len as connect(2) requires.
+    let via = match unsafe { sys::peek(addr, len) } {
+        Peek::V4(address, port) => routes.lookup_v4(address, port),
+        Peek::V6(address, port) => routes.lookup_v6(address, port),
+        Peek::Other => None,
+    };
+    match via {
+        // SAFETY: as above.
+        Some(via) => unsafe { routed_connect(fd, addr, len, via) },
+        // SAFETY: forwarded as given.
+        None => unsafe { sys::real_connect_raw(fd, addr, len) },
+    }
+}
+
+/// A program without routes (a stray `LD_PRELOAD`), or the first connect of the process.
+///
+/// # Safety
+/// As for `connect(2)`.
 #[inline(never)]
-unsafe fn connect_first(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
-    crate::state::first_state();
-    // SAFETY: forwarded as given; the state is read now, so this does not come back.
-    unsafe { connect(fd, addr, len) }
+unsafe fn connect_without_routes(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
+    let state = match crate::state::state_if_read() {
+        Some(state) => state.as_ref(),
+        None => crate::state::first_state(),
+    };
+    match state {
+        // SAFETY: forwarded as given.
+        Some(state) => unsafe { route_or_pass(&state.ip_routes, fd, addr, len) },
+        // SAFETY: forwarded as given.
+        None => unsafe { sys::real_connect_raw(fd, addr, len) },
+    }
 }
 
 /// A connect that a route selected: out of line, so the pass-through path stays short.
@@ -84,13 +102,12 @@ unsafe fn connect_first(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_i
 /// As for `connect(2)`.
 #[cold]
 #[inline(never)]
-unsafe fn routed_connect(
-    state: &'static crate::state::State,
-    fd: c_int,
-    addr: *const sockaddr,
-    len: socklen_t,
-    via: Via,
-) -> c_int {
+unsafe fn routed_connect(fd: c_int, addr: *const sockaddr, len: socklen_t, via: Via) -> c_int {
+    let Some(state) = state() else {
+        // Routes come from the state, so it is there; refuse rather than guess.
+        sys::set_errno(libc::ECONNREFUSED);
+        return -1;
+    };
     // SAFETY: forwarded from connect.
     let Some(destination) = (unsafe { sys::from_raw(addr, len) }) else {
         sys::set_errno(libc::EINVAL);
