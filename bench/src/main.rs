@@ -178,7 +178,9 @@ fn paths(
     bins: &Path,
     destination: SocketAddr,
     link: Option<Link>,
+    only: &[String],
 ) -> Vec<(&'static str, Result<Ready, String>)> {
+    let wanted = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
     let wan_fn =
         move |upstream: SocketAddr| relay::start(upstream, link.expect("only called with a link"));
     let wan: peers::Wan = if link.is_some() { Some(&wan_fn) } else { None };
@@ -203,8 +205,14 @@ fn paths(
             _keep: Box::new(()),
         }),
     ));
-    match tunnel::Tunnel::start(bins, destination, link) {
-        Ok(t) => {
+    let tunnel = if wanted("tunnel-run") || wanted("tunnel forward") {
+        Some(tunnel::Tunnel::start(bins, destination, link))
+    } else {
+        None
+    };
+    match tunnel {
+        None => {}
+        Some(Ok(t)) => {
             let forward = t.forward;
             let wrapper = t.wrapper(bins);
             let shared = std::rc::Rc::new(t);
@@ -225,18 +233,26 @@ fn paths(
                 }),
             ));
         }
-        Err(e) => {
+        Some(Err(e)) => {
             out.push(("tunnel-run", Err(format!("{e:#}"))));
             out.push(("tunnel forward", Err(format!("{e:#}"))));
         }
     }
-    out.push(("ssh -L", peer(peers::ssh_forward(destination, wan))));
-    out.push(("stunnel", peer(peers::stunnel_pair(destination, wan))));
-    out.push(("socat", peer(peers::socat_relay(destination, wan))));
-    out.push((
-        "proxychains",
-        peer(peers::proxychains_ssh(destination, wan)),
-    ));
+    if wanted("ssh -L") {
+        out.push(("ssh -L", peer(peers::ssh_forward(destination, wan))));
+    }
+    if wanted("stunnel") {
+        out.push(("stunnel", peer(peers::stunnel_pair(destination, wan))));
+    }
+    if wanted("socat") {
+        out.push(("socat", peer(peers::socat_relay(destination, wan))));
+    }
+    if wanted("proxychains") {
+        out.push((
+            "proxychains",
+            peer(peers::proxychains_ssh(destination, wan)),
+        ));
+    }
     out
 }
 
@@ -329,7 +345,7 @@ fn run(quick: bool, json: Option<&Path>, only: &[String]) -> Result<()> {
 
     eprintln!("loopback");
     {
-        let ready = selected(paths(&bins, destination, None), only);
+        let ready = selected(paths(&bins, destination, None, only), only);
         let b = plan.bulk_secs;
         measure_all(
             &mut report,
@@ -421,7 +437,7 @@ fn run(quick: bool, json: Option<&Path>, only: &[String]) -> Result<()> {
 
     for (name, link) in &plan.links {
         eprintln!("{name}");
-        let ready = selected(paths(&bins, destination, Some(*link)), only);
+        let ready = selected(paths(&bins, destination, Some(*link), only), only);
         let rate_mbit = link.bits_per_sec / 1e6;
         let rtt_ms = link.rtt.as_secs_f64() * 1000.0;
         let share = format!("{name}: 1 stream download, share of the link");
