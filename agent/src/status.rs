@@ -20,11 +20,18 @@ pub fn json(agent: &Agent) -> Value {
             })
         })
         .collect();
+    let loopback_listeners: Vec<String> =
+        [Some(agent.listener_addresses.0), agent.listener_addresses.1]
+            .into_iter()
+            .flatten()
+            .map(|a| a.to_string())
+            .collect();
     json!({
         "uptime_secs": agent.started.elapsed().as_secs_f64(),
         "gateways": gateways,
         "forwards": agent.forwards,
         "registrations_pending": agent.registrations.len(),
+        "loopback_listeners": loopback_listeners,
         "streams": agent.streams.live(),
         "recent": agent.streams.recent(),
     })

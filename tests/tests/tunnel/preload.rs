@@ -517,3 +517,47 @@ int main(void) {{
         "each poll registered the connection again: {status}"
     );
 }
+
+#[test]
+fn a_connection_the_preload_did_not_announce_is_dropped() {
+    let echo = echo_server("127.0.0.2");
+    let tunnel = Tunnel::start_routed(&allow_alice(&["127.0.0.2/32"]), &[], &["127.0.0.2/32"])
+        .expect("tunnel");
+    let status = tunnel.agent.status().expect("status");
+    let listener: std::net::SocketAddr = status["loopback_listeners"][0]
+        .as_str()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no loopback listener in {status}"));
+    // Some other program of this machine finds the agent's port and connects.
+    let mut s = connect(listener, Duration::from_secs(10));
+    let _ = std::io::Write::write_all(&mut s, b"hello?");
+    let mut buf = [0u8; 16];
+    let read = std::io::Read::read(&mut s, &mut buf);
+    assert!(
+        matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "an unannounced connection must be reset, got {read:?}"
+    );
+    assert_eq!(tunnel.streams_seen(), 0, "it was carried");
+    let _ = echo;
+}
+
+#[test]
+fn getaddrinfo_honours_the_family_asked_for() {
+    let tunnel = Tunnel::start_routed(
+        &allow_alice(&["*.site-b.internal"]),
+        &[],
+        &["*.site-b.internal"],
+    )
+    .expect("tunnel");
+    let script = r#"
+import socket
+for family in (socket.AF_INET, socket.AF_INET6, socket.AF_UNSPEC):
+    infos = socket.getaddrinfo("db.site-b.internal", 5432, family, socket.SOCK_STREAM)
+    print(sorted({i[0].name for i in infos}), infos[0][4][1])
+"#;
+    let out = stdout_within(tunnel.run("python3").args(["-c", script]), LIMIT);
+    assert_eq!(
+        out, "['AF_INET'] 5432\n['AF_INET6'] 5432\n['AF_INET', 'AF_INET6'] 5432\n",
+        "{out}"
+    );
+}
