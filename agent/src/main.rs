@@ -159,6 +159,15 @@ fn run(cli: Cli) -> Result<()> {
             config
                 .add_command_line_routes(&route)
                 .map_err(anyhow::Error::msg)?;
+            // Only a directory made by tunnel-run for this agent's socket is removed.
+            let scratch_dir = scratch_dir.filter(|dir| {
+                let named = dir
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| n.strip_prefix("tunnel-run-"))
+                    .is_some_and(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()));
+                named && socket.as_deref().and_then(Path::parent) == Some(dir.as_path())
+            });
             if socket.is_some() {
                 config.control = socket;
             }
