@@ -229,10 +229,29 @@ async fn register(
         Ok(d) => d,
         Err(refusal) => return reply(stream, refusal).await,
     };
+    let (v4, v6) = agent.listener_addresses;
+    let listener = listener_for(source, v4, v6);
+    // A program that bound 0.0.0.0:N (or [::]:N) before connecting gets the
+    // listener's loopback address as its source when it connects to it.
+    let source = if source.ip().is_unspecified() {
+        SocketAddr::new(listener.ip(), source.port())
+    } else {
+        source
+    };
     if !is_loopback(source.ip()) {
         return reply(
             stream,
             err("bad-request", "source must be a loopback address"),
+        )
+        .await;
+    }
+    if agent.registrations.is_pending(source) {
+        return reply(
+            stream,
+            err(
+                "busy",
+                format!("{source} is registered already and not yet connected"),
+            ),
         )
         .await;
     }
@@ -244,14 +263,7 @@ async fn register(
     };
     debug!(%source, destination = %target, gateway = %via, wait, "registered");
     agent.registrations.insert(source, target, via, verdict_tx);
-    let (v4, v6) = agent.listener_addresses;
-    reply(
-        stream,
-        Reply::Ok {
-            listener: listener_for(source, v4, v6),
-        },
-    )
-    .await?;
+    reply(stream, Reply::Ok { listener }).await?;
     if let Some(rx) = verdict_rx {
         let error = match tokio::time::timeout(VERDICT_WITHIN, rx).await {
             Ok(Ok(verdict)) => verdict.map(str::to_string),

@@ -68,6 +68,16 @@ impl Registrations {
         );
     }
 
+    /// True when an unexpired registration for `source` waits for its connection.
+    pub fn is_pending(&self, source: SocketAddr) -> bool {
+        let map = self
+            .by_source
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        map.get(&key(source))
+            .is_some_and(|r| r.made.elapsed() < CLAIM_WITHIN)
+    }
+
     pub fn take(&self, source: SocketAddr) -> Option<Registration> {
         let mut map = self
             .by_source

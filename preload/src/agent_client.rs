@@ -4,7 +4,7 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tunnel_proto::local::{MAX_LINE, Reply, Request};
 
@@ -30,6 +30,7 @@ pub struct Exchange {
 
 impl Exchange {
     pub fn start(agent: &Path, request: &Request) -> Result<(Exchange, Reply), AgentError> {
+        let deadline = Instant::now() + LOCAL_TIMEOUT;
         let mut stream = UnixStream::connect(agent).map_err(AgentError::Unreachable)?;
         stream
             .set_read_timeout(Some(LOCAL_TIMEOUT))
@@ -40,19 +41,18 @@ impl Exchange {
             stream,
             buffer: Vec::with_capacity(128),
         };
-        let reply = exchange.next_reply()?;
+        let reply = exchange.next_reply(deadline)?;
         Ok((exchange, reply))
     }
 
     /// Waits for the gateway's verdict on a blocking registration.
     pub fn verdict(mut self) -> Result<Reply, AgentError> {
-        self.stream
-            .set_read_timeout(Some(VERDICT_TIMEOUT))
-            .map_err(AgentError::Unreachable)?;
-        self.next_reply()
+        self.next_reply(Instant::now() + VERDICT_TIMEOUT)
     }
 
-    fn next_reply(&mut self) -> Result<Reply, AgentError> {
+    /// Reads the next reply by `deadline`. A signal that interrupts the read (EINTR,
+    /// which SO_RCVTIMEO makes happen even under SA_RESTART) only makes it read again.
+    fn next_reply(&mut self, deadline: Instant) -> Result<Reply, AgentError> {
         let mut chunk = [0u8; 256];
         loop {
             match Reply::decode(&self.buffer) {
@@ -63,10 +63,18 @@ impl Exchange {
                 Ok(None) if self.buffer.len() <= MAX_LINE => {}
                 _ => return Err(AgentError::Garbled),
             }
-            let n = self
-                .stream
-                .read(&mut chunk)
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(AgentError::Unreachable(std::io::ErrorKind::TimedOut.into()));
+            }
+            self.stream
+                .set_read_timeout(Some(left))
                 .map_err(AgentError::Unreachable)?;
+            let n = match self.stream.read(&mut chunk) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(AgentError::Unreachable(e)),
+            };
             if n == 0 {
                 return Err(AgentError::Unreachable(
                     std::io::ErrorKind::UnexpectedEof.into(),

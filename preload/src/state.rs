@@ -7,6 +7,7 @@
 //!   and fd7e:7e7e:7e7e::/64).
 //! - `TUNNEL_DEBUG`: when set, each decision is written to stderr.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicPtr, Ordering};
@@ -131,7 +132,11 @@ impl State {
 
     pub fn trace(&self, message: std::fmt::Arguments<'_>) {
         if self.debug {
-            eprintln!("libtunnel_preload[{}]: {message}", std::process::id());
+            let _ = writeln!(
+                std::io::stderr(),
+                "libtunnel_preload[{}]: {message}",
+                std::process::id()
+            );
         }
     }
 }

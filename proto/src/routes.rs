@@ -85,11 +85,16 @@ impl RouteTable {
     }
 
     /// True when some route may select `name` on some port: such names get a synthetic
-    /// address at lookup time, before the port is known.
+    /// address at lookup time, before the port is known. A catch-all host limited to
+    /// some ports (`*:5432`) does not count: it would give every name, `localhost`
+    /// included, an address that only those ports can use.
     pub fn may_route_name(&self, name: &str) -> bool {
         self.routes.iter().any(|(_, patterns)| {
             patterns.iter().any(|p| {
-                !matches!(p.host, HostPattern::Net(_))
+                let catch_all_for_some_ports =
+                    p.host == HostPattern::Any && p.ports != crate::pattern::Ports::ANY;
+                let by_name = !matches!(p.host, HostPattern::Net(_)) && !catch_all_for_some_ports;
+                by_name
                     && Pattern {
                         host: p.host.clone(),
                         ports: crate::pattern::Ports::ANY,
@@ -135,6 +140,8 @@ mod tests {
         assert_eq!(t.route_name("db", 80), None);
         assert!(t.may_route_name("db"));
         assert!(!t.may_route_name("example.org"));
+        let ports_only = RouteTable::parse("b=*:5432").unwrap_or_else(|e| panic!("{e}"));
+        assert!(!ports_only.may_route_name("localhost"));
         assert_eq!(RouteTable::parse(&t.to_string()), Ok(t));
         assert!(RouteTable::parse("").is_ok_and(|t| t.is_empty()));
         assert!(RouteTable::parse("b").is_err());

@@ -564,3 +564,18 @@ for family in (socket.AF_INET, socket.AF_INET6, socket.AF_UNSPEC):
         "{out}"
     );
 }
+
+#[test]
+fn a_socket_bound_to_any_address_first_is_still_carried() {
+    let echo = echo_server("127.0.0.2");
+    let tunnel = Tunnel::start_routed(&allow_alice(&["127.0.0.2/32"]), &[], &["127.0.0.2/32"])
+        .expect("tunnel");
+    // As `nc -p PORT` and FTP-style clients do: bind 0.0.0.0:N, then connect.
+    let script = format!(
+        "import socket\ns = socket.socket()\ns.bind(('0.0.0.0', 0))\ns.connect(('127.0.0.2', {}))\ns.sendall(b'bound')\nprint(s.recv(5).decode())",
+        echo.port()
+    );
+    let out = stdout_within(tunnel.run("python3").args(["-c", &script]), LIMIT);
+    assert_eq!(out.trim(), "bound");
+    assert_eq!(tunnel.streams_seen(), 1);
+}
