@@ -68,6 +68,8 @@ unsafe fn route_or_pass(
     let via = match unsafe { sys::peek(addr, len) } {
         Peek::V4(address, port) => routes.lookup_v4(address, port),
         Peek::V6(address, port) => routes.lookup_v6(address, port),
+        // SAFETY: as above.
+        Peek::ShortV6 => return unsafe { connect_short_v6(fd, addr, len) },
         Peek::Other => None,
     };
     match via {
@@ -76,6 +78,21 @@ unsafe fn route_or_pass(
         // SAFETY: forwarded as given.
         None => unsafe { sys::real_connect_raw(fd, addr, len) },
     }
+}
+
+/// An IPv6 address of the old 24-byte length, which Linux accepts: decided again in
+/// its whole form, so that it is routed like any other.
+///
+/// # Safety
+/// As for `connect(2)`, with `len` ≥ 24.
+#[cold]
+#[inline(never)]
+unsafe fn connect_short_v6(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
+    // SAFETY: the caller checked len ≥ 24.
+    let whole = unsafe { sys::whole_sockaddr_in6(addr, len) };
+    let whole_len = std::mem::size_of::<libc::sockaddr_in6>() as socklen_t;
+    // SAFETY: `whole` is a complete sockaddr_in6.
+    unsafe { connect(fd, (&raw const whole).cast(), whole_len) }
 }
 
 /// A program without routes (a stray `LD_PRELOAD`), or the first connect of the process.

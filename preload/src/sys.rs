@@ -114,11 +114,32 @@ pub fn real_connect(fd: c_int, addr: SocketAddr) -> c_int {
     unsafe { real_connect_raw(fd, (&raw const storage).cast(), len) }
 }
 
+/// The old `sockaddr_in6` without `sin6_scope_id` (RFC 2133), which Linux still
+/// accepts from `connect`: an address of this length must be routed like any other.
+const SOCKADDR_IN6_RFC2133: usize = 24;
+
+/// Reads a `sockaddr_in6` of `len` bytes (24 or more); a missing scope id is 0.
+///
+/// # Safety
+/// `addr` must point to `len` readable bytes, `len` ≥ 24.
+unsafe fn read_sockaddr_in6(addr: *const sockaddr, len: socklen_t) -> sockaddr_in6 {
+    // SAFETY: all-zero is a valid sockaddr_in6.
+    let mut sin6: sockaddr_in6 = unsafe { zeroed() };
+    let n = (len as usize).min(size_of::<sockaddr_in6>());
+    // SAFETY: n bytes are readable at addr (the caller's len) and writable in sin6.
+    unsafe {
+        std::ptr::copy_nonoverlapping(addr.cast::<u8>(), (&raw mut sin6).cast::<u8>(), n);
+    }
+    sin6
+}
+
 /// An Internet address as numbers, read without building a `SocketAddr`: what
 /// `connect` needs to decide.
 pub enum Peek {
     V4(u32, u16),
     V6(u128, u16),
+    /// An IPv6 address of the RFC 2133 length (24 bytes, no scope id).
+    ShortV6,
     Other,
 }
 
@@ -150,8 +171,18 @@ pub unsafe fn peek(addr: *const sockaddr, len: socklen_t) -> Peek {
                 u16::from_be(sin6.sin6_port),
             )
         }
+        libc::AF_INET6 if len as usize >= SOCKADDR_IN6_RFC2133 => Peek::ShortV6,
         _ => Peek::Other,
     }
+}
+
+/// The RFC 2133 form of `addr` made whole (scope id 0), for a connect to go on with.
+///
+/// # Safety
+/// `addr` must point to `len` readable bytes, `len` ≥ 24.
+pub unsafe fn whole_sockaddr_in6(addr: *const sockaddr, len: socklen_t) -> sockaddr_in6 {
+    // SAFETY: forwarded from the caller.
+    unsafe { read_sockaddr_in6(addr, len) }
 }
 
 /// Reads a socket address given by a program; `None` for anything but a well-formed
@@ -174,9 +205,9 @@ pub unsafe fn from_raw(addr: *const sockaddr, len: socklen_t) -> Option<SocketAd
                 u16::from_be(sin.sin_port),
             ))
         }
-        libc::AF_INET6 if len as usize >= size_of::<sockaddr_in6>() => {
-            // SAFETY: as above, for sockaddr_in6.
-            let sin6 = unsafe { addr.cast::<sockaddr_in6>().read_unaligned() };
+        libc::AF_INET6 if len as usize >= SOCKADDR_IN6_RFC2133 => {
+            // SAFETY: len covers the sockaddr_in6 up to its address.
+            let sin6 = unsafe { read_sockaddr_in6(addr, len) };
             Some(SocketAddr::V6(SocketAddrV6::new(
                 Ipv6Addr::from(sin6.sin6_addr.s6_addr),
                 u16::from_be(sin6.sin6_port),

@@ -579,3 +579,41 @@ fn a_socket_bound_to_any_address_first_is_still_carried() {
     assert_eq!(out.trim(), "bound");
     assert_eq!(tunnel.streams_seen(), 1);
 }
+
+#[test]
+fn an_ipv6_address_of_the_old_24_byte_length_is_routed_too() {
+    require("gcc", "gcc");
+    let echo = echo_server("127.0.0.2");
+    let tunnel = Tunnel::start_routed(&allow_alice(&["127.0.0.2/32"]), &[], &["127.0.0.2/32"])
+        .expect("tunnel");
+    // An IPv6 socket, the IPv4-mapped address of a routed host, and the RFC 2133 length
+    // (no scope id) that Linux still accepts.
+    let source = format!(
+        r#"
+#include <arpa/inet.h>
+#include <stdio.h>
+#include <sys/socket.h>
+#include <unistd.h>
+int main(void) {{
+    int s = socket(AF_INET6, SOCK_STREAM, 0);
+    struct sockaddr_in6 a = {{0}};
+    a.sin6_family = AF_INET6; a.sin6_port = htons({port});
+    inet_pton(AF_INET6, "::ffff:127.0.0.2", &a.sin6_addr);
+    if (connect(s, (struct sockaddr *)&a, 24) != 0) {{ perror("connect"); return 1; }}
+    write(s, "short", 5);
+    char buf[6] = {{0}};
+    if (read(s, buf, 5) != 5) {{ perror("read"); return 1; }}
+    printf("%s\n", buf);
+    return 0;
+}}
+"#,
+        port = echo.port()
+    );
+    let c = tunnel.site.path("short6.c");
+    std::fs::write(&c, source).expect("source");
+    let program = tunnel.site.path("short6");
+    run_ok(Command::new("gcc").arg("-o").arg(&program).arg(&c));
+    let out = stdout_within(&mut tunnel.run(program.to_str().expect("path")), LIMIT);
+    assert_eq!(out.trim(), "short");
+    assert_eq!(tunnel.streams_seen(), 1, "the connection went direct");
+}
