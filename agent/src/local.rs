@@ -177,7 +177,7 @@ fn destination(
     target: Target,
     via: Option<String>,
 ) -> Result<(Target, String), Reply> {
-    let table = agent.config.route_table();
+    let table = &agent.routes;
     let target = match target {
         Target::Addr {
             host: Host::Ip(ip),

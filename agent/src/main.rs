@@ -92,6 +92,8 @@ enum Command {
 /// Everything the agent's tasks share.
 pub struct Agent {
     pub config: AgentConfig,
+    /// The config's routes, compiled once for the registrations.
+    pub routes: tunnel_proto::routes::RouteTable,
     pub fake_dns: fake_dns::FakeDns,
     pub registrations: redirect::Registrations,
     /// The loopback listeners that redirected sockets connect to (IPv4, IPv6).
@@ -279,6 +281,7 @@ async fn serve(config: AgentConfig, exit_with: Option<i32>) -> Result<()> {
         fake_dns: fake_dns::FakeDns::new(config.synthetic_ipv4, config.synthetic_ipv6),
         registrations: redirect::Registrations::default(),
         listener_addresses: listeners.addresses(),
+        routes: config.route_table(),
         config,
         pools,
         streams: StreamTable::new(Side::Agent),

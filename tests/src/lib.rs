@@ -676,3 +676,24 @@ pub fn paced_upload(s: &mut TcpStream, total: u64, pause: Duration) -> ([u8; 32]
     s.read_to_string(&mut reply).expect("reply");
     (hash.finalize().into(), reply)
 }
+
+/// Compiles the C program `source` with gcc (and `flags`) into the site's directory.
+pub fn compile_c(site: &Site, name: &str, source: &str, flags: &[&str]) -> PathBuf {
+    require("gcc", "gcc");
+    let c = site.path(&format!("{name}.c"));
+    fs::write(&c, source).expect("C source");
+    let program = site.path(name);
+    let built = Command::new("gcc")
+        .args(flags)
+        .arg("-o")
+        .arg(&program)
+        .arg(&c)
+        .output()
+        .expect("gcc");
+    assert!(
+        built.status.success(),
+        "gcc {flags:?} failed (is libc6-dev installed?): {}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    program
+}

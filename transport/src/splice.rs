@@ -16,7 +16,6 @@ use std::fmt;
 use std::future::{Future, poll_fn};
 use std::io;
 use std::net::Shutdown;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -194,6 +193,3 @@ async fn write_all(tcp: &TcpStream, mut data: &[u8]) -> io::Result<()> {
     }
     Ok(())
 }
-
-/// Shared handle to a stream's byte counts.
-pub type SharedStats = Arc<StreamStats>;

@@ -19,6 +19,14 @@ fn routed() -> (Tunnel, Daemon, std::net::SocketAddr) {
     (tunnel, server, addr)
 }
 
+/// A tunnel that routes and allows 127.0.0.2, with an echo server there.
+fn routed_echo() -> (Tunnel, std::net::SocketAddr) {
+    let echo = echo_server("127.0.0.2");
+    let tunnel = Tunnel::start_routed(&allow_alice(&["127.0.0.2/32"]), &[], &["127.0.0.2/32"])
+        .expect("tunnel");
+    (tunnel, echo)
+}
+
 #[test]
 fn curl_python_node_and_nc_go_through_tunnel_run() {
     require("curl", "curl");
@@ -301,9 +309,7 @@ fn another_user_cannot_register_with_the_agent() {
         return;
     }
     require("setpriv", "util-linux");
-    let echo = echo_server("127.0.0.2");
-    let tunnel = Tunnel::start_routed(&allow_alice(&["127.0.0.2/32"]), &[], &["127.0.0.2/32"])
-        .expect("tunnel");
+    let (tunnel, echo) = routed_echo();
     // Open the way to the socket, so that only the agent's own check stands between
     // the other user and a registration.
     use std::os::unix::fs::PermissionsExt;
@@ -467,10 +473,7 @@ print(socket.getnameinfo((addresses[0], 80), socket.NI_NUMERICHOST)[0] == addres
 
 #[test]
 fn a_non_blocking_connect_polled_with_connect_again_completes_once() {
-    require("gcc", "gcc");
-    let echo = echo_server("127.0.0.2");
-    let tunnel = Tunnel::start_routed(&allow_alice(&["127.0.0.2/32"]), &[], &["127.0.0.2/32"])
-        .expect("tunnel");
+    let (tunnel, echo) = routed_echo();
     // The old idiom: call connect until it says EISCONN, then talk.
     let source = format!(
         r#"
@@ -504,10 +507,7 @@ int main(void) {{
 "#,
         port = echo.port()
     );
-    let c = tunnel.site.path("poll.c");
-    std::fs::write(&c, source).expect("source");
-    let program = tunnel.site.path("poll");
-    run_ok(Command::new("gcc").arg("-o").arg(&program).arg(&c));
+    let program = compile_c(&tunnel.site, "poll", &source, &[]);
     let out = stdout_within(&mut tunnel.run(program.to_str().expect("path")), LIMIT);
     assert_eq!(out.trim(), "poll");
     assert_eq!(tunnel.streams_seen(), 1, "one connection, one stream");
@@ -520,9 +520,7 @@ int main(void) {{
 
 #[test]
 fn a_connection_the_preload_did_not_announce_is_dropped() {
-    let echo = echo_server("127.0.0.2");
-    let tunnel = Tunnel::start_routed(&allow_alice(&["127.0.0.2/32"]), &[], &["127.0.0.2/32"])
-        .expect("tunnel");
+    let (tunnel, echo) = routed_echo();
     let status = tunnel.agent.status().expect("status");
     let listener: std::net::SocketAddr = status["loopback_listeners"][0]
         .as_str()
@@ -567,9 +565,7 @@ for family in (socket.AF_INET, socket.AF_INET6, socket.AF_UNSPEC):
 
 #[test]
 fn a_socket_bound_to_any_address_first_is_still_carried() {
-    let echo = echo_server("127.0.0.2");
-    let tunnel = Tunnel::start_routed(&allow_alice(&["127.0.0.2/32"]), &[], &["127.0.0.2/32"])
-        .expect("tunnel");
+    let (tunnel, echo) = routed_echo();
     // As `nc -p PORT` and FTP-style clients do: bind 0.0.0.0:N, then connect.
     let script = format!(
         "import socket\ns = socket.socket()\ns.bind(('0.0.0.0', 0))\ns.connect(('127.0.0.2', {}))\ns.sendall(b'bound')\nprint(s.recv(5).decode())",
@@ -582,10 +578,7 @@ fn a_socket_bound_to_any_address_first_is_still_carried() {
 
 #[test]
 fn an_ipv6_address_of_the_old_24_byte_length_is_routed_too() {
-    require("gcc", "gcc");
-    let echo = echo_server("127.0.0.2");
-    let tunnel = Tunnel::start_routed(&allow_alice(&["127.0.0.2/32"]), &[], &["127.0.0.2/32"])
-        .expect("tunnel");
+    let (tunnel, echo) = routed_echo();
     // An IPv6 socket, the IPv4-mapped address of a routed host, and the RFC 2133 length
     // (no scope id) that Linux still accepts.
     let source = format!(
@@ -609,10 +602,7 @@ int main(void) {{
 "#,
         port = echo.port()
     );
-    let c = tunnel.site.path("short6.c");
-    std::fs::write(&c, source).expect("source");
-    let program = tunnel.site.path("short6");
-    run_ok(Command::new("gcc").arg("-o").arg(&program).arg(&c));
+    let program = compile_c(&tunnel.site, "short6", &source, &[]);
     let out = stdout_within(&mut tunnel.run(program.to_str().expect("path")), LIMIT);
     assert_eq!(out.trim(), "short");
     assert_eq!(tunnel.streams_seen(), 1, "the connection went direct");

@@ -87,23 +87,13 @@ fn tunnel_run_execs_so_status_and_signals_are_the_programs() {
 
 #[test]
 fn tunnel_run_says_when_a_static_program_cannot_be_preloaded() {
-    require("gcc", "gcc");
     let tunnel = Tunnel::start_routed(&allow_alice(&["127.0.0.2/32"]), &[], &["127.0.0.2/32"])
         .expect("tunnel");
-    let source = tunnel.site.path("hello.c");
-    std::fs::write(&source, "int main(void) { return 0; }\n").expect("source");
-    let program = tunnel.site.path("hello-static");
-    let built = Command::new("gcc")
-        .arg("-static")
-        .arg("-o")
-        .arg(&program)
-        .arg(&source)
-        .output()
-        .expect("gcc");
-    assert!(
-        built.status.success(),
-        "gcc -static failed (is libc6-dev installed?): {}",
-        String::from_utf8_lossy(&built.stderr)
+    let program = compile_c(
+        &tunnel.site,
+        "hello-static",
+        "int main(void) { return 0; }\n",
+        &["-static"],
     );
     let (code, _, err) = output_within(&mut tunnel.run(program.to_str().expect("path")), LIMIT);
     assert_eq!(code, Some(0));
