@@ -607,3 +607,31 @@ int main(void) {{
     assert_eq!(out.trim(), "short");
     assert_eq!(tunnel.streams_seen(), 1, "the connection went direct");
 }
+
+/// Every process under the preload pays for loading it: the library brings no other
+/// shared library along (Rust's unwinder is linked in, not `libgcc_s.so.1`), and a
+/// panic caught inside a hook still unwinds (the routed tests exercise that path).
+#[test]
+fn the_preload_loads_no_other_library() {
+    let library = bin("libtunnel_preload.so");
+    let maps = stdout_within(
+        Command::new("cat")
+            .arg("/proc/self/maps")
+            .env("LD_PRELOAD", &library),
+        LIMIT,
+    );
+    assert!(maps.contains("libtunnel_preload.so"), "{maps}");
+    let baseline = stdout_within(Command::new("cat").arg("/proc/self/maps"), LIMIT);
+    let libraries = |maps: &str| -> std::collections::BTreeSet<String> {
+        maps.lines()
+            .filter_map(|l| l.split_whitespace().nth(5))
+            .filter(|p| p.contains(".so") && !p.contains("libtunnel_preload"))
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(
+        libraries(&maps),
+        libraries(&baseline),
+        "the preload pulled in other libraries"
+    );
+}
