@@ -65,6 +65,13 @@ enum Internal {
         #[arg(default_value_t = 1)]
         streams: usize,
     },
+    /// The destination server alone, on IP (port chosen by the kernel): prints its
+    /// address and serves until stdin closes. For profiling one path by hand.
+    #[command(hide = true)]
+    Serve {
+        #[arg(default_value = "127.0.0.1")]
+        ip: String,
+    },
 }
 
 /// How long each measurement runs.
@@ -125,6 +132,10 @@ fn main() {
             arg,
             streams,
         }) => workload::client(&op, addr, arg, streams).map(|v| println!("{v}")),
+        Some(Internal::Serve { ip }) => workload::serve(&ip).map(|addr| {
+            println!("{addr}");
+            let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+        }),
         None => run(cli.quick, cli.json.as_deref(), &cli.only),
     };
     if let Err(e) = result {
