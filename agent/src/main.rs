@@ -173,8 +173,7 @@ fn run(cli: Cli) -> Result<()> {
             if socket.is_some() {
                 config.control = socket;
             }
-            let served = tunnel_transport::daemon::runtime(tunnel_transport::daemon::Threads::One)?
-                .block_on(serve(config, exit_with));
+            let served = tunnel_transport::daemon::runtime()?.block_on(serve(config, exit_with));
             if let Some(dir) = scratch_dir {
                 let _ = std::fs::remove_dir_all(dir);
             }
@@ -188,11 +187,9 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Status { config, json } => {
             let config = load_config(&config_path(config))?;
-            let reply = tunnel_transport::daemon::runtime(tunnel_transport::daemon::Threads::One)?
-                .block_on(tunnel_transport::control::query(
-                    &socket_path(&config),
-                    "status",
-                ))?;
+            let reply = tunnel_transport::daemon::runtime()?.block_on(
+                tunnel_transport::control::query(&socket_path(&config), "status"),
+            )?;
             if json {
                 println!("{reply}");
             } else {

@@ -315,10 +315,11 @@ async fn dial(
         .await
         .with_context(|| format!("TCP connect to {address}"))?;
     tunnel_transport::tune_tcp(&tcp);
-    let tls = tls
+    let mut tls = tls
         .connect(server_name.clone(), tcp)
         .await
         .context("TLS handshake")?;
+    tunnel_transport::tls::tune_session(tls.get_mut().1);
     h2::client::Builder::new()
         .initial_window_size(INITIAL_STREAM_WINDOW)
         .initial_connection_window_size(liveness::connection_window(INITIAL_STREAM_WINDOW))

@@ -7,6 +7,7 @@ mod outbound;
 mod policy;
 mod server;
 mod setup;
+mod workers;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -159,14 +160,13 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Run { config } => {
             let config = load_config(&config_path(config))?;
-            tunnel_transport::daemon::runtime(tunnel_transport::daemon::Threads::PerCore)?
-                .block_on(serve(config))
+            let workers = workers::Workers::per_core()?;
+            tunnel_transport::daemon::runtime()?.block_on(serve(config, workers))
         }
         Command::Status { config, json } => {
             let config = load_config(&config_path(config))?;
-            let reply =
-                tunnel_transport::daemon::runtime(tunnel_transport::daemon::Threads::PerCore)?
-                    .block_on(tunnel_transport::control::query(&config.control, "status"))?;
+            let reply = tunnel_transport::daemon::runtime()?
+                .block_on(tunnel_transport::control::query(&config.control, "status"))?;
             if json {
                 println!("{reply}");
             } else {
@@ -177,7 +177,7 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-async fn serve(config: GatewayConfig) -> Result<()> {
+async fn serve(config: GatewayConfig, workers: workers::Workers) -> Result<()> {
     let tls = tunnel_transport::tls::server_config(&config.ca, &config.cert, &config.key)?;
     let listener = TcpListener::bind(config.listen)
         .await
@@ -203,6 +203,7 @@ async fn serve(config: GatewayConfig) -> Result<()> {
         gateway.clone(),
         listener,
         tokio_rustls::TlsAcceptor::from(tls),
+        workers,
         stop_rx,
     );
     tokio::pin!(server);

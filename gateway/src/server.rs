@@ -14,6 +14,8 @@
 //!          403 denied            502/504 + tunnel-error: refused | timed-out | …
 //! ```
 //!
+//! Each accepted connection, with all its streams, runs on one worker (`workers.rs`).
+//!
 //! Shutdown: stop accepting, send GOAWAY on every connection, let streams in flight
 //! finish; the caller bounds how long that may take.
 
@@ -42,6 +44,7 @@ use tunnel_transport::streams::{Side, StreamTable};
 
 use crate::outbound;
 use crate::policy::Policy;
+use crate::workers::Workers;
 
 /// Time allowed for a TLS handshake, so that a silent client cannot hold a socket.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -110,6 +113,7 @@ pub async fn serve(
     gateway: Arc<Gateway>,
     listener: TcpListener,
     tls: TlsAcceptor,
+    workers: Workers,
     mut shutdown: watch::Receiver<bool>,
 ) {
     // Each connection task holds a sender; when all are gone, every connection ended.
@@ -119,10 +123,21 @@ pub async fn serve(
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
-                    let task = connection(gateway.clone(), tcp, peer, tls.clone(), connection_shutdown.clone());
+                    // Handed to a worker: the socket moves to that worker's runtime.
+                    let tcp = match tcp.into_std() {
+                        Ok(tcp) => tcp,
+                        Err(e) => {
+                            warn!(%peer, "could not hand the connection to a worker: {e}");
+                            continue;
+                        }
+                    };
+                    let (gateway, tls, shutdown) = (gateway.clone(), tls.clone(), connection_shutdown.clone());
                     let done = done_tx.clone();
-                    tokio::spawn(async move {
-                        task.await;
+                    workers.spawn(async move {
+                        match TcpStream::from_std(tcp) {
+                            Ok(tcp) => connection(gateway, tcp, peer, tls, shutdown).await,
+                            Err(e) => warn!(%peer, "could not register the connection: {e}"),
+                        }
                         drop(done);
                     });
                 }
@@ -148,7 +163,7 @@ async fn connection(
     mut shutdown: watch::Receiver<bool>,
 ) {
     tunnel_transport::tune_tcp(&tcp);
-    let tls_stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
+    let mut tls_stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             warn!(%peer, "TLS handshake refused: {e}");
@@ -159,6 +174,7 @@ async fn connection(
             return;
         }
     };
+    tunnel_transport::tls::tune_session(tls_stream.get_mut().1);
     let identity = tls_stream
         .get_ref()
         .1

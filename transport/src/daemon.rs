@@ -14,24 +14,13 @@ pub fn init_logging() {
         .init();
 }
 
-/// How a daemon runs its tasks.
-#[derive(Debug, Clone, Copy)]
-pub enum Threads {
-    /// One thread: no hand-offs between worker threads on the latency path. The agent
-    /// carries one user's connections; measured on loopback it cut the round trip by a
-    /// fifth against a multi-threaded runtime (tunnel-bench).
-    One,
-    /// A worker per core: the gateway serves many agents at once.
-    PerCore,
-}
-
-/// The runtime a daemon runs on.
-pub fn runtime(threads: Threads) -> Result<tokio::runtime::Runtime> {
-    let mut builder = match threads {
-        Threads::One => tokio::runtime::Builder::new_current_thread(),
-        Threads::PerCore => tokio::runtime::Builder::new_multi_thread(),
-    };
-    builder
+/// The runtime a daemon runs on: one thread, so no hand-offs between worker threads on
+/// the latency path. The agent carries one user's connections on it (measured on
+/// loopback, it cut the round trip by a fifth against a multi-threaded runtime); the
+/// gateway runs one per core, each owning whole connections (`tunnel-gateway`'s
+/// `workers.rs`).
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")

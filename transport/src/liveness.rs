@@ -78,21 +78,42 @@ pub async fn watch_connection(
             .rtt_micros
             .store(rtt.as_micros().max(1) as u64, Ordering::Relaxed);
         let in_flight = health.received.load(Ordering::Relaxed) - before;
-        if in_flight > 0 {
-            if let Some(grown) = grown_window(stream_window, in_flight) {
-                stream_window = grown;
-                let _ = window.send(stream_window);
-            }
-            // Busy: measure again right away (a short pause keeps PINGs from crowding
-            // a fast local link).
+        if let Some(grown) = grown_window(stream_window, in_flight) {
+            stream_window = grown;
+            let _ = window.send(stream_window);
+        }
+        if in_flight >= worth_measuring(stream_window) {
+            // Heavy traffic: measure again right away (a short pause keeps PINGs from
+            // crowding a fast local link).
             tokio::time::sleep(Duration::from_millis(1).max(rtt / 8)).await;
         } else {
-            tokio::select! {
-                _ = tokio::time::sleep(interval) => {}
-                _ = health.data_arrived.notified() => {}
+            // Idle or light traffic (a request and its answer now and then): the
+            // window is far from limiting anything, and a PING between every request
+            // and answer would only add frames to their path. Next PING after
+            // `interval`, or as soon as enough data flows to be worth measuring.
+            let since = health.received.load(Ordering::Relaxed);
+            let idle = tokio::time::sleep(interval);
+            tokio::pin!(idle);
+            loop {
+                tokio::select! {
+                    _ = &mut idle => break,
+                    _ = health.data_arrived.notified() => {
+                        let arrived = health.received.load(Ordering::Relaxed) - since;
+                        if arrived >= worth_measuring(stream_window) {
+                            break;
+                        }
+                    }
+                }
             }
         }
     }
+}
+
+/// Bytes in one PING round trip (or since the last one) from which a measurement is
+/// worth making: a sixteenth of the stream window. Below it, the window cannot be
+/// what limits the traffic.
+fn worth_measuring(stream_window: u32) -> u64 {
+    u64::from(stream_window / 16).max(1)
 }
 
 /// The next stream window, when `in_flight` bytes arrived during one PING round trip

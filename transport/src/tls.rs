@@ -101,3 +101,15 @@ pub fn identity_of(cert: &CertificateDer<'_>) -> Option<String> {
     let cn = parsed.subject().iter_common_name().next()?;
     cn.as_str().ok().map(str::to_string)
 }
+
+/// How many bytes of encrypted records a connection may queue before the socket takes
+/// them. rustls's default (64 KiB) is exactly one HTTP/2 DATA frame's payload, so each
+/// full frame (payload plus its 9-byte header) was cut in two: four full records, then
+/// a record and a system call for the last 9 bytes. A larger limit lets a whole frame,
+/// or several, go out in one write; HTTP/2 flow control still bounds what is queued.
+pub const SEND_BUFFER_LIMIT: usize = 1024 * 1024;
+
+/// Applies [`SEND_BUFFER_LIMIT`] to an established connection (either end).
+pub fn tune_session<D>(session: &mut rustls::ConnectionCommon<D>) {
+    session.set_buffer_limit(Some(SEND_BUFFER_LIMIT));
+}
