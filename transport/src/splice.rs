@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tunnel_proto::ConnectError;
@@ -119,10 +119,6 @@ pub async fn splice(
     }
 }
 
-/// Reads and writes go through tokio's `AsyncRead`/`AsyncWrite` on the socket's halves:
-/// a read that does not fill the buffer (or a write the socket takes only in part)
-/// tells the reactor the socket is drained (or full) at once, instead of one more
-/// system call failing with EAGAIN to say so — one system call less per message.
 async fn tcp_to_tunnel(
     tcp: &mut ReadHalf<'_>,
     send: &mut SendStream<Bytes>,
@@ -130,9 +126,14 @@ async fn tcp_to_tunnel(
 ) -> Result<(), Abort> {
     loop {
         tcp.readable().await.map_err(Abort::Tcp)?;
-        // Allocated only once the socket is readable, so idle connections hold no buffer.
+        // Allocated only once the socket is readable, and dropped if it was not after
+        // all, so idle connections hold no buffer.
         let mut buf = BytesMut::with_capacity(CHUNK);
-        let n = tcp.read_buf(&mut buf).await.map_err(Abort::Tcp)?;
+        let n = match read_some(tcp.as_ref(), &mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(Abort::Tcp(e)),
+        };
         if n == 0 {
             send.send_data(Bytes::new(), true).map_err(Abort::Tunnel)?;
             return Ok(());
@@ -161,6 +162,29 @@ async fn tcp_to_tunnel(
     }
 }
 
+/// One read into `buf`. A read that does not fill it shows the socket drained
+/// (edge-triggered epoll), so the reactor is told so at once instead of by one more
+/// read failing with EAGAIN: one system call less per message. tokio's own
+/// `AsyncRead` does the same; a closed socket's readiness is never cleared, so an
+/// end of stream is not missed.
+fn read_some(tcp: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+    let mut short = None;
+    let read = tcp.try_io(Interest::READABLE, || {
+        let n = tcp.try_read_buf(buf)?;
+        if n > 0 && buf.len() < buf.capacity() {
+            short = Some(n);
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match short {
+        Some(n) => Ok(n),
+        None => read,
+    }
+}
+
+/// Writes go through tokio's `AsyncWrite`, which likewise takes a partial write as
+/// "the socket is full" without a failing system call.
 async fn tunnel_to_tcp(
     recv: &mut RecvStream,
     tcp: &mut WriteHalf<'_>,
