@@ -94,13 +94,12 @@ pub fn reset(tcp: TcpStream) {
 /// `health` counts, for the whole tunnel connection, the bytes that came in (the
 /// window tuning reads it).
 pub async fn splice(
-    tcp: TcpStream,
+    mut tcp: TcpStream,
     mut send: SendStream<Bytes>,
     recv: impl Future<Output = Result<RecvStream, Abort>>,
     stats: &StreamStats,
     health: &Health,
 ) -> Result<(), Abort> {
-    let mut tcp = tcp;
     let (mut reader, mut writer) = tcp.split();
     let both = async {
         tokio::try_join!(tcp_to_tunnel(&mut reader, &mut send, stats), async {
@@ -108,8 +107,7 @@ pub async fn splice(
             tunnel_to_tcp(&mut recv, &mut writer, stats, health).await
         })
     };
-    let outcome = both.await;
-    match outcome {
+    match both.await {
         Ok(_) => Ok(()),
         Err(abort) => {
             send.send_reset(Reason::CANCEL);

@@ -11,7 +11,14 @@ use tunnel_tests::*;
 /// Connects through `fwd`, sends a little, and returns how the read ended.
 fn read_result(fwd: SocketAddr) -> (std::io::Result<usize>, Duration) {
     let start = Instant::now();
-    let mut s = connect(fwd, Duration::from_secs(10));
+    // A reset can come so fast that the (polled) connect itself reports it.
+    let mut s = match std::net::TcpStream::connect_timeout(&fwd, Duration::from_secs(10)) {
+        Ok(s) => s,
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => return (Err(e), start.elapsed()),
+        Err(e) => panic!("connect: {e}"),
+    };
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("read timeout");
     let _ = s.write_all(b"hello?\n");
     let mut buf = [0u8; 64];
     let result = s.read(&mut buf);
