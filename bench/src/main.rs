@@ -36,7 +36,9 @@ use crate::report::{Better, Report};
 /// Measures tunnel side by side with direct TCP, ssh -L, an stunnel pair, socat and
 /// proxychains (through ssh -D), on loopback and over an emulated wide-area link.
 /// Prints a table; --json writes every figure. Peers that are not installed are
-/// reported as missing.
+/// reported as missing. In the full run each loopback figure is measured in three
+/// rounds, the paths in a different order each round, and reported as each path's
+/// median round (--json keeps every round).
 #[derive(Parser, Debug)]
 #[command(version, about, long_about)]
 struct Cli {
@@ -81,6 +83,8 @@ struct Plan {
     connect_secs: f64,
     wan_secs: f64,
     idle_streams: usize,
+    /// Rounds of the loopback figures (each path's figure is its median round).
+    loopback_rounds: usize,
     links: Vec<(&'static str, Link)>,
 }
 
@@ -108,6 +112,7 @@ impl Plan {
                 connect_secs: 1.0,
                 wan_secs: 3.0,
                 idle_streams: 2000,
+                loopback_rounds: 1,
                 links: vec![wan_50],
             }
         } else {
@@ -117,6 +122,7 @@ impl Plan {
                 connect_secs: 3.0,
                 wan_secs: 10.0,
                 idle_streams: 10_000,
+                loopback_rounds: 3,
                 links: vec![wan_50, wan_100],
             }
         }
@@ -305,10 +311,14 @@ fn client(ready: &Ready, op: &str, arg: f64, streams: usize, limit: Duration) ->
 
 type Measure<'a> = (&'a str, &'a str, Better, &'a str, f64, usize, &'a str, f64);
 
+/// Measures each figure on every path, `rounds` times. Each round visits the paths in
+/// a rotated order, so that a slow drift of the machine (other work, CPU placement)
+/// does not always fall on the same path; each path's figure is its median round.
 fn measure_all(
     report: &mut Report,
     paths: &[(&'static str, Result<Ready, String>)],
     measures: &[Measure<'_>],
+    rounds: usize,
 ) {
     for (name, ready) in paths {
         if let Err(why) = ready {
@@ -318,20 +328,26 @@ fn measure_all(
                 .or_insert_with(|| why.clone());
         }
     }
+    let measured: Vec<_> = paths
+        .iter()
+        .filter_map(|(name, ready)| ready.as_ref().ok().map(|r| (*name, r)))
+        .collect();
     for (figure, unit, better, op, arg, streams, field, scale) in measures {
-        let mut values = BTreeMap::new();
-        for (name, ready) in paths {
-            let Ok(ready) = ready else { continue };
-            let limit = Duration::from_secs_f64(arg.max(1.0) * 4.0 + 60.0);
-            let value = client(ready, op, *arg, *streams, limit)
-                .map_err(|e| eprintln!("  {name}: {figure}: {e:#}"))
-                .ok()
-                .and_then(|v| v[*field].as_f64())
-                .map(|v| v * scale);
-            values.insert(name.to_string(), value);
+        let mut values: BTreeMap<String, Vec<Option<f64>>> = BTreeMap::new();
+        for round in 0..rounds.max(1) {
+            for index in 0..measured.len() {
+                let (name, ready) = measured[(index + round) % measured.len()];
+                let limit = Duration::from_secs_f64(arg.max(1.0) * 4.0 + 60.0);
+                let value = client(ready, op, *arg, *streams, limit)
+                    .map_err(|e| eprintln!("  {name}: {figure}: {e:#}"))
+                    .ok()
+                    .and_then(|v| v[*field].as_f64())
+                    .map(|v| v * scale);
+                values.entry(name.to_string()).or_default().push(value);
+            }
         }
         eprintln!("  {figure}: {values:?}");
-        report.add(figure, unit, *better, values);
+        report.add_rounds(figure, unit, *better, values);
     }
 }
 
@@ -443,6 +459,7 @@ fn run(quick: bool, json: Option<&Path>, only: &[String]) -> Result<()> {
                     1.0,
                 ),
             ],
+            plan.loopback_rounds,
         );
     }
 
@@ -490,6 +507,7 @@ fn run(quick: bool, json: Option<&Path>, only: &[String]) -> Result<()> {
                     1.0 / rtt_ms,
                 ),
             ],
+            1,
         );
         eprintln!("  (link {rate_mbit} Mbit/s, RTT {rtt_ms} ms)");
     }

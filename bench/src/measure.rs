@@ -208,7 +208,10 @@ pub fn idle_memory(bins: &Path, count: usize, report: &mut Report) -> Result<()>
 
 pub fn budgets(report: &mut Report, links: &[&str]) {
     let v = |r: &Report, figure: &str, path: &str| r.value(figure, path);
-    let fmt = |x: Option<f64>| x.map_or("not measured".to_string(), |x| format!("{x:.2}"));
+    // A figure with its unit, or "not measured" alone.
+    let fmt = |x: Option<f64>, unit: &str| {
+        x.map_or("not measured".to_string(), |x| format!("{x:.2}{unit}"))
+    };
     let ratio = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b);
 
     let one = "loopback: 1 stream download";
@@ -217,12 +220,12 @@ pub fn budgets(report: &mut Report, links: &[&str]) {
     let vs_ssh = ratio(tunnel, v(report, one, "ssh -L"));
     report.budget(
         "one stream on loopback ≥ 1.2× the stunnel pair",
-        format!("{}×", fmt(vs_stunnel)).replace("measured×", "measured"),
+        fmt(vs_stunnel, "×"),
         vs_stunnel.map(|r| r >= 1.2),
     );
     report.budget(
         "one stream on loopback ≥ 1.5× ssh -L",
-        format!("{}×", fmt(vs_ssh)),
+        fmt(vs_ssh, "×"),
         vs_ssh.map(|r| r >= 1.5),
     );
 
@@ -232,7 +235,7 @@ pub fn budgets(report: &mut Report, links: &[&str]) {
     let theirs = v(report, rr, "stunnel").zip(direct).map(|(s, d)| s - d);
     report.budget(
         "added round-trip latency ≤ half of the stunnel pair's",
-        format!("{} µs vs {} µs", fmt(ours), fmt(theirs)),
+        format!("{} vs {}", fmt(ours, " µs"), fmt(theirs, " µs")),
         ours.zip(theirs).map(|(o, t)| o <= t / 2.0),
     );
 
@@ -241,7 +244,7 @@ pub fn budgets(report: &mut Report, links: &[&str]) {
         let n = v(report, cps, path);
         report.budget(
             &format!("≥ 10,000 new connections per second ({path})"),
-            format!("{} per s", fmt(n)),
+            fmt(n, " per s"),
             n.map(|n| n >= 10_000.0),
         );
     }
@@ -253,7 +256,7 @@ pub fn budgets(report: &mut Report, links: &[&str]) {
         );
         report.budget(
             &format!("{link}: one stream ≥ 90% of the link"),
-            format!("{}%", fmt(share)),
+            fmt(share, "%"),
             share.map(|s| s >= 90.0),
         );
         // Judged as programs connect: non-blocking (curl, browsers, event loops). A
@@ -267,7 +270,7 @@ pub fn budgets(report: &mut Report, links: &[&str]) {
             );
             report.budget(
                 &format!("{link}: time to first byte ≤ 1.2 RTT ({path})"),
-                format!("{} RTT", fmt(ttfb)),
+                fmt(ttfb, " RTT"),
                 ttfb.map(|t| t <= 1.2),
             );
         }
@@ -278,7 +281,7 @@ pub fn budgets(report: &mut Report, links: &[&str]) {
         .map(|v| v.0);
     report.budget(
         "idle streams: agent + gateway ≤ 20 KiB per stream",
-        format!("{} KiB", fmt(per_stream)),
+        fmt(per_stream, " KiB"),
         per_stream.map(|k| k <= 20.0),
     );
     let instructions = report
@@ -287,7 +290,7 @@ pub fn budgets(report: &mut Report, links: &[&str]) {
         .map(|v| v.0);
     report.budget(
         "pass-through connect ≤ 30 added instructions",
-        fmt(instructions),
+        fmt(instructions, ""),
         instructions.map(|i| i <= 30.0),
     );
     let startup = report
@@ -296,7 +299,7 @@ pub fn budgets(report: &mut Report, links: &[&str]) {
         .map(|v| v.0);
     report.budget(
         "process start-up under the preload ≤ 200 µs added",
-        format!("{} µs", fmt(startup)),
+        fmt(startup, " µs"),
         startup.map(|s| s <= 200.0),
     );
 }

@@ -18,8 +18,13 @@ pub struct Row {
     pub figure: String,
     pub unit: String,
     pub better: Better,
-    /// Path name → value; `None` when the path could not be measured.
+    /// Path name → value (the median of its rounds); `None` when the path could not
+    /// be measured.
     pub values: BTreeMap<String, Option<f64>>,
+    /// Path name → the value of each round, in the order measured (empty for a
+    /// figure measured once).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub rounds: BTreeMap<String, Vec<f64>>,
     /// For each tunnel path, its advantage over each other path: above 1 is better.
     pub advantage: BTreeMap<String, BTreeMap<String, f64>>,
 }
@@ -79,8 +84,33 @@ impl Report {
             unit: unit.to_string(),
             better,
             values,
+            rounds: BTreeMap::new(),
             advantage,
         });
+    }
+
+    /// Adds a figure measured in several rounds: each path's value is the median of
+    /// the rounds it completed (a round that failed leaves it out); a path that failed
+    /// every round has none.
+    pub fn add_rounds(
+        &mut self,
+        figure: &str,
+        unit: &str,
+        better: Better,
+        rounds: BTreeMap<String, Vec<Option<f64>>>,
+    ) {
+        let measured: BTreeMap<String, Vec<f64>> = rounds
+            .into_iter()
+            .map(|(path, values)| (path, values.into_iter().flatten().collect()))
+            .collect();
+        let values = measured
+            .iter()
+            .map(|(path, values)| (path.clone(), median(values)))
+            .collect();
+        self.add(figure, unit, better, values);
+        if let Some(row) = self.rows.last_mut() {
+            row.rounds = measured.into_iter().filter(|(_, v)| v.len() > 1).collect();
+        }
     }
 
     pub fn value(&self, figure: &str, path: &str) -> Option<f64> {
@@ -182,6 +212,18 @@ impl Report {
     }
 }
 
+/// The middle value (the mean of the middle two for an even count).
+pub fn median(values: &[f64]) -> Option<f64> {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let mid = sorted.len() / 2;
+    match sorted.len() {
+        0 => None,
+        n if n % 2 == 1 => Some(sorted[mid]),
+        _ => Some((sorted[mid - 1] + sorted[mid]) / 2.0),
+    }
+}
+
 fn format_value(v: f64) -> String {
     if v >= 100.0 {
         format!("{v:.0}")
@@ -226,5 +268,35 @@ mod tests {
             );
         }
         assert!(report.table().contains("3.00× ssh -L"));
+    }
+
+    #[test]
+    fn rounds_report_their_median_and_keep_every_value() {
+        let mut report = Report::default();
+        report.add_rounds(
+            "throughput",
+            "Mbit/s",
+            Better::Higher,
+            BTreeMap::from([
+                (
+                    "tunnel-run".to_string(),
+                    vec![Some(5.0), Some(1.0), Some(3.0)],
+                ),
+                ("ssh -L".to_string(), vec![Some(2.0), None, Some(4.0)]),
+                ("socat".to_string(), vec![None, None, None]),
+            ]),
+        );
+        let row = &report.rows[0];
+        assert_eq!(row.values["tunnel-run"], Some(3.0));
+        assert_eq!(
+            row.values["ssh -L"],
+            Some(3.0),
+            "a failed round is left out"
+        );
+        assert_eq!(row.values["socat"], None, "every round failed");
+        assert_eq!(row.rounds["tunnel-run"], vec![5.0, 1.0, 3.0]);
+        assert_eq!(row.advantage["tunnel-run"]["ssh -L"], 1.0);
+        assert_eq!(median(&[]), None);
+        assert_eq!(median(&[4.0, 1.0]), Some(2.5));
     }
 }
