@@ -10,7 +10,10 @@ use std::net::IpAddr;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::ptr::null_mut;
 
-use libc::{addrinfo, c_char, c_int, hostent, size_t, sockaddr, socklen_t};
+use libc::{
+    addrinfo, c_char, c_int, c_uint, c_void, hostent, mmsghdr, msghdr, size_t, sockaddr, socklen_t,
+    ssize_t,
+};
 
 use crate::guard::Guard;
 use crate::ip_routes::Via;
@@ -148,6 +151,172 @@ unsafe fn routed_connect(fd: c_int, addr: *const sockaddr, len: socklen_t, via: 
             sys::set_errno(libc::ECONNREFUSED);
             -1
         }),
+    }
+}
+
+/// What a Fast Open send (MSG_FASTOPEN with an address) does about its destination.
+enum FastOpen {
+    /// Not routed, or not a TCP socket: the real call, as the program made it.
+    Direct,
+    /// Routed, and the socket is now connected to the agent: send on it, without
+    /// MSG_FASTOPEN (TCP ignores the address then).
+    Connected,
+    /// Routed, and the connect failed or is under way: -1, errno set (EINPROGRESS for
+    /// a non-blocking socket, as a Fast Open without a cookie gives).
+    Failed,
+}
+
+/// TCP Fast Open connects inside the send itself, with no `connect` call: a routed
+/// destination is connected through the tunnel first, exactly as `connect` would be,
+/// so that it never goes direct.
+///
+/// # Safety
+/// `addr` must point to `len` readable bytes, as for `sendto(2)`.
+#[cold]
+#[inline(never)]
+unsafe fn fast_open(fd: c_int, addr: *const sockaddr, len: socklen_t) -> FastOpen {
+    let Some(state) = state() else {
+        return FastOpen::Direct;
+    };
+    let routes = &state.ip_routes;
+    // SAFETY: the program vouches for addr/len.
+    let via = match unsafe { sys::peek(addr, len) } {
+        Peek::V4(address, port) => routes.lookup_v4(address, port),
+        Peek::V6(address, port) => routes.lookup_v6(address, port),
+        Peek::ShortV6 => {
+            // SAFETY: peek checked len ≥ 24.
+            let whole = unsafe { sys::whole_sockaddr_in6(addr, len) };
+            let whole_len = size_of::<libc::sockaddr_in6>() as socklen_t;
+            // SAFETY: `whole` is a complete sockaddr_in6.
+            return unsafe { fast_open(fd, (&raw const whole).cast(), whole_len) };
+        }
+        Peek::Other => None,
+    };
+    let Some(via) = via else {
+        return FastOpen::Direct;
+    };
+    if sys::socket_type(fd) != Some(libc::SOCK_STREAM) {
+        // A datagram socket ignores MSG_FASTOPEN; UDP is not carried.
+        return FastOpen::Direct;
+    }
+    // SAFETY: forwarded from the caller.
+    match unsafe { routed_connect(fd, addr, len, via) } {
+        0 => FastOpen::Connected,
+        _ => FastOpen::Failed,
+    }
+}
+
+type SendtoFn = unsafe extern "C" fn(
+    c_int,
+    *const c_void,
+    size_t,
+    c_int,
+    *const sockaddr,
+    socklen_t,
+) -> ssize_t;
+
+/// # Safety
+/// As for `sendto(2)`.
+///
+/// Passes every call through except a Fast Open to a routed destination (see
+/// [`fast_open`]); the pass-through path tests one flag.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sendto(
+    fd: c_int,
+    buf: *const c_void,
+    n: size_t,
+    flags: c_int,
+    addr: *const sockaddr,
+    addr_len: socklen_t,
+) -> ssize_t {
+    let real = |flags, addr, addr_len| {
+        call_real!(
+            sys::REAL_SENDTO,
+            SendtoFn,
+            -1,
+            fd,
+            buf,
+            n,
+            flags,
+            addr,
+            addr_len
+        )
+    };
+    if flags & libc::MSG_FASTOPEN == 0 || addr.is_null() {
+        return real(flags, addr, addr_len);
+    }
+    // SAFETY: the program vouches for addr/addr_len as sendto(2) requires.
+    match unsafe { fast_open(fd, addr, addr_len) } {
+        FastOpen::Direct => real(flags, addr, addr_len),
+        FastOpen::Connected => real(flags & !libc::MSG_FASTOPEN, std::ptr::null(), 0),
+        FastOpen::Failed => -1,
+    }
+}
+
+type SendmsgFn = unsafe extern "C" fn(c_int, *const msghdr, c_int) -> ssize_t;
+
+/// # Safety
+/// As for `sendmsg(2)`. A Fast Open to a routed destination as for [`sendto`].
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) -> ssize_t {
+    let real = |flags| call_real!(sys::REAL_SENDMSG, SendmsgFn, -1, fd, msg, flags);
+    if flags & libc::MSG_FASTOPEN == 0 || msg.is_null() {
+        return real(flags);
+    }
+    // SAFETY: the program vouches for msg as sendmsg(2) requires.
+    let (name, name_len) = unsafe { ((*msg).msg_name, (*msg).msg_namelen) };
+    if name.is_null() {
+        return real(flags);
+    }
+    // SAFETY: as above, for msg_name/msg_namelen.
+    match unsafe { fast_open(fd, name.cast(), name_len) } {
+        FastOpen::Direct => real(flags),
+        FastOpen::Connected => real(flags & !libc::MSG_FASTOPEN),
+        FastOpen::Failed => -1,
+    }
+}
+
+type SendmmsgFn = unsafe extern "C" fn(c_int, *mut mmsghdr, c_uint, c_int) -> c_int;
+
+/// # Safety
+/// As for `sendmmsg(2)`. The first message's address decides a Fast Open, as the
+/// kernel's connect does.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sendmmsg(
+    fd: c_int,
+    messages: *mut mmsghdr,
+    count: c_uint,
+    flags: c_int,
+) -> c_int {
+    let real = |flags| {
+        call_real!(
+            sys::REAL_SENDMMSG,
+            SendmmsgFn,
+            -1,
+            fd,
+            messages,
+            count,
+            flags
+        )
+    };
+    if flags & libc::MSG_FASTOPEN == 0 || messages.is_null() || count == 0 {
+        return real(flags);
+    }
+    // SAFETY: the program vouches for `count` messages as sendmmsg(2) requires.
+    let (name, name_len) = unsafe {
+        (
+            (*messages).msg_hdr.msg_name,
+            (*messages).msg_hdr.msg_namelen,
+        )
+    };
+    if name.is_null() {
+        return real(flags);
+    }
+    // SAFETY: as above, for msg_name/msg_namelen.
+    match unsafe { fast_open(fd, name.cast(), name_len) } {
+        FastOpen::Direct => real(flags),
+        FastOpen::Connected => real(flags & !libc::MSG_FASTOPEN),
+        FastOpen::Failed => -1,
     }
 }
 

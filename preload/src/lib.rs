@@ -15,6 +15,9 @@
 //!          sys: real connect(fd, agent's loopback listener) with the program's flags
 //!          blocking: wait for the gateway's VERDICT → 0 or the real errno
 //!
+//!  sendto / sendmsg / sendmmsg with MSG_FASTOPEN (a connect inside the send):
+//!  a routed destination is connected as above first, then the data sent on it.
+//!
 //!  getaddrinfo / gethostbyname* / getnameinfo ──▶ names: routed names get synthetic
 //!  addresses from the agent; getpeername on a redirected socket shows D.
 //! ```

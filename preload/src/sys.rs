@@ -48,6 +48,9 @@ pub static REAL_GETNAMEINFO: RealFn = RealFn::new(c"getnameinfo");
 pub static REAL_GETHOSTBYNAME: RealFn = RealFn::new(c"gethostbyname");
 pub static REAL_GETHOSTBYNAME2: RealFn = RealFn::new(c"gethostbyname2");
 pub static REAL_GETHOSTBYNAME2_R: RealFn = RealFn::new(c"gethostbyname2_r");
+pub static REAL_SENDTO: RealFn = RealFn::new(c"sendto");
+pub static REAL_SENDMSG: RealFn = RealFn::new(c"sendmsg");
+pub static REAL_SENDMMSG: RealFn = RealFn::new(c"sendmmsg");
 
 pub fn errno() -> c_int {
     // SAFETY: __errno_location always returns this thread's errno.

@@ -635,3 +635,81 @@ fn the_preload_loads_no_other_library() {
         "the preload pulled in other libraries"
     );
 }
+
+/// TCP Fast Open connects inside `sendto`/`sendmsg` (MSG_FASTOPEN), with no `connect`
+/// call at all: a routed destination must still go through the tunnel, never direct.
+#[test]
+fn a_fast_open_send_to_a_routed_destination_goes_through_the_tunnel() {
+    let (tunnel, echo) = routed_echo();
+    let unrouted = echo_server("127.0.0.1");
+    let script = format!(
+        r#"
+import socket, select
+to = ('127.0.0.2', {port})
+a = socket.socket()
+assert a.sendto(b'sendto', socket.MSG_FASTOPEN, to) == 6
+b = socket.socket()
+assert b.sendmsg([b'send', b'msg'], [], socket.MSG_FASTOPEN, to) == 7
+# Non-blocking: the connect is under way (EINPROGRESS, as without a cookie); the
+# program sends once the socket is writable.
+c = socket.socket()
+c.setblocking(False)
+try:
+    c.sendto(b'nonblocking', socket.MSG_FASTOPEN, to)
+except BlockingIOError:
+    select.select([], [c], [], 10)
+    c.send(b'nonblocking')
+c.setblocking(True)
+# Not routed: the program's own Fast Open, untouched.
+d = socket.socket()
+assert d.sendto(b'direct', socket.MSG_FASTOPEN, ('127.0.0.1', {unrouted})) == 6
+print(a.recv(6).decode(), b.recv(7).decode(), c.recv(11).decode(), d.recv(6).decode())
+"#,
+        port = echo.port(),
+        unrouted = unrouted.port()
+    );
+    let out = stdout_within(tunnel.run("python3").args(["-c", &script]), LIMIT);
+    assert_eq!(out.trim(), "sendto sendmsg nonblocking direct");
+    assert_eq!(
+        tunnel.streams_seen(),
+        3,
+        "a Fast Open connection went direct"
+    );
+}
+
+/// `sendmmsg` with MSG_FASTOPEN connects on its first message's address, as the
+/// kernel does: routed, it goes through the tunnel too.
+#[test]
+fn a_fast_open_sendmmsg_to_a_routed_destination_goes_through_the_tunnel() {
+    let (tunnel, echo) = routed_echo();
+    let source = format!(
+        r#"
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+int main(void) {{
+    int s = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {{0}};
+    a.sin_family = AF_INET; a.sin_port = htons({port});
+    inet_pton(AF_INET, "127.0.0.2", &a.sin_addr);
+    struct iovec v = {{ .iov_base = "mmsg", .iov_len = 4 }};
+    struct mmsghdr m = {{0}};
+    m.msg_hdr.msg_name = &a; m.msg_hdr.msg_namelen = sizeof a;
+    m.msg_hdr.msg_iov = &v; m.msg_hdr.msg_iovlen = 1;
+    if (sendmmsg(s, &m, 1, MSG_FASTOPEN) != 1) {{ perror("sendmmsg"); return 1; }}
+    char buf[5] = {{0}};
+    if (read(s, buf, 4) != 4) {{ perror("read"); return 1; }}
+    printf("%s\n", buf);
+    return 0;
+}}
+"#,
+        port = echo.port()
+    );
+    let program = compile_c(&tunnel.site, "fastopen_mmsg", &source, &[]);
+    let out = stdout_within(&mut tunnel.run(program.to_str().expect("path")), LIMIT);
+    assert_eq!(out.trim(), "mmsg");
+    assert_eq!(tunnel.streams_seen(), 1, "the connection went direct");
+}
