@@ -253,26 +253,39 @@ pub unsafe extern "C" fn sendto(
     }
 }
 
+/// The flags to send a message with, once a Fast Open from its address is dealt with
+/// (see [`fast_open`]); `None` when the routed connect failed (errno set).
+///
+/// # Safety
+/// `msg` is null or valid, as for `sendmsg(2)`.
+#[inline(always)]
+unsafe fn fast_open_message(fd: c_int, msg: *const msghdr, flags: c_int) -> Option<c_int> {
+    if flags & libc::MSG_FASTOPEN == 0 || msg.is_null() {
+        return Some(flags);
+    }
+    // SAFETY: the program vouches for msg as sendmsg(2) requires.
+    let (name, name_len) = unsafe { ((*msg).msg_name, (*msg).msg_namelen) };
+    if name.is_null() {
+        return Some(flags);
+    }
+    // SAFETY: as above, for msg_name/msg_namelen.
+    match unsafe { fast_open(fd, name.cast(), name_len) } {
+        FastOpen::Direct => Some(flags),
+        FastOpen::Connected => Some(flags & !libc::MSG_FASTOPEN),
+        FastOpen::Failed => None,
+    }
+}
+
 type SendmsgFn = unsafe extern "C" fn(c_int, *const msghdr, c_int) -> ssize_t;
 
 /// # Safety
 /// As for `sendmsg(2)`. A Fast Open to a routed destination as for [`sendto`].
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) -> ssize_t {
-    let real = |flags| call_real!(sys::REAL_SENDMSG, SendmsgFn, -1, fd, msg, flags);
-    if flags & libc::MSG_FASTOPEN == 0 || msg.is_null() {
-        return real(flags);
-    }
-    // SAFETY: the program vouches for msg as sendmsg(2) requires.
-    let (name, name_len) = unsafe { ((*msg).msg_name, (*msg).msg_namelen) };
-    if name.is_null() {
-        return real(flags);
-    }
-    // SAFETY: as above, for msg_name/msg_namelen.
-    match unsafe { fast_open(fd, name.cast(), name_len) } {
-        FastOpen::Direct => real(flags),
-        FastOpen::Connected => real(flags & !libc::MSG_FASTOPEN),
-        FastOpen::Failed => -1,
+    // SAFETY: forwarded as given.
+    match unsafe { fast_open_message(fd, msg, flags) } {
+        Some(flags) => call_real!(sys::REAL_SENDMSG, SendmsgFn, -1, fd, msg, flags),
+        None => -1,
     }
 }
 
@@ -288,8 +301,15 @@ pub unsafe extern "C" fn sendmmsg(
     count: c_uint,
     flags: c_int,
 ) -> c_int {
-    let real = |flags| {
-        call_real!(
+    let first = if messages.is_null() || count == 0 {
+        std::ptr::null()
+    } else {
+        // SAFETY: the program vouches for `count` (≥ 1) messages.
+        unsafe { &raw const (*messages).msg_hdr }
+    };
+    // SAFETY: `first` is null or the program's first message.
+    match unsafe { fast_open_message(fd, first, flags) } {
+        Some(flags) => call_real!(
             sys::REAL_SENDMMSG,
             SendmmsgFn,
             -1,
@@ -297,26 +317,8 @@ pub unsafe extern "C" fn sendmmsg(
             messages,
             count,
             flags
-        )
-    };
-    if flags & libc::MSG_FASTOPEN == 0 || messages.is_null() || count == 0 {
-        return real(flags);
-    }
-    // SAFETY: the program vouches for `count` messages as sendmmsg(2) requires.
-    let (name, name_len) = unsafe {
-        (
-            (*messages).msg_hdr.msg_name,
-            (*messages).msg_hdr.msg_namelen,
-        )
-    };
-    if name.is_null() {
-        return real(flags);
-    }
-    // SAFETY: as above, for msg_name/msg_namelen.
-    match unsafe { fast_open(fd, name.cast(), name_len) } {
-        FastOpen::Direct => real(flags),
-        FastOpen::Connected => real(flags & !libc::MSG_FASTOPEN),
-        FastOpen::Failed => -1,
+        ),
+        None => -1,
     }
 }
 
