@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
+use tokio::sync::watch;
 use tracing::{debug, warn};
 use tunnel_proto::Target;
 use tunnel_proto::connect::{ERROR_HEADER, decode_outcome};
@@ -22,9 +22,14 @@ use crate::Agent;
 /// success, else the failure class (`refused`, `denied`, `unavailable`, …).
 pub type Verdict = Option<&'static str>;
 
-fn tell(verdict: &mut Option<oneshot::Sender<Verdict>>, value: Verdict) {
+/// Where a registered connection's verdict goes: the registration's own request (a
+/// blocking connect) or the table of kept answers (a non-blocking one). Dropped
+/// unanswered, its readers learn that no answer will come.
+pub type VerdictSender = watch::Sender<Option<Verdict>>;
+
+fn tell(verdict: &mut Option<VerdictSender>, value: Verdict) {
     if let Some(v) = verdict.take() {
-        let _ = v.send(value);
+        v.send_replace(Some(value));
     }
 }
 
@@ -33,9 +38,9 @@ pub async fn carry(
     tcp: TcpStream,
     target: Target,
     via: String,
-    mut verdict: Option<oneshot::Sender<Verdict>>,
+    mut verdict: Option<VerdictSender>,
 ) {
-    tunnel_transport::tune_tcp(&tcp);
+    tunnel_transport::tune_carried_tcp(&tcp);
     let entry = agent.streams.register(target.to_string(), via.clone());
     let Some(pool) = agent.pool(&via) else {
         warn!(destination = %target, "no gateway named `{via}`");

@@ -12,12 +12,14 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::oneshot;
+use tokio::sync::watch;
 use tracing::{debug, warn};
-use tunnel_proto::local::{MAX_LINE, Reply, Request};
+use tunnel_proto::local::{MAX_LINE, Reply, Request, VerdictDelivery};
 use tunnel_proto::{Host, Target};
+use tunnel_transport::control::SharedWith;
 
 use crate::Agent;
+use crate::carry::Verdict;
 use crate::redirect::listener_for;
 
 /// Time a blocking connect may wait for the gateway's answer.
@@ -27,22 +29,32 @@ const VERDICT_WITHIN: Duration = Duration::from_secs(60);
 pub struct Access {
     uid: u32,
     gid: Option<u32>,
+    group: Option<SharedWith>,
 }
 
 impl Access {
     pub fn new(group: Option<&str>) -> Result<Access> {
-        let gid = match group {
+        let group = match group {
             None => None,
             Some(name) => match nix::unistd::Group::from_name(name) {
-                Ok(Some(g)) => Some(g.gid.as_raw()),
+                Ok(Some(g)) => Some(SharedWith {
+                    gid: g.gid.as_raw(),
+                    name: name.to_string(),
+                }),
                 Ok(None) => bail!("group `{name}` (agent.toml `group`) does not exist"),
                 Err(e) => return Err(e).with_context(|| format!("looking up group `{name}`")),
             },
         };
         Ok(Access {
             uid: nix::unistd::getuid().as_raw(),
-            gid,
+            gid: group.as_ref().map(|g| g.gid),
+            group,
         })
+    }
+
+    /// The group the socket is shared with, if any.
+    pub fn group(&self) -> Option<&SharedWith> {
+        self.group.as_ref()
     }
 
     fn allows(&self, stream: &UnixStream) -> bool {
@@ -118,7 +130,8 @@ fn err(class: &str, message: impl Into<String>) -> Reply {
 
 async fn answer(agent: &Agent, access: &Access, mut stream: UnixStream) -> Result<()> {
     let line = read_line(&mut stream).await?;
-    if !access.allows(&stream) {
+    let uid = stream.peer_cred().map(|c| c.uid()).ok();
+    let Some(uid) = uid.filter(|_| access.allows(&stream)) else {
         let cred = stream.peer_cred().ok();
         warn!(
             uid = cred.map(|c| c.uid()),
@@ -130,7 +143,7 @@ async fn answer(agent: &Agent, access: &Access, mut stream: UnixStream) -> Resul
             err("forbidden", "not the agent's user or group"),
         )
         .await;
-    }
+    };
     if line.trim_ascii() == b"status" {
         let status = crate::status::json(agent).to_string();
         stream.write_all(status.as_bytes()).await?;
@@ -166,8 +179,31 @@ async fn answer(agent: &Agent, access: &Access, mut stream: UnixStream) -> Resul
             source,
             target,
             via,
-            wait,
-        } => register(agent, &mut stream, source, target, via, wait).await,
+            verdict,
+        } => register(agent, &mut stream, source, target, via, uid, verdict).await,
+        Request::Verdict { source } => {
+            let answer = match agent.registrations.kept_verdict(source, uid) {
+                Some(answer) => Reply::Verdict {
+                    error: await_verdict(answer).await,
+                },
+                None => err(
+                    "unknown",
+                    format!("no connection from {source} waits for an answer"),
+                ),
+            };
+            reply(&mut stream, answer).await
+        }
+    }
+}
+
+/// Waits for the gateway's answer, within the time a connect may take.
+async fn await_verdict(mut answer: watch::Receiver<Option<Verdict>>) -> Option<String> {
+    let known = tokio::time::timeout(VERDICT_WITHIN, answer.wait_for(Option::is_some)).await;
+    match known {
+        Ok(Ok(verdict)) => verdict.flatten().map(str::to_string),
+        // The program never connected, or the carrying task ended without an answer.
+        Ok(Err(_)) => Some("unavailable".to_string()),
+        Err(_) => Some("timed-out".to_string()),
     }
 }
 
@@ -200,11 +236,11 @@ fn destination(
         Target::Addr {
             host: Host::Ip(ip),
             port,
-        } => table.route_ip(*ip, *port).map(str::to_string),
+        } => table.route_ip(*ip, *port).map(|r| r.via.clone()),
         Target::Addr {
             host: Host::Name(name),
             port,
-        } => table.route_name(name, *port).map(str::to_string),
+        } => table.route_name(name, *port).map(|r| r.via.clone()),
         Target::Service(_) => None,
     });
     match chosen {
@@ -223,7 +259,8 @@ async fn register(
     source: SocketAddr,
     target: Target,
     via: Option<String>,
-    wait: bool,
+    uid: u32,
+    delivery: VerdictDelivery,
 ) -> Result<()> {
     let (target, via) = match destination(agent, target, via) {
         Ok(d) => d,
@@ -255,22 +292,13 @@ async fn register(
         )
         .await;
     }
-    let (verdict_tx, verdict_rx) = if wait {
-        let (tx, rx) = oneshot::channel();
-        (Some(tx), Some(rx))
-    } else {
-        (None, None)
-    };
-    debug!(%source, destination = %target, gateway = %via, wait, "registered");
-    agent.registrations.insert(source, target, via, verdict_tx);
+    debug!(%source, destination = %target, gateway = %via, uid, ?delivery, "registered");
+    let answer = agent
+        .registrations
+        .insert(source, target, via, uid, delivery);
     reply(stream, Reply::Ok { listener }).await?;
-    if let Some(rx) = verdict_rx {
-        let error = match tokio::time::timeout(VERDICT_WITHIN, rx).await {
-            Ok(Ok(verdict)) => verdict.map(str::to_string),
-            // The program never connected, or the answer took too long.
-            Ok(Err(_)) => Some("unavailable".to_string()),
-            Err(_) => Some("timed-out".to_string()),
-        };
+    if let Some(answer) = answer {
+        let error = await_verdict(answer).await;
         reply(stream, Reply::Verdict { error }).await?;
     }
     Ok(())

@@ -26,6 +26,7 @@ mod forward;
 mod local;
 mod pool;
 mod redirect;
+mod sock_owner;
 mod status;
 
 use std::path::{Path, PathBuf};
@@ -101,6 +102,8 @@ pub struct Agent {
     pub pools: Vec<Arc<Pool>>,
     pub streams: Arc<StreamTable>,
     pub forwards: Vec<ForwardView>,
+    /// Says which local user owns the socket at the far end of an accepted connection.
+    pub socket_owners: sock_owner::SocketOwners,
     pub started: Instant,
 }
 
@@ -262,17 +265,20 @@ async fn serve(config: AgentConfig, exit_with: Option<i32>) -> Result<()> {
         pools.push(Pool::start(peer.clone(), &config)?);
     }
     let bound = forward::bind_all(&config.forwards).await?;
+    let mut allowed = Vec::new();
+    for (i, (_, f)) in bound.iter().enumerate() {
+        let key = format!("forward[{i}]");
+        allowed.push(match &f.allow {
+            Some(names) => Some(forward::AllowedUsers::resolve(names, &key)?),
+            None => None,
+        });
+    }
     let listeners = redirect::Listeners::bind().await?;
     let access = local::Access::new(config.group.as_deref())?;
-    let local_listener = tunnel_transport::control::bind(&socket).await?;
-    if config.group.is_some() {
-        // Members of the group must reach the socket; the directory stays private to others.
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o660));
-        if let Some(dir) = socket.parent() {
-            let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750));
-        }
-    }
+    let local_listener = tunnel_transport::control::bind_shared(&socket, access.group()).await?;
+    let socket_owners = sock_owner::SocketOwners::open()
+        .context("opening a NETLINK_SOCK_DIAG socket (to tell whose a local connection is)")?;
+    let drain_timeout = config.drain_timeout;
     let agent = Arc::new(Agent {
         forwards: bound.iter().map(|(l, f)| forward::view(l, f)).collect(),
         fake_dns: fake_dns::FakeDns::new(config.synthetic_ipv4, config.synthetic_ipv6),
@@ -282,16 +288,28 @@ async fn serve(config: AgentConfig, exit_with: Option<i32>) -> Result<()> {
         config,
         pools,
         streams: StreamTable::new(Side::Agent),
+        socket_owners,
         started: Instant::now(),
     });
-    for (listener, forward) in bound {
-        tokio::spawn(forward::serve(agent.clone(), listener, forward));
+    // Everything that accepts new work; stopped first when the agent is asked to stop.
+    let mut acceptors = Vec::new();
+    for ((listener, forward), allowed) in bound.into_iter().zip(allowed) {
+        acceptors.push(tokio::spawn(forward::serve(
+            agent.clone(),
+            listener,
+            forward,
+            allowed,
+        )));
     }
-    tokio::spawn(redirect::serve(agent.clone(), listeners.v4));
+    acceptors.push(tokio::spawn(redirect::serve(agent.clone(), listeners.v4)));
     if let Some(v6) = listeners.v6 {
-        tokio::spawn(redirect::serve(agent.clone(), v6));
+        acceptors.push(tokio::spawn(redirect::serve(agent.clone(), v6)));
     }
-    tokio::spawn(local::serve(agent.clone(), local_listener, access));
+    acceptors.push(tokio::spawn(local::serve(
+        agent.clone(),
+        local_listener,
+        access,
+    )));
     info!("agent ready; socket {}", socket.display());
     notify_ready();
 
@@ -303,15 +321,40 @@ async fn serve(config: AgentConfig, exit_with: Option<i32>) -> Result<()> {
             None => std::future::pending().await,
         }
     };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-        _ = parent_gone => info!("the command it served has ended"),
+    let drain = tokio::select! {
+        _ = term.recv() => true,
+        _ = int.recv() => true,
+        _ = parent_gone => {
+            info!("the command it served has ended");
+            false
+        }
+    };
+    for acceptor in &acceptors {
+        acceptor.abort();
     }
+    let _ = std::fs::remove_file(&socket);
+    if drain && agent.streams.live_count() > 0 {
+        info!(
+            "draining: {} streams in flight may finish within {:.0} s; no new ones are taken",
+            agent.streams.live_count(),
+            drain_timeout.as_secs_f64()
+        );
+        let drained = tokio::time::timeout(drain_timeout, async {
+            while agent.streams.live_count() > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        if drained.is_ok() {
+            info!("drained; exiting");
+            return Ok(());
+        }
+    }
+    // What is still open is reset as the process ends (each program socket carries
+    // SO_LINGER 0 until its download side has closed cleanly), never closed as if done.
     info!(
-        "stopping; {} streams in flight are cut",
+        "stopping; {} streams in flight are reset",
         agent.streams.live_count()
     );
-    let _ = std::fs::remove_file(&socket);
     Ok(())
 }

@@ -2,13 +2,17 @@
 //! sockets connect to, and the registrations that say where each one was going.
 //!
 //! ```text
-//! preload: REGISTER source → target ──▶ Registrations (keyed by source address)
-//! program's socket ──connect──▶ loopback listener ──accept(peer = source)──▶ take
-//!                                   │ matched: carry(target)   unmatched: reset
+//! preload: REGISTER source → target ──▶ Registrations (keyed by source address, with
+//!                                        the registering uid from SO_PEERCRED)
+//! program's socket ──connect──▶ loopback listener ──accept(peer = source)
+//!        │ owner of the connecting socket (sock_diag) = registering uid? ──▶ take
+//!        │ matched: carry(target)   unmatched or another user's: reset, registration kept
 //! ```
 //!
 //! A registration that no connection claims within [`CLAIM_WITHIN`] is dropped, so a
-//! program that registers and never connects leaks nothing.
+//! program that registers and never connects leaks nothing. The gateway's answer for a
+//! non-blocking connect (`later`) is kept for [`VERDICT_KEPT`], for the program's
+//! `getsockopt(SO_ERROR)` to ask for.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -17,27 +21,40 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::watch;
 use tracing::{debug, warn};
 use tunnel_proto::Target;
+use tunnel_proto::local::VerdictDelivery;
 
 use crate::Agent;
-use crate::carry::{Verdict, carry};
+use crate::carry::{Verdict, VerdictSender, carry};
 
 const CLAIM_WITHIN: Duration = Duration::from_secs(30);
+/// How long a non-blocking connect's answer waits to be asked for.
+const VERDICT_KEPT: Duration = Duration::from_secs(120);
 
 /// Where one registered connection goes.
 pub struct Registration {
     pub target: Target,
     pub via: String,
-    /// For a blocking connect: where the gateway's answer goes.
-    pub verdict: Option<oneshot::Sender<Verdict>>,
+    /// The user that registered it: only a socket of this user may claim it.
+    pub uid: u32,
+    /// Where the gateway's answer goes, for a program that asks for it.
+    pub verdict: Option<VerdictSender>,
+    made: Instant,
+}
+
+/// A non-blocking connect's answer, kept until the program asks (or it expires).
+struct KeptVerdict {
+    uid: u32,
+    answer: watch::Receiver<Option<Verdict>>,
     made: Instant,
 }
 
 #[derive(Default)]
 pub struct Registrations {
     by_source: Mutex<HashMap<SocketAddr, Registration>>,
+    kept: Mutex<HashMap<SocketAddr, KeptVerdict>>,
 }
 
 fn key(addr: SocketAddr) -> SocketAddr {
@@ -45,13 +62,39 @@ fn key(addr: SocketAddr) -> SocketAddr {
 }
 
 impl Registrations {
+    /// Stores a registration; for `Wait` returns where its answer will appear.
     pub fn insert(
         &self,
         source: SocketAddr,
         target: Target,
         via: String,
-        verdict: Option<oneshot::Sender<Verdict>>,
-    ) {
+        uid: u32,
+        delivery: VerdictDelivery,
+    ) -> Option<watch::Receiver<Option<Verdict>>> {
+        let (verdict, answer) = match delivery {
+            VerdictDelivery::Never => (None, None),
+            VerdictDelivery::Wait | VerdictDelivery::Later => {
+                let (tx, rx) = watch::channel(None);
+                (Some(tx), Some(rx))
+            }
+        };
+        let now = Instant::now();
+        let answer = match (delivery, answer) {
+            (VerdictDelivery::Later, Some(answer)) => {
+                let mut kept = self.kept.lock().unwrap_or_else(PoisonError::into_inner);
+                kept.retain(|_, k| k.made.elapsed() < VERDICT_KEPT);
+                kept.insert(
+                    key(source),
+                    KeptVerdict {
+                        uid,
+                        answer,
+                        made: now,
+                    },
+                );
+                None
+            }
+            (_, answer) => answer,
+        };
         let mut map = self
             .by_source
             .lock()
@@ -62,10 +105,24 @@ impl Registrations {
             Registration {
                 target,
                 via,
+                uid,
                 verdict,
-                made: Instant::now(),
+                made: now,
             },
         );
+        answer
+    }
+
+    /// The kept answer for a non-blocking connect from `source`, if `uid` registered it.
+    pub fn kept_verdict(
+        &self,
+        source: SocketAddr,
+        uid: u32,
+    ) -> Option<watch::Receiver<Option<Verdict>>> {
+        let kept = self.kept.lock().unwrap_or_else(PoisonError::into_inner);
+        kept.get(&key(source))
+            .filter(|k| k.uid == uid && k.made.elapsed() < VERDICT_KEPT)
+            .map(|k| k.answer.clone())
     }
 
     /// True when an unexpired registration for `source` waits for its connection.
@@ -78,13 +135,27 @@ impl Registrations {
             .is_some_and(|r| r.made.elapsed() < CLAIM_WITHIN)
     }
 
-    pub fn take(&self, source: SocketAddr) -> Option<Registration> {
+    /// Takes the registration for `source` if the connecting socket's owner is the
+    /// user that registered it. Another user's connection leaves it in place for the
+    /// program it belongs to.
+    pub fn take_owned(&self, source: SocketAddr, owner: Option<u32>) -> Claim {
         let mut map = self
             .by_source
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        map.remove(&key(source))
+        let Some(registration) = map
+            .get(&key(source))
             .filter(|r| r.made.elapsed() < CLAIM_WITHIN)
+        else {
+            return Claim::Unregistered;
+        };
+        if owner != Some(registration.uid) {
+            return Claim::NotTheOwner {
+                registered_by: registration.uid,
+            };
+        }
+        map.remove(&key(source))
+            .map_or(Claim::Unregistered, Claim::Taken)
     }
 
     pub fn len(&self) -> usize {
@@ -93,6 +164,17 @@ impl Registrations {
             .unwrap_or_else(PoisonError::into_inner)
             .len()
     }
+}
+
+/// What a connection on the loopback listener gets.
+pub enum Claim {
+    Taken(Registration),
+    /// Nothing registered this source address.
+    Unregistered,
+    /// Registered, but the connecting socket belongs to someone else.
+    NotTheOwner {
+        registered_by: u32,
+    },
 }
 
 /// The loopback listeners: IPv4 always, IPv6 where the host has `::1`.
@@ -148,13 +230,30 @@ pub async fn serve(agent: Arc<Agent>, listener: TcpListener) {
                 continue;
             }
         };
-        match agent.registrations.take(peer) {
-            Some(r) => {
+        let owner = match tcp.local_addr() {
+            Ok(ours) => agent.socket_owners.uid_of_peer(peer, ours),
+            Err(e) => Err(e),
+        };
+        let owner = owner.unwrap_or_else(|e| {
+            warn!(%peer, "cannot tell who owns the connecting socket ({e}): dropped");
+            None
+        });
+        match agent.registrations.take_owned(peer, owner) {
+            Claim::Taken(r) => {
                 tokio::spawn(carry(agent.clone(), tcp, r.target, r.via, r.verdict));
             }
-            None => {
+            Claim::Unregistered => {
                 // Not announced by our preload: some other program found the port.
                 debug!(%peer, "unregistered connection on the loopback listener dropped");
+                tunnel_transport::splice::reset(tcp);
+            }
+            Claim::NotTheOwner { registered_by } => {
+                warn!(
+                    %peer,
+                    owner = ?owner,
+                    registered_by,
+                    "a connection from another user's registered address was dropped"
+                );
                 tunnel_transport::splice::reset(tcp);
             }
         }

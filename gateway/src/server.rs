@@ -303,7 +303,7 @@ async fn stream(
             return;
         }
     };
-    tunnel_transport::tune_tcp(&tcp);
+    tunnel_transport::tune_carried_tcp(&tcp);
     let send = match answer(&mut respond, Ok(())) {
         Ok(Some(send)) => send,
         _ => {

@@ -89,3 +89,18 @@ impl Exchange {
 pub fn ask(agent: &Path, request: &Request) -> Result<Reply, AgentError> {
     Exchange::start(agent, request).map(|(_, reply)| reply)
 }
+
+/// The gateway's answer for the non-blocking connect registered from `source`: the
+/// agent answers once it is known, so this waits as long as a blocking connect would.
+pub fn ask_for_verdict(agent: &Path, source: std::net::SocketAddr) -> Result<Reply, AgentError> {
+    let mut stream = UnixStream::connect(agent).map_err(AgentError::Unreachable)?;
+    stream
+        .set_write_timeout(Some(LOCAL_TIMEOUT))
+        .and_then(|()| stream.write_all(Request::Verdict { source }.encode().as_bytes()))
+        .map_err(AgentError::Unreachable)?;
+    let mut exchange = Exchange {
+        stream,
+        buffer: Vec::with_capacity(64),
+    };
+    exchange.next_reply(Instant::now() + VERDICT_TIMEOUT)
+}

@@ -134,9 +134,11 @@ unsafe fn routed_connect(fd: c_int, addr: *const sockaddr, len: socklen_t, via: 
         return -1;
     };
     let decision = match via {
-        Via::Synthetic => Decision::Redirect {
-            via: names::route_for_synthetic(state, destination.ip(), destination.port()),
-        },
+        Via::Synthetic => redirect::decide_synthetic(names::route_for_synthetic(
+            state,
+            destination.ip(),
+            destination.port(),
+        )),
         other => redirect::decide(state, other),
     };
     match decision {
@@ -144,8 +146,8 @@ unsafe fn routed_connect(fd: c_int, addr: *const sockaddr, len: socklen_t, via: 
             sys::set_errno(errno);
             -1
         }
-        Decision::Redirect { via } => catch_unwind(AssertUnwindSafe(|| {
-            redirect::redirect(state, fd, destination, via)
+        Decision::Redirect { via, connect } => catch_unwind(AssertUnwindSafe(|| {
+            redirect::redirect(state, fd, destination, via, connect)
         }))
         .unwrap_or_else(|_| {
             sys::set_errno(libc::ECONNREFUSED);
@@ -343,6 +345,74 @@ pub unsafe extern "C" fn getpeername(fd: c_int, addr: *mut sockaddr, len: *mut s
             0
         }
         None => real(addr, len),
+    }
+}
+
+type GetsockoptFn = unsafe extern "C" fn(c_int, c_int, c_int, *mut c_void, *mut socklen_t) -> c_int;
+
+/// # Safety
+/// As for `getsockopt(2)`.
+///
+/// `SO_ERROR` on a socket whose non-blocking connect went through the tunnel on a
+/// checked route reports the far side's answer: 0 once the gateway reached the
+/// destination, else `ECONNREFUSED`, `EACCES`, `ETIMEDOUT`, … as a direct connect
+/// would. The program asks once the socket is writable, that is once the local leg is
+/// up; the call then waits for the gateway's answer if it has not come yet. Every
+/// other call passes through after two comparisons and one atomic load.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn getsockopt(
+    fd: c_int,
+    level: c_int,
+    name: c_int,
+    value: *mut c_void,
+    len: *mut socklen_t,
+) -> c_int {
+    let real = |value, len| {
+        call_real!(
+            sys::REAL_GETSOCKOPT,
+            GetsockoptFn,
+            -1,
+            fd,
+            level,
+            name,
+            value,
+            len
+        )
+    };
+    if level != libc::SOL_SOCKET || name != libc::SO_ERROR || !redirect::any_pending() {
+        return real(value, len);
+    }
+    // SAFETY: the program vouches for value/len as getsockopt(2) requires.
+    let room = unsafe { len.as_ref() }.copied().unwrap_or(0) as usize;
+    let Some(state) = state() else {
+        return real(value, len);
+    };
+    if value.is_null() || room < size_of::<c_int>() || value.align_offset(align_of::<c_int>()) != 0
+    {
+        return real(value, len);
+    }
+    let local_error = || {
+        let mut local: c_int = 0;
+        let mut local_len = size_of::<c_int>() as socklen_t;
+        let rc = real((&raw mut local).cast(), &raw mut local_len);
+        if rc == 0 { local } else { sys::errno() }
+    };
+    let saved = sys::errno();
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        redirect::connect_result(state, fd, local_error)
+    }))
+    .unwrap_or(Some(libc::ECONNREFUSED));
+    sys::set_errno(saved);
+    match result {
+        Some(errno) => {
+            // SAFETY: value is aligned and has room for a c_int; len is valid (checked).
+            unsafe {
+                *value.cast::<c_int>() = errno;
+                *len = size_of::<c_int>() as socklen_t;
+            }
+            0
+        }
+        None => real(value, len),
     }
 }
 

@@ -78,8 +78,8 @@ impl IpRoutes {
         for pattern in synthetic {
             routes.add(pattern, Via::Synthetic);
         }
-        for (index, (_, patterns)) in table.routes.iter().enumerate() {
-            for pattern in patterns {
+        for (index, route) in table.routes.iter().enumerate() {
+            for pattern in &route.patterns {
                 routes.add(pattern, Via::Route(index));
             }
         }
@@ -211,7 +211,7 @@ mod tests {
             let ip: std::net::IpAddr = ip.parse().unwrap_or_else(|e| panic!("{e}"));
             let expected = table
                 .route_ip(ip, port)
-                .and_then(|via| table.routes.iter().position(|(v, _)| v == via))
+                .and_then(|route| table.routes.iter().position(|r| r == route))
                 .map(Via::Route);
             assert_eq!(routes.lookup(ip, port), expected, "{ip}:{port}");
         }

@@ -6,6 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use parking_lot::Mutex;
 use tunnel_proto::local::{Reply, Request};
+use tunnel_proto::routes::TableRoute;
 
 use crate::agent_client::ask;
 use crate::state::State;
@@ -33,10 +34,10 @@ fn remember(v4: Ipv4Addr, v6: Ipv6Addr, name: &str) {
     map.insert(v6.into(), name.to_string());
 }
 
-/// The gateway for a connect to a synthetic address, if this process looked it up.
-pub fn route_for_synthetic(state: &State, ip: IpAddr, port: u16) -> Option<String> {
+/// The route for a connect to a synthetic address, if this process looked it up.
+pub fn route_for_synthetic(state: &State, ip: IpAddr, port: u16) -> Option<&TableRoute> {
     let name = LOOKED_UP.lock().get(&ip.to_canonical()).cloned()?;
-    state.routes.route_name(&name, port).map(str::to_string)
+    state.routes.route_name(&name, port)
 }
 
 pub fn lookup(state: &State, name: &str) -> Lookup {

@@ -4,12 +4,15 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use libc::c_int;
 use parking_lot::Mutex;
-use tunnel_proto::local::{Reply, Request};
+use tunnel_proto::local::{Reply, Request, VerdictDelivery};
+use tunnel_proto::routes::{ConnectMode, TableRoute};
 use tunnel_proto::{ConnectError, Target};
 
-use crate::agent_client::{AgentError, Exchange};
+use crate::agent_client::{AgentError, Exchange, ask_for_verdict};
 use crate::ip_routes::Via;
 use crate::state::State;
 use crate::sys;
@@ -17,29 +20,106 @@ use crate::sys;
 /// What to do with a connect that a route selected (see [`IpRoutes`](crate::ip_routes)).
 pub enum Decision {
     /// Through the tunnel; `via` is `None` for synthetic addresses (the agent knows).
-    Redirect { via: Option<String> },
+    Redirect {
+        via: Option<String>,
+        connect: ConnectMode,
+    },
     /// Refused here, with this errno.
     Refuse(c_int),
 }
 
+impl Decision {
+    fn through(route: Option<&TableRoute>) -> Decision {
+        match route {
+            Some(route) => Decision::Redirect {
+                via: Some(route.via.clone()),
+                connect: route.connect,
+            },
+            None => Decision::Redirect {
+                via: None,
+                connect: ConnectMode::default(),
+            },
+        }
+    }
+}
+
 pub fn decide(state: &State, via: Via) -> Decision {
     match via {
-        Via::Synthetic => Decision::Redirect { via: None },
-        Via::Route(index) => match state.gateway_of(index) {
-            Some(via) => Decision::Redirect {
-                via: Some(via.to_string()),
-            },
+        Via::Synthetic => Decision::through(None),
+        Via::Route(index) => match state.route(index) {
+            Some(route) => Decision::through(Some(route)),
             None => Decision::Refuse(libc::ECONNREFUSED),
         },
         Via::Refuse => Decision::Refuse(libc::ECONNREFUSED),
     }
 }
 
-/// Redirected sockets, for getpeername: fd → (our source, the agent's listener, the
-/// program's destination). An entry is trusted only while the socket still has that
-/// source and peer, so a reused fd number is never mistaken for a redirected one.
-static REDIRECTED: Mutex<BTreeMap<c_int, (SocketAddr, SocketAddr, SocketAddr)>> =
-    Mutex::new(BTreeMap::new());
+/// A decision for a synthetic address: the route of the name this process looked up
+/// (which may come from `tunnel-run --route`), else the agent's choice.
+pub fn decide_synthetic(route: Option<&TableRoute>) -> Decision {
+    Decision::through(route)
+}
+
+/// One socket connected to the agent instead of its destination.
+#[derive(Debug, Clone, Copy)]
+struct Redirected {
+    /// The socket's own address, which the agent knows the registration by.
+    source: SocketAddr,
+    /// The agent's loopback listener it is connected to.
+    listener: SocketAddr,
+    /// Where the program wanted to go.
+    destination: SocketAddr,
+    /// Whether the program still has to learn the gateway's answer.
+    answer: Answer,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    /// A non-blocking connect: the agent keeps the gateway's answer for
+    /// `getsockopt(SO_ERROR)` (or a repeated `connect`) to ask for.
+    Pending,
+    /// Told already (a blocking connect), told once, or never to be told (optimistic).
+    Settled,
+}
+
+/// Redirected sockets, for getpeername and the deferred answer of non-blocking connects.
+/// An entry is trusted only while the socket still has that source (and peer), so a
+/// reused fd number is never mistaken for a redirected one.
+static REDIRECTED: Mutex<BTreeMap<c_int, Redirected>> = Mutex::new(BTreeMap::new());
+
+/// How many entries of [`REDIRECTED`] are [`Answer::Pending`]: `getsockopt` takes the
+/// lock only when some are.
+static PENDING: AtomicUsize = AtomicUsize::new(0);
+
+fn record(fd: c_int, entry: Redirected) {
+    let old = REDIRECTED.lock().insert(fd, entry);
+    if entry.answer == Answer::Pending {
+        PENDING.fetch_add(1, Ordering::Relaxed);
+    }
+    if old.is_some_and(|o| o.answer == Answer::Pending) {
+        PENDING.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Marks `fd`'s answer as told.
+fn settle(fd: c_int) {
+    if let Some(entry) = REDIRECTED.lock().get_mut(&fd)
+        && entry.answer == Answer::Pending
+    {
+        entry.answer = Answer::Settled;
+        PENDING.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn forget(fd: c_int) {
+    if REDIRECTED
+        .lock()
+        .remove(&fd)
+        .is_some_and(|o| o.answer == Answer::Pending)
+    {
+        PENDING.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 /// Errno for a failure class from the agent or the gateway.
 fn errno_of(class: &str) -> c_int {
@@ -71,7 +151,22 @@ fn source_address(fd: c_int, destination: SocketAddr) -> Result<SocketAddr, c_in
 
 /// Connects the program's socket to the agent instead of `destination`. Returns what
 /// the program's connect returns, with errno set.
-pub fn redirect(state: &State, fd: c_int, destination: SocketAddr, via: Option<String>) -> c_int {
+///
+/// ```text
+///              blocking                        non-blocking
+/// checked      REGISTER wait: verdict → 0/errno REGISTER later: -1 EINPROGRESS; the
+///                                               verdict when the program checks
+///                                               (getsockopt SO_ERROR, connect again)
+/// optimistic   REGISTER nowait: 0               REGISTER nowait: -1 EINPROGRESS
+///              (a far failure arrives as a reset on first I/O)
+/// ```
+pub fn redirect(
+    state: &State,
+    fd: c_int,
+    destination: SocketAddr,
+    via: Option<String>,
+    connect: ConnectMode,
+) -> c_int {
     match sys::socket_type(fd) {
         Some(libc::SOCK_STREAM) => {}
         // Not TCP (a UDP "connect" only sets a default peer): nothing to carry.
@@ -80,16 +175,21 @@ pub fn redirect(state: &State, fd: c_int, destination: SocketAddr, via: Option<S
     // A program that polls a non-blocking connect by calling connect again (EALREADY,
     // then EISCONN) asks about the connection already made to the agent.
     let earlier = REDIRECTED.lock().get(&fd).copied();
-    if let Some((_, listener, _)) =
-        earlier.filter(|(source, _, to)| *to == destination && sys::local_addr(fd) == Some(*source))
+    if let Some(earlier) =
+        earlier.filter(|e| e.destination == destination && sys::local_addr(fd) == Some(e.source))
     {
-        return sys::real_connect(fd, listener);
+        return connect_again(state, fd, earlier);
     }
     let source = match source_address(fd, destination) {
         Ok(s) => s,
         Err(errno) => return fail(errno),
     };
     let wait = !sys::is_nonblocking(fd);
+    let delivery = match (connect, wait) {
+        (ConnectMode::Optimistic, _) => VerdictDelivery::Never,
+        (ConnectMode::Checked, true) => VerdictDelivery::Wait,
+        (ConnectMode::Checked, false) => VerdictDelivery::Later,
+    };
     let target = Target::from(SocketAddr::new(
         destination.ip().to_canonical(),
         destination.port(),
@@ -98,7 +198,7 @@ pub fn redirect(state: &State, fd: c_int, destination: SocketAddr, via: Option<S
         source,
         target,
         via,
-        wait,
+        verdict: delivery,
     };
     let (exchange, reply) = match Exchange::start(&state.agent, &request) {
         Ok(answer) => answer,
@@ -130,16 +230,35 @@ pub fn redirect(state: &State, fd: c_int, destination: SocketAddr, via: Option<S
             connect_errno
         });
     }
-    REDIRECTED
-        .lock()
-        .insert(fd, (source, listener, destination));
-    if !wait {
-        // Non-blocking: the program gets EINPROGRESS and normal readiness; a failure
-        // at the far side arrives as a reset.
+    let answer = match delivery {
+        VerdictDelivery::Later => Answer::Pending,
+        VerdictDelivery::Wait | VerdictDelivery::Never => Answer::Settled,
+    };
+    record(
+        fd,
+        Redirected {
+            source,
+            listener,
+            destination,
+            answer,
+        },
+    );
+    if delivery != VerdictDelivery::Wait {
         drop(exchange);
-        state.trace(format_args!("{destination}: redirected (non-blocking)"));
-        sys::set_errno(connect_errno);
-        return rc;
+        if wait {
+            // Optimistic and blocking: connected to the agent, which is all it waits for.
+            state.trace(format_args!("{destination}: redirected (optimistic)"));
+            return 0;
+        }
+        // Non-blocking: the program gets EINPROGRESS and normal readiness. A checked
+        // route's answer comes when the program asks for the connect's result; an
+        // optimistic one's failure arrives as a reset. Even a local connect that
+        // finished at once is reported in progress, so the program does ask.
+        state.trace(format_args!(
+            "{destination}: redirected (non-blocking, {})",
+            connect.as_str()
+        ));
+        return fail(libc::EINPROGRESS);
     }
     match exchange.verdict() {
         Ok(Reply::Verdict { error: None }) => {
@@ -159,15 +278,99 @@ fn fail(errno: c_int) -> c_int {
     -1
 }
 
+/// `connect` called again on a socket already redirected: the state of the local
+/// connect while it is under way, then, for a non-blocking checked connect, the
+/// gateway's answer (waiting for it if need be), once.
+fn connect_again(state: &State, fd: c_int, earlier: Redirected) -> c_int {
+    let rc = sys::real_connect(fd, earlier.listener);
+    let errno = sys::errno();
+    let under_way = rc != 0 && (errno == libc::EALREADY || errno == libc::EINPROGRESS);
+    if earlier.answer != Answer::Pending || under_way {
+        return rc;
+    }
+    match verdict_of(state, fd, earlier) {
+        0 => {
+            sys::set_errno(errno);
+            rc
+        }
+        refused => fail(refused),
+    }
+}
+
+/// The gateway's answer for a non-blocking connect, as an errno (0: connected).
+fn verdict_of(state: &State, fd: c_int, entry: Redirected) -> c_int {
+    let destination = entry.destination;
+    let errno = match ask_for_verdict(&state.agent, entry.source) {
+        Ok(Reply::Verdict { error: None }) => 0,
+        Ok(Reply::Verdict { error: Some(class) }) => {
+            state.trace(format_args!("{destination}: {class}"));
+            errno_of(&class)
+        }
+        Ok(Reply::Err { class, message }) => {
+            state.trace(format_args!("{destination}: {class} {message}"));
+            libc::ECONNREFUSED
+        }
+        Ok(_) | Err(_) => {
+            state.trace(format_args!(
+                "{destination}: no answer from the agent: refused"
+            ));
+            libc::ECONNREFUSED
+        }
+    };
+    settle(fd);
+    errno
+}
+
+/// For `getsockopt(SO_ERROR)`: the result of a non-blocking connect through the tunnel
+/// whose answer the program has not learnt yet, or `None` to ask the kernel.
+/// `local_error` is what the kernel says of the connect to the agent.
+pub fn connect_result(
+    state: &State,
+    fd: c_int,
+    local_error: impl FnOnce() -> c_int,
+) -> Option<c_int> {
+    if PENDING.load(Ordering::Relaxed) == 0 {
+        return None;
+    }
+    let entry = REDIRECTED.lock().get(&fd).copied()?;
+    if entry.answer != Answer::Pending {
+        return None;
+    }
+    if sys::local_addr(fd) != Some(entry.source) {
+        // The fd was closed and its number reused.
+        forget(fd);
+        return None;
+    }
+    match local_error() {
+        // The local leg is up, or was up and the agent has reset it because the far
+        // side refused: the gateway's answer says which.
+        local @ (0 | libc::ECONNRESET) => match verdict_of(state, fd, entry) {
+            0 => Some(local),
+            refused => Some(refused),
+        },
+        local => {
+            settle(fd);
+            Some(local)
+        }
+    }
+}
+
+/// True when some non-blocking connect's answer is still to be told: `getsockopt`'s
+/// one check before it does anything else.
+#[inline(always)]
+pub fn any_pending() -> bool {
+    PENDING.load(Ordering::Relaxed) != 0
+}
+
 /// The destination a redirected socket was meant for, if `fd` is one.
 pub fn original_peer(fd: c_int) -> Option<SocketAddr> {
-    let (source, listener, destination) = *REDIRECTED.lock().get(&fd)?;
-    let still_ours =
-        sys::real_peer_addr(fd) == Some(listener) && sys::local_addr(fd) == Some(source);
+    let entry = *REDIRECTED.lock().get(&fd)?;
+    let still_ours = sys::real_peer_addr(fd) == Some(entry.listener)
+        && sys::local_addr(fd) == Some(entry.source);
     if still_ours {
-        Some(destination)
+        Some(entry.destination)
     } else {
-        REDIRECTED.lock().remove(&fd);
+        forget(fd);
         None
     }
 }

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicPtr, Ordering};
 
 use tunnel_proto::Pattern;
 use tunnel_proto::config::agent::{DEFAULT_SYNTHETIC_IPV4, DEFAULT_SYNTHETIC_IPV6};
-use tunnel_proto::routes::RouteTable;
+use tunnel_proto::routes::{RouteTable, TableRoute};
 
 use crate::ip_routes::IpRoutes;
 
@@ -125,9 +125,9 @@ impl State {
         self.synthetic.iter().any(|p| p.matches_ip(ip, 1))
     }
 
-    /// The gateway name for a route index from [`IpRoutes`].
-    pub fn gateway_of(&self, route: usize) -> Option<&str> {
-        self.routes.routes.get(route).map(|(via, _)| via.as_str())
+    /// The route for an index from [`IpRoutes`].
+    pub fn route(&self, index: usize) -> Option<&TableRoute> {
+        self.routes.routes.get(index)
     }
 
     pub fn trace(&self, message: std::fmt::Arguments<'_>) {

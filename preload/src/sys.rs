@@ -43,6 +43,7 @@ impl RealFn {
 
 pub static REAL_CONNECT: RealFn = RealFn::new(c"connect");
 pub static REAL_GETPEERNAME: RealFn = RealFn::new(c"getpeername");
+pub static REAL_GETSOCKOPT: RealFn = RealFn::new(c"getsockopt");
 pub static REAL_GETADDRINFO: RealFn = RealFn::new(c"getaddrinfo");
 pub static REAL_GETNAMEINFO: RealFn = RealFn::new(c"getnameinfo");
 pub static REAL_GETHOSTBYNAME: RealFn = RealFn::new(c"gethostbyname");

@@ -21,6 +21,7 @@ pub mod local;
 pub mod paths;
 pub mod pattern;
 pub mod routes;
+pub mod sock_diag;
 pub mod target;
 
 pub use connect::{ConnectError, Outcome};

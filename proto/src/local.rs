@@ -3,10 +3,15 @@
 //!
 //! ```text
 //! preload                                   agent
-//!   REGISTER <source> <target> <via|-> <wait|nowait>
+//!   REGISTER <source> <target> <via|-> <wait|later|nowait>
 //!                                  ◀──────  OK <listener>        (registration stored)
 //!   connect(app's fd, listener) ────────▶   accepted, matched by source address
+//!                                             and by the uid of the connecting socket
 //!                                  ◀──────  VERDICT ok | VERDICT <class>   (wait only)
+//!
+//!   VERDICT <source>               ◀──────  VERDICT ok | VERDICT <class>
+//!     (a `later` registration's answer, asked for when the program checks a
+//!      non-blocking connect: it waits until the gateway has answered)
 //!
 //!   RESOLVE <name>                 ◀──────  ADDRS <ipv4> <ipv6>  (synthetic addresses)
 //!   NAME <ip>                      ◀──────  NAME <name>          (reverse of RESOLVE)
@@ -24,13 +29,48 @@ use crate::target::{Target, is_valid_name, is_valid_service_name};
 /// Longest line either side accepts.
 pub const MAX_LINE: usize = 1024;
 
+/// When the program learns the gateway's answer for a registered connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VerdictDelivery {
+    /// A blocking connect: on the registration's own connection, as soon as it is known.
+    Wait,
+    /// A non-blocking connect: kept by the agent for a `VERDICT` request.
+    Later,
+    /// Not at all (an optimistic route): a failure arrives as a reset.
+    Never,
+}
+
+impl VerdictDelivery {
+    fn as_str(self) -> &'static str {
+        match self {
+            VerdictDelivery::Wait => "wait",
+            VerdictDelivery::Later => "later",
+            VerdictDelivery::Never => "nowait",
+        }
+    }
+
+    fn parse(text: &str) -> Option<VerdictDelivery> {
+        [
+            VerdictDelivery::Wait,
+            VerdictDelivery::Later,
+            VerdictDelivery::Never,
+        ]
+        .into_iter()
+        .find(|d| d.as_str() == text)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     Register {
         source: SocketAddr,
         target: Target,
         via: Option<String>,
-        wait: bool,
+        verdict: VerdictDelivery,
+    },
+    /// The gateway's answer for a `later` registration from `source`.
+    Verdict {
+        source: SocketAddr,
     },
     Resolve {
         name: String,
@@ -109,11 +149,10 @@ impl Request {
                     v if is_valid_service_name(v) => Some(v.to_string()),
                     _ => return Err(bad()),
                 },
-                wait: match *mode {
-                    "wait" => true,
-                    "nowait" => false,
-                    _ => return Err(bad()),
-                },
+                verdict: VerdictDelivery::parse(mode).ok_or_else(bad)?,
+            },
+            ["VERDICT", source] => Request::Verdict {
+                source: source.parse().map_err(|_| bad())?,
             },
             ["RESOLVE", name] if is_valid_name(name) => Request::Resolve {
                 name: name.to_ascii_lowercase(),
@@ -138,13 +177,14 @@ impl fmt::Display for Request {
                 source,
                 target,
                 via,
-                wait,
+                verdict,
             } => writeln!(
                 f,
                 "REGISTER {source} {target} {} {}",
                 via.as_deref().unwrap_or("-"),
-                if *wait { "wait" } else { "nowait" }
+                verdict.as_str()
             ),
+            Request::Verdict { source } => writeln!(f, "VERDICT {source}"),
             Request::Resolve { name } => writeln!(f, "RESOLVE {name}"),
             Request::Name { ip } => writeln!(f, "NAME {ip}"),
         }
@@ -228,7 +268,7 @@ mod tests {
             source: "127.0.0.1:40000".parse().unwrap_or_else(|e| panic!("{e}")),
             target: Target::parse("db.site-b.internal:5432").unwrap_or_else(|e| panic!("{e}")),
             via: Some("site-b".into()),
-            wait: true,
+            verdict: VerdictDelivery::Later,
         };
         let wire = r.encode();
         assert_eq!(

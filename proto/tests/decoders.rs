@@ -108,8 +108,8 @@ proptest! {
 
 mod local_protocol {
     use super::*;
-    use tunnel_proto::local::{Reply, Request};
-    use tunnel_proto::routes::RouteTable;
+    use tunnel_proto::local::{Reply, Request, VerdictDelivery};
+    use tunnel_proto::routes::{ConnectMode, RouteTable, TableRoute};
 
     fn request() -> impl Strategy<Value = Request> {
         prop_oneof![
@@ -118,14 +118,21 @@ mod local_protocol {
                 any::<u16>(),
                 target(),
                 proptest::option::of("[a-z][a-z0-9_-]{0,10}[a-z0-9]"),
-                any::<bool>()
+                prop_oneof![
+                    Just(VerdictDelivery::Wait),
+                    Just(VerdictDelivery::Later),
+                    Just(VerdictDelivery::Never)
+                ]
             )
-                .prop_map(|(ip, port, target, via, wait)| Request::Register {
+                .prop_map(|(ip, port, target, via, verdict)| Request::Register {
                     source: std::net::SocketAddr::new(ip, port),
                     target,
                     via,
-                    wait
+                    verdict
                 }),
+            (ip(), any::<u16>()).prop_map(|(ip, port)| Request::Verdict {
+                source: std::net::SocketAddr::new(ip, port)
+            }),
             name().prop_map(|name| Request::Resolve { name }),
             ip().prop_map(|ip| Request::Name { ip }),
         ]
@@ -175,13 +182,26 @@ mod local_protocol {
         }
 
         #[test]
+        fn sock_diag_answers_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200), sequence in 0u32..3) {
+            let _ = tunnel_proto::sock_diag::decode_answer(&bytes, sequence);
+        }
+
+        #[test]
         fn routes_never_panic(s in "\\PC{0,80}") {
             let _ = RouteTable::parse(&s);
         }
 
         #[test]
-        fn routes_round_trip(vias in proptest::collection::vec(("[a-z][a-z0-9_]{0,8}", proptest::collection::vec(pattern(), 1..4)), 0..4)) {
-            let table = RouteTable { routes: vias };
+        fn routes_round_trip(vias in proptest::collection::vec(("[a-z][a-z0-9_]{0,8}", proptest::collection::vec(pattern(), 1..4), any::<bool>()), 0..4)) {
+            let routes = vias
+                .into_iter()
+                .map(|(via, patterns, optimistic)| TableRoute {
+                    via,
+                    patterns,
+                    connect: if optimistic { ConnectMode::Optimistic } else { ConnectMode::Checked },
+                })
+                .collect();
+            let table = RouteTable { routes };
             prop_assert_eq!(RouteTable::parse(&table.to_string()), Ok(table));
         }
     }

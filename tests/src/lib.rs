@@ -487,17 +487,32 @@ impl Tunnel {
 
     /// Like [`Tunnel::start`], with a `[[route]]` to the gateway for `routes`.
     pub fn start_routed(rules: &str, forwards: &[&str], routes: &[&str]) -> Result<Tunnel> {
+        let mut extra = String::new();
+        for to in forwards {
+            extra.push_str(&forward_table(to));
+        }
+        if !routes.is_empty() {
+            extra.push_str(&route_table(routes));
+        }
+        Tunnel::start_with(rules, &extra)
+    }
+
+    /// A gateway with `rules` and an agent whose `agent.toml` is its `[[gateway]]`
+    /// table followed by `agent_toml` (routes, forwards, settings).
+    pub fn start_with(rules: &str, agent_toml: &str) -> Result<Tunnel> {
         let site = Site::new();
         let gw_dir = site.init_gateway("gateway");
         let creds = site.issue(&gw_dir, "alice", "alice");
         let gateway = Gateway::start(&gw_dir, rules)?;
-        let mut body = gateway_table("site-b", gateway.addr, &creds, "alice");
-        for to in forwards {
-            body.push_str(&forward_table(to));
-        }
-        if !routes.is_empty() {
-            body.push_str(&route_table(routes));
-        }
+        // Top-level keys first: TOML puts anything after a table header inside it.
+        let (settings, tables) = match agent_toml.find("[[") {
+            Some(at) => agent_toml.split_at(at),
+            None => (agent_toml, ""),
+        };
+        let body = format!(
+            "{settings}\n{}{tables}",
+            gateway_table("site-b", gateway.addr, &creds, "alice")
+        );
         let agent = Agent::start(&site.path("agent"), &body, true)?;
         Ok(Tunnel {
             agent,

@@ -3,7 +3,9 @@
 //!
 //! One request per connection: a command line (`status\n`), then the answer (JSON),
 //! then close. The socket is made `0600`, in a directory of its own made `0700`: status
-//! shows destinations, which are nobody else's business.
+//! shows destinations, which are nobody else's business. A socket shared with a group
+//! is `0660` and that group's, and so is a directory made for it (`0750`). A directory
+//! that was there before is never changed: a shared `/tmp` stays as it is.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -23,14 +25,44 @@ pub type Handler = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
 /// Binds the control socket at `path`, replacing a stale socket but refusing to take
 /// over one that a running daemon still answers on.
 pub async fn bind(path: &Path) -> Result<UnixListener> {
-    if let Some(dir) = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty() && !d.exists())
-    {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating the control directory {}", dir.display()))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .with_context(|| format!("restricting {}", dir.display()))?;
+    bind_shared(path, None).await
+}
+
+/// A group that shares a socket: its id, and its name for messages.
+#[derive(Debug, Clone)]
+pub struct SharedWith {
+    pub gid: u32,
+    pub name: String,
+}
+
+/// Like [`bind`], with the socket (and a directory made for it) usable by `group`.
+pub async fn bind_shared(path: &Path, group: Option<&SharedWith>) -> Result<UnixListener> {
+    let give_group = |p: &Path, group: &SharedWith| {
+        std::os::unix::fs::chown(p, None, Some(group.gid)).with_context(|| {
+            format!(
+                "giving group `{}` {} (the daemon's user must be a member of that group)",
+                group.name,
+                p.display()
+            )
+        })
+    };
+    match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) if !dir.exists() => {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("creating the control directory {}", dir.display()))?;
+            let mode = if group.is_some() { 0o750 } else { 0o700 };
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+                .with_context(|| format!("restricting {}", dir.display()))?;
+            if let Some(group) = group {
+                give_group(dir, group)?;
+            }
+        }
+        Some(dir) => {
+            if let Some(group) = group {
+                warn_if_closed_to(dir, group);
+            }
+        }
+        None => {}
     }
     if path.exists() {
         if UnixStream::connect(path).await.is_ok() {
@@ -44,9 +76,36 @@ pub async fn bind(path: &Path) -> Result<UnixListener> {
     }
     let listener = UnixListener::bind(path)
         .with_context(|| format!("binding the control socket {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+    let mode = if group.is_some() { 0o660 } else { 0o600 };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("restricting {}", path.display()))?;
+    if let Some(group) = group {
+        give_group(path, group)?;
+    }
     Ok(listener)
+}
+
+/// Says so when members of `group` cannot pass through `dir`, which this daemon did not
+/// make and so leaves as it is.
+fn warn_if_closed_to(dir: &Path, group: &SharedWith) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(dir) else {
+        return;
+    };
+    let mode = meta.mode();
+    let passable = mode & 0o001 != 0 || (meta.gid() == group.gid && mode & 0o010 != 0);
+    if !passable {
+        tracing::warn!(
+            "members of group `{}` cannot reach sockets in {} (mode {:o}, group {}): this daemon did not create it and leaves it as it is; run `chgrp {} {}; chmod g+x {}`, or remove it so that it is made for the group",
+            group.name,
+            dir.display(),
+            mode & 0o7777,
+            meta.gid(),
+            group.name,
+            dir.display(),
+            dir.display()
+        );
+    }
 }
 
 /// Serves commands until the listener fails.

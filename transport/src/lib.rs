@@ -30,3 +30,14 @@ pub mod tls;
 pub fn tune_tcp(tcp: &tokio::net::TcpStream) {
     let _ = tcp.set_nodelay(true);
 }
+
+/// Sets up a carried connection's TCP socket (the program's on the agent, the
+/// destination's on the gateway): TCP_NODELAY, and `SO_LINGER` 0, so that if this
+/// process ends before the connection ended cleanly (a crash, SIGKILL, running out of
+/// memory) the kernel resets it instead of closing it with a FIN that would pass for
+/// the end of the data. [`splice`] disarms the linger once the direction towards this
+/// socket has ended cleanly.
+pub fn tune_carried_tcp(tcp: &tokio::net::TcpStream) {
+    tune_tcp(tcp);
+    let _ = socket2::SockRef::from(tcp).set_linger(Some(std::time::Duration::ZERO));
+}

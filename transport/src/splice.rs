@@ -201,9 +201,14 @@ async fn tunnel_to_tcp(
         let _ = recv.flow_control().release_capacity(data.len());
     }
     // END_STREAM: the far side will send no more. Pass the FIN on; our other direction
-    // goes on.
-    match socket2::SockRef::from(tcp.as_ref()).shutdown(Shutdown::Write) {
-        Ok(()) => Ok(()),
+    // goes on. Everything this side had to send is now sent, so an end of this process
+    // from here on may close the socket normally (see `tune_carried_tcp`).
+    let socket = socket2::SockRef::from(tcp.as_ref());
+    match socket.shutdown(Shutdown::Write) {
+        Ok(()) => {
+            let _ = socket.set_linger(None);
+            Ok(())
+        }
         Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
         Err(e) => Err(Abort::Tcp(e)),
     }

@@ -17,11 +17,14 @@
 //! [[route]]
 //! via = "site-b"
 //! to = ["10.20.0.0/16", "*.site-b.internal"]
+//! # connect = "checked"                     # or "optimistic" (see routes::ConnectMode)
 //!
 //! [[forward]]
 //! listen = "127.0.0.1:15432"
 //! to = "db.site-b.internal:5432"
 //! via = "site-b"
+//! # allow_users = ["alice"]                 # who may connect (default: every local user)
+//! # allow_groups = ["lab"]
 //! ```
 
 use std::collections::HashSet;
@@ -33,7 +36,8 @@ use serde::Deserialize;
 
 use super::{ConfigError, Problems, base_dir, parse_toml, resolve, seconds};
 use crate::pattern::Pattern;
-use crate::target::{Host, Target, is_valid_name};
+use crate::routes::{ConnectMode, TableRoute};
+use crate::target::{Host, Target};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -45,6 +49,7 @@ struct AgentFile {
     connect_timeout: Option<f64>,
     ping_interval: Option<f64>,
     ping_timeout: Option<f64>,
+    drain_timeout: Option<f64>,
     #[serde(default)]
     gateway: Vec<GatewayEntry>,
     #[serde(default)]
@@ -77,6 +82,7 @@ enum OneOrMany {
 struct RouteEntry {
     via: Option<String>,
     to: Vec<String>,
+    connect: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -85,6 +91,8 @@ struct ForwardEntry {
     listen: String,
     to: String,
     via: Option<String>,
+    allow_users: Option<Vec<String>>,
+    allow_groups: Option<Vec<String>>,
 }
 
 /// A validated agent configuration.
@@ -104,6 +112,8 @@ pub struct AgentConfig {
     pub ping_interval: Duration,
     /// A PING unanswered for this long marks the connection dead.
     pub ping_timeout: Duration,
+    /// On SIGTERM, how long streams in flight may go on before they are reset.
+    pub drain_timeout: Duration,
     pub gateways: Vec<GatewayPeer>,
     pub routes: Vec<Route>,
     pub forwards: Vec<Forward>,
@@ -134,6 +144,7 @@ pub struct GatewayAddress {
 pub struct Route {
     pub via: String,
     pub to: Vec<Pattern>,
+    pub connect: ConnectMode,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -141,6 +152,16 @@ pub struct Forward {
     pub listen: SocketAddr,
     pub to: Target,
     pub via: String,
+    /// Who may use the port, by the local user that owns the connecting socket. `None`:
+    /// every local user (as with `ssh -L`).
+    pub allow: Option<LocalUsers>,
+}
+
+/// Local users named in `allow_users` and `allow_groups`; the agent resolves the names.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LocalUsers {
+    pub users: Vec<String>,
+    pub groups: Vec<String>,
 }
 
 pub const DEFAULT_CONNECTIONS: usize = 2;
@@ -175,6 +196,17 @@ fn synthetic_net<T>(
     }
 }
 const MAX_CONNECTIONS: i64 = 64;
+
+/// A local user or group name as `useradd`/`groupadd` accept them (a number is a uid
+/// or gid).
+fn is_local_account_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 32
+        && !name.starts_with('-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-.$".contains(&b))
+}
 
 impl AgentConfig {
     /// Parses and validates the text of `file` (named in messages; relative paths are
@@ -301,7 +333,17 @@ impl AgentConfig {
                     Err(e) => problems.add(format!("{key}.to[{j}]"), e),
                 }
             }
-            routes.push(Route { via, to });
+            let connect = match r.connect.as_deref() {
+                None => ConnectMode::default(),
+                Some(word) => ConnectMode::parse(word).unwrap_or_else(|| {
+                    problems.add(
+                        format!("{key}.connect"),
+                        format!("`{word}` is not a connect mode: give \"checked\" (the default) or \"optimistic\""),
+                    );
+                    ConnectMode::default()
+                }),
+            };
+            routes.push(Route { via, to, connect });
         }
 
         let mut forwards = Vec::new();
@@ -340,8 +382,35 @@ impl AgentConfig {
                     None
                 }
             };
+            let allow = match (&f.allow_users, &f.allow_groups) {
+                (None, None) => None,
+                (users, groups) => {
+                    let users = users.clone().unwrap_or_default();
+                    let groups = groups.clone().unwrap_or_default();
+                    for (field, names) in [("allow_users", &users), ("allow_groups", &groups)] {
+                        for name in names.iter().filter(|n| !is_local_account_name(n)) {
+                            problems.add(
+                                format!("{key}.{field}"),
+                                format!("`{name}` is not a user or group name"),
+                            );
+                        }
+                    }
+                    if users.is_empty() && groups.is_empty() {
+                        problems.add(
+                            format!("{key}.allow_users"),
+                            "empty lists let nobody in: name users or groups, or remove both keys to let every local user in",
+                        );
+                    }
+                    Some(LocalUsers { users, groups })
+                }
+            };
             if let (Some(listen), Some(to)) = (listen, to) {
-                forwards.push(Forward { listen, to, via });
+                forwards.push(Forward {
+                    listen,
+                    to,
+                    via,
+                    allow,
+                });
             }
         }
 
@@ -365,11 +434,7 @@ impl AgentConfig {
                 _ => None,
             },
         );
-        if let Some(group) = raw
-            .group
-            .as_ref()
-            .filter(|g| !is_valid_name(g) || g.contains('.'))
-        {
+        if let Some(group) = raw.group.as_ref().filter(|g| !is_local_account_name(g)) {
             problems.add("group", format!("`{group}` is not a group name"));
         }
         let config = AgentConfig {
@@ -380,6 +445,7 @@ impl AgentConfig {
             connect_timeout: seconds(&mut problems, "connect_timeout", raw.connect_timeout, 10.0),
             ping_interval: seconds(&mut problems, "ping_interval", raw.ping_interval, 5.0),
             ping_timeout: seconds(&mut problems, "ping_timeout", raw.ping_timeout, 5.0),
+            drain_timeout: seconds(&mut problems, "drain_timeout", raw.drain_timeout, 30.0),
             gateways,
             routes,
             forwards,
@@ -412,6 +478,7 @@ impl AgentConfig {
             extra.push(Route {
                 via: via.to_string(),
                 to: vec![pattern],
+                connect: ConnectMode::default(),
             });
         }
         extra.append(&mut self.routes);
@@ -425,7 +492,11 @@ impl AgentConfig {
             routes: self
                 .routes
                 .iter()
-                .map(|r| (r.via.clone(), r.to.clone()))
+                .map(|r| TableRoute {
+                    via: r.via.clone(),
+                    patterns: r.to.clone(),
+                    connect: r.connect,
+                })
                 .collect(),
         }
     }

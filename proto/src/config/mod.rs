@@ -12,7 +12,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use agent::{AgentConfig, Forward, GatewayAddress, GatewayPeer, Route};
+pub use agent::{AgentConfig, Forward, GatewayAddress, GatewayPeer, LocalUsers, Route};
 pub use gateway::{AllowRule, AllowTo, GatewayConfig, Service};
 
 /// Everything wrong with one configuration file.

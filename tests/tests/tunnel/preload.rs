@@ -120,7 +120,7 @@ print(*attempt(("127.0.0.3", {denied_port})))
 }
 
 #[test]
-fn non_blocking_connects_work_and_remote_failures_are_resets() {
+fn non_blocking_connects_work_and_remote_failures_are_failed_connects() {
     require("node", "nodejs");
     let (tunnel, _server, web) = routed();
     let closed = {
@@ -154,7 +154,7 @@ asyncio.run(main())
         port = web.port()
     );
     let out = stdout_within(tunnel.run("python3").args(["-c", &script]), LIMIT);
-    assert_eq!(out, "hello through the tunnel\nreset\n", "python asyncio");
+    assert_eq!(out, "hello through the tunnel\nrefused\n", "python asyncio");
 
     let node = format!(
         r#"
@@ -169,8 +169,8 @@ s.on('error', e => {{ console.log(e.code); process.exit(0); }});
     let out = stdout_within(tunnel.run("node").args(["-e", &node]), LIMIT);
     assert_eq!(
         out.trim(),
-        "ECONNRESET",
-        "node: a remote failure must be a reset"
+        "ECONNREFUSED",
+        "node: a refused far port must be a refused connect"
     );
 }
 
