@@ -1,8 +1,10 @@
 //! End-to-end tests: real gateway and agent binaries, real TLS, real clients, loopback.
 
+mod agent_death;
 mod connect_answers;
 mod errors;
 mod forward;
+mod local_leg;
 mod namespaces;
 mod preload;
 mod resilience;

@@ -1,0 +1,249 @@
+//! The local leg is locked to its user: another local user can neither claim a
+//! connection registered by the agent's user (the kernel says whose the connecting
+//! socket is), nor use a forward port limited by `allow_users`/`allow_groups`; a socket
+//! shared with a `group` is that group's, and a directory the agent did not make keeps
+//! its mode. These run other users with `setpriv` and need root.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use tunnel_tests::*;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// Runs python3 `script` as user nobody (and its group), with `groups` as its
+/// supplementary groups; returns its output.
+fn as_nobody(script: &str, groups: &str) -> String {
+    require("setpriv", "util-linux");
+    let mut command = Command::new("setpriv");
+    command.args(["--reuid=nobody", "--regid=nogroup"]);
+    if groups.is_empty() {
+        command.arg("--clear-groups");
+    } else {
+        command.arg(format!("--groups={groups}"));
+    }
+    command.args(["/usr/bin/python3", "-c", script]);
+    stdout_within(&mut command, LIMIT)
+}
+
+/// Opens `dir` and its parents to everyone, so that only the agent's own checks stand
+/// between another user and what is inside.
+fn open_to_all(dir: &Path) {
+    let mode = std::fs::metadata(dir).expect("stat").permissions().mode();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o755)).expect("chmod");
+}
+
+/// One request to the agent's socket, as the preload would send it.
+fn ask_agent(socket: &Path, request: &str) -> String {
+    let mut s = UnixStream::connect(socket).expect("agent socket");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(request.as_bytes()).expect("request");
+    let mut reply = [0u8; 256];
+    let n = s.read(&mut reply).expect("reply");
+    String::from_utf8_lossy(&reply[..n]).into_owned()
+}
+
+/// Connects from `source` to `listener`, sends a line and prints what came back.
+fn claim_script(source: u16, listener: std::net::SocketAddr) -> String {
+    format!(
+        r#"
+import socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", {source}))
+s.settimeout(10)
+try:
+    s.connect(("{ip}", {port}))
+    s.sendall(b"ping\n")
+    data = s.recv(10)
+    print("got " + data.decode().strip() if data else "EOF")
+except OSError as e:
+    print(type(e).__name__)
+"#,
+        ip = listener.ip(),
+        port = listener.port()
+    )
+}
+
+#[test]
+fn another_user_cannot_claim_a_registered_connection() {
+    if needs_root("another_user_cannot_claim_a_registered_connection") {
+        return;
+    }
+    let echo = echo_server("127.0.0.2");
+    let tunnel = Tunnel::start_routed(&allow_alice(&["127.0.0.2/32"]), &[], &["127.0.0.2/32"])
+        .expect("tunnel");
+    let status = tunnel.agent.status().expect("status");
+    let listener: std::net::SocketAddr = status["loopback_listeners"][0]
+        .as_str()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no loopback listener in {status}"));
+    let source = free_port();
+    // The agent's own user registers a connection from `source` ...
+    let socket = tunnel.site.path("agent/agent.sock");
+    let reply = ask_agent(
+        &socket,
+        &format!("REGISTER 127.0.0.1:{source} {echo} site-b nowait\n"),
+    );
+    assert!(reply.starts_with("OK "), "{reply}");
+
+    // ... and another user connects from that address first.
+    let out = as_nobody(&claim_script(source, listener), "");
+    assert!(
+        !out.starts_with("got"),
+        "another user's connection was carried: {out}"
+    );
+    assert_eq!(
+        tunnel.streams_seen(),
+        0,
+        "another user's connection was carried"
+    );
+    assert!(
+        tunnel
+            .agent
+            .daemon
+            .log_text()
+            .contains("a connection from another user's registered address was dropped"),
+        "{}",
+        tunnel.agent.daemon.log_text()
+    );
+
+    // The registration is still there for its owner.
+    let out = stdout_within(
+        Command::new("python3").args(["-c", &claim_script(source, listener)]),
+        LIMIT,
+    );
+    assert_eq!(out.trim(), "got ping");
+}
+
+/// An agent whose `agent.toml` is `body` (with its own `control`), in `dir`.
+fn agent_with(dir: &Path, body: &str) -> Daemon {
+    std::fs::create_dir_all(dir).expect("dir");
+    let config = dir.join("agent.toml");
+    std::fs::write(&config, body).expect("config");
+    let mut command = Command::new(bin("tunnel-agent"));
+    command.arg("run").arg("--config").arg(&config);
+    let mut daemon = Daemon::spawn("agent", command, dir.join("agent.log")).expect("agent");
+    daemon
+        .wait_log("agent ready", Duration::from_secs(20))
+        .expect("agent ready");
+    daemon
+}
+
+#[test]
+fn a_group_shares_the_socket_and_a_shared_directory_keeps_its_mode() {
+    if needs_root("a_group_shares_the_socket_and_a_shared_directory_keeps_its_mode") {
+        return;
+    }
+    let site = Site::new();
+    open_to_all(site.dir.path());
+    let gw_dir = site.init_gateway("gateway");
+    let creds = site.issue(&gw_dir, "alice", "alice");
+    let gateway = Gateway::start(&gw_dir, "").expect("gateway");
+    let users_gid = nix::unistd::Group::from_name("users")
+        .ok()
+        .flatten()
+        .expect("group users")
+        .gid
+        .as_raw();
+    let agent_toml = |control: &Path| {
+        format!(
+            "control = \"{}\"\ngroup = \"users\"\n{}",
+            control.display(),
+            gateway_table("site-b", gateway.addr, &creds, "alice")
+        )
+    };
+
+    // A directory the agent makes for the socket: the group's, 0750; the socket 0660.
+    let made = site.path("run/tunnel");
+    let _agent = agent_with(&site.path("a1"), &agent_toml(&made.join("agent.sock")));
+    let dir = std::fs::metadata(&made).expect("made dir");
+    assert_eq!((dir.mode() & 0o7777, dir.gid()), (0o750, users_gid));
+    let sock = std::fs::metadata(made.join("agent.sock")).expect("socket");
+    assert_eq!((sock.mode() & 0o777, sock.gid()), (0o660, users_gid));
+    open_to_all(&site.path("run"));
+    let resolve = format!(
+        r#"
+import socket
+u = socket.socket(socket.AF_UNIX)
+try:
+    u.connect("{}")
+    u.sendall(b"RESOLVE db.site-b.internal\n")
+    print(u.recv(200).decode().split(" ")[0].strip())
+except OSError as e:
+    print(type(e).__name__)
+"#,
+        made.join("agent.sock").display()
+    );
+    assert_eq!(as_nobody(&resolve, &users_gid.to_string()).trim(), "ADDRS");
+    assert_eq!(as_nobody(&resolve, "").trim(), "PermissionError");
+
+    // A shared directory (like /tmp) that was there before is left exactly as it was.
+    let shared = site.path("shared");
+    std::fs::create_dir_all(&shared).expect("shared");
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+    let _agent2 = agent_with(&site.path("a2"), &agent_toml(&shared.join("agent.sock")));
+    let after = std::fs::metadata(&shared).expect("shared dir");
+    assert_eq!((after.mode() & 0o7777, after.gid()), (0o1777, 0));
+    let sock = std::fs::metadata(shared.join("agent.sock")).expect("socket");
+    assert_eq!((sock.mode() & 0o777, sock.gid()), (0o660, users_gid));
+}
+
+#[test]
+fn a_forward_port_with_allow_users_refuses_everyone_else() {
+    if needs_root("a_forward_port_with_allow_users_refuses_everyone_else") {
+        return;
+    }
+    let echo = echo_server("127.0.0.2");
+    let forwards = format!(
+        "[[forward]]\nlisten = \"127.0.0.1:0\"\nto = \"{echo}\"\nallow_users = [\"root\"]\n\
+         [[forward]]\nlisten = \"127.0.0.1:0\"\nto = \"{echo}\"\nallow_groups = [\"root\"]\n\
+         [[forward]]\nlisten = \"127.0.0.1:0\"\nto = \"{echo}\"\n"
+    );
+    let tunnel = Tunnel::start_with(&allow_alice(&["127.0.0.2/32"]), &forwards).expect("tunnel");
+    let talk = |port: std::net::SocketAddr| {
+        format!(
+            r#"
+import socket
+try:
+    s = socket.create_connection(("{ip}", {port}), timeout=10)
+    s.sendall(b"ping\n")
+    data = s.recv(10)
+    print("got " + data.decode().strip() if data else "EOF")
+except OSError as e:
+    print(type(e).__name__)
+"#,
+            ip = port.ip(),
+            port = port.port()
+        )
+    };
+    for index in 0..2 {
+        let port = tunnel.forward(index);
+        let out = stdout_within(Command::new("python3").args(["-c", &talk(port)]), LIMIT);
+        assert_eq!(
+            out.trim(),
+            "got ping",
+            "forward[{index}] refused its own user"
+        );
+        let out = as_nobody(&talk(port), "");
+        assert!(
+            !out.starts_with("got"),
+            "forward[{index}] carried another user's connection: {out}"
+        );
+    }
+    // Without allow_users/allow_groups, every local user may use the port (as ssh -L).
+    let out = as_nobody(&talk(tunnel.forward(2)), "");
+    assert_eq!(out.trim(), "got ping");
+    assert!(
+        tunnel
+            .agent
+            .daemon
+            .log_text()
+            .contains("a user not in allow_users/allow_groups was refused")
+    );
+}
