@@ -150,6 +150,72 @@ fn main() {
     }
 }
 
+/// What a route's connect mode costs a program on this link: the time to first byte of
+/// an optimistic route (the checked one, the default, is tunnel-run's row), and the
+/// longest stall of an event loop that starts 100 non-blocking connects at once.
+fn connect_modes(
+    bins: &Path,
+    ready: &[(&'static str, Result<Ready, String>)],
+    link: &str,
+    rtt_ms: f64,
+    report: &mut Report,
+) {
+    let Some(tunnel) = ready
+        .iter()
+        .filter(|(name, _)| *name == "tunnel-run")
+        .find_map(|(_, r)| r.as_ref().ok())
+        .and_then(|r| r._keep.downcast_ref::<std::rc::Rc<tunnel::Tunnel>>())
+    else {
+        return;
+    };
+    let entry = ready
+        .iter()
+        .find_map(|(name, r)| (*name == "tunnel-run").then_some(r.as_ref().ok()?.entry));
+    let Some(entry) = entry else { return };
+    let limit = Duration::from_secs(120);
+    for (mode, wrapper) in [
+        ("checked", tunnel.wrapper(bins)),
+        ("optimistic", tunnel.optimistic_wrapper(bins)),
+    ] {
+        let path = Ready {
+            entry,
+            wrapper,
+            _keep: Box::new(()),
+        };
+        let figure = |what: &str| format!("{link}: tunnel-run, {mode} route, {what}");
+        if mode == "optimistic" {
+            match client(&path, "ttfb-nonblocking", 5.0, 1, limit) {
+                Ok(v) => {
+                    if let Some(ms) = v["p50_ms"].as_f64() {
+                        report.tunnel_only.insert(
+                            figure("time to first byte, new connection (non-blocking connect)"),
+                            (ms / rtt_ms, "RTT".into()),
+                        );
+                    }
+                }
+                Err(e) => eprintln!("  {mode} ttfb: {e:#}"),
+            }
+        }
+        match client(&path, "connect-burst", 100.0, 1, limit) {
+            Ok(v) => {
+                if let Some(ms) = v["longest_stall_ms"].as_f64() {
+                    report.tunnel_only.insert(
+                        figure("100 non-blocking connects at once: longest event-loop stall"),
+                        (ms / rtt_ms, "RTT".into()),
+                    );
+                }
+                if let Some(ms) = v["all_connected_ms"].as_f64() {
+                    report.tunnel_only.insert(
+                        figure("100 non-blocking connects at once: all answered"),
+                        (ms / rtt_ms, "RTT".into()),
+                    );
+                }
+            }
+            Err(e) => eprintln!("  {mode} connect burst: {e:#}"),
+        }
+    }
+}
+
 /// A path ready to measure: where the client connects, and under what.
 struct Ready {
     entry: SocketAddr,
@@ -509,6 +575,7 @@ fn run(quick: bool, json: Option<&Path>, only: &[String]) -> Result<()> {
             ],
             1,
         );
+        connect_modes(&bins, &ready, name, rtt_ms, &mut report);
         eprintln!("  (link {rate_mbit} Mbit/s, RTT {rtt_ms} ms)");
     }
 

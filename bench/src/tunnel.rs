@@ -17,6 +17,8 @@ pub struct Tunnel {
     pub agent: Proc,
     pub gateway: Proc,
     pub agent_config: PathBuf,
+    /// The same agent, with the route marked `connect = "optimistic"`.
+    pub optimistic_config: PathBuf,
     pub forward: SocketAddr,
     _dir: tempfile::TempDir,
 }
@@ -61,13 +63,16 @@ impl Tunnel {
             None => listen,
         };
         let agent_config = dir.path().join("agent.toml");
-        std::fs::write(
-            &agent_config,
+        let config_text = |connect: &str| {
             format!(
-                "control = \"agent.sock\"\n[[gateway]]\nname = \"site-b\"\naddress = \"{address}\"\nserver_name = \"127.0.0.1\"\nca = \"bench/ca.pem\"\ncert = \"bench/bench.pem\"\nkey = \"bench/bench-key.pem\"\n[[route]]\nto = [\"{}/32\"]\n[[forward]]\nlisten = \"127.0.0.1:0\"\nto = \"{destination}\"\n",
+                "control = \"agent.sock\"\n[[gateway]]\nname = \"site-b\"\naddress = \"{address}\"\nserver_name = \"127.0.0.1\"\nca = \"bench/ca.pem\"\ncert = \"bench/bench.pem\"\nkey = \"bench/bench-key.pem\"\n[[route]]\nto = [\"{}/32\"]\nconnect = \"{connect}\"\n[[forward]]\nlisten = \"127.0.0.1:0\"\nto = \"{destination}\"\n",
                 destination.ip()
-            ),
-        )?;
+            )
+        };
+        std::fs::write(&agent_config, config_text("checked"))?;
+        // tunnel-run reads the routes from this file and finds the same agent's socket.
+        let optimistic_config = dir.path().join("agent-optimistic.toml");
+        std::fs::write(&optimistic_config, config_text("optimistic"))?;
         let mut command = Command::new(bins.join("tunnel-agent"));
         command.arg("run").arg("--config").arg(&agent_config);
         let mut agent = Proc::spawn("tunnel-agent", command, dir.path().join("agent.log"))?;
@@ -82,6 +87,7 @@ impl Tunnel {
             agent,
             gateway,
             agent_config,
+            optimistic_config,
             forward,
             _dir: dir,
         })
@@ -89,10 +95,19 @@ impl Tunnel {
 
     /// The command prefix that preloads a client.
     pub fn wrapper(&self, bins: &Path) -> Vec<String> {
+        Tunnel::wrapper_with(bins, &self.agent_config)
+    }
+
+    /// The command prefix that preloads a client whose route is optimistic.
+    pub fn optimistic_wrapper(&self, bins: &Path) -> Vec<String> {
+        Tunnel::wrapper_with(bins, &self.optimistic_config)
+    }
+
+    fn wrapper_with(bins: &Path, config: &Path) -> Vec<String> {
         vec![
             bins.join("tunnel-run").display().to_string(),
             "--config".into(),
-            self.agent_config.display().to_string(),
+            config.display().to_string(),
             "--".into(),
         ]
     }

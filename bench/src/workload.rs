@@ -256,8 +256,12 @@ fn first_byte(addr: SocketAddr, count: usize, blocking: bool) -> Result<serde_js
         let mut s = if blocking {
             connect(addr)?
         } else {
-            // std's connect_timeout: non-blocking connect, poll, then blocking I/O.
+            // Non-blocking connect and poll (std's connect_timeout), then the check that
+            // curl, libuv and asyncio make before they send: getsockopt(SO_ERROR).
             let s = TcpStream::connect_timeout(&addr, Duration::from_secs(30))?;
+            if let Some(e) = s.take_error()? {
+                return Err(e.into());
+            }
             s.set_nodelay(true)?;
             s.set_read_timeout(Some(Duration::from_secs(60)))?;
             s
@@ -269,6 +273,70 @@ fn first_byte(addr: SocketAddr, count: usize, blocking: bool) -> Result<serde_js
     }
     samples.sort_by(f64::total_cmp);
     Ok(json!({ "p50_ms": percentile(&samples, 0.5) }))
+}
+
+/// An event loop's view of `count` non-blocking connects made at once: each socket is
+/// polled for writability and then checked with `getsockopt(SO_ERROR)`, as curl, libuv
+/// and asyncio do. Reports the longest time one check held the loop (its longest
+/// stall) and when the last connection was known to be up, in milliseconds.
+fn connect_burst(addr: SocketAddr, count: usize) -> Result<serde_json::Value> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrStorage, connect, getsockopt, socket, sockopt,
+    };
+    use std::os::fd::{AsFd, OwnedFd};
+
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let target = SockaddrStorage::from(addr);
+    let start = Instant::now();
+    let mut pending: Vec<OwnedFd> = Vec::with_capacity(count);
+    for _ in 0..count {
+        let fd = socket(family, SockType::Stream, SockFlag::SOCK_NONBLOCK, None)?;
+        match connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &target) {
+            Ok(()) | Err(nix::errno::Errno::EINPROGRESS) => pending.push(fd),
+            Err(e) => bail!("connect: {e}"),
+        }
+    }
+    let mut longest_stall = Duration::ZERO;
+    let mut connected = Vec::with_capacity(count);
+    while !pending.is_empty() {
+        if start.elapsed() > Duration::from_secs(60) {
+            bail!("{} connects unanswered after 60 s", pending.len());
+        }
+        let mut fds: Vec<PollFd> = pending
+            .iter()
+            .map(|fd| PollFd::new(fd.as_fd(), PollFlags::POLLOUT))
+            .collect();
+        poll(&mut fds, PollTimeout::from(100u16))?;
+        let ready: Vec<bool> = fds
+            .iter()
+            .map(|p| p.revents().is_some_and(|r| !r.is_empty()))
+            .collect();
+        drop(fds);
+        let mut still = Vec::with_capacity(pending.len());
+        for (fd, ready) in pending.into_iter().zip(ready) {
+            if !ready {
+                still.push(fd);
+                continue;
+            }
+            let checked = Instant::now();
+            let error = getsockopt(&fd, sockopt::SocketError)?;
+            longest_stall = longest_stall.max(checked.elapsed());
+            if error != 0 {
+                bail!("connect failed: errno {error}");
+            }
+            connected.push(fd);
+        }
+        pending = still;
+    }
+    Ok(json!({
+        "longest_stall_ms": longest_stall.as_secs_f64() * 1000.0,
+        "all_connected_ms": start.elapsed().as_secs_f64() * 1000.0,
+    }))
 }
 
 /// Holds `count` idle connections open until stdin closes.
@@ -311,6 +379,7 @@ pub fn client(op: &str, addr: SocketAddr, arg: f64, streams: usize) -> Result<se
         "connect" => new_connections(addr, arg, streams),
         "ttfb" => first_byte(addr, arg as usize, true),
         "ttfb-nonblocking" => first_byte(addr, arg as usize, false),
+        "connect-burst" => connect_burst(addr, arg as usize),
         "idle" => hold_idle(addr, arg as usize),
         "passthrough" => passthrough(arg as usize),
         other => bail!("unknown client operation {other}"),

@@ -14,6 +14,8 @@
 //!          agent_client: REGISTER source → target   (Unix socket, opened per call)
 //!          sys: real connect(fd, agent's loopback listener) with the program's flags
 //!          blocking: wait for the gateway's VERDICT → 0 or the real errno
+//!          non-blocking: EINPROGRESS; getsockopt(SO_ERROR) or connect again asks the
+//!          agent for the VERDICT (checked routes; optimistic ones never wait)
 //!
 //!  sendto / sendmsg / sendmmsg with MSG_FASTOPEN (a connect inside the send):
 //!  a routed destination is connected as above first, then the data sent on it.
