@@ -28,7 +28,6 @@ const VERDICT_WITHIN: Duration = Duration::from_secs(60);
 /// Who may use the socket besides root.
 pub struct Access {
     uid: u32,
-    gid: Option<u32>,
     group: Option<SharedWith>,
 }
 
@@ -47,7 +46,6 @@ impl Access {
         };
         Ok(Access {
             uid: nix::unistd::getuid().as_raw(),
-            gid: group.as_ref().map(|g| g.gid),
             group,
         })
     }
@@ -64,7 +62,9 @@ impl Access {
         if cred.uid() == self.uid || cred.uid() == 0 {
             return true;
         }
-        let Some(gid) = self.gid else { return false };
+        let Some(gid) = self.group.as_ref().map(|g| g.gid) else {
+            return false;
+        };
         cred.gid() == gid || cred.pid().is_some_and(|pid| in_group(pid, gid))
     }
 }
