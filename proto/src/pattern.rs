@@ -187,6 +187,12 @@ fn parse_host_pattern(host: &str, whole: &str) -> Result<HostPattern, PatternErr
     if host == "*" {
         return Ok(HostPattern::Any);
     }
+    // A fully qualified name may end in a dot; so may an address written like one
+    // (`10.7.2.1.`), which is the address, not a name no lookup would ever give.
+    let host = host
+        .strip_suffix('.')
+        .filter(|h| !h.is_empty())
+        .unwrap_or(host);
     if let Ok(ip) = IpAddr::from_str(host) {
         return Ok(HostPattern::Net(IpNet::from(ip.to_canonical())));
     }
@@ -200,7 +206,6 @@ fn parse_host_pattern(host: &str, whole: &str) -> Result<HostPattern, PatternErr
         }
         return Ok(HostPattern::Net(net));
     }
-    let host = host.strip_suffix('.').unwrap_or(host);
     if let Some(suffix) = host.strip_prefix("*.") {
         if is_valid_name(suffix) {
             return Ok(HostPattern::Subdomains(suffix.to_ascii_lowercase()));
@@ -255,6 +260,10 @@ mod tests {
         assert!(p("127.0.0.1").names_ip(ip("127.0.0.1")));
         assert!(!p("*").names_ip(ip("127.0.0.1")));
         assert!(p("*").matches_ip(ip("127.0.0.1"), 1));
+        // An address written with a trailing dot is that address (found by fuzzing: it
+        // was a name that printed as the address, so the route table did not read back).
+        assert_eq!(p("10.7.2.1."), p("10.7.2.1"));
+        assert!(Pattern::parse(".").is_err());
     }
 
     #[test]

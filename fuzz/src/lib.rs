@@ -1,0 +1,86 @@
+//! The checks each fuzz target runs on one input, shared with the regression test that
+//! replays saved inputs (`tests/regressions.rs`). Every check is: never panic, and what
+//! decodes re-encodes to something that decodes to the same value.
+#![forbid(unsafe_code)]
+
+use std::path::Path;
+
+use tunnel_proto::config::{AgentConfig, GatewayConfig};
+use tunnel_proto::local::{Reply, Request};
+use tunnel_proto::routes::RouteTable;
+use tunnel_proto::{Pattern, Target};
+
+/// The local protocol between the preload and the agent, both directions.
+pub fn local_protocol(data: &[u8]) {
+    if let Ok(Some((request, used))) = Request::decode(data) {
+        assert!(used <= data.len());
+        let wire = request.encode();
+        assert_eq!(
+            Request::decode(wire.as_bytes()),
+            Ok(Some((request, wire.len()))),
+            "request does not round-trip"
+        );
+    }
+    if let Ok(Some((reply, used))) = Reply::decode(data) {
+        assert!(used <= data.len());
+        let wire = reply.encode();
+        let again = Reply::decode(wire.as_bytes());
+        // An error message is cut and cleaned when encoded; everything else round-trips.
+        if !matches!(reply, Reply::Err { .. }) {
+            assert_eq!(
+                again,
+                Ok(Some((reply, wire.len()))),
+                "reply does not round-trip"
+            );
+        } else {
+            assert!(
+                matches!(again, Ok(Some(_))),
+                "an error reply does not decode again"
+            );
+        }
+    }
+}
+
+/// `TUNNEL_ROUTES`, destination patterns and targets.
+pub fn routes(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Ok(table) = RouteTable::parse(text) {
+        let again = RouteTable::parse(&table.to_string());
+        assert_eq!(
+            again.as_ref(),
+            Ok(&table),
+            "route table does not round-trip"
+        );
+        for route in &table.routes {
+            for pattern in &route.patterns {
+                let _ = pattern.matches_name("db.site-b.internal", 5432);
+                let _ = pattern.matches_ip([10, 20, 0, 1].into(), 22);
+            }
+        }
+        let _ = table.may_route_name("db.site-b.internal");
+    }
+    if let Ok(pattern) = Pattern::parse(text) {
+        assert_eq!(Pattern::parse(&pattern.to_string()), Ok(pattern));
+    }
+    if let Ok(target) = Target::parse(text) {
+        // A service name made only of digits would read back as something else.
+        let _ = Target::parse(&target.to_string());
+    }
+}
+
+/// Both configuration files.
+pub fn configs(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let _ = AgentConfig::parse(text, Path::new("/etc/tunnel/agent.toml"));
+    let _ = GatewayConfig::parse(text, Path::new("/etc/tunnel/gateway.toml"));
+}
+
+/// The kernel's socket-diagnostics answers.
+pub fn sock_diag(data: &[u8]) {
+    let sequence = data.first().copied().map_or(0, u32::from);
+    let _ = tunnel_proto::sock_diag::decode_answer(data.get(1..).unwrap_or_default(), sequence);
+}
