@@ -75,9 +75,11 @@ pub fn render(reply: &str) -> Result<String> {
                     .as_f64()
                     .map_or("-".into(), |ms| format!("{ms:.2}ms")),
                 c["streams"],
-                c["last_error"]
-                    .as_str()
-                    .map_or(String::new(), |e| format!("  (last error: {e})"))
+                match (c["error"].as_str(), c["retry_in_secs"].as_f64()) {
+                    (Some(e), Some(retry)) => format!("  (retry in {retry:.0}s; {e})"),
+                    (Some(e), None) => format!("  (after: {e})"),
+                    (None, _) => String::new(),
+                }
             );
         }
     }

@@ -1,5 +1,6 @@
 //! End-to-end tests: real gateway and agent binaries, real TLS, real clients, loopback.
 
+mod diagnostics;
 mod errors;
 mod forward;
 mod namespaces;
