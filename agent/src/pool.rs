@@ -26,13 +26,17 @@ use h2::SendStream;
 use h2::client::{ResponseFuture, SendRequest};
 use http::{Method, Request, Uri};
 use serde::Serialize;
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, watch};
 use tokio_rustls::TlsConnector;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 use tunnel_proto::Target;
 use tunnel_proto::config::{AgentConfig, GatewayPeer};
 use tunnel_transport::liveness::{self, Health, INITIAL_STREAM_WINDOW};
+
+use crate::certificate::Certificate;
+use crate::rewind::Rewind;
 
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(15);
@@ -45,6 +49,8 @@ pub const DEMAND_REDIAL_GAP: Duration = Duration::from_secs(1);
 
 pub struct Pool {
     pub peer: GatewayPeer,
+    /// The certificate this agent presents to the gateway.
+    pub certificate: Arc<Certificate>,
     slots: Vec<Mutex<Slot>>,
     changed: Notify,
     /// Streams waiting in [`Pool::open`] for a live connection.
@@ -159,10 +165,21 @@ fn lock(slot: &Mutex<Slot>) -> std::sync::MutexGuard<'_, Slot> {
 }
 
 impl Pool {
-    /// Makes the pool and starts its slot tasks.
+    /// Makes the pool and starts its slot tasks. A certificate that cannot work (expired,
+    /// from another CA, not a client certificate) is an error here, before any dial.
     pub fn start(peer: GatewayPeer, config: &AgentConfig) -> Result<Arc<Pool>> {
         let tls = tunnel_transport::tls::client_config(&peer.ca, &peer.cert, &peer.key)
             .with_context(|| format!("gateway `{}`", peer.name))?;
+        let certificate = Certificate::load(&peer.ca, &peer.cert)
+            .with_context(|| format!("gateway `{}`", peer.name))?;
+        match certificate.problem_at(tunnel_transport::certs::unix_now()) {
+            Some(problem) if problem.stops_the_agent() => {
+                return Err(anyhow!(problem).context(format!("gateway `{}`", peer.name)));
+            }
+            Some(problem) => error!(gateway = %peer.name, "{problem}"),
+            None => {}
+        }
+        let certificate = Arc::new(certificate);
         let mut addresses = Vec::new();
         for a in &peer.addresses {
             let server_name = tunnel_transport::tls::server_name(&a.server_name)
@@ -180,6 +197,7 @@ impl Pool {
         };
         let pool = Arc::new(Pool {
             slots: (0..peer.connections).map(|_| slot()).collect(),
+            certificate: certificate.clone(),
             peer,
             changed: Notify::new(),
             waiting: AtomicUsize::new(0),
@@ -195,6 +213,8 @@ impl Pool {
         for index in 0..pool.slots.len() {
             tokio::spawn(keep_connected(pool.clone(), index, dialer.clone()));
         }
+        let gateway = pool.peer.name.clone();
+        tokio::spawn(async move { certificate.watch_expiry(&gateway).await });
         Ok(pool)
     }
 
@@ -261,6 +281,13 @@ impl Pool {
                 Some((i, live.clone(), slot.streams.clone()))
             })
             .min_by_key(|(_, _, streams)| streams.load(Ordering::Relaxed))
+    }
+
+    /// A failure in the user's terms: certificate problems named as such.
+    fn describe(&self, failure: &anyhow::Error) -> String {
+        self.certificate
+            .explain(failure)
+            .unwrap_or_else(|| format!("{failure:#}"))
     }
 
     /// Why no connection is up: the first slot's error that says.
@@ -410,7 +437,7 @@ async fn keep_connected(pool: Arc<Pool>, index: usize, dialer: Dialer) {
                 "{address}: no answer within {:.0}s",
                 pool.connect_timeout.as_secs_f64()
             ),
-            Ok(Err(e)) => format!("{address}: {e:#}"),
+            Ok(Err(e)) => format!("{address}: {}", pool.describe(&e)),
             Ok(Ok(connection)) => {
                 let up_since = Instant::now();
                 info!(gateway = %name, slot = index, "connected to {address}");
@@ -439,7 +466,7 @@ async fn keep_connected(pool: Arc<Pool>, index: usize, dialer: Dialer) {
 
 type Connection = (
     SendRequest<Bytes>,
-    h2::client::Connection<tokio_rustls::client::TlsStream<TcpStream>, Bytes>,
+    h2::client::Connection<Rewind<tokio_rustls::client::TlsStream<TcpStream>>, Bytes>,
 );
 
 async fn dial(
@@ -456,11 +483,24 @@ async fn dial(
         .await
         .context("TLS handshake")?;
     tunnel_transport::tls::tune_session(tls.get_mut().1);
+    // In TLS 1.3 the gateway judges our certificate after the handshake is over on our
+    // side. Its first bytes (its HTTP/2 SETTINGS) or its alert say whether it took us:
+    // wait for them before the connection counts as up, and before writing anything,
+    // which would turn the gateway's close after an alert into a reset that hides it.
+    let mut first = vec![0u8; 16 * 1024];
+    let n = tls
+        .read(&mut first)
+        .await
+        .context("waiting for the gateway to accept our certificate")?;
+    if n == 0 {
+        anyhow::bail!("the gateway closed the connection right after the TLS handshake");
+    }
+    first.truncate(n);
     h2::client::Builder::new()
         .initial_window_size(INITIAL_STREAM_WINDOW)
         .initial_connection_window_size(liveness::connection_window(INITIAL_STREAM_WINDOW))
         .max_frame_size(64 * 1024)
-        .handshake(tls)
+        .handshake(Rewind::new(first, tls))
         .await
         .context("HTTP/2 handshake")
 }
@@ -498,7 +538,7 @@ async fn run_connection(
         tokio::select! {
             ended = &mut conn => return match ended {
                 Ok(()) => "closed by the gateway".into(),
-                Err(e) => format!("{e}"),
+                Err(e) => pool.describe(&anyhow::Error::new(e)),
             },
             changed = window_rx.changed(), if windows_open => match changed {
                 Ok(()) => {

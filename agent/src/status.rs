@@ -17,6 +17,7 @@ pub fn json(agent: &Agent) -> Value {
                 "name": pool.peer.name,
                 "addresses": pool.peer.addresses.iter().map(|a| a.address.as_str()).collect::<Vec<_>>(),
                 "connections": pool.views(),
+                "certificate": pool.certificate.view(),
             })
         })
         .collect();
@@ -59,6 +60,21 @@ pub fn render(reply: &str) -> Result<String> {
             g["name"].as_str().unwrap_or("?"),
             addresses.join(", ")
         );
+        let cert = &g["certificate"];
+        match cert["problem"].as_str() {
+            Some(problem) => {
+                let _ = writeln!(out, "  certificate PROBLEM: {problem}");
+            }
+            None => {
+                let _ = writeln!(
+                    out,
+                    "  certificate {} ({}) valid until {}",
+                    cert["file"].as_str().unwrap_or("?"),
+                    cert["identity"].as_str().unwrap_or("?"),
+                    cert["valid_until"].as_str().unwrap_or("?")
+                );
+            }
+        }
         for (i, c) in g["connections"]
             .as_array()
             .unwrap_or(&empty)

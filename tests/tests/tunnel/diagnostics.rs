@@ -120,3 +120,278 @@ fn a_stream_that_arrives_during_a_long_backoff_dials_at_once() {
         "the stream took {took:?}: it waited out the backoff ({backoff_left:.1}s left) instead of dialling at once"
     );
 }
+
+/// A client certificate for `identity` from the CA in `gateway_dir`, valid from
+/// `not_before` to `not_after`, written into `<site>/<out>/` with the CA's `ca.pem`,
+/// as `tunnel-gateway issue` lays them out.
+fn issue_valid(
+    site: &Site,
+    gateway_dir: &std::path::Path,
+    identity: &str,
+    out: &str,
+    not_before: time::OffsetDateTime,
+    not_after: time::OffsetDateTime,
+) -> std::path::PathBuf {
+    use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair, KeyUsagePurpose};
+    let ca_pem = std::fs::read_to_string(gateway_dir.join("ca.pem")).expect("ca.pem");
+    let ca_key = std::fs::read_to_string(gateway_dir.join("ca-key.pem")).expect("ca-key.pem");
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, KeyPair::from_pem(&ca_key).expect("key"))
+        .expect("the gateway's CA");
+    let mut params = CertificateParams::default();
+    params.distinguished_name.push(DnType::CommonName, identity);
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.use_authority_key_identifier_extension = true;
+    params.not_before = not_before;
+    params.not_after = not_after;
+    let key = KeyPair::generate().expect("key");
+    let cert = params.signed_by(&key, &issuer).expect("sign");
+    let dir = site.path(out);
+    std::fs::create_dir_all(&dir).expect("out dir");
+    std::fs::write(dir.join(format!("{identity}.pem")), cert.pem()).expect("cert");
+    std::fs::write(dir.join(format!("{identity}-key.pem")), key.serialize_pem()).expect("key");
+    std::fs::write(dir.join("ca.pem"), ca_pem).expect("ca");
+    dir
+}
+
+/// Now, to the second (certificates keep whole seconds).
+fn now() -> time::OffsetDateTime {
+    let now = time::OffsetDateTime::now_utc();
+    now.replace_nanosecond(0).unwrap_or(now)
+}
+
+/// A moment as the agent's messages write it.
+fn utc(t: time::OffsetDateTime) -> String {
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02} UTC",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
+}
+
+/// Runs `tunnel-agent run` with `body` as its config; it must fail at start. Returns
+/// what it printed.
+fn agent_refuses_to_start(site: &Site, body: &str) -> String {
+    let dir = site.path("agent");
+    std::fs::create_dir_all(&dir).expect("agent dir");
+    let config = dir.join("agent.toml");
+    std::fs::write(&config, format!("control = \"agent.sock\"\n{body}")).expect("config");
+    let (code, stdout, stderr) = output_within(
+        std::process::Command::new(bin("tunnel-agent"))
+            .args(["run", "--config"])
+            .arg(&config),
+        Duration::from_secs(10),
+    );
+    assert_eq!(
+        code,
+        Some(1),
+        "the agent did not stop at start:\n{stdout}\n{stderr}"
+    );
+    stderr
+}
+
+/// The `error` of every connection slot in an agent's status.
+fn slot_errors(agent: &Agent) -> Vec<String> {
+    agent
+        .status()
+        .map(|s| {
+            slots(&s)
+                .iter()
+                .filter_map(|c| c["error"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn an_expired_certificate_stops_the_agent_at_start_and_says_when_it_expired() {
+    let site = Site::new();
+    let gw_dir = site.init_gateway("gateway");
+    let expired = now() - time::Duration::days(30);
+    let creds = issue_valid(
+        &site,
+        &gw_dir,
+        "alice",
+        "alice",
+        expired - time::Duration::days(90),
+        expired,
+    );
+    let addr = "127.0.0.1:9".parse().expect("addr");
+    let stderr = agent_refuses_to_start(&site, &gateway_table("site-b", addr, &creds, "alice"));
+    let expect = format!(
+        "{} expired on {}: ask the gateway's operator for a new one (tunnel-gateway issue)",
+        creds.join("alice.pem").display(),
+        utc(expired)
+    );
+    assert!(
+        stderr.contains(&expect),
+        "the agent does not say `{expect}`:\n{stderr}"
+    );
+}
+
+#[test]
+fn a_certificate_from_another_ca_stops_the_agent_at_start() {
+    let site = Site::new();
+    let gw_dir = site.init_gateway("gateway");
+    let other = site.init_gateway("other");
+    let good = site.issue(&gw_dir, "alice", "alice");
+    let foreign = site.issue(&other, "alice", "mallory");
+    let body = format!(
+        "[[gateway]]\nname = \"b\"\naddress = \"127.0.0.1:9\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+        good.join("ca.pem").display(),
+        foreign.join("alice.pem").display(),
+        foreign.join("alice-key.pem").display(),
+    );
+    let stderr = agent_refuses_to_start(&site, &body);
+    let expect = format!(
+        "{} was not issued by the CA in {}",
+        foreign.join("alice.pem").display(),
+        good.join("ca.pem").display()
+    );
+    assert!(
+        stderr.contains(&expect),
+        "the agent does not say `{expect}`:\n{stderr}"
+    );
+}
+
+#[test]
+fn a_not_yet_valid_certificate_is_named_in_the_log_and_status() {
+    let site = Site::new();
+    let gw_dir = site.init_gateway("gateway");
+    let from = now() + time::Duration::days(1);
+    let creds = issue_valid(
+        &site,
+        &gw_dir,
+        "alice",
+        "alice",
+        from,
+        from + time::Duration::days(1),
+    );
+    let gateway = Gateway::start(&gw_dir, &allow_alice(&["*"])).expect("gateway");
+    let mut agent = Agent::start(
+        &site.path("agent"),
+        &gateway_table("site-b", gateway.addr, &creds, "alice"),
+        false,
+    )
+    .expect("a certificate that is not valid yet does not stop the agent");
+    let expect = format!(
+        "{} is not valid until {}",
+        creds.join("alice.pem").display(),
+        utc(from)
+    );
+    agent
+        .daemon
+        .wait_log(&expect, Duration::from_secs(10))
+        .expect("the log names the certificate's start");
+    let status = agent.status().expect("status");
+    let problem = status["gateways"][0]["certificate"]["problem"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(problem.contains(&expect), "status: {status}");
+    // The gateway refuses it too, and the connection says why.
+    wait_for(
+        Duration::from_secs(10),
+        "the connection's error to name the certificate",
+        || {
+            slot_errors(&agent)
+                .iter()
+                .any(|e| e.contains("alert certificate_expired") && e.contains(&expect))
+                .then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}: {:?}", slot_errors(&agent)));
+    assert_eq!(agent.connections_up(), 0);
+}
+
+#[test]
+fn a_ca_file_that_is_not_the_gateways_is_named() {
+    let site = Site::new();
+    let gw_dir = site.init_gateway("gateway");
+    let other = site.init_gateway("other");
+    // A certificate and CA that belong together, but to another gateway.
+    let elsewhere = site.issue(&other, "alice", "elsewhere");
+    let gateway = Gateway::start(&gw_dir, &allow_alice(&["*"])).expect("gateway");
+    let agent = Agent::start(
+        &site.path("agent"),
+        &gateway_table("site-b", gateway.addr, &elsewhere, "alice"),
+        false,
+    )
+    .expect("agent");
+    let expect = format!(
+        "the gateway's certificate was not issued by the CA in {}: that is not this gateway's CA",
+        elsewhere.join("ca.pem").display()
+    );
+    wait_for(
+        Duration::from_secs(10),
+        "the connection's error to name the CA file",
+        || {
+            slot_errors(&agent)
+                .iter()
+                .any(|e| e.contains(&expect))
+                .then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}: {:?}", slot_errors(&agent)));
+    assert!(
+        agent.daemon.log_text().contains(&expect),
+        "the log does not name the CA file:\n{}",
+        agent.daemon.log_text()
+    );
+}
+
+#[test]
+fn a_certificate_that_expires_while_the_agent_runs_shows_in_the_log_and_status() {
+    let echo = echo_server("127.0.0.1").to_string();
+    let site = Site::new();
+    let gw_dir = site.init_gateway("gateway");
+    let until = now() + time::Duration::seconds(3);
+    let creds = issue_valid(
+        &site,
+        &gw_dir,
+        "alice",
+        "alice",
+        until - time::Duration::hours(1),
+        until,
+    );
+    let gateway = Gateway::start(&gw_dir, &allow_alice(&[&echo])).expect("gateway");
+    let mut agent = Agent::start(
+        &site.path("agent"),
+        &(gateway_table("site-b", gateway.addr, &creds, "alice") + &forward_table(&echo)),
+        true,
+    )
+    .expect("a certificate valid for a few more seconds starts the agent");
+    let status = agent.status().expect("status");
+    assert!(
+        status["gateways"][0]["certificate"]["problem"].is_null(),
+        "{status}"
+    );
+    echo_once(agent.forwards[0]).expect("a stream before the certificate expires");
+
+    let expect = format!(
+        "{} expired on {}",
+        creds.join("alice.pem").display(),
+        utc(until)
+    );
+    agent
+        .daemon
+        .wait_log(&expect, Duration::from_secs(15))
+        .expect("the log says the certificate expired");
+    let status = agent.status().expect("status");
+    let problem = status["gateways"][0]["certificate"]["problem"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(problem.contains(&expect), "status: {status}");
+    let text = run_ok(
+        std::process::Command::new(bin("tunnel-agent"))
+            .args(["status", "--config"])
+            .arg(&agent.config),
+    );
+    assert!(
+        text.contains(&format!("certificate PROBLEM: {expect}")),
+        "status text:\n{text}"
+    );
+}
