@@ -31,6 +31,7 @@ pub fn json(agent: &Agent) -> Value {
         "uptime_secs": agent.started.elapsed().as_secs_f64(),
         "gateways": gateways,
         "forwards": agent.forwards,
+        "synthetic_names": agent.fake_dns.view(),
         "registrations_pending": agent.registrations.len(),
         "loopback_listeners": loopback_listeners,
         "streams": agent.streams.live(),
@@ -98,6 +99,13 @@ pub fn render(reply: &str) -> Result<String> {
                 }
             );
         }
+    }
+    if let Some(problem) = v["synthetic_names"]["problem"].as_str() {
+        let _ = writeln!(
+            out,
+            "\nsynthetic names PROBLEM: {problem} ({} names refused)",
+            v["synthetic_names"]["refused"]
+        );
     }
     let forwards = v["forwards"].as_array().unwrap_or(&empty);
     if !forwards.is_empty() {

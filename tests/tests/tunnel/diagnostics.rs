@@ -395,3 +395,59 @@ fn a_certificate_that_expires_while_the_agent_runs_shows_in_the_log_and_status()
         "status text:\n{text}"
     );
 }
+
+#[test]
+fn a_full_synthetic_name_pool_says_so_in_the_log_status_and_the_programs_debug_output() {
+    let site = Site::new();
+    let gw_dir = site.init_gateway("gateway");
+    let creds = site.issue(&gw_dir, "alice", "alice");
+    let gateway = Gateway::start(&gw_dir, &allow_alice(&["*"])).expect("gateway");
+    // A /24 holds 254 names.
+    let body = format!(
+        "synthetic_ipv4 = \"198.18.0.0/24\"\n{}{}",
+        gateway_table("site-b", gateway.addr, &creds, "alice"),
+        route_table(&["*.site-b.internal"])
+    );
+    let mut agent = Agent::start(&site.path("agent"), &body, true).expect("agent");
+    let script = r#"
+import socket
+for i in range(300):
+    name = f"h{i}.site-b.internal"
+    try:
+        socket.getaddrinfo(name, 80, socket.AF_INET, socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        print(f"{i} {name} failed")
+        break
+"#;
+    let (code, stdout, stderr) = output_within(
+        std::process::Command::new(bin("tunnel-run"))
+            .arg("--config")
+            .arg(&agent.config)
+            .args(["--", "python3", "-c", script])
+            .env("TUNNEL_DEBUG", "1"),
+        Duration::from_secs(60),
+    );
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    assert_eq!(stdout.trim(), "254 h254.site-b.internal failed", "{stderr}");
+    let full = "the synthetic address pool is full: all 254 addresses of synthetic_ipv4 = \"198.18.0.0/24\" are handed out, so `h254.site-b.internal` gets none; widen synthetic_ipv4 in agent.toml";
+    let said = stderr
+        .lines()
+        .find(|l| l.contains("h254.site-b.internal:"))
+        .unwrap_or_default();
+    assert!(
+        said.contains(full) && !said.contains("no answer from the agent"),
+        "the program's debug output does not say the pool is full: {said:?}\n{stderr}"
+    );
+    agent
+        .daemon
+        .wait_log(full, Duration::from_secs(5))
+        .expect("the agent's log says the pool is full");
+    let status = agent.status().expect("status");
+    let names = &status["synthetic_names"];
+    assert_eq!(names["used"], 254, "{status}");
+    assert_eq!(names["refused"], 1, "{status}");
+    assert!(
+        names["problem"].as_str().is_some_and(|p| p.contains(full)),
+        "{status}"
+    );
+}
