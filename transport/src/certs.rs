@@ -170,6 +170,14 @@ impl CertInfo {
         })
     }
 
+    /// The first certificate of PEM text.
+    pub fn parse_pem(pem: &str) -> Result<CertInfo> {
+        use rustls_pki_types::pem::PemObject as _;
+        let der = rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+            .map_err(|e| anyhow::anyhow!("not a PEM certificate: {e}"))?;
+        CertInfo::parse(&der)
+    }
+
     /// The subject's common name, if it has one.
     pub fn common_name(&self) -> Option<&str> {
         self.subject

@@ -451,3 +451,118 @@ for i in range(300):
         "{status}"
     );
 }
+
+/// `tunnel-gateway issue` for `identity` from the gateway whose config is `config`,
+/// into `out`; returns what it printed.
+fn issue_printed(config: &std::path::Path, identity: &str, out: &std::path::Path) -> String {
+    run_ok(
+        std::process::Command::new(bin("tunnel-gateway"))
+            .args(["issue", "--identity", identity, "--config"])
+            .arg(config)
+            .arg("--out")
+            .arg(out),
+    )
+}
+
+/// The `[[gateway]]` table in what `issue` printed, up to the blank line after it.
+fn snippet(printed: &str) -> String {
+    let start = printed
+        .find("[[gateway]]")
+        .unwrap_or_else(|| panic!("no [[gateway]] table in:\n{printed}"));
+    let table = &printed[start..];
+    table[..table.find("\n\n").unwrap_or(table.len())].to_string() + "\n"
+}
+
+#[test]
+fn the_snippet_that_issue_prints_is_a_working_agent_config_beside_the_files() {
+    let echo = echo_server("127.0.0.1").to_string();
+    let site = Site::new();
+    let gw_dir = site.init_gateway("gateway");
+    let gateway = Gateway::start(&gw_dir, &allow_alice(&[&echo])).expect("gateway");
+    gateway.pin_port().expect("pin port");
+    let out = site.path("alice");
+    let printed = issue_printed(&gateway.config, "alice", &out);
+    let table = snippet(&printed);
+    assert!(
+        table.contains(&format!("address = \"{}\"", gateway.addr)),
+        "the snippet does not give the gateway's address {}:\n{printed}",
+        gateway.addr
+    );
+    assert!(
+        printed.contains("Paths to edit: ca, cert and key")
+            && printed.contains(&format!(
+                "{} is a loopback address",
+                gateway.config.display()
+            )),
+        "issue does not say what to edit:\n{printed}"
+    );
+    // The files where issue wrote them, and the snippet as agent.toml beside them.
+    let agent = Agent::start(&out, &(table + &forward_table(&echo)), true)
+        .expect("an agent configured by the snippet connects");
+    echo_once(agent.forwards[0]).expect("a stream through the snippet's gateway");
+
+    // Another gateway's certificate into the same directory would leave the wrong
+    // ca.pem beside it: refused.
+    let other = site.init_gateway("other");
+    let (code, _, stderr) = output_within(
+        std::process::Command::new(bin("tunnel-gateway"))
+            .args(["issue", "--identity", "bob", "--dir"])
+            .arg(&other)
+            .arg("--out")
+            .arg(&out),
+        Duration::from_secs(10),
+    );
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{} holds another CA's certificate",
+            out.join("ca.pem").display()
+        )),
+        "{stderr}"
+    );
+    assert!(!out.join("bob.pem").exists(), "bob.pem was written anyway");
+}
+
+#[test]
+fn issue_for_a_gateway_on_every_address_gives_its_name_or_asks_for_the_host() {
+    let site = Site::new();
+    let named = site.path("named");
+    run_ok(
+        std::process::Command::new(bin("tunnel-gateway"))
+            .args([
+                "init",
+                "--name",
+                "gw.site-b.example.org",
+                "--listen",
+                "0.0.0.0:7443",
+                "--dir",
+            ])
+            .arg(&named),
+    );
+    let printed = issue_printed(&named.join("gateway.toml"), "alice", &site.path("a"));
+    let table = snippet(&printed);
+    assert!(
+        table.contains("name = \"gw-site-b-example-org\"")
+            && table.contains("address = \"gw.site-b.example.org:7443\"\n"),
+        "{printed}"
+    );
+    assert!(!printed.contains("EDIT"), "nothing to edit:\n{printed}");
+
+    let anonymous = site.path("anonymous");
+    run_ok(
+        std::process::Command::new(bin("tunnel-gateway"))
+            .args(["init", "--listen", "[::]:7443", "--dir"])
+            .arg(&anonymous),
+    );
+    let printed = issue_printed(&anonymous.join("gateway.toml"), "alice", &site.path("b"));
+    let table = snippet(&printed);
+    assert!(
+        table.contains("address = \"HOST:7443\"    # EDIT")
+            && table.contains("server_name = \"localhost\""),
+        "{printed}"
+    );
+    assert!(
+        printed.contains("listens on every address ([::]:7443)"),
+        "{printed}"
+    );
+}
