@@ -5,12 +5,22 @@
 //! address of each pool (IPv4 and IPv6) and remembers the pair, so every process of a
 //! job sees the same mapping. A connect to a synthetic address carries the *name* to the
 //! gateway, which resolves it at its own site.
+//!
+//! A full pool is an error the user sees: in the agent's log (the first refusal, then
+//! a count at most every [`LOG_EVERY`]), in `status`, and in the answer to the preload,
+//! which prints it under `TUNNEL_DEBUG`.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use ipnet::{Ipv4Net, Ipv6Net};
+use serde::Serialize;
+use tracing::error;
+
+/// Refusals for a full pool are logged at most this often (with a count).
+const LOG_EVERY: Duration = Duration::from_secs(10);
 
 #[derive(Debug)]
 pub struct FakeDns {
@@ -23,11 +33,35 @@ pub struct FakeDns {
 struct Table {
     by_name: HashMap<String, u32>,
     names: Vec<String>,
+    /// Names refused because the pool was full, in all.
+    refused: u64,
+    /// The last name refused.
+    last_refused: Option<String>,
+    /// When a refusal was last logged, and how many came since.
+    logged: Option<Instant>,
+    unlogged: u64,
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("the synthetic address pools are full ({0} names); widen synthetic_ipv4 in agent.toml")]
-pub struct PoolFull(usize);
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the synthetic address pool is full: all {capacity} addresses of synthetic_ipv4 = \"{block}\" are handed out, so `{name}` gets none; widen synthetic_ipv4 in agent.toml (a /16 holds 65534 names) and restart the agent"
+)]
+pub struct PoolFull {
+    pub name: String,
+    pub capacity: u64,
+    pub block: Ipv4Net,
+}
+
+/// The synthetic names part of `tunnel-agent status`.
+#[derive(Debug, Serialize)]
+pub struct FakeDnsView {
+    pub used: usize,
+    pub capacity: u64,
+    /// Names refused because the pool was full.
+    pub refused: u64,
+    /// What is wrong, once a name has been refused.
+    pub problem: Option<String>,
+}
 
 impl FakeDns {
     pub fn new(v4: Ipv4Net, v6: Ipv6Net) -> FakeDns {
@@ -35,6 +69,27 @@ impl FakeDns {
             v4,
             v6,
             table: Mutex::default(),
+        }
+    }
+
+    pub fn view(&self) -> FakeDnsView {
+        let table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        FakeDnsView {
+            used: table.names.len(),
+            capacity: self.capacity(),
+            refused: table.refused,
+            problem: table
+                .last_refused
+                .as_ref()
+                .map(|name| self.full(name).to_string()),
+        }
+    }
+
+    fn full(&self, name: &str) -> PoolFull {
+        PoolFull {
+            name: name.to_string(),
+            capacity: self.capacity(),
+            block: self.v4,
         }
     }
 
@@ -58,7 +113,21 @@ impl FakeDns {
         }
         let index = table.names.len();
         if index as u64 >= self.capacity() {
-            return Err(PoolFull(index));
+            let full = self.full(name);
+            table.refused += 1;
+            table.last_refused = Some(name.to_string());
+            table.unlogged += 1;
+            if table.logged.is_none_or(|at| at.elapsed() >= LOG_EVERY) {
+                let more = table.unlogged - 1;
+                if more == 0 {
+                    error!("{full}");
+                } else {
+                    error!("{full} ({more} more names refused since the last report)");
+                }
+                table.logged = Some(Instant::now());
+                table.unlogged = 0;
+            }
+            return Err(full);
         }
         let index = index as u32;
         table.names.push(name.to_string());
@@ -115,7 +184,14 @@ mod tests {
             Some("db.site-b.internal")
         );
         assert!(dns.resolve("other").is_ok());
-        assert!(dns.resolve("third").is_err(), "a /30 holds two names");
+        let full = dns.resolve("third").expect_err("a /30 holds two names");
+        assert_eq!(
+            full.to_string(),
+            "the synthetic address pool is full: all 2 addresses of synthetic_ipv4 = \"198.18.0.0/30\" are handed out, so `third` gets none; widen synthetic_ipv4 in agent.toml (a /16 holds 65534 names) and restart the agent"
+        );
+        let view = dns.view();
+        assert_eq!((view.used, view.capacity, view.refused), (2, 2, 1));
+        assert_eq!(view.problem, Some(full.to_string()));
         assert_eq!(
             dns.name_of("198.18.0.3".parse().unwrap_or_else(|e| panic!("{e}"))),
             None

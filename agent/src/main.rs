@@ -12,6 +12,7 @@
 //! ```
 //!
 //! - `pool`: connections to one gateway (dial, PING, backoff, GOAWAY).
+//! - `certificate`: the agent's certificate, checked at start and named when refused.
 //! - `carry`: one local connection through the tunnel, from accept to close.
 //! - `forward`: `[[forward]]` listeners.
 //! - `redirect`: loopback listeners for preloaded programs, and their registrations.
@@ -21,11 +22,13 @@
 #![forbid(unsafe_code)]
 
 mod carry;
+mod certificate;
 mod fake_dns;
 mod forward;
 mod local;
 mod pool;
 mod redirect;
+mod rewind;
 mod sock_owner;
 mod status;
 

@@ -7,7 +7,10 @@
 //!
 //! Each slot has a task that dials the gateway (TCP, TLS 1.3 with our client
 //! certificate, HTTP/2), keeps the connection while PINGs are answered, and redials
-//! with jittered exponential backoff when it is lost. When the gateway has several
+//! with jittered exponential backoff when it is lost. A stream that finds no live
+//! connection cuts the backoff short: the slots dial at once (no more often than
+//! [`DEMAND_REDIAL_GAP`]), so a program never waits out a long backoff after the
+//! gateway came back. When the gateway has several
 //! addresses (replicas sharing one CA), the slots start spread over them and a slot
 //! that loses its connection moves on to the next address. New streams go to the live slot
 //! with the fewest streams; a slot whose gateway sent GOAWAY takes no new streams while
@@ -23,46 +26,101 @@ use h2::SendStream;
 use h2::client::{ResponseFuture, SendRequest};
 use http::{Method, Request, Uri};
 use serde::Serialize;
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, watch};
 use tokio_rustls::TlsConnector;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 use tunnel_proto::Target;
 use tunnel_proto::config::{AgentConfig, GatewayPeer};
 use tunnel_transport::liveness::{self, Health, INITIAL_STREAM_WINDOW};
+
+use crate::certificate::Certificate;
+use crate::rewind::Rewind;
 
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(15);
 /// A connection that stayed up this long resets the backoff.
 const STABLE: Duration = Duration::from_secs(10);
+/// While streams wait for a connection, a slot in backoff dials at once, but no sooner
+/// than this after its previous attempt began (a gateway that refuses at once is not
+/// hammered by a waiting stream).
+pub const DEMAND_REDIAL_GAP: Duration = Duration::from_secs(1);
 
 pub struct Pool {
     pub peer: GatewayPeer,
+    /// The certificate this agent presents to the gateway.
+    pub certificate: Arc<Certificate>,
     slots: Vec<Mutex<Slot>>,
     changed: Notify,
+    /// Streams waiting in [`Pool::open`] for a live connection.
+    waiting: AtomicUsize,
+    /// Wakes slots in backoff when a stream starts waiting.
+    demand: Notify,
     connect_timeout: Duration,
 }
 
-#[derive(Default)]
 struct Slot {
     address: String,
     state: SlotState,
-    since: Option<Instant>,
-    last_error: Option<String>,
-    live: Option<Live>,
+    since: Instant,
     health: Option<Arc<Health>>,
     streams: Arc<AtomicUsize>,
 }
 
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum SlotState {
-    #[default]
-    Connecting,
-    Up,
+/// What one connection slot is doing. It changes only through [`Pool::set`], and an
+/// error lives only in the states it explains, so status never shows a connection
+/// `up` beside the error of one that went before it.
+///
+/// ```text
+///   Connecting ──dialled──▶ Up ──GOAWAY──▶ Draining
+///       ▲                    │ lost           │ ended
+///       └───── Backoff ◀─────┴────────────────┘
+/// ```
+#[derive(Clone)]
+enum SlotState {
+    /// Dialling; `after` is why the attempt before this one ended, if there was one.
+    Connecting {
+        after: Option<String>,
+    },
+    Up(Live),
     /// GOAWAY received: finishing old streams, taking no new ones.
     Draining,
+    /// Waiting until `until` to dial again (sooner when a stream waits).
+    Backoff {
+        error: String,
+        until: Instant,
+    },
+}
+
+/// The name of a [`SlotState`], as status shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StateName {
+    Connecting,
+    Up,
+    Draining,
     Backoff,
+}
+
+impl SlotState {
+    fn name(&self) -> StateName {
+        match self {
+            SlotState::Connecting { .. } => StateName::Connecting,
+            SlotState::Up(_) => StateName::Up,
+            SlotState::Draining => StateName::Draining,
+            SlotState::Backoff { .. } => StateName::Backoff,
+        }
+    }
+
+    /// Why the slot is not up, when it knows.
+    fn error(&self) -> Option<&str> {
+        match self {
+            SlotState::Connecting { after } => after.as_deref(),
+            SlotState::Backoff { error, .. } => Some(error),
+            SlotState::Up(_) | SlotState::Draining => None,
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -91,11 +149,15 @@ impl Drop for StreamCount {
 #[derive(Serialize)]
 pub struct SlotView {
     pub address: String,
-    pub state: SlotState,
+    pub state: StateName,
     pub state_secs: f64,
     pub rtt_ms: Option<f64>,
     pub streams: usize,
-    pub last_error: Option<String>,
+    /// Why the connection is not up: in `backoff`, what ended the last attempt; in
+    /// `connecting`, what ended the one before. Absent while `up` or `draining`.
+    pub error: Option<String>,
+    /// In `backoff`: seconds until the next dial (sooner if a stream waits).
+    pub retry_in_secs: Option<f64>,
 }
 
 fn lock(slot: &Mutex<Slot>) -> std::sync::MutexGuard<'_, Slot> {
@@ -103,20 +165,43 @@ fn lock(slot: &Mutex<Slot>) -> std::sync::MutexGuard<'_, Slot> {
 }
 
 impl Pool {
-    /// Makes the pool and starts its slot tasks.
+    /// Makes the pool and starts its slot tasks. A certificate that cannot work (expired,
+    /// from another CA, not a client certificate) is an error here, before any dial.
     pub fn start(peer: GatewayPeer, config: &AgentConfig) -> Result<Arc<Pool>> {
         let tls = tunnel_transport::tls::client_config(&peer.ca, &peer.cert, &peer.key)
             .with_context(|| format!("gateway `{}`", peer.name))?;
+        let certificate = Certificate::load(&peer.ca, &peer.cert)
+            .with_context(|| format!("gateway `{}`", peer.name))?;
+        match certificate.problem_at(tunnel_transport::certs::unix_now()) {
+            Some(problem) if problem.stops_the_agent() => {
+                return Err(anyhow!(problem).context(format!("gateway `{}`", peer.name)));
+            }
+            Some(problem) => error!(gateway = %peer.name, "{problem}"),
+            None => {}
+        }
+        let certificate = Arc::new(certificate);
         let mut addresses = Vec::new();
         for a in &peer.addresses {
             let server_name = tunnel_transport::tls::server_name(&a.server_name)
                 .with_context(|| format!("gateway `{}`", peer.name))?;
             addresses.push((a.address.clone(), server_name));
         }
+        let slot = || {
+            Mutex::new(Slot {
+                address: String::new(),
+                state: SlotState::Connecting { after: None },
+                since: Instant::now(),
+                health: None,
+                streams: Arc::default(),
+            })
+        };
         let pool = Arc::new(Pool {
-            slots: (0..peer.connections).map(|_| Mutex::default()).collect(),
+            slots: (0..peer.connections).map(|_| slot()).collect(),
+            certificate: certificate.clone(),
             peer,
             changed: Notify::new(),
+            waiting: AtomicUsize::new(0),
+            demand: Notify::new(),
             connect_timeout: config.connect_timeout,
         });
         let dialer = Dialer {
@@ -128,6 +213,8 @@ impl Pool {
         for index in 0..pool.slots.len() {
             tokio::spawn(keep_connected(pool.clone(), index, dialer.clone()));
         }
+        let gateway = pool.peer.name.clone();
+        tokio::spawn(async move { certificate.watch_expiry(&gateway).await });
         Ok(pool)
     }
 
@@ -138,34 +225,47 @@ impl Pool {
                 let slot = lock(slot);
                 SlotView {
                     address: slot.address.clone(),
-                    state: slot.state,
-                    state_secs: slot.since.map_or(0.0, |s| s.elapsed().as_secs_f64()),
+                    state: slot.state.name(),
+                    state_secs: slot.since.elapsed().as_secs_f64(),
                     rtt_ms: slot
                         .health
                         .as_ref()
                         .and_then(|h| h.rtt())
                         .map(|d| d.as_secs_f64() * 1000.0),
                     streams: slot.streams.load(Ordering::Relaxed),
-                    last_error: slot.last_error.clone(),
+                    error: slot.state.error().map(str::to_string),
+                    retry_in_secs: match &slot.state {
+                        SlotState::Backoff { until, .. } => Some(
+                            until
+                                .saturating_duration_since(Instant::now())
+                                .as_secs_f64(),
+                        ),
+                        _ => None,
+                    },
                 }
             })
             .collect()
     }
 
-    fn set(&self, index: usize, state: SlotState, live: Option<Live>, error: Option<String>) {
+    /// The one way a slot changes state: `next` sees the current state and says the
+    /// new one, or `None` to leave it. Wakes the streams waiting for a connection.
+    fn change(&self, index: usize, next: impl FnOnce(&SlotState) -> Option<SlotState>) {
         if let Some(slot) = self.slots.get(index) {
             let mut slot = lock(slot);
-            slot.state = state;
-            slot.since = Some(Instant::now());
-            if let Some(live) = &live {
+            let Some(state) = next(&slot.state) else {
+                return;
+            };
+            if let SlotState::Up(live) = &state {
                 slot.health = Some(live.health.clone());
             }
-            slot.live = live;
-            if error.is_some() {
-                slot.last_error = error;
-            }
+            slot.state = state;
+            slot.since = Instant::now();
         }
         self.changed.notify_waiters();
+    }
+
+    fn set(&self, index: usize, state: SlotState) {
+        self.change(index, |_| Some(state));
     }
 
     /// The live slot with the fewest streams.
@@ -175,10 +275,49 @@ impl Pool {
             .enumerate()
             .filter_map(|(i, slot)| {
                 let slot = lock(slot);
-                let live = slot.live.clone()?;
-                Some((i, live, slot.streams.clone()))
+                let SlotState::Up(live) = &slot.state else {
+                    return None;
+                };
+                Some((i, live.clone(), slot.streams.clone()))
             })
             .min_by_key(|(_, _, streams)| streams.load(Ordering::Relaxed))
+    }
+
+    /// A failure in the user's terms: certificate problems named as such.
+    fn describe(&self, failure: &anyhow::Error) -> String {
+        self.certificate
+            .explain(failure)
+            .unwrap_or_else(|| format!("{failure:#}"))
+    }
+
+    /// Why no connection is up: the first slot's error that says.
+    fn why_down(&self) -> String {
+        self.slots
+            .iter()
+            .find_map(|s| lock(s).state.error().map(str::to_string))
+            .unwrap_or_else(|| "still connecting".into())
+    }
+
+    /// Sleeps out a backoff `pause` that began at `dial_began`'s attempt, ending early
+    /// (but not within [`DEMAND_REDIAL_GAP`] of that attempt) while a stream waits.
+    async fn back_off(&self, pause: Duration, dial_began: Instant) {
+        let end = Instant::now() + pause;
+        let soonest = (dial_began + DEMAND_REDIAL_GAP).min(end);
+        loop {
+            // Armed before the count is read, so a stream that starts waiting in
+            // between still wakes us.
+            let woken = self.demand.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            if self.waiting.load(Ordering::SeqCst) > 0 {
+                tokio::time::sleep_until(soonest.into()).await;
+                return;
+            }
+            tokio::select! {
+                () = tokio::time::sleep_until(end.into()) => return,
+                () = &mut woken => {}
+            }
+        }
     }
 
     /// Opens a CONNECT stream to `target`. The request goes out at once; the answer is
@@ -189,17 +328,17 @@ impl Pool {
             .authority(target.to_string())
             .build()
             .with_context(|| format!("`{target}` is not a valid CONNECT authority"))?;
+        let mut waiting: Option<Waiting<'_>> = None;
         loop {
             // Register interest before looking, so a slot coming up in between wakes us.
             let changed = self.changed.notified();
             let Some((index, live, streams)) = self.pick() else {
+                if waiting.is_none() {
+                    waiting = Some(Waiting::start(self));
+                }
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() || tokio::time::timeout(left, changed).await.is_err() {
-                    let why = self
-                        .slots
-                        .iter()
-                        .find_map(|s| lock(s).last_error.clone())
-                        .unwrap_or_else(|| "still connecting".into());
+                    let why = self.why_down();
                     let addresses: Vec<&str> = self
                         .peer
                         .addresses
@@ -238,15 +377,30 @@ impl Pool {
                     // GOAWAY or a broken connection: take it out of rotation and try
                     // another slot; its task notices the end and redials.
                     debug!(gateway = %self.peer.name, slot = index, "stream refused: {e}");
-                    let mut slot = lock(&self.slots[index]);
-                    if slot.state == SlotState::Up {
-                        slot.state = SlotState::Draining;
-                        slot.since = Some(Instant::now());
-                        slot.live = None;
-                    }
+                    self.change(index, |state| {
+                        matches!(state, SlotState::Up(_)).then_some(SlotState::Draining)
+                    });
                 }
             }
         }
+    }
+}
+
+/// Counts a stream among those waiting for a connection, and wakes the slots in
+/// backoff, until dropped.
+struct Waiting<'a>(&'a Pool);
+
+impl<'a> Waiting<'a> {
+    fn start(pool: &'a Pool) -> Waiting<'a> {
+        pool.waiting.fetch_add(1, Ordering::SeqCst);
+        pool.demand.notify_waiters();
+        Waiting(pool)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -266,10 +420,13 @@ async fn keep_connected(pool: Arc<Pool>, index: usize, dialer: Dialer) {
         let Some((address, server_name)) = dialer.addresses.get(which) else {
             return;
         };
-        if let Some(slot) = pool.slots.get(index) {
-            lock(slot).address = address.clone();
-        }
-        pool.set(index, SlotState::Connecting, None, None);
+        let after = pool.slots.get(index).and_then(|slot| {
+            let mut slot = lock(slot);
+            slot.address = address.clone();
+            slot.state.error().map(str::to_string)
+        });
+        pool.set(index, SlotState::Connecting { after });
+        let dial_began = Instant::now();
         let dialed = tokio::time::timeout(
             pool.connect_timeout,
             dial(address, server_name, &dialer.tls),
@@ -280,7 +437,7 @@ async fn keep_connected(pool: Arc<Pool>, index: usize, dialer: Dialer) {
                 "{address}: no answer within {:.0}s",
                 pool.connect_timeout.as_secs_f64()
             ),
-            Ok(Err(e)) => format!("{address}: {e:#}"),
+            Ok(Err(e)) => format!("{address}: {}", pool.describe(&e)),
             Ok(Ok(connection)) => {
                 let up_since = Instant::now();
                 info!(gateway = %name, slot = index, "connected to {address}");
@@ -292,18 +449,24 @@ async fn keep_connected(pool: Arc<Pool>, index: usize, dialer: Dialer) {
             }
         };
         warn!(gateway = %name, slot = index, "connection lost or failed: {error}");
-        pool.set(index, SlotState::Backoff, None, Some(error));
-        which = (which + 1) % dialer.addresses.len();
         // Full jitter on an exponential ceiling, so that many agents do not redial in step.
         let pause = backoff.mul_f64(0.5 + fastrand::f64() * 0.5);
-        tokio::time::sleep(pause).await;
+        pool.set(
+            index,
+            SlotState::Backoff {
+                error,
+                until: Instant::now() + pause,
+            },
+        );
+        which = (which + 1) % dialer.addresses.len();
+        pool.back_off(pause, dial_began).await;
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }
 }
 
 type Connection = (
     SendRequest<Bytes>,
-    h2::client::Connection<tokio_rustls::client::TlsStream<TcpStream>, Bytes>,
+    h2::client::Connection<Rewind<tokio_rustls::client::TlsStream<TcpStream>>, Bytes>,
 );
 
 async fn dial(
@@ -320,11 +483,24 @@ async fn dial(
         .await
         .context("TLS handshake")?;
     tunnel_transport::tls::tune_session(tls.get_mut().1);
+    // In TLS 1.3 the gateway judges our certificate after the handshake is over on our
+    // side. Its first bytes (its HTTP/2 SETTINGS) or its alert say whether it took us:
+    // wait for them before the connection counts as up, and before writing anything,
+    // which would turn the gateway's close after an alert into a reset that hides it.
+    let mut first = vec![0u8; 16 * 1024];
+    let n = tls
+        .read(&mut first)
+        .await
+        .context("waiting for the gateway to accept our certificate")?;
+    if n == 0 {
+        anyhow::bail!("the gateway closed the connection right after the TLS handshake");
+    }
+    first.truncate(n);
     h2::client::Builder::new()
         .initial_window_size(INITIAL_STREAM_WINDOW)
         .initial_connection_window_size(liveness::connection_window(INITIAL_STREAM_WINDOW))
         .max_frame_size(64 * 1024)
-        .handshake(tls)
+        .handshake(Rewind::new(first, tls))
         .await
         .context("HTTP/2 handshake")
 }
@@ -343,12 +519,10 @@ async fn run_connection(
     let health = Arc::new(Health::default());
     pool.set(
         index,
-        SlotState::Up,
-        Some(Live {
+        SlotState::Up(Live {
             send,
             health: health.clone(),
         }),
-        None,
     );
     let (window_tx, mut window_rx) = watch::channel(INITIAL_STREAM_WINDOW);
     let watcher = liveness::watch_connection(
@@ -364,7 +538,7 @@ async fn run_connection(
         tokio::select! {
             ended = &mut conn => return match ended {
                 Ok(()) => "closed by the gateway".into(),
-                Err(e) => format!("{e}"),
+                Err(e) => pool.describe(&anyhow::Error::new(e)),
             },
             changed = window_rx.changed(), if windows_open => match changed {
                 Ok(()) => {

@@ -17,6 +17,7 @@ pub fn json(agent: &Agent) -> Value {
                 "name": pool.peer.name,
                 "addresses": pool.peer.addresses.iter().map(|a| a.address.as_str()).collect::<Vec<_>>(),
                 "connections": pool.views(),
+                "certificate": pool.certificate.view(),
             })
         })
         .collect();
@@ -30,6 +31,7 @@ pub fn json(agent: &Agent) -> Value {
         "uptime_secs": agent.started.elapsed().as_secs_f64(),
         "gateways": gateways,
         "forwards": agent.forwards,
+        "synthetic_names": agent.fake_dns.view(),
         "registrations_pending": agent.registrations.len(),
         "loopback_listeners": loopback_listeners,
         "streams": agent.streams.live(),
@@ -59,6 +61,21 @@ pub fn render(reply: &str) -> Result<String> {
             g["name"].as_str().unwrap_or("?"),
             addresses.join(", ")
         );
+        let cert = &g["certificate"];
+        match cert["problem"].as_str() {
+            Some(problem) => {
+                let _ = writeln!(out, "  certificate PROBLEM: {problem}");
+            }
+            None => {
+                let _ = writeln!(
+                    out,
+                    "  certificate {} ({}) valid until {}",
+                    cert["file"].as_str().unwrap_or("?"),
+                    cert["identity"].as_str().unwrap_or("?"),
+                    cert["valid_until"].as_str().unwrap_or("?")
+                );
+            }
+        }
         for (i, c) in g["connections"]
             .as_array()
             .unwrap_or(&empty)
@@ -75,11 +92,20 @@ pub fn render(reply: &str) -> Result<String> {
                     .as_f64()
                     .map_or("-".into(), |ms| format!("{ms:.2}ms")),
                 c["streams"],
-                c["last_error"]
-                    .as_str()
-                    .map_or(String::new(), |e| format!("  (last error: {e})"))
+                match (c["error"].as_str(), c["retry_in_secs"].as_f64()) {
+                    (Some(e), Some(retry)) => format!("  (retry in {retry:.0}s; {e})"),
+                    (Some(e), None) => format!("  (after: {e})"),
+                    (None, _) => String::new(),
+                }
             );
         }
+    }
+    if let Some(problem) = v["synthetic_names"]["problem"].as_str() {
+        let _ = writeln!(
+            out,
+            "\nsynthetic names PROBLEM: {problem} ({} names refused)",
+            v["synthetic_names"]["refused"]
+        );
     }
     let forwards = v["forwards"].as_array().unwrap_or(&empty);
     if !forwards.is_empty() {

@@ -143,19 +143,10 @@ fn run(cli: Cli) -> Result<()> {
             };
             let config = load_config(&path)?;
             let files = setup::issue(&config, &identity, &out, days)?;
-            println!(
-                "wrote {}, {} and {}",
-                files.cert.display(),
-                files.key.display(),
-                files.ca.display()
+            print!(
+                "{}",
+                setup::issue_report(&config, &path, &identity, &files)?
             );
-            println!("for the agent's agent.toml:\n");
-            println!("[[gateway]]");
-            println!("name = \"gateway\"");
-            println!("address = \"{}\"", setup::reachable(config.listen));
-            println!("ca = \"{}\"", files.ca.display());
-            println!("cert = \"{}\"", files.cert.display());
-            println!("key = \"{}\"", files.key.display());
             Ok(())
         }
         Command::Run { config } => {

@@ -67,9 +67,22 @@ pub fn lookup(state: &State, name: &str) -> Lookup {
             Lookup::Synthetic(v4, v6)
         }
         Ok(Reply::Err { class, .. }) if class == "unrouted" => Lookup::Passthrough,
-        _ => {
+        Ok(Reply::Err { class, message }) => {
+            // The agent answered, and said why (a full synthetic pool, …).
             state.trace(format_args!(
-                "{name}: no answer from the agent: lookup fails"
+                "{name}: the agent refused ({class}): {message}: lookup fails"
+            ));
+            Lookup::Fail
+        }
+        Ok(other) => {
+            state.trace(format_args!(
+                "{name}: the agent answered {other:?} to a lookup: lookup fails"
+            ));
+            Lookup::Fail
+        }
+        Err(e) => {
+            state.trace(format_args!(
+                "{name}: no answer from the agent ({e:?}): lookup fails"
             ));
             Lookup::Fail
         }

@@ -1,6 +1,6 @@
 //! Every file under `tests/fixtures/invalid/{agent,gateway}/` is a config that must be
-//! refused, and its first line, `# expect: TEXT`, is a piece of the message it must
-//! produce. The test fails when it finds no fixtures.
+//! refused, and its first lines, `# expect: TEXT` each, are pieces of the message it
+//! must produce, in that order. The test fails when it finds no fixtures.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -29,23 +29,33 @@ fn fixtures(kind: &str) -> Vec<PathBuf> {
 fn check(kind: &str, parse: impl Fn(&str, &Path) -> Result<(), String>) {
     for file in fixtures(kind) {
         let text = fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-        let expect = text
+        let expected: Vec<&str> = text
             .lines()
-            .next()
-            .and_then(|l| l.strip_prefix("# expect: "))
-            .unwrap_or_else(|| panic!("{}: first line must be `# expect: TEXT`", file.display()))
-            .trim();
+            .map_while(|l| l.strip_prefix("# expect: "))
+            .map(str::trim)
+            .collect();
+        assert!(
+            !expected.is_empty(),
+            "{}: first line must be `# expect: TEXT`",
+            file.display()
+        );
         match parse(&text, &file) {
             Ok(()) => panic!(
-                "{} was accepted; it must fail with `{expect}`",
-                file.display()
+                "{} was accepted; it must fail with `{}`",
+                file.display(),
+                expected.join("`, then `")
             ),
             Err(message) => {
-                assert!(
-                    message.contains(expect),
-                    "{}: message does not contain `{expect}`:\n{message}",
-                    file.display()
-                );
+                let mut from = 0;
+                for expect in &expected {
+                    let at = message[from..].find(expect).unwrap_or_else(|| {
+                        panic!(
+                            "{}: message does not contain `{expect}` (after what came before it):\n{message}",
+                            file.display()
+                        )
+                    });
+                    from += at + expect.len();
+                }
                 assert!(
                     message.contains(&file.display().to_string()),
                     "{}: message does not name the file:\n{message}",

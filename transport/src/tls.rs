@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow, bail};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
@@ -87,6 +87,47 @@ pub fn client_config(ca: &Path, cert: &Path, key: &Path) -> Result<Arc<ClientCon
         .with_context(|| unusable_pair(cert, key))?;
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(Arc::new(config))
+}
+
+/// Judges a client certificate chain (`certs`, leaf first) as a gateway whose CA is
+/// `ca` would at time `at`: the agent checks its own before dialling. The outer error
+/// is a file that cannot be read; the inner one is the verdict.
+pub fn verify_client_chain(
+    ca: &Path,
+    certs: &[CertificateDer<'static>],
+    at: UnixTime,
+) -> Result<Result<(), rustls::Error>> {
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider())
+        .build()
+        .context("building the client-certificate verifier")?;
+    let Some((leaf, intermediates)) = certs.split_first() else {
+        return Ok(Err(rustls::Error::NoCertificatesPresented));
+    };
+    Ok(verifier
+        .verify_client_cert(leaf, intermediates, at)
+        .map(drop))
+}
+
+/// The rustls error behind a failed TLS or HTTP/2 operation, wherever it sits in the
+/// chain: tokio-rustls wraps it in an `io::Error`, h2 in its own error.
+pub fn rustls_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if let Some(found) = e.downcast_ref::<rustls::Error>() {
+            return Some(found);
+        }
+        let io = e
+            .downcast_ref::<std::io::Error>()
+            .or_else(|| e.downcast_ref::<h2::Error>().and_then(h2::Error::get_io));
+        if let Some(found) = io
+            .and_then(std::io::Error::get_ref)
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            return Some(found);
+        }
+        next = e.source();
+    }
+    None
 }
 
 /// The name the gateway's certificate must carry, in rustls's form.

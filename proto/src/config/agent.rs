@@ -40,7 +40,6 @@ use crate::routes::{ConnectMode, TableRoute};
 use crate::target::{Host, Target};
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct AgentFile {
     control: Option<String>,
     group: Option<String>,
@@ -59,7 +58,6 @@ struct AgentFile {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct GatewayEntry {
     name: String,
     address: OneOrMany,
@@ -78,7 +76,6 @@ enum OneOrMany {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RouteEntry {
     via: Option<String>,
     to: Vec<String>,
@@ -86,7 +83,6 @@ struct RouteEntry {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct ForwardEntry {
     listen: String,
     to: String,
@@ -212,9 +208,8 @@ impl AgentConfig {
     /// Parses and validates the text of `file` (named in messages; relative paths are
     /// taken from its directory).
     pub fn parse(text: &str, file: &Path) -> Result<AgentConfig, ConfigError> {
-        let raw: AgentFile = parse_toml(text, file)?;
+        let (raw, mut problems) = parse_toml::<AgentFile>(text, file)?;
         let base = base_dir(file);
-        let mut problems = Problems::default();
 
         let mut gateways = Vec::new();
         let mut names = HashSet::new();
@@ -532,5 +527,18 @@ mod tests {
         assert_eq!(g.connections, 2);
         assert_eq!(c.routes[0].via, "site-b");
         assert_eq!(c.forwards[0].to, Target::Service("pg".into()));
+    }
+
+    #[test]
+    fn every_key_of_the_file_is_known_to_the_unknown_key_check() {
+        let Some(super::super::keys::Shape::Table(fields)) =
+            super::super::keys::Shape::of::<AgentFile>()
+        else {
+            panic!("the key check cannot follow AgentFile: unknown keys would pass unseen");
+        };
+        let names: Vec<&str> = fields.iter().map(|(name, _)| *name).collect();
+        for key in ["control", "gateway", "route", "forward"] {
+            assert!(names.contains(&key), "{key} missing from {names:?}");
+        }
     }
 }

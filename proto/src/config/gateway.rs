@@ -29,12 +29,11 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{ConfigError, Problems, base_dir, parse_toml, resolve, seconds};
+use super::{ConfigError, base_dir, parse_toml, resolve, seconds};
 use crate::pattern::Pattern;
 use crate::target::{Target, is_valid_service_name};
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct GatewayFile {
     listen: String,
     ca: String,
@@ -56,14 +55,12 @@ struct GatewayFile {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct AllowEntry {
     identity: String,
     to: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct ServiceEntry {
     target: String,
 }
@@ -120,9 +117,8 @@ pub fn is_valid_identity(identity: &str) -> bool {
 
 impl GatewayConfig {
     pub fn parse(text: &str, file: &Path) -> Result<GatewayConfig, ConfigError> {
-        let raw: GatewayFile = parse_toml(text, file)?;
+        let (raw, mut problems) = parse_toml::<GatewayFile>(text, file)?;
         let base = base_dir(file);
-        let mut problems = Problems::default();
 
         let listen = raw.listen.parse::<SocketAddr>().unwrap_or_else(|_| {
             problems.add(
@@ -271,5 +267,18 @@ mod tests {
         assert_eq!(c.allow[0].to[0], AllowTo::Service("pg".into()));
         assert!(matches!(c.allow[0].to[1], AllowTo::Pattern(_)));
         assert_eq!(c.control, PathBuf::from("g/gateway.sock"));
+    }
+
+    #[test]
+    fn every_key_of_the_file_is_known_to_the_unknown_key_check() {
+        let Some(super::super::keys::Shape::Table(fields)) =
+            super::super::keys::Shape::of::<GatewayFile>()
+        else {
+            panic!("the key check cannot follow GatewayFile: unknown keys would pass unseen");
+        };
+        let names: Vec<&str> = fields.iter().map(|(name, _)| *name).collect();
+        for key in ["listen", "allow", "service", "hosts"] {
+            assert!(names.contains(&key), "{key} missing from {names:?}");
+        }
     }
 }

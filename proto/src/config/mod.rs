@@ -1,12 +1,14 @@
 //! Configuration files: `agent.toml` and `gateway.toml`.
 //!
-//! Each file is read in two steps: serde takes the TOML into plain structs that refuse
-//! unknown keys, then one validation pass checks every field and collects *all* the
-//! problems, each naming its key and the fix, before anything starts. Relative paths
+//! Each file is read in two steps: serde takes the TOML into plain structs, with every
+//! key they do not take reported at once in line order (`keys`), then one validation
+//! pass checks every field and collects *all* the problems, each naming its key and the
+//! fix, before anything starts. Relative paths
 //! are taken from the directory that holds the file.
 
 pub mod agent;
 pub mod gateway;
+mod keys;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -60,21 +62,45 @@ impl Problems {
     }
 }
 
-fn parse_toml<T: serde::de::DeserializeOwned>(text: &str, file: &Path) -> Result<T, ConfigError> {
-    toml::from_str(text).map_err(|error| {
-        let mut message = error.message().trim().to_string();
-        if message.starts_with("unknown field") {
-            message.push_str(" (remove it, or check its spelling)");
+/// Reads the TOML into the plain struct `T`. Every unknown key is a problem (all of
+/// them, in line order, beside serde's own error if there is one); the problems found
+/// so far come back with the struct, for the validation pass to add to.
+fn parse_toml<T: serde::de::DeserializeOwned>(
+    text: &str,
+    file: &Path,
+) -> Result<(T, Problems), ConfigError> {
+    let located = |error: &toml::de::Error| -> (usize, String) {
+        let message = error.message().trim().to_string();
+        match error.span() {
+            Some(span) => (
+                span.start,
+                format!("line {}: {message}", line_of(text, span.start)),
+            ),
+            None => (usize::MAX, message),
         }
-        let problem = match error.span() {
-            Some(span) => format!("line {}: {message}", line_of(text, span.start)),
-            None => message,
-        };
-        ConfigError {
-            file: file.to_path_buf(),
-            problems: vec![problem],
+    };
+    let refuse = |problems: Vec<String>| ConfigError {
+        file: file.to_path_buf(),
+        problems,
+    };
+    let document = toml::de::DeTable::parse(text).map_err(|e| refuse(vec![located(&e).1]))?;
+    let mut found: Vec<(usize, String)> = keys::Shape::of::<T>()
+        .map(|shape| shape.unknown_keys(document.get_ref()))
+        .unwrap_or_default()
+        .into_iter()
+        .map(|u| {
+            let line = line_of(text, u.offset);
+            (u.offset, format!("line {line}: {}: {}", u.path, u.advice))
+        })
+        .collect();
+    match toml::from_str::<T>(text) {
+        Ok(value) => Ok((value, Problems(found.into_iter().map(|(_, p)| p).collect()))),
+        Err(error) => {
+            found.push(located(&error));
+            found.sort_by_key(|(offset, _)| *offset);
+            Err(refuse(found.into_iter().map(|(_, p)| p).collect()))
         }
-    })
+    }
 }
 
 /// The line number (1-based) of a byte offset, for messages.

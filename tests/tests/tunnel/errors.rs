@@ -110,11 +110,20 @@ fn client_certificate_from_another_ca_is_refused_and_nothing_is_connected() {
     let foreign = site.issue(&other_ca, "alice", "mallory");
     let gateway = Gateway::start(&gw_dir, &allow_alice(&[&target])).expect("gateway");
 
-    // Trusts the real gateway, but presents a certificate that another CA signed.
+    // Trusts the real gateway, but presents a certificate that another CA signed; its CA
+    // file holds both CAs, so that the agent's own check at start lets it through and
+    // the gateway is the one that refuses.
+    let both = site.path("both-cas.pem");
+    std::fs::write(
+        &both,
+        std::fs::read_to_string(good.join("ca.pem")).expect("ca")
+            + &std::fs::read_to_string(foreign.join("ca.pem")).expect("other ca"),
+    )
+    .expect("CA bundle");
     let body = format!(
         "[[gateway]]\nname = \"b\"\naddress = \"{}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n{}",
         gateway.addr,
-        good.join("ca.pem").display(),
+        both.display(),
         foreign.join("alice.pem").display(),
         foreign.join("alice-key.pem").display(),
         forward_table(&target)
@@ -126,6 +135,26 @@ fn client_certificate_from_another_ca_is_refused_and_nothing_is_connected() {
         .wait_log("TLS handshake refused", Duration::from_secs(10))
         .expect("the gateway refuses the handshake");
     assert_eq!(agent.connections_up(), 0);
+    // The agent says why, in its log and its status, not as a bare TLS error.
+    let why = "the gateway does not know the CA that issued";
+    let mut agent = agent;
+    agent
+        .daemon
+        .wait_log(why, Duration::from_secs(10))
+        .expect("the agent's log names the foreign CA");
+    let status = agent.status().expect("status");
+    let errors: Vec<&str> = status["gateways"][0]["connections"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["error"].as_str())
+        .collect();
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains(why) && e.contains("alice.pem")),
+        "status does not name the foreign CA: {status}"
+    );
     let (result, _) = read_result(agent.forwards[0]);
     assert!(
         !matches!(result, Ok(n) if n > 0),

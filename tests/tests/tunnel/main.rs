@@ -2,6 +2,7 @@
 
 mod agent_death;
 mod connect_answers;
+mod diagnostics;
 mod errors;
 mod forward;
 mod local_leg;
