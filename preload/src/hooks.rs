@@ -98,7 +98,8 @@ unsafe fn connect_short_v6(fd: c_int, addr: *const sockaddr, len: socklen_t) -> 
     unsafe { connect(fd, (&raw const whole).cast(), whole_len) }
 }
 
-/// A program without routes (a stray `LD_PRELOAD`), or the first connect of the process.
+/// A program without routes (a stray `LD_PRELOAD`), or a connect made before the
+/// library's constructor read the state (from another library's constructor).
 ///
 /// # Safety
 /// As for `connect(2)`.

@@ -713,3 +713,106 @@ int main(void) {{
     assert_eq!(out.trim(), "mmsg");
     assert_eq!(tunnel.streams_seen(), 1, "the connection went direct");
 }
+
+/// The library reads its environment when it is loaded, before the program can start a
+/// thread. Read at the first hooked call instead, a fork from another thread while that
+/// read was under way left the child waiting for ever on a read no thread of its own
+/// would finish.
+#[test]
+fn a_fork_during_the_first_routed_connect_never_hangs_the_child() {
+    let (tunnel, echo) = routed_echo();
+    // A long route list makes reading it take long enough (about half a millisecond)
+    // for the forks to land inside it.
+    let mut routes = "site-b=127.0.0.2/32".to_string();
+    for i in 0..2000 {
+        routes.push_str(&format!(",10.{}.{}.0/24", i / 250, i % 250));
+    }
+    let source = format!(
+        r#"
+#include <arpa/inet.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+static atomic_int forking, done;
+static pid_t children[20000];
+static int count;
+
+static int connect_to(const char *ip, int port) {{
+    int s = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {{0}};
+    a.sin_family = AF_INET; a.sin_port = htons(port);
+    inet_pton(AF_INET, ip, &a.sin_addr);
+    return connect(s, (struct sockaddr *)&a, sizeof a) == 0 ? s : -1;
+}}
+
+/* Forks until the main thread's connect is done; each child makes one hooked call
+   (a connect to a closed port, not routed) and exits. */
+static void *forker(void *arg) {{
+    (void)arg;
+    while ((!atomic_load(&done) || count < 3) && count < 20000) {{
+        pid_t pid = fork();
+        if (pid == 0) {{ connect_to("127.0.0.1", 1); _exit(0); }}
+        if (pid > 0) children[count++] = pid;
+        atomic_store(&forking, 1);
+    }}
+    return NULL;
+}}
+
+int main(void) {{
+    pthread_t thread;
+    pthread_create(&thread, NULL, forker, NULL);
+    while (!atomic_load(&forking)) ;
+    int s = connect_to("127.0.0.2", {port});
+    char buf[5] = {{0}};
+    if (s < 0 || write(s, "fork", 4) != 4 || read(s, buf, 4) != 4) {{ perror("routed"); return 1; }}
+    atomic_store(&done, 1);
+    pthread_join(thread, NULL);
+    /* Every child has 10 s in all to exit; one still there then is stuck. */
+    struct timespec start, now;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    int stuck = 0;
+    for (int i = 0; i < count; i++) {{
+        while (waitpid(children[i], NULL, WNOHANG) == 0) {{
+            clock_gettime(CLOCK_MONOTONIC, &now);
+            if (now.tv_sec - start.tv_sec > 10) {{
+                stuck++;
+                kill(children[i], SIGKILL);
+                waitpid(children[i], NULL, 0);
+                break;
+            }}
+            usleep(1000);
+        }}
+    }}
+    printf("%s %d children, %d stuck\n", buf, count, stuck);
+    return 0;
+}}
+"#,
+        port = echo.port()
+    );
+    let program = compile_c(&tunnel.site, "fork_race", &source, &["-pthread"]);
+    let rounds = 10;
+    for round in 0..rounds {
+        let out = stdout_within(
+            Command::new(&program)
+                .env("LD_PRELOAD", bin("libtunnel_preload.so"))
+                .env("TUNNEL_ROUTES", &routes)
+                .env("TUNNEL_AGENT", tunnel.site.path("agent/agent.sock")),
+            LIMIT,
+        );
+        assert!(
+            out.starts_with("fork ") && out.trim_end().ends_with(", 0 stuck"),
+            "round {round}: {out}"
+        );
+    }
+    assert_eq!(
+        tunnel.streams_seen(),
+        rounds,
+        "a routed connect went direct"
+    );
+}
