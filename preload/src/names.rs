@@ -6,8 +6,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use parking_lot::Mutex;
 use tunnel_proto::local::{Reply, Request};
+use tunnel_proto::target::is_valid_name;
 
-use crate::agent_client::ask;
+use crate::agent_client::{AgentError, ask};
 use crate::state::State;
 
 pub enum Lookup {
@@ -15,7 +16,19 @@ pub enum Lookup {
     Passthrough,
     Synthetic(Ipv4Addr, Ipv6Addr),
     /// Routed, but no answer could be had: fail, never fall back to a real lookup.
-    Fail,
+    Fail(Failure),
+}
+
+/// Why a routed name got no address, in the terms both resolver interfaces report.
+#[derive(Clone, Copy)]
+pub enum Failure {
+    /// The agent did not answer; it may later (`TRY_AGAIN`, `EAI_AGAIN`).
+    TryAgain,
+    /// Not a host name at all (`HOST_NOT_FOUND`, `EAI_NONAME`).
+    NotFound,
+    /// An answer that asking again will not change: the synthetic pools are full, the
+    /// agent refuses this user, the environment is unusable (`NO_RECOVERY`, `EAI_FAIL`).
+    NoRecovery,
 }
 
 /// Synthetic addresses this process looked up, with their names, so a connect to one
@@ -45,10 +58,13 @@ pub fn lookup(state: &State, name: &str) -> Lookup {
         return Lookup::Passthrough;
     }
     if state.broken.is_some() {
-        return Lookup::Fail;
+        return Lookup::Fail(Failure::NoRecovery);
     }
     if !state.routes.may_route_name(name) {
         return Lookup::Passthrough;
+    }
+    if !is_valid_name(name) {
+        return Lookup::Fail(Failure::NotFound);
     }
     let answer = ask(
         &state.agent,
@@ -66,11 +82,20 @@ pub fn lookup(state: &State, name: &str) -> Lookup {
             Lookup::Synthetic(v4, v6)
         }
         Ok(Reply::Err { class, .. }) if class == "unrouted" => Lookup::Passthrough,
-        _ => {
+        Ok(Reply::Err { class, message }) => {
+            state.trace(format_args!("{name}: {class} {message}: lookup fails"));
+            Lookup::Fail(match class.as_str() {
+                "bad-request" => Failure::NotFound,
+                "pool-full" | "forbidden" => Failure::NoRecovery,
+                _ => Failure::TryAgain,
+            })
+        }
+        Ok(_) | Err(AgentError::Garbled) => Lookup::Fail(Failure::NoRecovery),
+        Err(AgentError::Unreachable(_)) => {
             state.trace(format_args!(
                 "{name}: no answer from the agent: lookup fails"
             ));
-            Lookup::Fail
+            Lookup::Fail(Failure::TryAgain)
         }
     }
 }

@@ -816,3 +816,161 @@ int main(void) {{
         "a routed connect went direct"
     );
 }
+
+/// A C program that looks `names` up with each of the gethostbyname family and
+/// getaddrinfo, and prints for each name how every one of them failed (or `ok`).
+fn host_errors_program(site: &Site) -> std::path::PathBuf {
+    let source = r#"
+#include <errno.h>
+#include <netdb.h>
+#include <stdio.h>
+#include <sys/socket.h>
+
+static const char *herr(int e) {
+    switch (e) {
+    case 0: return "0";
+    case HOST_NOT_FOUND: return "HOST_NOT_FOUND";
+    case TRY_AGAIN: return "TRY_AGAIN";
+    case NO_RECOVERY: return "NO_RECOVERY";
+    case NO_DATA: return "NO_DATA";
+    case NETDB_INTERNAL: return "NETDB_INTERNAL";
+    default: return "?";
+    }
+}
+
+static const char *rc_name(int rc) {
+    switch (rc) {
+    case 0: return "0";
+    case EAGAIN: return "EAGAIN";
+    case ERANGE: return "ERANGE";
+    default: return "other";
+    }
+}
+
+static const char *gai(int rc) {
+    switch (rc) {
+    case 0: return "ok";
+    case EAI_AGAIN: return "EAI_AGAIN";
+    case EAI_NONAME: return "EAI_NONAME";
+    case EAI_FAIL: return "EAI_FAIL";
+    default: return "?";
+    }
+}
+
+int main(int argc, char **argv) {
+    for (int i = 1; i < argc; i++) {
+        const char *name = argv[i];
+        struct hostent *h, ret, *result;
+        char buf[1024];
+        int e, rc;
+        h_errno = 0;
+        h = gethostbyname(name);
+        printf("%s: gethostbyname %s", name, h ? "ok" : herr(h_errno));
+        h_errno = 0;
+        h = gethostbyname2(name, AF_INET6);
+        printf(", gethostbyname2 %s", h ? "ok" : herr(h_errno));
+        e = 0; result = &ret;
+        rc = gethostbyname_r(name, &ret, buf, sizeof buf, &result, &e);
+        printf(", gethostbyname_r %s %s", rc_name(rc), result ? "ok" : herr(e));
+        e = 0; result = &ret;
+        rc = gethostbyname2_r(name, AF_INET6, &ret, buf, sizeof buf, &result, &e);
+        printf(", gethostbyname2_r %s %s", rc_name(rc), result ? "ok" : herr(e));
+        struct addrinfo *ai = NULL;
+        rc = getaddrinfo(name, "80", NULL, &ai);
+        printf(", getaddrinfo %s\n", gai(rc));
+        if (rc == 0) freeaddrinfo(ai);
+    }
+    return 0;
+}
+"#;
+    compile_c(site, "host_errors", source, &[])
+}
+
+/// A routed name that gets no address fails the way the resolver would say it: the
+/// gethostbyname family sets `h_errno` (and the `_r` forms their `h_errnop`), and
+/// getaddrinfo returns the matching code. Programs tell "try again" from "no such host".
+#[test]
+fn routed_names_that_get_no_address_set_h_errno() {
+    let site = Site::new();
+    let program = host_errors_program(&site);
+    // No agent: a temporary failure. Not a host name at all: not found, without asking.
+    let out = stdout_within(
+        Command::new(&program)
+            .args(["db.site-b.internal", "bad!name.site-b.internal"])
+            .env("LD_PRELOAD", bin("libtunnel_preload.so"))
+            .env("TUNNEL_ROUTES", "site-b=*.site-b.internal")
+            .env("TUNNEL_AGENT", site.path("no-agent-here.sock")),
+        LIMIT,
+    );
+    assert_eq!(
+        out,
+        "db.site-b.internal: gethostbyname TRY_AGAIN, gethostbyname2 TRY_AGAIN, \
+         gethostbyname_r EAGAIN TRY_AGAIN, gethostbyname2_r EAGAIN TRY_AGAIN, \
+         getaddrinfo EAI_AGAIN\n\
+         bad!name.site-b.internal: gethostbyname HOST_NOT_FOUND, gethostbyname2 \
+         HOST_NOT_FOUND, gethostbyname_r 0 HOST_NOT_FOUND, gethostbyname2_r 0 \
+         HOST_NOT_FOUND, getaddrinfo EAI_NONAME\n"
+    );
+
+    // The agent's synthetic pool full: asking again will not help.
+    let gw_dir = site.init_gateway("gateway");
+    let creds = site.issue(&gw_dir, "alice", "alice");
+    let _gateway = Gateway::start(&gw_dir, &allow_alice(&["*.site-b.internal"])).expect("gateway");
+    let body = format!(
+        "synthetic_ipv4 = \"198.18.0.0/24\"\n{}{}",
+        gateway_table("site-b", _gateway.addr, &creds, "alice"),
+        route_table(&["*.site-b.internal"])
+    );
+    let agent = Agent::start(&site.path("agent"), &body, true).expect("agent");
+    let fill =
+        "import socket\nfor i in range(254): socket.getaddrinfo(f'n{i}.site-b.internal', 80)";
+    let run = |program: &str| {
+        let mut command = Command::new(bin("tunnel-run"));
+        command
+            .arg("--config")
+            .arg(&agent.config)
+            .arg("--")
+            .arg(program);
+        command
+    };
+    stdout_within(run("python3").args(["-c", fill]), LIMIT);
+    let out = stdout_within(
+        run(program.to_str().expect("path")).args(["n0.site-b.internal", "full.site-b.internal"]),
+        LIMIT,
+    );
+    assert_eq!(
+        out,
+        "n0.site-b.internal: gethostbyname ok, gethostbyname2 ok, gethostbyname_r 0 ok, \
+         gethostbyname2_r 0 ok, getaddrinfo ok\n\
+         full.site-b.internal: gethostbyname NO_RECOVERY, gethostbyname2 NO_RECOVERY, \
+         gethostbyname_r other NO_RECOVERY, gethostbyname2_r other NO_RECOVERY, \
+         getaddrinfo EAI_FAIL\n"
+    );
+}
+
+/// `AI_NUMERICHOST` asks for an address literal only: a routed name fails with
+/// EAI_NONAME, as glibc's own getaddrinfo says, instead of getting a synthetic address.
+#[test]
+fn getaddrinfo_with_ai_numerichost_gives_a_routed_name_no_address() {
+    let tunnel = Tunnel::start_routed(
+        &allow_alice(&["*.site-b.internal"]),
+        &[],
+        &["*.site-b.internal"],
+    )
+    .expect("tunnel");
+    let script = r#"
+import socket
+for host in ("db.site-b.internal", "127.0.0.2"):
+    try:
+        infos = socket.getaddrinfo(host, 80, socket.AF_INET, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
+        print(host, infos[0][4][0])
+    except socket.gaierror as e:
+        print(host, "EAI_NONAME" if e.errno == socket.EAI_NONAME else e)
+print("db.site-b.internal", socket.getaddrinfo("db.site-b.internal", 80, socket.AF_INET)[0][4][0].startswith("198.18."))
+"#;
+    let out = stdout_within(tunnel.run("python3").args(["-c", script]), LIMIT);
+    assert_eq!(
+        out,
+        "db.site-b.internal EAI_NONAME\n127.0.0.2 127.0.0.2\ndb.site-b.internal True\n"
+    );
+}
