@@ -974,3 +974,109 @@ print("db.site-b.internal", socket.getaddrinfo("db.site-b.internal", 80, socket.
         "db.site-b.internal EAI_NONAME\n127.0.0.2 127.0.0.2\ndb.site-b.internal True\n"
     );
 }
+
+/// A just-enough FTP server (python) on `ip`: logs every command, and for RETR connects
+/// to the address the client's EPRT or PORT gave and sends `hello\n`.
+fn ftp_server(site: &Site, ip: &str) -> (Daemon, std::net::SocketAddr) {
+    let script = r#"
+import socket, sys, threading
+listener = socket.socket()
+listener.bind((sys.argv[1], 0))
+listener.listen(8)
+print("port", listener.getsockname()[1], flush=True)
+def serve(control):
+    f = control.makefile("rwb", buffering=0)
+    def say(line): f.write(line.encode() + b"\r\n")
+    say("220 ready")
+    data_to = None
+    for line in f:
+        line = line.decode().strip()
+        print(line, flush=True)
+        command, _, argument = line.partition(" ")
+        command = command.upper()
+        if command == "USER": say("331 password")
+        elif command == "PASS": say("230 in")
+        elif command == "PWD": say('257 "/"')
+        elif command == "TYPE": say("200 type")
+        elif command == "SIZE": say("213 6")
+        elif command == "EPRT":
+            _, _, host, port, _ = argument.split(argument[0])
+            data_to = (host, int(port)); say("200 eprt")
+        elif command == "PORT":
+            n = argument.split(",")
+            data_to = (".".join(n[:4]), int(n[4]) * 256 + int(n[5])); say("200 port")
+        elif command == "RETR":
+            say("150 sending")
+            with socket.create_connection(data_to, timeout=10) as data:
+                data.sendall(b"hello\n")
+            say("226 sent")
+        elif command == "QUIT":
+            say("221 bye"); return
+        else: say("502 no")
+while True:
+    control, _ = listener.accept()
+    threading.Thread(target=serve, args=(control,), daemon=True).start()
+"#;
+    let path = site.path(&format!("ftp-{ip}.py"));
+    std::fs::write(&path, script).expect("ftp server script");
+    let mut command = Command::new("python3");
+    command.arg("-u").arg(&path).arg(ip);
+    let mut daemon =
+        Daemon::spawn("ftp", command, site.path(&format!("ftp-{ip}.log"))).expect("ftp server");
+    let port: u16 = daemon
+        .wait_log("port ", Duration::from_secs(20))
+        .expect("ftp server started")
+        .trim()
+        .parse()
+        .expect("ftp port");
+    (
+        daemon,
+        std::net::SocketAddr::new(ip.parse().expect("ip"), port),
+    )
+}
+
+/// Active FTP (`curl -P -`) advertises the control connection's own address
+/// (`getsockname`). Through the tunnel that address has the form a direct connection's
+/// has: an IPv4-mapped one on an IPv6 socket to an IPv4-mapped destination, not `::1`
+/// (which an IPv4 server cannot reach); and the transfer works.
+#[test]
+fn active_ftp_advertises_the_address_a_direct_connection_would() {
+    require("curl", "curl");
+    let tunnel = Tunnel::start_routed(&allow_alice(&["127.0.0.2/32"]), &[], &["127.0.0.2/32"])
+        .expect("tunnel");
+    let (routed, routed_addr) = ftp_server(&tunnel.site, "127.0.0.2");
+    let (direct, direct_addr) = ftp_server(&tunnel.site, "127.0.0.4");
+    let eprt = |server: &Daemon| -> Vec<String> {
+        server
+            .log_text()
+            .lines()
+            .filter_map(|l| l.strip_prefix("EPRT "))
+            // |family|address|port|: the port differs from run to run.
+            .map(|a| a.rsplitn(3, '|').nth(2).unwrap_or(a).to_string())
+            .collect()
+    };
+    for host in ["{ip}", "[::ffff:{ip}]"] {
+        let url = |addr: std::net::SocketAddr| {
+            format!(
+                "ftp://{}:{}/file",
+                host.replace("{ip}", &addr.ip().to_string()),
+                addr.port()
+            )
+        };
+        let out = stdout_within(
+            Command::new("curl").args(["-sS", "-g", "-P", "-", &url(direct_addr)]),
+            LIMIT,
+        );
+        assert_eq!(out, "hello\n", "direct");
+        let out = stdout_within(
+            tunnel
+                .run("curl")
+                .args(["-sS", "-g", "-P", "-", &url(routed_addr)]),
+            LIMIT,
+        );
+        assert_eq!(out, "hello\n", "through the tunnel");
+    }
+    assert_eq!(eprt(&direct), ["|1|127.0.0.1", "|2|::ffff:127.0.0.1"]);
+    assert_eq!(eprt(&routed), eprt(&direct));
+    assert_eq!(tunnel.streams_seen(), 2, "a control connection went direct");
+}
