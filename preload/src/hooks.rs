@@ -17,7 +17,7 @@ use libc::{
 
 use crate::guard::Guard;
 use crate::ip_routes::Via;
-use crate::names::{self, Lookup};
+use crate::names::{self, Failure, Lookup};
 use crate::redirect::{self, Decision};
 use crate::state::state;
 use crate::sys::{self, Peek};
@@ -98,7 +98,8 @@ unsafe fn connect_short_v6(fd: c_int, addr: *const sockaddr, len: socklen_t) -> 
     unsafe { connect(fd, (&raw const whole).cast(), whole_len) }
 }
 
-/// A program without routes (a stray `LD_PRELOAD`), or the first connect of the process.
+/// A program without routes (a stray `LD_PRELOAD`), or a connect made before the
+/// library's constructor read the state (from another library's constructor).
 ///
 /// # Safety
 /// As for `connect(2)`.
@@ -449,17 +450,24 @@ pub unsafe extern "C" fn getaddrinfo(
     let Some(state) = state() else {
         return real(node, hints);
     };
-    if node.is_null() || res.is_null() {
+    // SAFETY: hints is null or points to an addrinfo, as getaddrinfo(3) requires.
+    let flags = unsafe { hints.as_ref() }.map_or(0, |h| h.ai_flags);
+    // AI_NUMERICHOST: only an address literal may answer, so the real function decides
+    // (a name fails with EAI_NONAME there, routed or not).
+    if node.is_null() || res.is_null() || flags & libc::AI_NUMERICHOST != 0 {
         return real(node, hints);
     }
     // SAFETY: node is a NUL-terminated string, as getaddrinfo(3) requires.
     let Ok(name) = unsafe { CStr::from_ptr(node) }.to_str() else {
         return real(node, hints);
     };
-    let lookup = catch_unwind(|| names::lookup(state, name)).unwrap_or(Lookup::Fail);
+    let lookup =
+        catch_unwind(|| names::lookup(state, name)).unwrap_or(Lookup::Fail(Failure::NoRecovery));
     let (v4, v6) = match lookup {
         Lookup::Passthrough => return real(node, hints),
-        Lookup::Fail => return libc::EAI_AGAIN,
+        Lookup::Fail(Failure::TryAgain) => return libc::EAI_AGAIN,
+        Lookup::Fail(Failure::NotFound) => return libc::EAI_NONAME,
+        Lookup::Fail(Failure::NoRecovery) => return libc::EAI_FAIL,
         Lookup::Synthetic(v4, v6) => (v4, v6),
     };
     // SAFETY: hints is null or points to an addrinfo, as getaddrinfo(3) requires.
@@ -619,8 +627,8 @@ type Gethostbyname2RFn = unsafe extern "C" fn(
 enum HostLookup {
     Real,
     Answer(IpAddr, String),
-    TryAgain,
-    NotFound,
+    /// No address: `h_errno` says why.
+    Fail(c_int),
 }
 
 fn host_lookup(name: *const c_char, family: c_int) -> HostLookup {
@@ -634,16 +642,18 @@ fn host_lookup(name: *const c_char, family: c_int) -> HostLookup {
     let Ok(text) = unsafe { CStr::from_ptr(name) }.to_str() else {
         return HostLookup::Real;
     };
-    match catch_unwind(|| names::lookup(state, text)).unwrap_or(Lookup::Fail) {
+    match catch_unwind(|| names::lookup(state, text)).unwrap_or(Lookup::Fail(Failure::NoRecovery)) {
         Lookup::Passthrough => HostLookup::Real,
-        Lookup::Fail => HostLookup::TryAgain,
+        Lookup::Fail(Failure::TryAgain) => HostLookup::Fail(TRY_AGAIN),
+        Lookup::Fail(Failure::NotFound) => HostLookup::Fail(HOST_NOT_FOUND),
+        Lookup::Fail(Failure::NoRecovery) => HostLookup::Fail(NO_RECOVERY),
         Lookup::Synthetic(v4, _) if family == libc::AF_INET => {
             HostLookup::Answer(v4.into(), text.to_string())
         }
         Lookup::Synthetic(_, v6) if family == libc::AF_INET6 => {
             HostLookup::Answer(v6.into(), text.to_string())
         }
-        Lookup::Synthetic(..) => HostLookup::NotFound,
+        Lookup::Synthetic(..) => HostLookup::Fail(HOST_NOT_FOUND),
     }
 }
 
@@ -698,8 +708,11 @@ unsafe fn fill_hostent(
     true
 }
 
-const TRY_AGAIN: c_int = 2;
+// <netdb.h>'s h_errno values, which the libc crate does not define.
+const NETDB_INTERNAL: c_int = -1;
 const HOST_NOT_FOUND: c_int = 1;
+const TRY_AGAIN: c_int = 2;
+const NO_RECOVERY: c_int = 3;
 
 /// The reentrant form both `_r` hooks share.
 ///
@@ -727,30 +740,36 @@ unsafe fn lookup_r(
             *result = value;
         }
     };
-    match answer {
-        HostLookup::Real => None,
-        HostLookup::TryAgain => {
-            set(TRY_AGAIN);
+    // The return values are glibc's: 0 for a name that does not exist, EAGAIN for a
+    // temporary failure, ERANGE (h_errno NETDB_INTERNAL) for a buffer too small.
+    let rc = match answer {
+        HostLookup::Real => return None,
+        HostLookup::Fail(h_errno) => {
+            set(h_errno);
             set_result(null_mut());
-            Some(libc::EAGAIN)
-        }
-        HostLookup::NotFound => {
-            set(HOST_NOT_FOUND);
-            set_result(null_mut());
-            Some(libc::ENOENT)
+            match h_errno {
+                HOST_NOT_FOUND => 0,
+                TRY_AGAIN => libc::EAGAIN,
+                _ => libc::ENOENT,
+            }
         }
         HostLookup::Answer(ip, text) => {
             // SAFETY: buf/buflen/ret as the caller gave them.
             if unsafe { fill_hostent(ip, &text, ret, buf, buflen) } {
                 set(0);
                 set_result(ret);
-                Some(0)
+                0
             } else {
+                set(NETDB_INTERNAL);
                 set_result(null_mut());
-                Some(libc::ERANGE)
+                libc::ERANGE
             }
         }
+    };
+    if rc != 0 {
+        sys::set_errno(rc);
     }
+    Some(rc)
 }
 
 /// # Safety
@@ -815,7 +834,10 @@ fn static_lookup(name: *const c_char, family: c_int) -> Option<*mut hostent> {
     let answer = host_lookup(name, family);
     match answer {
         HostLookup::Real => None,
-        HostLookup::TryAgain | HostLookup::NotFound => Some(null_mut()),
+        HostLookup::Fail(h_errno) => {
+            sys::set_h_errno(h_errno);
+            Some(null_mut())
+        }
         HostLookup::Answer(ip, text) => HOST_STORAGE
             .try_with(|cell| {
                 let mut slot = cell.borrow_mut();
@@ -830,7 +852,12 @@ fn static_lookup(name: *const c_char, family: c_int) -> Option<*mut hostent> {
                 let buffer = storage.buffer.as_mut_ptr();
                 // SAFETY: buffer has 1024 bytes; entry is a valid hostent.
                 let ok = unsafe { fill_hostent(ip, &text, entry, buffer, 1024) };
-                if ok { entry } else { null_mut() }
+                if ok {
+                    entry
+                } else {
+                    sys::set_h_errno(NO_RECOVERY);
+                    null_mut()
+                }
             })
             .ok(),
     }

@@ -7,8 +7,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use parking_lot::Mutex;
 use tunnel_proto::local::{Reply, Request};
 use tunnel_proto::routes::TableRoute;
+use tunnel_proto::target::is_valid_name;
 
-use crate::agent_client::ask;
+use crate::agent_client::{AgentError, ask};
 use crate::state::State;
 
 pub enum Lookup {
@@ -16,7 +17,19 @@ pub enum Lookup {
     Passthrough,
     Synthetic(Ipv4Addr, Ipv6Addr),
     /// Routed, but no answer could be had: fail, never fall back to a real lookup.
-    Fail,
+    Fail(Failure),
+}
+
+/// Why a routed name got no address, in the terms both resolver interfaces report.
+#[derive(Clone, Copy)]
+pub enum Failure {
+    /// The agent did not answer; it may later (`TRY_AGAIN`, `EAI_AGAIN`).
+    TryAgain,
+    /// Not a host name at all (`HOST_NOT_FOUND`, `EAI_NONAME`).
+    NotFound,
+    /// An answer that asking again will not change: the synthetic pools are full, the
+    /// agent refuses this user, the environment is unusable (`NO_RECOVERY`, `EAI_FAIL`).
+    NoRecovery,
 }
 
 /// Synthetic addresses this process looked up, with their names, so a connect to one
@@ -46,10 +59,13 @@ pub fn lookup(state: &State, name: &str) -> Lookup {
         return Lookup::Passthrough;
     }
     if state.broken.is_some() {
-        return Lookup::Fail;
+        return Lookup::Fail(Failure::NoRecovery);
     }
     if !state.routes.may_route_name(name) {
         return Lookup::Passthrough;
+    }
+    if !is_valid_name(name) {
+        return Lookup::Fail(Failure::NotFound);
     }
     let answer = ask(
         &state.agent,
@@ -72,19 +88,29 @@ pub fn lookup(state: &State, name: &str) -> Lookup {
             state.trace(format_args!(
                 "{name}: the agent refused ({class}): {message}: lookup fails"
             ));
-            Lookup::Fail
+            Lookup::Fail(match class.as_str() {
+                "bad-request" => Failure::NotFound,
+                "pool-full" | "forbidden" => Failure::NoRecovery,
+                _ => Failure::TryAgain,
+            })
         }
         Ok(other) => {
             state.trace(format_args!(
                 "{name}: the agent answered {other:?} to a lookup: lookup fails"
             ));
-            Lookup::Fail
+            Lookup::Fail(Failure::NoRecovery)
         }
-        Err(e) => {
+        Err(AgentError::Garbled) => {
+            state.trace(format_args!(
+                "{name}: the agent's answer could not be read: lookup fails"
+            ));
+            Lookup::Fail(Failure::NoRecovery)
+        }
+        Err(e @ AgentError::Unreachable(_)) => {
             state.trace(format_args!(
                 "{name}: no answer from the agent ({e:?}): lookup fails"
             ));
-            Lookup::Fail
+            Lookup::Fail(Failure::TryAgain)
         }
     }
 }

@@ -133,6 +133,13 @@ fn source_address(fd: c_int, destination: SocketAddr) -> Result<SocketAddr, c_in
     }
     let candidates: &[IpAddr] = match destination {
         SocketAddr::V4(_) => &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
+        // An IPv4 destination in mapped form (Java, dual-stack servers): the mapped
+        // IPv4 loopback, so the socket's own address is IPv4-mapped as a direct
+        // connection's would be, and protocols that send it (FTP's EPRT) stay IPv4.
+        SocketAddr::V6(d) if d.ip().to_ipv4_mapped().is_some() => &[
+            IpAddr::V6(Ipv4Addr::LOCALHOST.to_ipv6_mapped()),
+            IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ],
         // ::1 where IPv6 is up; else the mapped IPv4 loopback (a dual-stack socket).
         SocketAddr::V6(_) => &[
             IpAddr::V6(Ipv6Addr::LOCALHOST),

@@ -1,4 +1,4 @@
-//! What the environment says, read once, lazily, on the first hooked call.
+//! What the environment says, read once, when the library is loaded.
 //!
 //! - `TUNNEL_ROUTES`: which destinations go through which gateway (absent: the library
 //!   changes nothing).
@@ -44,8 +44,8 @@ pub fn fast_routes() -> Option<&'static IpRoutes> {
     unsafe { FAST_ROUTES.load(Ordering::Acquire).as_ref() }
 }
 
-/// The parsed environment, or `None` for a pure pass-through. After the first call this
-/// is one atomic load; the first call keeps the program's errno as it was.
+/// The parsed environment, or `None` for a pure pass-through: one atomic load once
+/// [`load`] has run.
 #[inline(always)]
 pub fn state() -> Option<&'static State> {
     match STATE.get() {
@@ -60,6 +60,23 @@ pub fn state_if_read() -> Option<&'static Option<State>> {
     STATE.get()
 }
 
+/// Reads the environment when the library is loaded: before the program's `main`, so
+/// before any thread of its own. Read lazily instead, a fork from another thread while
+/// a first hooked call was reading it would leave the child waiting for ever on a read
+/// that no thread of the child finishes. (The real functions are still found at their
+/// first call: glibc's fork resets the dynamic loader's lock in the child, and finding
+/// all ten here would cost every process more than reading the routes does.)
+///
+/// A hooked call made before this runs (from another library's constructor) reads the
+/// state itself, through [`first_state`]; that is the only lazy read left.
+#[ctor::ctor(unsafe)]
+fn load() {
+    // A panic must not unwind into the dynamic loader; the state is then read at the
+    // first hooked call, as a last resort.
+    let _ = std::panic::catch_unwind(first_state);
+}
+
+/// Reads the state unless it is read already; keeps the program's errno as it was.
 #[cold]
 #[inline(never)]
 pub fn first_state() -> Option<&'static State> {
@@ -104,7 +121,11 @@ fn read() -> Option<State> {
             Vec::new()
         });
     if let Some(problem) = &broken {
-        eprintln!("libtunnel_preload: {problem}; Internet connections of this program are refused");
+        // Not eprintln: it panics when stderr is a closed pipe.
+        let _ = writeln!(
+            std::io::stderr(),
+            "libtunnel_preload: {problem}; Internet connections of this program are refused"
+        );
     }
     Some(State {
         ip_routes: if broken.is_some() {

@@ -63,6 +63,17 @@ pub fn set_errno(value: c_int) {
     unsafe { *libc::__errno_location() = value }
 }
 
+unsafe extern "C" {
+    /// glibc's thread's `h_errno` (the libc crate does not declare it).
+    fn __h_errno_location() -> *mut c_int;
+}
+
+/// Sets `h_errno`, where the gethostbyname family reports why it found nothing.
+pub fn set_h_errno(value: c_int) {
+    // SAFETY: __h_errno_location always returns this thread's h_errno.
+    unsafe { *__h_errno_location() = value }
+}
+
 type ConnectFn = unsafe extern "C" fn(c_int, *const sockaddr, socklen_t) -> c_int;
 
 /// Calls the real `connect` on a raw address.

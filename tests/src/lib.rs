@@ -49,7 +49,7 @@ pub fn require(program: &str, package: &str) {
         .unwrap_or(false);
     assert!(
         found,
-        "`{program}` is not installed: apt-get install {package} (.ci/run does)"
+        "`{program}` is not installed: apt-get install {package} (scripts/test does, run as root)"
     );
 }
 

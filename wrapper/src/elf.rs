@@ -1,6 +1,10 @@
 //! Can LD_PRELOAD reach this program? A statically linked program has no dynamic
 //! loader to honour it, and a Go program makes its own system calls; both bypass the
 //! library. Read from the ELF headers, never by running the program.
+//!
+//! Every offset, count and size comes from the file, which may be truncated or made
+//! to mislead: each sum and product is checked, each read bounded, and what does not
+//! add up is [`Executable::Other`], never a panic.
 
 /// What kind of executable a file is, as far as preloading goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -11,23 +15,41 @@ pub enum Executable {
     Static,
     /// A Go binary: its network calls do not go through libc.
     Go,
-    /// Not ELF (a script, say): its interpreter decides.
+    /// Not ELF (a script, say), or headers that do not add up: its interpreter, or the
+    /// kernel, decides.
     Other,
 }
 
-fn u16_at(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(b.get(at..at + 2)?.try_into().ok()?))
+fn bytes_at<const N: usize>(b: &[u8], at: usize) -> Option<[u8; N]> {
+    b.get(at..at.checked_add(N)?)?.try_into().ok()
+}
+
+fn u16_at(b: &[u8], at: usize) -> Option<usize> {
+    bytes_at(b, at).map(|v| usize::from(u16::from_le_bytes(v)))
 }
 
 fn u32_at(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
+    bytes_at(b, at).map(u32::from_le_bytes)
 }
 
 fn u64_at(b: &[u8], at: usize) -> Option<usize> {
-    usize::try_from(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?)).ok()
+    usize::try_from(u64::from_le_bytes(bytes_at(b, at)?)).ok()
+}
+
+/// A table of `count` entries of `size` bytes at `offset`, if it lies inside `b`:
+/// the offset of each entry.
+fn table(b: &[u8], offset: usize, count: usize, size: usize) -> Option<Vec<usize>> {
+    let end = offset.checked_add(count.checked_mul(size)?)?;
+    if end > b.len() {
+        return None;
+    }
+    // In bounds, so none of these overflows.
+    Some((0..count).map(|i| offset + i * size).collect())
 }
 
 const PT_INTERP: u32 = 3;
+/// The sections that mark a Go binary, as their names appear in the string table.
+const GO_SECTIONS: [&[u8]; 2] = [b".go.buildinfo\0", b".note.go.buildid\0"];
 
 /// Classifies a 64-bit little-endian ELF file from its bytes.
 pub fn classify(b: &[u8]) -> Executable {
@@ -38,10 +60,12 @@ pub fn classify(b: &[u8]) -> Executable {
         return Executable::Go;
     }
     let interp = (|| {
-        let phoff = u64_at(b, 0x20)?;
-        let phentsize = usize::from(u16_at(b, 0x36)?);
-        let phnum = usize::from(u16_at(b, 0x38)?);
-        Some((0..phnum).any(|i| u32_at(b, phoff + i * phentsize) == Some(PT_INTERP)))
+        let headers = table(b, u64_at(b, 0x20)?, u16_at(b, 0x38)?, u16_at(b, 0x36)?)?;
+        Some(
+            headers
+                .into_iter()
+                .any(|at| u32_at(b, at) == Some(PT_INTERP)),
+        )
     })();
     match interp {
         Some(true) => Executable::Dynamic,
@@ -51,25 +75,21 @@ pub fn classify(b: &[u8]) -> Executable {
 }
 
 fn has_go_section(b: &[u8]) -> Option<bool> {
-    let shoff = u64_at(b, 0x28)?;
-    let shentsize = usize::from(u16_at(b, 0x3a)?);
-    let shnum = usize::from(u16_at(b, 0x3c)?);
-    let shstrndx = usize::from(u16_at(b, 0x3e)?);
-    let names_offset = u64_at(b, shoff + shstrndx * shentsize + 0x18)?;
-    Some((0..shnum).any(|i| {
-        let name = u32_at(b, shoff + i * shentsize).and_then(|n| {
-            let start = names_offset.checked_add(n as usize)?;
-            let rest = b.get(start..)?;
-            let end = rest.iter().position(|c| *c == 0)?;
-            rest.get(..end)
-        });
-        matches!(name, Some(b".go.buildinfo") | Some(b".note.go.buildid"))
+    let sections = table(b, u64_at(b, 0x28)?, u16_at(b, 0x3c)?, u16_at(b, 0x3a)?)?;
+    let names_header = *sections.get(u16_at(b, 0x3e)?)?;
+    let names_offset = u64_at(b, names_header.checked_add(0x18)?)?;
+    Some(sections.into_iter().any(|at| {
+        let name = u32_at(b, at)
+            .and_then(|n| names_offset.checked_add(usize::try_from(n).ok()?))
+            .and_then(|start| b.get(start..));
+        name.is_some_and(|rest| GO_SECTIONS.iter().any(|go| rest.starts_with(go)))
     }))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn classifies_real_binaries() {
@@ -77,5 +97,205 @@ mod tests {
         assert_eq!(classify(&bash), Executable::Dynamic);
         assert_eq!(classify(b"#!/bin/sh\n"), Executable::Other);
         assert_eq!(classify(b"\x7fELF\x02\x01"), Executable::Other);
+    }
+
+    /// The header fields the classifier reads.
+    #[derive(Debug, Clone, Copy)]
+    struct Header {
+        phoff: u64,
+        shoff: u64,
+        phentsize: u16,
+        phnum: u16,
+        shentsize: u16,
+        shnum: u16,
+        shstrndx: u16,
+    }
+
+    fn put(file: &mut [u8], at: usize, bytes: &[u8]) {
+        file[at..at + bytes.len()].copy_from_slice(bytes);
+    }
+
+    /// A 64-byte ELF header with `h`, followed by `body`.
+    fn elf(h: Header, body: &[u8]) -> Vec<u8> {
+        let mut file = vec![0u8; 64];
+        put(&mut file, 0, b"\x7fELF\x02\x01\x01");
+        put(&mut file, 0x20, &h.phoff.to_le_bytes());
+        put(&mut file, 0x28, &h.shoff.to_le_bytes());
+        put(&mut file, 0x36, &h.phentsize.to_le_bytes());
+        put(&mut file, 0x38, &h.phnum.to_le_bytes());
+        put(&mut file, 0x3a, &h.shentsize.to_le_bytes());
+        put(&mut file, 0x3c, &h.shnum.to_le_bytes());
+        put(&mut file, 0x3e, &h.shstrndx.to_le_bytes());
+        file.extend_from_slice(body);
+        file
+    }
+
+    /// A well-formed file: program headers of `types`, and sections named `sections`
+    /// (their string table is the last section).
+    fn well_formed(types: &[u32], sections: &[&str]) -> Vec<u8> {
+        let mut names = vec![0u8];
+        let mut name_at = Vec::new();
+        for name in sections {
+            name_at.push(names.len() as u32);
+            names.extend_from_slice(name.as_bytes());
+            names.push(0);
+        }
+        let phoff = 64;
+        let shoff = phoff + 56 * types.len();
+        let names_offset = shoff + 64 * (sections.len() + 1);
+        let mut body = Vec::new();
+        for kind in types {
+            let mut header = [0u8; 56];
+            header[..4].copy_from_slice(&kind.to_le_bytes());
+            body.extend_from_slice(&header);
+        }
+        for at in name_at.iter().chain([&0]) {
+            let mut header = [0u8; 64];
+            header[..4].copy_from_slice(&at.to_le_bytes());
+            header[0x18..0x20].copy_from_slice(&(names_offset as u64).to_le_bytes());
+            body.extend_from_slice(&header);
+        }
+        body.extend_from_slice(&names);
+        let h = Header {
+            phoff: phoff as u64,
+            shoff: shoff as u64,
+            phentsize: 56,
+            phnum: types.len() as u16,
+            shentsize: 64,
+            shnum: sections.len() as u16 + 1,
+            shstrndx: sections.len() as u16,
+        };
+        elf(h, &body)
+    }
+
+    #[test]
+    fn classifies_well_formed_headers() {
+        let dynamic = well_formed(&[6, PT_INTERP, 1], &[".text", ".dynamic"]);
+        assert_eq!(classify(&dynamic), Executable::Dynamic);
+        assert_eq!(
+            classify(&well_formed(&[6, 1], &[".text"])),
+            Executable::Static
+        );
+        let go = well_formed(&[1], &[".text", ".note.go.buildid"]);
+        assert_eq!(classify(&go), Executable::Go);
+        // A name that only begins like one of Go's is not one.
+        let not_go = well_formed(&[1], &[".go.buildinfox"]);
+        assert_eq!(classify(&not_go), Executable::Static);
+        // Every shorter file is truncated somewhere: never a panic, never "dynamic"
+        // unless the interpreter's header is whole.
+        for len in 0..dynamic.len() {
+            let kind = classify(&dynamic[..len]);
+            assert!(
+                kind == Executable::Other || kind == Executable::Dynamic && len >= 64 + 3 * 56,
+                "{len} bytes: {kind:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn crafted_offsets_and_counts_are_not_trusted() {
+        let huge = Header {
+            phoff: u64::MAX,
+            shoff: u64::MAX - 0x10,
+            phentsize: u16::MAX,
+            phnum: u16::MAX,
+            shentsize: u16::MAX,
+            shnum: u16::MAX,
+            shstrndx: u16::MAX,
+        };
+        let body = vec![0u8; 4096];
+        assert_eq!(classify(&elf(huge, &body)), Executable::Other);
+        // Offsets that overflow only once an index or a field offset is added.
+        let near_end = Header {
+            phoff: usize::MAX as u64 - 100,
+            shoff: usize::MAX as u64 - 0x20,
+            ..huge
+        };
+        assert_eq!(classify(&elf(near_end, &body)), Executable::Other);
+        // Tables that start inside the file and run past its end.
+        let past_end = Header {
+            phoff: 64,
+            shoff: 64,
+            phentsize: 56,
+            phnum: 1000,
+            shentsize: 64,
+            shnum: 1000,
+            shstrndx: 3,
+        };
+        assert_eq!(classify(&elf(past_end, &body)), Executable::Other);
+        // A string table index past the section table, and a string table offset
+        // past everything.
+        let mut file = well_formed(&[1], &[".text"]);
+        put(&mut file, 0x3e, &100u16.to_le_bytes());
+        assert_eq!(classify(&file), Executable::Static);
+        let mut file = well_formed(&[1], &[".note.go.buildid"]);
+        let names_field = 64 + 56 + 64 + 0x18;
+        put(&mut file, names_field, &u64::MAX.to_le_bytes());
+        assert_eq!(classify(&file), Executable::Static);
+        // Entries of zero size: every index reads the same header.
+        let zero = Header {
+            phoff: 64,
+            shoff: 64,
+            phentsize: 0,
+            phnum: u16::MAX,
+            shentsize: 0,
+            shnum: u16::MAX,
+            shstrndx: u16::MAX,
+        };
+        assert_eq!(classify(&elf(zero, &body)), Executable::Static);
+    }
+
+    /// Header fields near the edges: zero, small, around the file's length, huge.
+    fn field() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            Just(0u64),
+            0u64..512,
+            Just(u64::MAX),
+            (0u64..64).prop_map(|d| u64::MAX - d),
+            (0u64..64).prop_map(|d| usize::MAX as u64 - d),
+            any::<u64>(),
+        ]
+    }
+
+    fn header() -> impl Strategy<Value = Header> {
+        let small = || field().prop_map(|v| v as u16);
+        (
+            field(),
+            field(),
+            small(),
+            small(),
+            small(),
+            small(),
+            small(),
+        )
+            .prop_map(
+                |(phoff, shoff, phentsize, phnum, shentsize, shnum, shstrndx)| Header {
+                    phoff,
+                    shoff,
+                    phentsize,
+                    phnum,
+                    shentsize,
+                    shnum,
+                    shstrndx,
+                },
+            )
+    }
+
+    proptest! {
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            classify(&bytes);
+            let mut elf = b"\x7fELF\x02\x01".to_vec();
+            elf.extend_from_slice(&bytes);
+            classify(&elf);
+        }
+
+        #[test]
+        fn crafted_headers_never_panic(
+            h in header(),
+            body in proptest::collection::vec(any::<u8>(), 0..2048),
+        ) {
+            classify(&elf(h, &body));
+        }
     }
 }

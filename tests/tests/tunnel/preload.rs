@@ -713,3 +713,370 @@ int main(void) {{
     assert_eq!(out.trim(), "mmsg");
     assert_eq!(tunnel.streams_seen(), 1, "the connection went direct");
 }
+
+/// The library reads its environment when it is loaded, before the program can start a
+/// thread. Read at the first hooked call instead, a fork from another thread while that
+/// read was under way left the child waiting for ever on a read no thread of its own
+/// would finish.
+#[test]
+fn a_fork_during_the_first_routed_connect_never_hangs_the_child() {
+    let (tunnel, echo) = routed_echo();
+    // A long route list makes reading it take long enough (about half a millisecond)
+    // for the forks to land inside it.
+    let mut routes = "site-b=127.0.0.2/32".to_string();
+    for i in 0..2000 {
+        routes.push_str(&format!(",10.{}.{}.0/24", i / 250, i % 250));
+    }
+    let source = format!(
+        r#"
+#include <arpa/inet.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+static atomic_int forking, done;
+static pid_t children[20000];
+static int count;
+
+static int connect_to(const char *ip, int port) {{
+    int s = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {{0}};
+    a.sin_family = AF_INET; a.sin_port = htons(port);
+    inet_pton(AF_INET, ip, &a.sin_addr);
+    return connect(s, (struct sockaddr *)&a, sizeof a) == 0 ? s : -1;
+}}
+
+/* Forks until the main thread's connect is done; each child makes one hooked call
+   (a connect to a closed port, not routed) and exits. */
+static void *forker(void *arg) {{
+    (void)arg;
+    while ((!atomic_load(&done) || count < 3) && count < 20000) {{
+        pid_t pid = fork();
+        if (pid == 0) {{ connect_to("127.0.0.1", 1); _exit(0); }}
+        if (pid > 0) children[count++] = pid;
+        atomic_store(&forking, 1);
+    }}
+    return NULL;
+}}
+
+int main(void) {{
+    pthread_t thread;
+    pthread_create(&thread, NULL, forker, NULL);
+    while (!atomic_load(&forking)) ;
+    int s = connect_to("127.0.0.2", {port});
+    char buf[5] = {{0}};
+    if (s < 0 || write(s, "fork", 4) != 4 || read(s, buf, 4) != 4) {{ perror("routed"); return 1; }}
+    atomic_store(&done, 1);
+    pthread_join(thread, NULL);
+    /* Every child has 10 s in all to exit; one still there then is stuck. */
+    struct timespec start, now;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    int stuck = 0;
+    for (int i = 0; i < count; i++) {{
+        while (waitpid(children[i], NULL, WNOHANG) == 0) {{
+            clock_gettime(CLOCK_MONOTONIC, &now);
+            if (now.tv_sec - start.tv_sec > 10) {{
+                stuck++;
+                kill(children[i], SIGKILL);
+                waitpid(children[i], NULL, 0);
+                break;
+            }}
+            usleep(1000);
+        }}
+    }}
+    printf("%s %d children, %d stuck\n", buf, count, stuck);
+    return 0;
+}}
+"#,
+        port = echo.port()
+    );
+    let program = compile_c(&tunnel.site, "fork_race", &source, &["-pthread"]);
+    let rounds = 10;
+    for round in 0..rounds {
+        let out = stdout_within(
+            Command::new(&program)
+                .env("LD_PRELOAD", bin("libtunnel_preload.so"))
+                .env("TUNNEL_ROUTES", &routes)
+                .env("TUNNEL_AGENT", tunnel.site.path("agent/agent.sock")),
+            LIMIT,
+        );
+        assert!(
+            out.starts_with("fork ") && out.trim_end().ends_with(", 0 stuck"),
+            "round {round}: {out}"
+        );
+    }
+    assert_eq!(
+        tunnel.streams_seen(),
+        rounds,
+        "a routed connect went direct"
+    );
+}
+
+/// A C program that looks `names` up with each of the gethostbyname family and
+/// getaddrinfo, and prints for each name how every one of them failed (or `ok`).
+fn host_errors_program(site: &Site) -> std::path::PathBuf {
+    let source = r#"
+#include <errno.h>
+#include <netdb.h>
+#include <stdio.h>
+#include <sys/socket.h>
+
+static const char *herr(int e) {
+    switch (e) {
+    case 0: return "0";
+    case HOST_NOT_FOUND: return "HOST_NOT_FOUND";
+    case TRY_AGAIN: return "TRY_AGAIN";
+    case NO_RECOVERY: return "NO_RECOVERY";
+    case NO_DATA: return "NO_DATA";
+    case NETDB_INTERNAL: return "NETDB_INTERNAL";
+    default: return "?";
+    }
+}
+
+static const char *rc_name(int rc) {
+    switch (rc) {
+    case 0: return "0";
+    case EAGAIN: return "EAGAIN";
+    case ERANGE: return "ERANGE";
+    default: return "other";
+    }
+}
+
+static const char *gai(int rc) {
+    switch (rc) {
+    case 0: return "ok";
+    case EAI_AGAIN: return "EAI_AGAIN";
+    case EAI_NONAME: return "EAI_NONAME";
+    case EAI_FAIL: return "EAI_FAIL";
+    default: return "?";
+    }
+}
+
+int main(int argc, char **argv) {
+    for (int i = 1; i < argc; i++) {
+        const char *name = argv[i];
+        struct hostent *h, ret, *result;
+        char buf[1024];
+        int e, rc;
+        h_errno = 0;
+        h = gethostbyname(name);
+        printf("%s: gethostbyname %s", name, h ? "ok" : herr(h_errno));
+        h_errno = 0;
+        h = gethostbyname2(name, AF_INET6);
+        printf(", gethostbyname2 %s", h ? "ok" : herr(h_errno));
+        e = 0; result = &ret;
+        rc = gethostbyname_r(name, &ret, buf, sizeof buf, &result, &e);
+        printf(", gethostbyname_r %s %s", rc_name(rc), result ? "ok" : herr(e));
+        e = 0; result = &ret;
+        rc = gethostbyname2_r(name, AF_INET6, &ret, buf, sizeof buf, &result, &e);
+        printf(", gethostbyname2_r %s %s", rc_name(rc), result ? "ok" : herr(e));
+        struct addrinfo *ai = NULL;
+        rc = getaddrinfo(name, "80", NULL, &ai);
+        printf(", getaddrinfo %s\n", gai(rc));
+        if (rc == 0) freeaddrinfo(ai);
+    }
+    return 0;
+}
+"#;
+    compile_c(site, "host_errors", source, &[])
+}
+
+/// A routed name that gets no address fails the way the resolver would say it: the
+/// gethostbyname family sets `h_errno` (and the `_r` forms their `h_errnop`), and
+/// getaddrinfo returns the matching code. Programs tell "try again" from "no such host".
+#[test]
+fn routed_names_that_get_no_address_set_h_errno() {
+    let site = Site::new();
+    let program = host_errors_program(&site);
+    // No agent: a temporary failure. Not a host name at all: not found, without asking.
+    let out = stdout_within(
+        Command::new(&program)
+            .args(["db.site-b.internal", "bad!name.site-b.internal"])
+            .env("LD_PRELOAD", bin("libtunnel_preload.so"))
+            .env("TUNNEL_ROUTES", "site-b=*.site-b.internal")
+            .env("TUNNEL_AGENT", site.path("no-agent-here.sock")),
+        LIMIT,
+    );
+    assert_eq!(
+        out,
+        "db.site-b.internal: gethostbyname TRY_AGAIN, gethostbyname2 TRY_AGAIN, \
+         gethostbyname_r EAGAIN TRY_AGAIN, gethostbyname2_r EAGAIN TRY_AGAIN, \
+         getaddrinfo EAI_AGAIN\n\
+         bad!name.site-b.internal: gethostbyname HOST_NOT_FOUND, gethostbyname2 \
+         HOST_NOT_FOUND, gethostbyname_r 0 HOST_NOT_FOUND, gethostbyname2_r 0 \
+         HOST_NOT_FOUND, getaddrinfo EAI_NONAME\n"
+    );
+
+    // The agent's synthetic pool full: asking again will not help.
+    let gw_dir = site.init_gateway("gateway");
+    let creds = site.issue(&gw_dir, "alice", "alice");
+    let _gateway = Gateway::start(&gw_dir, &allow_alice(&["*.site-b.internal"])).expect("gateway");
+    let body = format!(
+        "synthetic_ipv4 = \"198.18.0.0/24\"\n{}{}",
+        gateway_table("site-b", _gateway.addr, &creds, "alice"),
+        route_table(&["*.site-b.internal"])
+    );
+    let agent = Agent::start(&site.path("agent"), &body, true).expect("agent");
+    let fill =
+        "import socket\nfor i in range(254): socket.getaddrinfo(f'n{i}.site-b.internal', 80)";
+    let run = |program: &str| {
+        let mut command = Command::new(bin("tunnel-run"));
+        command
+            .arg("--config")
+            .arg(&agent.config)
+            .arg("--")
+            .arg(program);
+        command
+    };
+    stdout_within(run("python3").args(["-c", fill]), LIMIT);
+    let out = stdout_within(
+        run(program.to_str().expect("path")).args(["n0.site-b.internal", "full.site-b.internal"]),
+        LIMIT,
+    );
+    assert_eq!(
+        out,
+        "n0.site-b.internal: gethostbyname ok, gethostbyname2 ok, gethostbyname_r 0 ok, \
+         gethostbyname2_r 0 ok, getaddrinfo ok\n\
+         full.site-b.internal: gethostbyname NO_RECOVERY, gethostbyname2 NO_RECOVERY, \
+         gethostbyname_r other NO_RECOVERY, gethostbyname2_r other NO_RECOVERY, \
+         getaddrinfo EAI_FAIL\n"
+    );
+}
+
+/// `AI_NUMERICHOST` asks for an address literal only: a routed name fails with
+/// EAI_NONAME, as glibc's own getaddrinfo says, instead of getting a synthetic address.
+#[test]
+fn getaddrinfo_with_ai_numerichost_gives_a_routed_name_no_address() {
+    let tunnel = Tunnel::start_routed(
+        &allow_alice(&["*.site-b.internal"]),
+        &[],
+        &["*.site-b.internal"],
+    )
+    .expect("tunnel");
+    let script = r#"
+import socket
+for host in ("db.site-b.internal", "127.0.0.2"):
+    try:
+        infos = socket.getaddrinfo(host, 80, socket.AF_INET, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
+        print(host, infos[0][4][0])
+    except socket.gaierror as e:
+        print(host, "EAI_NONAME" if e.errno == socket.EAI_NONAME else e)
+print("db.site-b.internal", socket.getaddrinfo("db.site-b.internal", 80, socket.AF_INET)[0][4][0].startswith("198.18."))
+"#;
+    let out = stdout_within(tunnel.run("python3").args(["-c", script]), LIMIT);
+    assert_eq!(
+        out,
+        "db.site-b.internal EAI_NONAME\n127.0.0.2 127.0.0.2\ndb.site-b.internal True\n"
+    );
+}
+
+/// A just-enough FTP server (python) on `ip`: logs every command, and for RETR connects
+/// to the address the client's EPRT or PORT gave and sends `hello\n`.
+fn ftp_server(site: &Site, ip: &str) -> (Daemon, std::net::SocketAddr) {
+    let script = r#"
+import socket, sys, threading
+listener = socket.socket()
+listener.bind((sys.argv[1], 0))
+listener.listen(8)
+print("port", listener.getsockname()[1], flush=True)
+def serve(control):
+    f = control.makefile("rwb", buffering=0)
+    def say(line): f.write(line.encode() + b"\r\n")
+    say("220 ready")
+    data_to = None
+    for line in f:
+        line = line.decode().strip()
+        print(line, flush=True)
+        command, _, argument = line.partition(" ")
+        command = command.upper()
+        if command == "USER": say("331 password")
+        elif command == "PASS": say("230 in")
+        elif command == "PWD": say('257 "/"')
+        elif command == "TYPE": say("200 type")
+        elif command == "SIZE": say("213 6")
+        elif command == "EPRT":
+            _, _, host, port, _ = argument.split(argument[0])
+            data_to = (host, int(port)); say("200 eprt")
+        elif command == "PORT":
+            n = argument.split(",")
+            data_to = (".".join(n[:4]), int(n[4]) * 256 + int(n[5])); say("200 port")
+        elif command == "RETR":
+            say("150 sending")
+            with socket.create_connection(data_to, timeout=10) as data:
+                data.sendall(b"hello\n")
+            say("226 sent")
+        elif command == "QUIT":
+            say("221 bye"); return
+        else: say("502 no")
+while True:
+    control, _ = listener.accept()
+    threading.Thread(target=serve, args=(control,), daemon=True).start()
+"#;
+    let path = site.path(&format!("ftp-{ip}.py"));
+    std::fs::write(&path, script).expect("ftp server script");
+    let mut command = Command::new("python3");
+    command.arg("-u").arg(&path).arg(ip);
+    let mut daemon =
+        Daemon::spawn("ftp", command, site.path(&format!("ftp-{ip}.log"))).expect("ftp server");
+    let port: u16 = daemon
+        .wait_log("port ", Duration::from_secs(20))
+        .expect("ftp server started")
+        .trim()
+        .parse()
+        .expect("ftp port");
+    (
+        daemon,
+        std::net::SocketAddr::new(ip.parse().expect("ip"), port),
+    )
+}
+
+/// Active FTP (`curl -P -`) advertises the control connection's own address
+/// (`getsockname`). Through the tunnel that address has the form a direct connection's
+/// has: an IPv4-mapped one on an IPv6 socket to an IPv4-mapped destination, not `::1`
+/// (which an IPv4 server cannot reach); and the transfer works.
+#[test]
+fn active_ftp_advertises_the_address_a_direct_connection_would() {
+    require("curl", "curl");
+    let tunnel = Tunnel::start_routed(&allow_alice(&["127.0.0.2/32"]), &[], &["127.0.0.2/32"])
+        .expect("tunnel");
+    let (routed, routed_addr) = ftp_server(&tunnel.site, "127.0.0.2");
+    let (direct, direct_addr) = ftp_server(&tunnel.site, "127.0.0.4");
+    let eprt = |server: &Daemon| -> Vec<String> {
+        server
+            .log_text()
+            .lines()
+            .filter_map(|l| l.strip_prefix("EPRT "))
+            // |family|address|port|: the port differs from run to run.
+            .map(|a| a.rsplitn(3, '|').nth(2).unwrap_or(a).to_string())
+            .collect()
+    };
+    for host in ["{ip}", "[::ffff:{ip}]"] {
+        let url = |addr: std::net::SocketAddr| {
+            format!(
+                "ftp://{}:{}/file",
+                host.replace("{ip}", &addr.ip().to_string()),
+                addr.port()
+            )
+        };
+        let out = stdout_within(
+            Command::new("curl").args(["-sS", "-g", "-P", "-", &url(direct_addr)]),
+            LIMIT,
+        );
+        assert_eq!(out, "hello\n", "direct");
+        let out = stdout_within(
+            tunnel
+                .run("curl")
+                .args(["-sS", "-g", "-P", "-", &url(routed_addr)]),
+            LIMIT,
+        );
+        assert_eq!(out, "hello\n", "through the tunnel");
+    }
+    assert_eq!(eprt(&direct), ["|1|127.0.0.1", "|2|::ffff:127.0.0.1"]);
+    assert_eq!(eprt(&routed), eprt(&direct));
+    assert_eq!(tunnel.streams_seen(), 2, "a control connection went direct");
+}
