@@ -14,13 +14,14 @@ use tokio::sync::watch;
 use tracing::{debug, warn};
 use tunnel_proto::Target;
 use tunnel_proto::connect::{ERROR_HEADER, decode_outcome};
+use tunnel_proto::local::Refusal;
 use tunnel_transport::splice::{self, Abort};
 
 use crate::Agent;
 
-/// The gateway's answer for a program that waits in a blocking connect: `None` for
-/// success, else the failure class (`refused`, `denied`, `unavailable`, …).
-pub type Verdict = Option<&'static str>;
+/// The gateway's answer for a program that waits for its connect's result: `None` for
+/// success, else why not.
+pub type Verdict = Option<Refusal>;
 
 /// Where a registered connection's verdict goes: the registration's own request (a
 /// blocking connect) or the table of kept answers (a non-blocking one). Dropped
@@ -44,7 +45,7 @@ pub async fn carry(
     let entry = agent.streams.register(target.to_string(), via.clone());
     let Some(pool) = agent.pool(&via) else {
         warn!(destination = %target, "no gateway named `{via}`");
-        tell(&mut verdict, Some("unavailable"));
+        tell(&mut verdict, Some(Refusal::Unavailable));
         splice::reset(tcp);
         entry.finish(&Err(Abort::Unavailable(format!(
             "no gateway named `{via}`"
@@ -55,7 +56,7 @@ pub async fn carry(
         Ok(opened) => opened,
         Err(e) => {
             warn!(destination = %target, gateway = %via, "{e:#}");
-            tell(&mut verdict, Some("unavailable"));
+            tell(&mut verdict, Some(Refusal::Unavailable));
             splice::reset(tcp);
             entry.finish(&Err(Abort::Unavailable(format!("{e:#}"))));
             return;
@@ -70,10 +71,7 @@ pub async fn carry(
             Ok(response.into_body())
         }
         .await;
-        tell(
-            &mut verdict,
-            answered.as_ref().err().map(|abort: &Abort| abort.class()),
-        );
+        tell(&mut verdict, answered.as_ref().err().map(Abort::refusal));
         answered
     };
     let result = splice::splice(tcp, opened.send, answer, entry.stats(), &opened.health).await;

@@ -14,16 +14,17 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 use tracing::{debug, warn};
-use tunnel_proto::local::{MAX_LINE, Reply, Request, VerdictDelivery};
+use tunnel_proto::ConnectError;
+use tunnel_proto::local::{
+    ANSWER_WITHIN, LocalError, MAX_LINE, Refusal, Reply, Request, VERDICT_WITHIN, VERSION,
+    VerdictDelivery,
+};
 use tunnel_proto::{Host, Target};
 use tunnel_transport::control::SharedWith;
 
 use crate::Agent;
 use crate::carry::Verdict;
 use crate::redirect::listener_for;
-
-/// Time a blocking connect may wait for the gateway's answer.
-const VERDICT_WITHIN: Duration = Duration::from_secs(60);
 
 /// Who may use the socket besides root.
 pub struct Access {
@@ -105,9 +106,9 @@ async fn read_line(stream: &mut UnixStream) -> Result<Vec<u8>> {
         if buf.len() > MAX_LINE {
             bail!("request longer than {MAX_LINE} bytes");
         }
-        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut chunk))
+        let n = tokio::time::timeout(ANSWER_WITHIN, stream.read(&mut chunk))
             .await
-            .context("request not sent within 5 s")??;
+            .with_context(|| format!("request not sent within {ANSWER_WITHIN:?}"))??;
         if n == 0 {
             bail!("closed before a full request");
         }
@@ -121,9 +122,9 @@ async fn reply(stream: &mut UnixStream, reply: Reply) -> Result<()> {
     Ok(())
 }
 
-fn err(class: &str, message: impl Into<String>) -> Reply {
+fn err(refusal: Refusal, message: impl Into<String>) -> Reply {
     Reply::Err {
-        class: class.into(),
+        refusal,
         message: message.into(),
     }
 }
@@ -140,22 +141,31 @@ async fn answer(agent: &Agent, access: &Access, mut stream: UnixStream) -> Resul
         );
         return reply(
             &mut stream,
-            err("forbidden", "not the agent's user or group"),
+            err(Refusal::Forbidden, "not the agent's user or group"),
         )
         .await;
     };
-    if line.trim_ascii() == b"status" {
-        let status = crate::status::json(agent).to_string();
-        stream.write_all(status.as_bytes()).await?;
-        return Ok(());
-    }
     let request = match Request::decode(&line) {
         Ok(Some((request, _))) => request,
+        Err(e @ LocalError::Unsupported(_)) => {
+            return reply(&mut stream, err(Refusal::Unsupported, e.to_string())).await;
+        }
         Ok(None) | Err(_) => {
-            return reply(&mut stream, err("bad-request", "malformed request")).await;
+            let message = "malformed request";
+            return reply(
+                &mut stream,
+                err(Refusal::Connect(ConnectError::BadRequest), message),
+            )
+            .await;
         }
     };
     match request {
+        Request::Status => {
+            let status = crate::status::json(agent).to_string();
+            stream.write_all(status.as_bytes()).await?;
+            Ok(())
+        }
+        Request::Version => reply(&mut stream, Reply::Version { version: VERSION }).await,
         Request::Resolve { name } => {
             // The preload asks only for names its routes select, which may include
             // routes given to `tunnel-run --route` that this agent's config lacks.
@@ -164,14 +174,14 @@ async fn answer(agent: &Agent, access: &Access, mut stream: UnixStream) -> Resul
                     v4: v4.into(),
                     v6: v6.into(),
                 },
-                Err(e) => err("pool-full", e.to_string()),
+                Err(e) => err(Refusal::PoolFull, e.to_string()),
             };
             reply(&mut stream, answer).await
         }
         Request::Name { ip } => {
             let answer = match agent.fake_dns.name_of(ip) {
                 Some(name) => Reply::Name { name },
-                None => err("unknown", "not a synthetic address"),
+                None => err(Refusal::Unknown, "not a synthetic address"),
             };
             reply(&mut stream, answer).await
         }
@@ -187,7 +197,7 @@ async fn answer(agent: &Agent, access: &Access, mut stream: UnixStream) -> Resul
                     error: await_verdict(answer).await,
                 },
                 None => err(
-                    "unknown",
+                    Refusal::Unknown,
                     format!("no connection from {source} waits for an answer"),
                 ),
             };
@@ -197,13 +207,13 @@ async fn answer(agent: &Agent, access: &Access, mut stream: UnixStream) -> Resul
 }
 
 /// Waits for the gateway's answer, within the time a connect may take.
-async fn await_verdict(mut answer: watch::Receiver<Option<Verdict>>) -> Option<String> {
+async fn await_verdict(mut answer: watch::Receiver<Option<Verdict>>) -> Verdict {
     let known = tokio::time::timeout(VERDICT_WITHIN, answer.wait_for(Option::is_some)).await;
     match known {
-        Ok(Ok(verdict)) => verdict.flatten().map(str::to_string),
+        Ok(Ok(verdict)) => verdict.flatten(),
         // The program never connected, or the carrying task ended without an answer.
-        Ok(Err(_)) => Some("unavailable".to_string()),
-        Err(_) => Some("timed-out".to_string()),
+        Ok(Err(_)) => Some(Refusal::Unavailable),
+        Err(_) => Some(Refusal::Connect(ConnectError::TimedOut)),
     }
 }
 
@@ -225,7 +235,7 @@ fn destination(
             },
             None => {
                 return Err(err(
-                    "refused",
+                    Refusal::Connect(ConnectError::Refused),
                     format!("{ip} is a synthetic address this agent never handed out"),
                 ));
             }
@@ -246,10 +256,13 @@ fn destination(
     match chosen {
         Some(via) if agent.pool(&via).is_some() => Ok((target, via)),
         Some(via) => Err(err(
-            "unavailable",
+            Refusal::Unavailable,
             format!("no gateway named `{via}` in agent.toml"),
         )),
-        None => Err(err("denied", format!("no route selects {target}"))),
+        None => Err(err(
+            Refusal::Connect(ConnectError::Denied),
+            format!("no route selects {target}"),
+        )),
     }
 }
 
@@ -278,7 +291,10 @@ async fn register(
     if !is_loopback(source.ip()) {
         return reply(
             stream,
-            err("bad-request", "source must be a loopback address"),
+            err(
+                Refusal::Connect(ConnectError::BadRequest),
+                "source must be a loopback address",
+            ),
         )
         .await;
     }
@@ -286,7 +302,7 @@ async fn register(
         return reply(
             stream,
             err(
-                "busy",
+                Refusal::Busy,
                 format!("{source} is registered already and not yet connected"),
             ),
         )

@@ -193,9 +193,11 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Status { config, json } => {
             let config = load_config(&config_path(config))?;
-            let reply = tunnel_transport::daemon::runtime()?.block_on(
-                tunnel_transport::control::query(&socket_path(&config), "status"),
-            )?;
+            let reply =
+                tunnel_transport::daemon::runtime()?.block_on(tunnel_transport::control::query(
+                    &socket_path(&config),
+                    tunnel_proto::local::Request::Status.encode().trim_end(),
+                ))?;
             if json {
                 println!("{reply}");
             } else {

@@ -28,6 +28,7 @@ pub fn json(agent: &Agent) -> Value {
             .map(|a| a.to_string())
             .collect();
     json!({
+        "local_protocol": tunnel_proto::local::VERSION,
         "uptime_secs": agent.started.elapsed().as_secs_f64(),
         "gateways": gateways,
         "forwards": agent.forwards,

@@ -6,12 +6,13 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use tunnel_proto::local::{MAX_LINE, Reply, Request};
+use tunnel_proto::local::{ANSWER_WITHIN, MAX_LINE, Reply, Request, VERDICT_WITHIN};
 
 /// How long a local answer may take (the agent answers registrations at once).
-const LOCAL_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a blocking connect may wait for the gateway's verdict.
-const VERDICT_TIMEOUT: Duration = Duration::from_secs(75);
+const LOCAL_TIMEOUT: Duration = ANSWER_WITHIN;
+/// How long a connect may wait for the gateway's verdict: the agent answers
+/// `timed-out` itself at [`VERDICT_WITHIN`]; this is only for an agent that hangs.
+const VERDICT_TIMEOUT: Duration = VERDICT_WITHIN.saturating_add(ANSWER_WITHIN);
 
 #[derive(Debug)]
 pub enum AgentError {

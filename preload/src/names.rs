@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use parking_lot::Mutex;
-use tunnel_proto::local::{Reply, Request};
+use tunnel_proto::ConnectError;
+use tunnel_proto::local::{Refusal, Reply, Request};
 use tunnel_proto::routes::TableRoute;
 use tunnel_proto::target::is_valid_name;
 
@@ -82,15 +83,16 @@ pub fn lookup(state: &State, name: &str) -> Lookup {
             remember(v4, v6, name);
             Lookup::Synthetic(v4, v6)
         }
-        Ok(Reply::Err { class, .. }) if class == "unrouted" => Lookup::Passthrough,
-        Ok(Reply::Err { class, message }) => {
+        Ok(Reply::Err { refusal, message }) => {
             // The agent answered, and said why (a full synthetic pool, …).
             state.trace(format_args!(
-                "{name}: the agent refused ({class}): {message}: lookup fails"
+                "{name}: the agent refused ({refusal}): {message}: lookup fails"
             ));
-            Lookup::Fail(match class.as_str() {
-                "bad-request" => Failure::NotFound,
-                "pool-full" | "forbidden" => Failure::NoRecovery,
+            Lookup::Fail(match refusal {
+                Refusal::Connect(ConnectError::BadRequest) => Failure::NotFound,
+                Refusal::PoolFull | Refusal::Forbidden | Refusal::Unsupported => {
+                    Failure::NoRecovery
+                }
                 _ => Failure::TryAgain,
             })
         }

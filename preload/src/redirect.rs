@@ -8,9 +8,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use libc::c_int;
 use parking_lot::Mutex;
+use tunnel_proto::Target;
 use tunnel_proto::local::{Reply, Request, VerdictDelivery};
 use tunnel_proto::routes::{ConnectMode, TableRoute};
-use tunnel_proto::{ConnectError, Target};
 
 use crate::agent_client::{AgentError, Exchange, ask_for_verdict};
 use crate::ip_routes::Via;
@@ -121,11 +121,6 @@ fn forget(fd: c_int) {
     }
 }
 
-/// Errno for a failure class from the agent or the gateway.
-fn errno_of(class: &str) -> c_int {
-    ConnectError::parse(class).map_or(libc::ECONNREFUSED, ConnectError::errno)
-}
-
 /// Gives the socket a loopback source address if it has none yet.
 fn source_address(fd: c_int, destination: SocketAddr) -> Result<SocketAddr, c_int> {
     if let Some(local) = sys::local_addr(fd).filter(|a| a.port() != 0) {
@@ -220,9 +215,9 @@ pub fn redirect(
     };
     let listener = match reply {
         Reply::Ok { listener } => listener,
-        Reply::Err { class, message } => {
-            state.trace(format_args!("{destination}: {class} {message}"));
-            return fail(errno_of(&class));
+        Reply::Err { refusal, message } => {
+            state.trace(format_args!("{destination}: {refusal} {message}"));
+            return fail(refusal.errno());
         }
         _ => return fail(libc::ECONNREFUSED),
     };
@@ -272,9 +267,11 @@ pub fn redirect(
             state.trace(format_args!("{destination}: redirected"));
             0
         }
-        Ok(Reply::Verdict { error: Some(class) }) => {
-            state.trace(format_args!("{destination}: {class}"));
-            fail(errno_of(&class))
+        Ok(Reply::Verdict {
+            error: Some(refusal),
+        }) => {
+            state.trace(format_args!("{destination}: {refusal}"));
+            fail(refusal.errno())
         }
         _ => fail(libc::ECONNREFUSED),
     }
@@ -309,12 +306,14 @@ fn verdict_of(state: &State, fd: c_int, entry: Redirected) -> c_int {
     let destination = entry.destination;
     let errno = match ask_for_verdict(&state.agent, entry.source) {
         Ok(Reply::Verdict { error: None }) => 0,
-        Ok(Reply::Verdict { error: Some(class) }) => {
-            state.trace(format_args!("{destination}: {class}"));
-            errno_of(&class)
+        Ok(Reply::Verdict {
+            error: Some(refusal),
+        }) => {
+            state.trace(format_args!("{destination}: {refusal}"));
+            refusal.errno()
         }
-        Ok(Reply::Err { class, message }) => {
-            state.trace(format_args!("{destination}: {class} {message}"));
+        Ok(Reply::Err { refusal, message }) => {
+            state.trace(format_args!("{destination}: {refusal} {message}"));
             libc::ECONNREFUSED
         }
         Ok(_) | Err(_) => {

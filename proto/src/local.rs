@@ -20,11 +20,113 @@
 //!
 //! `target` is the wire form of [`Target`]; for a synthetic address the agent puts the
 //! name back. `via` is `-` when the agent should choose (synthetic addresses).
+//! Every failure is a [`Refusal`], one word on the wire, with the errno a program sees.
+//!
+//! Versions: this is version [`VERSION`]. `VERSION` asks the agent for its own; a
+//! request an agent does not know gets `ERR unsupported`, so a newer library can tell
+//! an older agent apart and fall back, and new requests are new words.
+//!
+//! `STATUS` answers with the agent's status as JSON (not a line), then closes.
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 
+use crate::connect::ConnectError;
 use crate::target::{Target, is_valid_name, is_valid_service_name};
+
+/// The version of this protocol.
+pub const VERSION: u32 = 1;
+
+/// The requests of this version, by their first word.
+const KNOWN_REQUESTS: [&str; 6] = [
+    "REGISTER", "VERDICT", "RESOLVE", "NAME", "STATUS", "VERSION",
+];
+
+/// How long the agent may take to answer anything but a verdict.
+pub const ANSWER_WITHIN: Duration = Duration::from_secs(5);
+
+/// How long the agent waits for the gateway's answer to a registered connection before
+/// it answers `timed-out` itself. The library waits [`ANSWER_WITHIN`] longer than this
+/// for the agent, so that the agent's answer, not the library's clock, decides.
+pub const VERDICT_WITHIN: Duration = Duration::from_secs(60);
+
+/// Why a request failed, or why a registered connection did not go through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Refusal {
+    /// The gateway's answer to the CONNECT (see [`ConnectError`]).
+    Connect(ConnectError),
+    /// No working connection to the gateway could carry it.
+    Unavailable,
+    /// The requesting process is not the agent's user, root, or in its group.
+    Forbidden,
+    /// The source address is registered already and not yet connected.
+    Busy,
+    /// The synthetic address pool is full.
+    PoolFull,
+    /// Nothing is known of the address or registration asked about.
+    Unknown,
+    /// The request is not one this agent knows (a newer library).
+    Unsupported,
+}
+
+impl Refusal {
+    const LOCAL: [Refusal; 6] = [
+        Refusal::Unavailable,
+        Refusal::Forbidden,
+        Refusal::Busy,
+        Refusal::PoolFull,
+        Refusal::Unknown,
+        Refusal::Unsupported,
+    ];
+
+    /// The word on the wire, in logs and in status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Connect(e) => e.as_str(),
+            Refusal::Unavailable => "unavailable",
+            Refusal::Forbidden => "forbidden",
+            Refusal::Busy => "busy",
+            Refusal::PoolFull => "pool-full",
+            Refusal::Unknown => "unknown",
+            Refusal::Unsupported => "unsupported",
+        }
+    }
+
+    pub fn parse(word: &str) -> Option<Refusal> {
+        ConnectError::parse(word)
+            .map(Refusal::Connect)
+            .or_else(|| Refusal::LOCAL.into_iter().find(|r| r.as_str() == word))
+    }
+
+    /// What `connect` fails with, in the program: the far side's errno, or
+    /// `ECONNREFUSED` for anything that kept the connection from being tried (fail
+    /// closed).
+    pub fn errno(self) -> i32 {
+        const ECONNREFUSED: i32 = 111;
+        match self {
+            Refusal::Connect(e) => e.errno(),
+            Refusal::Unavailable
+            | Refusal::Forbidden
+            | Refusal::Busy
+            | Refusal::PoolFull
+            | Refusal::Unknown
+            | Refusal::Unsupported => ECONNREFUSED,
+        }
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<ConnectError> for Refusal {
+    fn from(e: ConnectError) -> Refusal {
+        Refusal::Connect(e)
+    }
+}
 
 /// Longest line either side accepts.
 pub const MAX_LINE: usize = 1024;
@@ -72,6 +174,10 @@ pub enum Request {
     Verdict {
         source: SocketAddr,
     },
+    /// The agent's status, as JSON.
+    Status,
+    /// The agent's protocol version.
+    Version,
     Resolve {
         name: String,
     },
@@ -86,9 +192,9 @@ pub enum Reply {
     Ok {
         listener: SocketAddr,
     },
-    /// The gateway's answer for a blocking connect: `None` is success, else the class.
+    /// The gateway's answer for a registered connection: `None` is success.
     Verdict {
-        error: Option<String>,
+        error: Option<Refusal>,
     },
     Addrs {
         v4: IpAddr,
@@ -97,8 +203,11 @@ pub enum Reply {
     Name {
         name: String,
     },
+    Version {
+        version: u32,
+    },
     Err {
-        class: String,
+        refusal: Refusal,
         message: String,
     },
 }
@@ -112,6 +221,8 @@ pub enum LocalError {
     NotText,
     #[error("unknown or malformed message: {0:?}")]
     Malformed(String),
+    #[error("unknown request {0:?} (this is local protocol {VERSION})")]
+    Unsupported(String),
 }
 
 /// Splits off one line: `Ok(None)` while incomplete.
@@ -125,12 +236,6 @@ fn line(buf: &[u8]) -> Result<Option<(&str, usize)>, LocalError> {
         None if buf.len() > MAX_LINE => Err(LocalError::TooLong),
         None => Ok(None),
     }
-}
-
-fn class_word(word: &str) -> bool {
-    !word.is_empty()
-        && word.len() <= 32
-        && word.bytes().all(|b| b.is_ascii_lowercase() || b == b'-')
 }
 
 impl Request {
@@ -160,6 +265,11 @@ impl Request {
             ["NAME", ip] => Request::Name {
                 ip: ip.parse().map_err(|_| bad())?,
             },
+            ["STATUS"] => Request::Status,
+            ["VERSION"] => Request::Version,
+            [verb, ..] if !KNOWN_REQUESTS.contains(verb) => {
+                return Err(LocalError::Unsupported(verb.chars().take(32).collect()));
+            }
             _ => return Err(bad()),
         };
         Ok(Some((request, used)))
@@ -187,6 +297,8 @@ impl fmt::Display for Request {
             Request::Verdict { source } => writeln!(f, "VERDICT {source}"),
             Request::Resolve { name } => writeln!(f, "RESOLVE {name}"),
             Request::Name { ip } => writeln!(f, "NAME {ip}"),
+            Request::Status => writeln!(f, "STATUS"),
+            Request::Version => writeln!(f, "VERSION"),
         }
     }
 }
@@ -203,8 +315,11 @@ impl Reply {
                 listener: rest.parse().map_err(|_| bad())?,
             },
             "VERDICT" if rest == "ok" => Reply::Verdict { error: None },
-            "VERDICT" if class_word(rest) => Reply::Verdict {
-                error: Some(rest.to_string()),
+            "VERDICT" => Reply::Verdict {
+                error: Some(Refusal::parse(rest).ok_or_else(bad)?),
+            },
+            "VERSION" => Reply::Version {
+                version: rest.parse().map_err(|_| bad())?,
             },
             "ADDRS" => {
                 let (v4, v6) = rest.split_once(' ').ok_or_else(bad)?;
@@ -217,12 +332,9 @@ impl Reply {
                 name: rest.to_string(),
             },
             "ERR" => {
-                let (class, message) = rest.split_once(' ').unwrap_or((rest, ""));
-                if !class_word(class) {
-                    return Err(bad());
-                }
+                let (word, message) = rest.split_once(' ').unwrap_or((rest, ""));
                 Reply::Err {
-                    class: class.to_string(),
+                    refusal: Refusal::parse(word).ok_or_else(bad)?,
                     message: message.to_string(),
                 }
             }
@@ -241,18 +353,21 @@ impl fmt::Display for Reply {
         match self {
             Reply::Ok { listener } => writeln!(f, "OK {listener}"),
             Reply::Verdict { error: None } => writeln!(f, "VERDICT ok"),
-            Reply::Verdict { error: Some(c) } => writeln!(f, "VERDICT {c}"),
+            Reply::Verdict { error: Some(r) } => writeln!(f, "VERDICT {r}"),
             Reply::Addrs { v4, v6 } => writeln!(f, "ADDRS {v4} {v6}"),
             Reply::Name { name } => writeln!(f, "NAME {name}"),
-            Reply::Err { class, message } if message.is_empty() => writeln!(f, "ERR {class}"),
-            Reply::Err { class, message } => {
+            Reply::Version { version } => writeln!(f, "VERSION {version}"),
+            Reply::Err { refusal, message } if message.is_empty() => {
+                writeln!(f, "ERR {refusal}")
+            }
+            Reply::Err { refusal, message } => {
                 // A message never breaks the line framing.
                 let message: String = message
                     .chars()
                     .map(|c| if c == '\n' || c == '\r' { ' ' } else { c })
                     .take(MAX_LINE / 2)
                     .collect();
-                writeln!(f, "ERR {class} {message}")
+                writeln!(f, "ERR {refusal} {message}")
             }
         }
     }
@@ -261,6 +376,20 @@ impl fmt::Display for Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_refusal_reads_back_and_fails_closed() {
+        let all = ConnectError::ALL
+            .into_iter()
+            .map(Refusal::Connect)
+            .chain(Refusal::LOCAL);
+        for refusal in all {
+            assert_eq!(Refusal::parse(refusal.as_str()), Some(refusal));
+            assert_ne!(refusal.errno(), 0);
+        }
+        assert_eq!(Refusal::parse("unrouted"), None);
+        assert_eq!(Refusal::Forbidden.errno(), 111);
+    }
 
     #[test]
     fn register_round_trip_and_partial_lines() {
@@ -277,6 +406,10 @@ mod tests {
         );
         assert_eq!(Request::decode(wire.as_bytes()), Ok(Some((r, wire.len()))));
         assert!(Request::decode(b"REGISTER x y z w\n").is_err());
+        assert!(matches!(
+            Request::decode(b"LISTEN 127.0.0.1:5000\n"),
+            Err(LocalError::Unsupported(verb)) if verb == "LISTEN"
+        ));
         assert!(Request::decode(&[b'a'; MAX_LINE + 2]).is_err());
     }
 }

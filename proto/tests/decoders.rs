@@ -108,7 +108,7 @@ proptest! {
 
 mod local_protocol {
     use super::*;
-    use tunnel_proto::local::{Reply, Request, VerdictDelivery};
+    use tunnel_proto::local::{Refusal, Reply, Request, VerdictDelivery};
     use tunnel_proto::routes::{ConnectMode, RouteTable, TableRoute};
 
     fn request() -> impl Strategy<Value = Request> {
@@ -133,8 +133,22 @@ mod local_protocol {
             (ip(), any::<u16>()).prop_map(|(ip, port)| Request::Verdict {
                 source: std::net::SocketAddr::new(ip, port)
             }),
+            Just(Request::Status),
+            Just(Request::Version),
             name().prop_map(|name| Request::Resolve { name }),
             ip().prop_map(|ip| Request::Name { ip }),
+        ]
+    }
+
+    fn refusal() -> impl Strategy<Value = Refusal> {
+        prop_oneof![
+            proptest::sample::select(ConnectError::ALL.to_vec()).prop_map(Refusal::Connect),
+            Just(Refusal::Unavailable),
+            Just(Refusal::Forbidden),
+            Just(Refusal::Busy),
+            Just(Refusal::PoolFull),
+            Just(Refusal::Unknown),
+            Just(Refusal::Unsupported),
         ]
     }
 
@@ -143,13 +157,12 @@ mod local_protocol {
             (ip(), any::<u16>()).prop_map(|(ip, p)| Reply::Ok {
                 listener: std::net::SocketAddr::new(ip, p)
             }),
-            proptest::option::of("[a-z][a-z-]{0,20}").prop_map(|error| Reply::Verdict {
-                error: error.filter(|e| e != "ok")
-            }),
+            proptest::option::of(refusal()).prop_map(|error| Reply::Verdict { error }),
             (ip(), ip()).prop_map(|(v4, v6)| Reply::Addrs { v4, v6 }),
             name().prop_map(|name| Reply::Name { name }),
-            ("[a-z][a-z-]{0,20}", "[ -~]{0,40}").prop_map(|(class, message)| Reply::Err {
-                class,
+            any::<u32>().prop_map(|version| Reply::Version { version }),
+            (refusal(), "[ -~]{0,40}").prop_map(|(refusal, message)| Reply::Err {
+                refusal,
                 message: message.trim_end().to_string()
             }),
         ]
@@ -176,7 +189,7 @@ mod local_protocol {
         }
 
         #[test]
-        fn decoders_never_panic_on_near_misses(s in "(REGISTER|RESOLVE|NAME|OK|VERDICT|ADDRS|ERR) [ -~]{0,60}\n") {
+        fn decoders_never_panic_on_near_misses(s in "(REGISTER|RESOLVE|NAME|OK|VERDICT|ADDRS|ERR|STATUS|VERSION) [ -~]{0,60}\n") {
             let _ = Request::decode(s.as_bytes());
             let _ = Reply::decode(s.as_bytes());
         }

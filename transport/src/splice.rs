@@ -68,6 +68,17 @@ impl fmt::Display for Abort {
 impl std::error::Error for Abort {}
 
 impl Abort {
+    /// What a program waiting for the connect's answer is told: the gateway's refusal,
+    /// or that no tunnel could carry it.
+    pub fn refusal(&self) -> tunnel_proto::local::Refusal {
+        match self {
+            Abort::Refused(e) => tunnel_proto::local::Refusal::Connect(*e),
+            Abort::Tcp(_) | Abort::Tunnel(_) | Abort::Unavailable(_) => {
+                tunnel_proto::local::Refusal::Unavailable
+            }
+        }
+    }
+
     /// The word for logs and status: `refused`, `denied`, … for CONNECT failures,
     /// `reset` for aborts after the connection was made.
     pub fn class(&self) -> &'static str {
