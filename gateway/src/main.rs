@@ -3,6 +3,7 @@
 //! destination at its own site.
 #![forbid(unsafe_code)]
 
+mod authority;
 mod outbound;
 mod policy;
 mod server;

@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use tunnel_proto::config::GatewayConfig;
 use tunnel_proto::config::gateway::is_valid_identity;
-use tunnel_transport::certs::{Authority, CertInfo, utc};
+use tunnel_transport::certs::{CertInfo, utc};
+
+use crate::authority::Authority;
 
 /// Writes `contents` to a new file, `0600` for keys; refuses to replace a file.
 fn write_new(path: &Path, contents: &str, secret: bool) -> Result<()> {
