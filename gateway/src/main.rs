@@ -15,7 +15,6 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use serde_json::json;
-use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -179,8 +178,7 @@ fn run(cli: Cli) -> Result<()> {
 
 async fn serve(config: GatewayConfig, workers: workers::Workers) -> Result<()> {
     let tls = tunnel_transport::tls::server_config(&config.ca, &config.cert, &config.key)?;
-    let listener = TcpListener::bind(config.listen)
-        .await
+    let listener = server::bind(config.listen)
         .with_context(|| format!("listening on {} (listen in the config)", config.listen))?;
     let local = listener.local_addr()?;
     let control = tunnel_transport::control::bind(&config.control).await?;

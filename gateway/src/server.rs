@@ -107,6 +107,27 @@ impl Gateway {
     }
 }
 
+/// Connections the kernel may hold completed for us before we accept them. Under a
+/// flood of connects a short queue (tokio's and the standard library's is 128)
+/// overflows within a burst, and every connect that finds it full, a real agent's
+/// too, waits a second or more for its SYN to be sent again. The kernel caps this at
+/// `net.core.somaxconn` (4096 by default).
+const ACCEPT_BACKLOG: i32 = 4096;
+
+/// The gateway's listening socket, with [`ACCEPT_BACKLOG`].
+pub fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(address),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&address.into())?;
+    socket.listen(ACCEPT_BACKLOG)?;
+    TcpListener::from_std(socket.into())
+}
+
 /// Accepts agents until `shutdown` turns true, then asks every connection to drain and
 /// returns once the last one has ended.
 pub async fn serve(
@@ -133,11 +154,8 @@ pub async fn serve(
                     };
                     let (gateway, tls, shutdown) = (gateway.clone(), tls.clone(), connection_shutdown.clone());
                     let done = done_tx.clone();
-                    workers.spawn(async move {
-                        match TcpStream::from_std(tcp) {
-                            Ok(tcp) => connection(gateway, tcp, peer, tls, shutdown).await,
-                            Err(e) => warn!(%peer, "could not register the connection: {e}"),
-                        }
+                    workers.spawn(move || async move {
+                        connection(gateway, tcp, peer, tls, shutdown).await;
                         drop(done);
                     });
                 }
@@ -155,15 +173,30 @@ pub async fn serve(
     let _ = done_rx.recv().await;
 }
 
+/// One accepted connection, from the TLS handshake to its end. Its task stays small
+/// until the client has proved itself: an idle socket holds only the socket and this
+/// future's first state; the TLS session is made when the first bytes arrive, and the
+/// HTTP/2 state once a certificate from our CA is presented.
 async fn connection(
     gateway: Arc<Gateway>,
-    tcp: TcpStream,
+    tcp: std::net::TcpStream,
     peer: SocketAddr,
     tls: TlsAcceptor,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
+    let tcp = match TcpStream::from_std(tcp) {
+        Ok(tcp) => tcp,
+        Err(e) => {
+            warn!(%peer, "could not register the connection: {e}");
+            return;
+        }
+    };
     tunnel_transport::tune_tcp(&tcp);
-    let mut tls_stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
+    let accept = async move {
+        tcp.readable().await?;
+        Box::pin(tls.accept(tcp)).await
+    };
+    let tls_stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             warn!(%peer, "TLS handshake refused: {e}");
@@ -174,6 +207,16 @@ async fn connection(
             return;
         }
     };
+    Box::pin(agent(gateway, tls_stream, peer, shutdown)).await;
+}
+
+/// An agent's connection, once its TLS handshake succeeded: HTTP/2, one task per stream.
+async fn agent(
+    gateway: Arc<Gateway>,
+    mut tls_stream: tokio_rustls::server::TlsStream<TcpStream>,
+    peer: SocketAddr,
+    mut shutdown: watch::Receiver<bool>,
+) {
     tunnel_transport::tls::tune_session(tls_stream.get_mut().1);
     let identity = tls_stream
         .get_ref()

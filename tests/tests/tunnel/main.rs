@@ -2,6 +2,7 @@
 
 mod errors;
 mod forward;
+mod hostile;
 mod namespaces;
 mod preload;
 mod resilience;
