@@ -5,6 +5,7 @@
 
 mod outbound;
 mod policy;
+mod refusals;
 mod server;
 mod setup;
 mod workers;
@@ -184,6 +185,8 @@ async fn serve(config: GatewayConfig, workers: workers::Workers) -> Result<()> {
     let control = tunnel_transport::control::bind(&config.control).await?;
     let drain = config.drain_timeout;
     let gateway = Gateway::new(config, local);
+    let summaries = gateway.clone();
+    tokio::spawn(async move { summaries.refusals.run().await });
 
     let status_gateway = gateway.clone();
     tokio::spawn(tunnel_transport::control::serve(
@@ -232,6 +235,7 @@ fn status_json(gateway: &Gateway) -> serde_json::Value {
         "listen": gateway.local_addr.to_string(),
         "uptime_secs": gateway.started.elapsed().as_secs_f64(),
         "connections": gateway.connection_views(),
+        "refusals": gateway.refusals.totals(),
         "streams": gateway.streams.live(),
         "recent": gateway.streams.recent(),
     })
@@ -263,6 +267,19 @@ fn render_status(reply: &str) -> Result<String> {
             c["age_secs"].as_f64().unwrap_or(0.0)
         );
     }
+    let refusals: Vec<String> = v["refusals"]
+        .as_object()
+        .map(|r| r.iter().map(|(kind, n)| format!("{kind} {n}")).collect())
+        .unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "\nrefused since start: {}",
+        if refusals.is_empty() {
+            "none".to_string()
+        } else {
+            refusals.join(", ")
+        }
+    );
     out.push_str(&tunnel_transport::streams::render(&v));
     Ok(out)
 }

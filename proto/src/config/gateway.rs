@@ -47,6 +47,7 @@ struct GatewayFile {
     ping_interval: Option<f64>,
     ping_timeout: Option<f64>,
     max_streams_per_connection: Option<i64>,
+    log_summary_interval: Option<f64>,
     #[serde(default)]
     allow: Vec<AllowEntry>,
     #[serde(default)]
@@ -84,6 +85,9 @@ pub struct GatewayConfig {
     pub ping_interval: Duration,
     pub ping_timeout: Duration,
     pub max_streams_per_connection: u32,
+    /// Repeated refusals from one peer are logged once, then as one line with a count
+    /// per this interval.
+    pub log_summary_interval: Duration,
     pub allow: Vec<AllowRule>,
     pub services: BTreeMap<String, Service>,
     /// Names this gateway resolves from its config, before asking DNS (lower case).
@@ -109,6 +113,18 @@ pub struct Service {
 }
 
 const DEFAULT_MAX_STREAMS: i64 = 10_000;
+/// The largest value any count in the file may take.
+const MAX_COUNT: i64 = 1_000_000;
+
+/// A count from the file, checked: 1 to [`MAX_COUNT`].
+fn count(problems: &mut Problems, key: &str, value: Option<i64>, default: i64) -> u32 {
+    let v = value.unwrap_or(default);
+    if !(1..=MAX_COUNT).contains(&v) {
+        problems.add(key, format!("{v} is out of range: give 1 to {MAX_COUNT}"));
+        return default.clamp(1, MAX_COUNT) as u32;
+    }
+    v as u32
+}
 
 /// True for a usable identity: 1 to 64 bytes of letters, digits, `.`, `-`, `_`, `@`.
 pub fn is_valid_identity(identity: &str) -> bool {
@@ -218,16 +234,6 @@ impl GatewayConfig {
             hosts.insert(bare.to_ascii_lowercase(), ips);
         }
 
-        let max_streams = raw
-            .max_streams_per_connection
-            .unwrap_or(DEFAULT_MAX_STREAMS);
-        if !(1..=1_000_000).contains(&max_streams) {
-            problems.add(
-                "max_streams_per_connection",
-                format!("{max_streams} is out of range: give 1 to 1000000"),
-            );
-        }
-
         let config = GatewayConfig {
             listen,
             ca: resolve(&base, &raw.ca),
@@ -239,7 +245,18 @@ impl GatewayConfig {
             drain_timeout: seconds(&mut problems, "drain_timeout", raw.drain_timeout, 30.0),
             ping_interval: seconds(&mut problems, "ping_interval", raw.ping_interval, 5.0),
             ping_timeout: seconds(&mut problems, "ping_timeout", raw.ping_timeout, 5.0),
-            max_streams_per_connection: max_streams.clamp(1, 1_000_000) as u32,
+            max_streams_per_connection: count(
+                &mut problems,
+                "max_streams_per_connection",
+                raw.max_streams_per_connection,
+                DEFAULT_MAX_STREAMS,
+            ),
+            log_summary_interval: seconds(
+                &mut problems,
+                "log_summary_interval",
+                raw.log_summary_interval,
+                10.0,
+            ),
             allow,
             services,
             hosts,
@@ -271,5 +288,19 @@ mod tests {
         assert_eq!(c.allow[0].to[0], AllowTo::Service("pg".into()));
         assert!(matches!(c.allow[0].to[1], AllowTo::Pattern(_)));
         assert_eq!(c.control, PathBuf::from("g/gateway.sock"));
+    }
+
+    #[test]
+    fn log_summary_interval_has_a_default_and_can_be_set() {
+        let base =
+            "listen = \"127.0.0.1:0\"\nca = \"a\"\nca_key = \"b\"\ncert = \"c\"\nkey = \"d\"\n";
+        let c =
+            GatewayConfig::parse(base, Path::new("gateway.toml")).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.log_summary_interval, Duration::from_secs(10));
+
+        let text = format!("{base}log_summary_interval = 1\n");
+        let c = GatewayConfig::parse(&text, Path::new("gateway.toml"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.log_summary_interval, Duration::from_secs(1));
     }
 }

@@ -1,10 +1,13 @@
-//! The gateway under hostile load: a flood of idle connections leaves its memory near
-//! where it was once they close.
+//! The gateway under hostile load: a flood of refusals is logged as counts, not line
+//! by line; a denial says why; and a flood of idle connections leaves the gateway's
+//! memory near where it was once they close.
 
 use std::fs;
-use std::net::{SocketAddr, TcpStream};
-use std::time::Duration;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
 
+use serde_json::Value;
 use tunnel_tests::*;
 
 /// Resident memory of a process, in KiB.
@@ -37,19 +40,173 @@ fn raise_fd_limit(fds: u64) {
     }
 }
 
-/// Opens `count` TCP connections to `addr` that send nothing. Each closes with a reset
-/// when dropped, so that no TIME_WAIT is left behind to hold ports.
-fn idle_connections(addr: SocketAddr, count: usize) -> Vec<TcpStream> {
+/// Opens `count` TCP connections from address `from` to `addr` that send nothing;
+/// `None` for one that was reset before its connect returned. Each closes with a reset
+/// when dropped, so that no TIME_WAIT is left to hold ports.
+fn idle_connections(from: &str, addr: SocketAddr, count: usize) -> Vec<Option<TcpStream>> {
+    let from: IpAddr = from.parse().expect("source address");
     (0..count)
         .map(|i| {
-            let s = TcpStream::connect_timeout(&addr, Duration::from_secs(30))
-                .unwrap_or_else(|e| panic!("idle connection {i}: {e}"));
-            socket2::SockRef::from(&s)
-                .set_linger(Some(Duration::ZERO))
-                .expect("SO_LINGER");
-            s
+            let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                .expect("socket");
+            socket.set_linger(Some(Duration::ZERO)).expect("SO_LINGER");
+            socket
+                .bind(&SocketAddr::new(from, 0).into())
+                .expect("bind the source address");
+            match socket.connect_timeout(&addr.into(), Duration::from_secs(30)) {
+                Ok(()) => Some(TcpStream::from(socket)),
+                Err(e) if e.kind() == ErrorKind::ConnectionReset => None,
+                Err(e) => panic!("idle connection {i}: {e}"),
+            }
         })
         .collect()
+}
+
+/// A status counter of the gateway's refusals (0 when none of that kind yet).
+fn refusals(gateway: &Gateway, kind: &str) -> u64 {
+    gateway
+        .status()
+        .ok()
+        .and_then(|s| s["refusals"][kind].as_u64())
+        .unwrap_or(0)
+}
+
+/// Waits until the gateway has counted `count` refusals of `kind`.
+fn wait_refusals(gateway: &Gateway, kind: &str, count: u64) {
+    wait_for(
+        Duration::from_secs(30),
+        &format!("{count} refusals `{kind}` in the gateway's status"),
+        || (refusals(gateway, kind) >= count).then_some(()),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", gateway.daemon.log_text()));
+    assert_eq!(
+        refusals(gateway, kind),
+        count,
+        "{}",
+        gateway.daemon.log_text()
+    );
+}
+
+/// The refusals of log lines holding `needle`: 1 for a line that logs one, N for a
+/// summary line "N more …". Returns (lines, refusals).
+fn logged(log: &str, needle: &str) -> (usize, u64) {
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains(needle)).collect();
+    let counted = lines
+        .iter()
+        .map(|l| {
+            l.split_once("tunnel_gateway::refusals: ")
+                .and_then(|(_, rest)| rest.split_once(" more "))
+                .and_then(|(n, _)| n.parse().ok())
+                .unwrap_or(1)
+        })
+        .sum();
+    (lines.len(), counted)
+}
+
+/// Waits until the log accounts for `count` refusals in lines holding `needle` (the
+/// last summary comes at the end of its interval); returns how many lines it took.
+fn wait_logged(gateway: &Gateway, needle: &str, count: u64) -> usize {
+    wait_for(
+        Duration::from_secs(30),
+        &format!("{count} refusals `{needle}` in the gateway's log"),
+        || {
+            let (lines, counted) = logged(&gateway.daemon.log_text(), needle);
+            (counted >= count).then_some((lines, counted))
+        },
+    )
+    .map(|(lines, counted)| {
+        assert_eq!(counted, count, "{}", gateway.daemon.log_text());
+        lines
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", gateway.daemon.log_text()))
+}
+
+/// Connects to a forward port and expects the carried connection to be reset.
+fn expect_reset(fwd: SocketAddr) {
+    let mut s = match TcpStream::connect_timeout(&fwd, Duration::from_secs(10)) {
+        Ok(s) => s,
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => return,
+        Err(e) => panic!("connect: {e}"),
+    };
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let _ = s.write_all(b"hello?\n");
+    match s.read(&mut [0u8; 16]) {
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+        other => panic!("expected a reset, got {other:?}"),
+    }
+}
+
+/// A gateway with `settings` (top-level keys) and `rules`, an identity `alice`, and
+/// nothing connected yet.
+fn gateway_with(site: &Site, settings: &str, rules: &str) -> (Gateway, std::path::PathBuf) {
+    let gw_dir = site.init_gateway("gateway");
+    let creds = site.issue(&gw_dir, "alice", "alice");
+    let gateway = Gateway::start(&gw_dir, &format!("{settings}{rules}")).expect("gateway");
+    (gateway, creds)
+}
+
+#[test]
+fn a_flood_of_denials_is_logged_as_counts_not_line_by_line() {
+    let forbidden = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").to_string()
+    };
+    let tunnel = Tunnel::start(
+        &format!(
+            "log_summary_interval = 1\n{}",
+            allow_alice(&["127.0.0.1:9"])
+        ),
+        &[&forbidden],
+    )
+    .expect("tunnel");
+    const DENIALS: u64 = 1000;
+    let start = Instant::now();
+    for _ in 0..DENIALS {
+        expect_reset(tunnel.forward(0));
+    }
+    let took = start.elapsed();
+    wait_refusals(&tunnel.gateway, "stream-denied", DENIALS);
+    let lines = wait_logged(&tunnel.gateway, "denied", DENIALS);
+    let log = tunnel.gateway.daemon.log_text();
+    // The first at once, then at most one line per second of flood, and the last.
+    assert!(
+        lines as u64 <= took.as_secs() + 3,
+        "{lines} lines for {DENIALS} denials in {took:?}:\n{log}"
+    );
+    assert!(
+        log.contains(&format!(
+            "tunnel_gateway::refusals: stream to {forbidden} denied: {forbidden} is a guarded loopback address: allow it with an address rule, e.g. \"{forbidden}\" peer=alice"
+        )),
+        "{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains(" more streams denied in the last 1s; the last: stream to ")),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_denial_says_why() {
+    let tunnel = Tunnel::start(
+        &format!(
+            "{}[hosts]\n\"files.site-b.internal\" = [\"127.0.0.2\"]\n",
+            allow_alice(&["*.site-b.internal"])
+        ),
+        &["files.site-b.internal:80"],
+    )
+    .expect("tunnel");
+    expect_reset(tunnel.forward(0));
+    let why = "files.site-b.internal resolved to 127.0.0.2, a guarded loopback address: allow it with an address rule, e.g. \"127.0.0.2:80\"";
+    let mut gateway = tunnel.gateway;
+    gateway
+        .daemon
+        .wait_log(why, Duration::from_secs(10))
+        .expect("the gateway's log says why");
+    let recent: Value = gateway.status().expect("status")["recent"][0].clone();
+    assert_eq!(recent["outcome"], "denied", "{recent}");
+    assert_eq!(recent["detail"], why, "{recent}");
 }
 
 const FLOOD: usize = 10_000;
@@ -59,13 +216,12 @@ fn memory_returns_near_idle_after_a_flood_of_idle_connections() {
     // Each side holds one descriptor per connection: this process and the gateway.
     raise_fd_limit(FLOOD as u64 + 1_000);
     let site = Site::new();
-    let gw_dir = site.init_gateway("gateway");
-    let gateway = Gateway::start(&gw_dir, &allow_alice(&["127.0.0.1:9"])).expect("gateway");
+    let (gateway, _) = gateway_with(&site, "", &allow_alice(&["127.0.0.1:9"]));
     let pid = gateway.daemon.pid();
     gateway.status().expect("status");
     let (idle_rss, idle_fds) = (rss_kib(pid), open_fds(pid));
 
-    let flood = idle_connections(gateway.addr, FLOOD);
+    let flood = idle_connections("127.0.0.1", gateway.addr, FLOOD);
     wait_for(
         Duration::from_secs(120),
         "the gateway to hold every idle connection",
