@@ -3,6 +3,7 @@
 //! destination at its own site.
 #![forbid(unsafe_code)]
 
+mod admission;
 mod outbound;
 mod policy;
 mod refusals;
@@ -235,6 +236,11 @@ fn status_json(gateway: &Gateway) -> serde_json::Value {
         "listen": gateway.local_addr.to_string(),
         "uptime_secs": gateway.started.elapsed().as_secs_f64(),
         "connections": gateway.connection_views(),
+        "handshakes": {
+            "waiting": gateway.admission.handshakes_waiting(),
+            "max": gateway.config.max_handshakes,
+            "max_per_source": gateway.config.max_handshakes_per_source,
+        },
         "refusals": gateway.refusals.totals(),
         "streams": gateway.streams.live(),
         "recent": gateway.streams.recent(),
@@ -267,13 +273,18 @@ fn render_status(reply: &str) -> Result<String> {
             c["age_secs"].as_f64().unwrap_or(0.0)
         );
     }
+    let _ = writeln!(
+        out,
+        "\nTLS handshakes waiting: {} (at most {}, {} per source)",
+        v["handshakes"]["waiting"], v["handshakes"]["max"], v["handshakes"]["max_per_source"]
+    );
     let refusals: Vec<String> = v["refusals"]
         .as_object()
         .map(|r| r.iter().map(|(kind, n)| format!("{kind} {n}")).collect())
         .unwrap_or_default();
     let _ = writeln!(
         out,
-        "\nrefused since start: {}",
+        "refused since start: {}",
         if refusals.is_empty() {
             "none".to_string()
         } else {

@@ -9,8 +9,8 @@
 //! there were and what the last one was:
 //!
 //! ```text
-//! WARN tunnel_gateway::refusals: stream to 10.1.2.3:22 denied: no allow rule for alice matches 10.1.2.3:22 peer=alice
-//! WARN tunnel_gateway::refusals: 19999 more streams denied in the last 10s; the last: stream to … peer=alice
+//! WARN tunnel_gateway::refusals: connection closed at once: 32 TLS handshakes from 127.0.0.2 already wait (max_handshakes_per_source) peer=127.0.0.2
+//! WARN tunnel_gateway::refusals: 9967 more connections closed at once over a handshake cap in the last 10s; the last: … peer=127.0.0.2
 //! ```
 //!
 //! A peer that stays quiet for a whole interval is forgotten, so its next refusal is
@@ -34,9 +34,11 @@ const OTHER_PEERS: &str = "other peers";
 /// What was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {
+    /// Closed at once: too many connections were waiting for their TLS handshake.
+    OverHandshakeCap,
     /// The TLS handshake failed (no certificate, one from another CA, not TLS, …).
     HandshakeFailed,
-    /// The TLS handshake did not finish in time.
+    /// The TLS handshake did not finish within `handshake_timeout`.
     HandshakeTimedOut,
     /// A stream was refused with this class.
     Stream(ConnectError),
@@ -46,6 +48,7 @@ impl Kind {
     /// The key in `status`.
     pub fn key(self) -> String {
         match self {
+            Kind::OverHandshakeCap => "over-handshake-cap".into(),
             Kind::HandshakeFailed => "handshake-failed".into(),
             Kind::HandshakeTimedOut => "handshake-timed-out".into(),
             Kind::Stream(class) => format!("stream-{class}"),
@@ -55,6 +58,7 @@ impl Kind {
     /// What a summary line counts.
     fn plural(self) -> String {
         match self {
+            Kind::OverHandshakeCap => "connections closed at once over a handshake cap".into(),
             Kind::HandshakeFailed => "TLS handshakes refused".into(),
             Kind::HandshakeTimedOut => "TLS handshakes timed out".into(),
             Kind::Stream(class) => format!("streams {class}"),
@@ -187,13 +191,13 @@ mod tests {
     fn a_peer_gets_one_line_then_a_count() {
         let refusals = Refusals::new(Duration::from_secs(3600));
         for i in 0..1000 {
-            refusals.report("10.0.0.1", Kind::HandshakeTimedOut, format!("number {i}"));
+            refusals.report("10.0.0.1", Kind::OverHandshakeCap, format!("number {i}"));
         }
-        refusals.report("10.0.0.2", Kind::HandshakeTimedOut, "another peer");
+        refusals.report("10.0.0.2", Kind::OverHandshakeCap, "another peer");
         refusals.report("10.0.0.1", Kind::HandshakeFailed, "another kind");
         {
             let windows = lock(&refusals.windows);
-            let first = &windows[&("10.0.0.1".to_string(), Kind::HandshakeTimedOut)];
+            let first = &windows[&("10.0.0.1".to_string(), Kind::OverHandshakeCap)];
             assert_eq!(first.unlogged, 999);
             assert_eq!(first.last, "number 999");
             assert_eq!(windows.len(), 3);
@@ -202,10 +206,10 @@ mod tests {
         let windows = lock(&refusals.windows);
         // Counted and logged: the count starts again; still followed for this interval.
         assert_eq!(
-            windows[&("10.0.0.1".to_string(), Kind::HandshakeTimedOut)].unlogged,
+            windows[&("10.0.0.1".to_string(), Kind::OverHandshakeCap)].unlogged,
             0
         );
-        assert_eq!(refusals.totals()["handshake-timed-out"], 1001);
+        assert_eq!(refusals.totals()["over-handshake-cap"], 1001);
         assert_eq!(refusals.totals()["handshake-failed"], 1);
     }
 

@@ -2,7 +2,9 @@
 //! agent connection, one CONNECT stream per carried connection.
 //!
 //! ```text
-//! TcpListener ─accept─▶ TLS handshake (client cert from our CA, or refused)
+//! TcpListener ─accept─▶ handshake cap (admission.rs) ── over: reset at once
+//!                          ▼
+//!                       TLS handshake (client cert from our CA, or refused)
 //!                          │ identity = certificate's common name
 //!                          ▼
 //!                  h2 server connection ── PING: liveness, RTT, window tuning
@@ -45,18 +47,17 @@ use tunnel_transport::liveness::{self, Health, INITIAL_STREAM_WINDOW};
 use tunnel_transport::splice::{self, Abort};
 use tunnel_transport::streams::{Side, StreamTable};
 
+use crate::admission::{Admission, HandshakePermit};
 use crate::outbound;
 use crate::policy::Policy;
 use crate::refusals::{Kind, Refusals};
 use crate::workers::Workers;
 
-/// Time allowed for a TLS handshake, so that a silent client cannot hold a socket.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Everything the connection and stream tasks share.
 pub struct Gateway {
     pub config: GatewayConfig,
     pub policy: Policy,
+    pub admission: Arc<Admission>,
     pub refusals: Refusals,
     pub streams: Arc<StreamTable>,
     pub connections: Mutex<BTreeMap<u64, ConnectionInfo>>,
@@ -85,6 +86,7 @@ impl Gateway {
     pub fn new(config: GatewayConfig, local_addr: SocketAddr) -> Arc<Gateway> {
         Arc::new(Gateway {
             policy: Policy::new(&config),
+            admission: Admission::new(&config),
             refusals: Refusals::new(config.log_summary_interval),
             config,
             streams: StreamTable::new(Side::Gateway),
@@ -150,6 +152,17 @@ pub async fn serve(
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
+                    let permit = match gateway.admission.handshake(peer.ip()) {
+                        Ok(permit) => permit,
+                        Err(over) => {
+                            // A reset frees the socket at once, on both ends; a polite
+                            // close would leave it in TIME_WAIT here.
+                            let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+                            drop(tcp);
+                            gateway.refusals.report(&source(peer.ip()), Kind::OverHandshakeCap, over);
+                            continue;
+                        }
+                    };
                     // Handed to a worker: the socket moves to that worker's runtime.
                     let tcp = match tcp.into_std() {
                         Ok(tcp) => tcp,
@@ -161,7 +174,7 @@ pub async fn serve(
                     let (gateway, tls, shutdown) = (gateway.clone(), tls.clone(), connection_shutdown.clone());
                     let done = done_tx.clone();
                     workers.spawn(move || async move {
-                        connection(gateway, tcp, peer, tls, shutdown).await;
+                        connection(gateway, tcp, peer, permit, tls, shutdown).await;
                         drop(done);
                     });
                 }
@@ -188,6 +201,7 @@ async fn connection(
     gateway: Arc<Gateway>,
     tcp: std::net::TcpStream,
     peer: SocketAddr,
+    permit: HandshakePermit,
     tls: TlsAcceptor,
     shutdown: watch::Receiver<bool>,
 ) {
@@ -199,13 +213,16 @@ async fn connection(
         }
     };
     tunnel_transport::tune_tcp(&tcp);
-    let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+    let deadline = tokio::time::Instant::now() + gateway.config.handshake_timeout;
     match tokio::time::timeout_at(deadline, tcp.readable()).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return handshake_failed(&gateway, peer, &e),
         Err(_) => return handshake_timed_out(&gateway, peer),
     }
-    Box::pin(handshake(gateway, tcp, peer, tls, deadline, shutdown)).await;
+    Box::pin(handshake(
+        gateway, tcp, peer, permit, tls, deadline, shutdown,
+    ))
+    .await;
 }
 
 /// The TLS handshake of a connection whose client has begun to speak.
@@ -213,11 +230,14 @@ async fn handshake(
     gateway: Arc<Gateway>,
     tcp: TcpStream,
     peer: SocketAddr,
+    permit: HandshakePermit,
     tls: TlsAcceptor,
     deadline: tokio::time::Instant,
     shutdown: watch::Receiver<bool>,
 ) {
-    match tokio::time::timeout_at(deadline, tls.accept(tcp)).await {
+    let accepted = tokio::time::timeout_at(deadline, tls.accept(tcp)).await;
+    drop(permit);
+    match accepted {
         Ok(Ok(tls_stream)) => Box::pin(agent(gateway, tls_stream, peer, shutdown)).await,
         Ok(Err(e)) => handshake_failed(&gateway, peer, &e),
         Err(_) => handshake_timed_out(&gateway, peer),
@@ -233,18 +253,21 @@ fn handshake_failed(gateway: &Gateway, peer: SocketAddr, e: &std::io::Error) {
 
 fn handshake_timed_out(gateway: &Gateway, peer: SocketAddr) {
     let detail = format!(
-        "TLS handshake timed out after {:.0}s (from {peer})",
-        HANDSHAKE_TIMEOUT.as_secs_f64()
+        "TLS handshake timed out after {:.0}s, handshake_timeout (from {peer})",
+        gateway.config.handshake_timeout.as_secs_f64()
     );
     gateway
         .refusals
         .report(&source(peer.ip()), Kind::HandshakeTimedOut, detail);
 }
 
-/// How the source of a connection appears in logs: its address (IPv4 as such, also
-/// when it comes mapped into IPv6).
+/// How a source appears in logs: its address, or its /64 for IPv6 (what the handshake
+/// caps count).
 fn source(ip: IpAddr) -> String {
-    ip.to_canonical().to_string()
+    match crate::admission::source_of(ip) {
+        IpAddr::V6(net) => format!("{net}/64"),
+        v4 => v4.to_string(),
+    }
 }
 
 /// An agent's connection, once its TLS handshake succeeded: HTTP/2, one task per stream.
@@ -276,7 +299,7 @@ async fn agent(
         .max_concurrent_streams(gateway.config.max_streams_per_connection)
         .max_frame_size(64 * 1024)
         .handshake::<_, Bytes>(tls_stream);
-    let mut conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+    let mut conn = match tokio::time::timeout(gateway.config.handshake_timeout, handshake).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => {
             warn!(%peer, %identity, "HTTP/2 handshake failed: {e}");

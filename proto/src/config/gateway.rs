@@ -47,6 +47,9 @@ struct GatewayFile {
     ping_interval: Option<f64>,
     ping_timeout: Option<f64>,
     max_streams_per_connection: Option<i64>,
+    handshake_timeout: Option<f64>,
+    max_handshakes: Option<i64>,
+    max_handshakes_per_source: Option<i64>,
     log_summary_interval: Option<f64>,
     #[serde(default)]
     allow: Vec<AllowEntry>,
@@ -85,6 +88,12 @@ pub struct GatewayConfig {
     pub ping_interval: Duration,
     pub ping_timeout: Duration,
     pub max_streams_per_connection: u32,
+    /// Time a client has to finish its TLS handshake, counted from the accept.
+    pub handshake_timeout: Duration,
+    /// Connections waiting for their TLS handshake, in all; more are closed at once.
+    pub max_handshakes: u32,
+    /// The same, from one source address (IPv4) or /64 (IPv6).
+    pub max_handshakes_per_source: u32,
     /// Repeated refusals from one peer are logged once, then as one line with a count
     /// per this interval.
     pub log_summary_interval: Duration,
@@ -113,6 +122,8 @@ pub struct Service {
 }
 
 const DEFAULT_MAX_STREAMS: i64 = 10_000;
+const DEFAULT_MAX_HANDSHAKES: i64 = 256;
+const DEFAULT_MAX_HANDSHAKES_PER_SOURCE: i64 = 32;
 /// The largest value any count in the file may take.
 const MAX_COUNT: i64 = 1_000_000;
 
@@ -234,6 +245,27 @@ impl GatewayConfig {
             hosts.insert(bare.to_ascii_lowercase(), ips);
         }
 
+        let max_handshakes = count(
+            &mut problems,
+            "max_handshakes",
+            raw.max_handshakes,
+            DEFAULT_MAX_HANDSHAKES,
+        );
+        let max_handshakes_per_source = count(
+            &mut problems,
+            "max_handshakes_per_source",
+            raw.max_handshakes_per_source,
+            DEFAULT_MAX_HANDSHAKES_PER_SOURCE.min(max_handshakes.into()),
+        );
+        if max_handshakes_per_source > max_handshakes {
+            problems.add(
+                "max_handshakes_per_source",
+                format!(
+                    "{max_handshakes_per_source} is more than max_handshakes ({max_handshakes}), so it would never apply: give at most {max_handshakes}"
+                ),
+            );
+        }
+
         let config = GatewayConfig {
             listen,
             ca: resolve(&base, &raw.ca),
@@ -251,6 +283,14 @@ impl GatewayConfig {
                 raw.max_streams_per_connection,
                 DEFAULT_MAX_STREAMS,
             ),
+            handshake_timeout: seconds(
+                &mut problems,
+                "handshake_timeout",
+                raw.handshake_timeout,
+                10.0,
+            ),
+            max_handshakes,
+            max_handshakes_per_source,
             log_summary_interval: seconds(
                 &mut problems,
                 "log_summary_interval",
@@ -291,16 +331,23 @@ mod tests {
     }
 
     #[test]
-    fn log_summary_interval_has_a_default_and_can_be_set() {
+    fn load_limits_have_defaults_and_can_be_set() {
         let base =
             "listen = \"127.0.0.1:0\"\nca = \"a\"\nca_key = \"b\"\ncert = \"c\"\nkey = \"d\"\n";
         let c =
             GatewayConfig::parse(base, Path::new("gateway.toml")).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.handshake_timeout, Duration::from_secs(10));
+        assert_eq!((c.max_handshakes, c.max_handshakes_per_source), (256, 32));
         assert_eq!(c.log_summary_interval, Duration::from_secs(10));
 
-        let text = format!("{base}log_summary_interval = 1\n");
+        let text = format!(
+            "{base}handshake_timeout = 2.5\nmax_handshakes = 8\nlog_summary_interval = 1\n"
+        );
         let c = GatewayConfig::parse(&text, Path::new("gateway.toml"))
             .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.handshake_timeout, Duration::from_millis(2500));
+        // The per-source cap follows a total cap set below its default.
+        assert_eq!((c.max_handshakes, c.max_handshakes_per_source), (8, 8));
         assert_eq!(c.log_summary_interval, Duration::from_secs(1));
     }
 }

@@ -1,6 +1,7 @@
-//! The gateway under hostile load: a flood of refusals is logged as counts, not line
-//! by line; a denial says why; and a flood of idle connections leaves the gateway's
-//! memory near where it was once they close.
+//! The gateway under hostile load: connections waiting for a TLS handshake are capped
+//! in all and per source, and a real agent still gets through a flood; a flood of
+//! refusals is logged as counts, not line by line; a denial says why; and a flood of
+//! idle connections leaves the gateway's memory near where it was once they close.
 
 use std::fs;
 use std::io::{ErrorKind, Read, Write};
@@ -62,6 +63,21 @@ fn idle_connections(from: &str, addr: SocketAddr, count: usize) -> Vec<Option<Tc
         .collect()
 }
 
+/// True when the far end has closed or reset `s` (or it was reset while connecting);
+/// never waits.
+fn closed_by_peer(s: &Option<TcpStream>) -> bool {
+    let Some(s) = s else {
+        return true;
+    };
+    s.set_nonblocking(true).expect("nonblocking");
+    let mut byte = [0u8; 1];
+    match s.peek(&mut byte) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() != ErrorKind::WouldBlock,
+    }
+}
+
 /// A status counter of the gateway's refusals (0 when none of that kind yet).
 fn refusals(gateway: &Gateway, kind: &str) -> u64 {
     gateway
@@ -121,6 +137,14 @@ fn wait_logged(gateway: &Gateway, needle: &str, count: u64) -> usize {
     .unwrap_or_else(|e| panic!("{e}\n{}", gateway.daemon.log_text()))
 }
 
+/// Sends a line through `s` and expects it back.
+fn echoes(s: &mut TcpStream) {
+    s.write_all(b"ping\n").expect("write");
+    let mut back = [0u8; 5];
+    s.read_exact(&mut back).expect("echo");
+    assert_eq!(&back, b"ping\n");
+}
+
 /// Connects to a forward port and expects the carried connection to be reset.
 fn expect_reset(fwd: SocketAddr) {
     let mut s = match TcpStream::connect_timeout(&fwd, Duration::from_secs(10)) {
@@ -144,6 +168,93 @@ fn gateway_with(site: &Site, settings: &str, rules: &str) -> (Gateway, std::path
     let creds = site.issue(&gw_dir, "alice", "alice");
     let gateway = Gateway::start(&gw_dir, &format!("{settings}{rules}")).expect("gateway");
     (gateway, creds)
+}
+
+/// Starts an agent (identity `alice`) with one forward port to `to`; waits until it
+/// is connected.
+fn agent_for(site: &Site, gateway: &Gateway, creds: &std::path::Path, to: &str) -> Agent {
+    let body = format!(
+        "{}{}",
+        gateway_table("site-b", gateway.addr, creds, "alice"),
+        forward_table(to)
+    );
+    Agent::start(&site.path("agent"), &body, true).expect("agent")
+}
+
+#[test]
+fn a_flood_from_one_source_is_capped_and_a_real_agent_still_gets_through() {
+    let echo = echo_server("127.0.0.1").to_string();
+    let site = Site::new();
+    let (gateway, creds) = gateway_with(
+        &site,
+        "max_handshakes_per_source = 8\nlog_summary_interval = 1\n",
+        &allow_alice(&[&echo]),
+    );
+    let flood = idle_connections("127.0.0.2", gateway.addr, 200);
+    wait_refusals(&gateway, "over-handshake-cap", 192);
+    // The first 8 wait for their handshake; every other one was closed at once.
+    let closed = flood.iter().filter(|s| closed_by_peer(s)).count();
+    assert_eq!(closed, 192, "connections closed by the gateway");
+    assert_eq!(
+        gateway.status().expect("status")["handshakes"]["waiting"],
+        8
+    );
+
+    // An agent from another source address is not held back by the flood.
+    let agent = agent_for(&site, &gateway, &creds, &echo);
+    echoes(&mut connect(agent.forwards[0], Duration::from_secs(10)));
+
+    // One line with the first refusal in full, then counts.
+    let lines = wait_logged(&gateway, "closed at once", 192);
+    let log = gateway.daemon.log_text();
+    assert!(
+        log.contains("connection closed at once: 8 TLS handshakes from 127.0.0.2 already wait (max_handshakes_per_source) peer=127.0.0.2"),
+        "{log}"
+    );
+    assert!(lines <= 4, "{lines} lines for 192 refusals:\n{log}");
+    drop(flood);
+}
+
+#[test]
+fn with_every_handshake_place_taken_connections_close_until_the_idle_ones_time_out() {
+    let echo = echo_server("127.0.0.1").to_string();
+    let site = Site::new();
+    let (gateway, creds) = gateway_with(
+        &site,
+        "max_handshakes = 8\nhandshake_timeout = 2\n",
+        &allow_alice(&[&echo]),
+    );
+    let mut held = idle_connections("127.0.0.2", gateway.addr, 4);
+    held.extend(idle_connections("127.0.0.3", gateway.addr, 4));
+    wait_for(Duration::from_secs(10), "8 handshakes waiting", || {
+        (gateway.status().ok()?["handshakes"]["waiting"] == 8).then_some(())
+    })
+    .expect("the first 8 wait");
+    let over = idle_connections("127.0.0.4", gateway.addr, 5);
+    wait_refusals(&gateway, "over-handshake-cap", 5);
+    assert!(over.iter().all(closed_by_peer), "over the cap, yet open");
+    assert!(
+        gateway
+            .daemon
+            .log_text()
+            .contains("connection closed at once: 8 TLS handshakes already wait (max_handshakes)"),
+        "{}",
+        gateway.daemon.log_text()
+    );
+
+    // handshake_timeout frees the places; the silent connections are closed.
+    wait_refusals(&gateway, "handshake-timed-out", 8);
+    assert!(held.iter().all(closed_by_peer), "timed out, yet open");
+    assert!(
+        gateway
+            .daemon
+            .log_text()
+            .contains("TLS handshake timed out after 2s, handshake_timeout"),
+        "{}",
+        gateway.daemon.log_text()
+    );
+    let agent = agent_for(&site, &gateway, &creds, &echo);
+    echoes(&mut connect(agent.forwards[0], Duration::from_secs(10)));
 }
 
 #[test]
@@ -216,7 +327,14 @@ fn memory_returns_near_idle_after_a_flood_of_idle_connections() {
     // Each side holds one descriptor per connection: this process and the gateway.
     raise_fd_limit(FLOOD as u64 + 1_000);
     let site = Site::new();
-    let (gateway, _) = gateway_with(&site, "", &allow_alice(&["127.0.0.1:9"]));
+    // Caps raised so that the gateway holds every idle connection: what one costs, and
+    // whether its memory comes back, is what this measures (with the default caps all
+    // but 32 of them would be closed at once).
+    let (gateway, _) = gateway_with(
+        &site,
+        "max_handshakes = 20000\nmax_handshakes_per_source = 20000\nhandshake_timeout = 300\n",
+        &allow_alice(&["127.0.0.1:9"]),
+    );
     let pid = gateway.daemon.pid();
     gateway.status().expect("status");
     let (idle_rss, idle_fds) = (rss_kib(pid), open_fds(pid));
