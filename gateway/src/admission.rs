@@ -1,14 +1,20 @@
-//! Admission: what one source may hold of the gateway at a time.
+//! Admission: what one source or one identity may hold of the gateway at a time.
 //!
 //! ```text
 //! accept ─▶ handshake permit? ── no: closed at once (reset), counted
 //!             │ (max_handshakes in all, max_handshakes_per_source per source)
 //!             ▼ held until the TLS handshake ends, or handshake_timeout
+//!           connection permit? ── no: GOAWAY with the reason, counted
+//!             │ (max_connections_per_identity)
+//!             ▼ held while the agent's connection lasts
+//!           stream permit? ─────── no: answered `over-limit`, counted
+//!               (max_streams_per_identity, over all the identity's connections)
 //! ```
 //!
 //! Before the handshake nobody is authenticated, so the only handle on a flood is its
 //! source: one IPv4 address, or one IPv6 /64 (what a single host is usually given).
-//! A permit gives its place back when dropped, however its task ends.
+//! After it, limits follow the identity, whichever addresses its agents come from.
+//! Each permit gives its place back when dropped, however its task ends.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -23,11 +29,20 @@ struct Handshakes {
     by_source: HashMap<IpAddr, usize>,
 }
 
+#[derive(Debug, Default, Clone, Copy)]
+struct Usage {
+    connections: usize,
+    streams: usize,
+}
+
 #[derive(Debug)]
 pub struct Admission {
     max_handshakes: usize,
     max_handshakes_per_source: usize,
+    max_connections_per_identity: usize,
+    max_streams_per_identity: usize,
     handshakes: Mutex<Handshakes>,
+    identities: Mutex<HashMap<String, Usage>>,
 }
 
 /// Why a connection was closed before its handshake.
@@ -54,6 +69,31 @@ impl fmt::Display for OverCap {
     }
 }
 
+/// Why an identity may not have another connection or stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OverLimit {
+    Connections { identity: String, max: usize },
+    Streams { identity: String, max: usize },
+}
+
+impl fmt::Display for OverLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let plural = |n: usize| if n == 1 { "" } else { "s" };
+        match self {
+            OverLimit::Connections { identity, max } => write!(
+                f,
+                "identity {identity} has reached max_connections_per_identity ({max} connection{} open)",
+                plural(*max)
+            ),
+            OverLimit::Streams { identity, max } => write!(
+                f,
+                "identity {identity} has reached max_streams_per_identity ({max} stream{} open)",
+                plural(*max)
+            ),
+        }
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -75,7 +115,10 @@ impl Admission {
         Arc::new(Admission {
             max_handshakes: config.max_handshakes as usize,
             max_handshakes_per_source: config.max_handshakes_per_source as usize,
+            max_connections_per_identity: config.max_connections_per_identity as usize,
+            max_streams_per_identity: config.max_streams_per_identity as usize,
             handshakes: Mutex::default(),
+            identities: Mutex::default(),
         })
     }
 
@@ -107,6 +150,41 @@ impl Admission {
     pub fn handshakes_waiting(&self) -> usize {
         lock(&self.handshakes).waiting
     }
+
+    /// A place for one more agent connection of `identity`.
+    pub fn connection(self: &Arc<Self>, identity: &str) -> Result<IdentityPermit, OverLimit> {
+        self.take(identity, Held::Connection)
+    }
+
+    /// A place for one more stream of `identity`.
+    pub fn stream(self: &Arc<Self>, identity: &str) -> Result<IdentityPermit, OverLimit> {
+        self.take(identity, Held::Stream)
+    }
+
+    fn take(self: &Arc<Self>, identity: &str, held: Held) -> Result<IdentityPermit, OverLimit> {
+        let mut identities = lock(&self.identities);
+        // Limits are at least 1, so an entry made here is never over them and never
+        // left behind empty.
+        let usage = identities.entry(identity.to_string()).or_default();
+        let (count, max) = match held {
+            Held::Connection => (&mut usage.connections, self.max_connections_per_identity),
+            Held::Stream => (&mut usage.streams, self.max_streams_per_identity),
+        };
+        if *count >= max {
+            let identity = identity.to_string();
+            let over = match held {
+                Held::Connection => OverLimit::Connections { identity, max },
+                Held::Stream => OverLimit::Streams { identity, max },
+            };
+            return Err(over);
+        }
+        *count += 1;
+        Ok(IdentityPermit {
+            admission: self.clone(),
+            identity: identity.to_string(),
+            held,
+        })
+    }
 }
 
 /// A connection's place among those waiting for a TLS handshake.
@@ -124,6 +202,36 @@ impl Drop for HandshakePermit {
             *n = n.saturating_sub(1);
             if *n == 0 {
                 handshakes.by_source.remove(&self.source);
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Held {
+    Connection,
+    Stream,
+}
+
+/// A connection's or a stream's place among its identity's.
+#[derive(Debug)]
+pub struct IdentityPermit {
+    admission: Arc<Admission>,
+    identity: String,
+    held: Held,
+}
+
+impl Drop for IdentityPermit {
+    fn drop(&mut self) {
+        let mut identities = lock(&self.admission.identities);
+        if let Some(usage) = identities.get_mut(&self.identity) {
+            let count = match self.held {
+                Held::Connection => &mut usage.connections,
+                Held::Stream => &mut usage.streams,
+            };
+            *count = count.saturating_sub(1);
+            if usage.connections == 0 && usage.streams == 0 {
+                identities.remove(&self.identity);
             }
         }
     }
@@ -178,5 +286,27 @@ mod tests {
         let _one = a.handshake(ip("2001:db8:1:2::1")).expect("first");
         assert!(a.handshake(ip("2001:db8:1:2:ffff::9")).is_err());
         assert!(a.handshake(ip("2001:db8:1:3::1")).is_ok());
+    }
+
+    #[test]
+    fn identity_limits_count_connections_and_streams_apart() {
+        let a = admission("max_connections_per_identity = 1\nmax_streams_per_identity = 2\n");
+        let conn = a.connection("alice").expect("first connection");
+        assert!(matches!(
+            a.connection("alice"),
+            Err(OverLimit::Connections { max: 1, .. })
+        ));
+        let _bob = a.connection("bob").expect("another identity");
+        let s1 = a.stream("alice").expect("stream 1");
+        let _s2 = a.stream("alice").expect("stream 2");
+        let over = a.stream("alice").map(drop);
+        assert_eq!(
+            over.map_err(|e| e.to_string()),
+            Err("identity alice has reached max_streams_per_identity (2 streams open)".into())
+        );
+        drop(s1);
+        let _s3 = a.stream("alice").expect("a place was given back");
+        drop(conn);
+        let _conn = a.connection("alice").expect("connection place given back");
     }
 }

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod admission;
+mod goaway;
 mod outbound;
 mod policy;
 mod refusals;
@@ -240,6 +241,10 @@ fn status_json(gateway: &Gateway) -> serde_json::Value {
             "waiting": gateway.admission.handshakes_waiting(),
             "max": gateway.config.max_handshakes,
             "max_per_source": gateway.config.max_handshakes_per_source,
+        },
+        "limits": {
+            "max_connections_per_identity": gateway.config.max_connections_per_identity,
+            "max_streams_per_identity": gateway.config.max_streams_per_identity,
         },
         "refusals": gateway.refusals.totals(),
         "streams": gateway.streams.live(),

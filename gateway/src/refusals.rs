@@ -40,6 +40,8 @@ pub enum Kind {
     HandshakeFailed,
     /// The TLS handshake did not finish within `handshake_timeout`.
     HandshakeTimedOut,
+    /// Refused after the handshake: the identity holds as many connections as allowed.
+    OverConnectionLimit,
     /// A stream was refused with this class.
     Stream(ConnectError),
 }
@@ -51,6 +53,7 @@ impl Kind {
             Kind::OverHandshakeCap => "over-handshake-cap".into(),
             Kind::HandshakeFailed => "handshake-failed".into(),
             Kind::HandshakeTimedOut => "handshake-timed-out".into(),
+            Kind::OverConnectionLimit => "over-connection-limit".into(),
             Kind::Stream(class) => format!("stream-{class}"),
         }
     }
@@ -61,6 +64,7 @@ impl Kind {
             Kind::OverHandshakeCap => "connections closed at once over a handshake cap".into(),
             Kind::HandshakeFailed => "TLS handshakes refused".into(),
             Kind::HandshakeTimedOut => "TLS handshakes timed out".into(),
+            Kind::OverConnectionLimit => "connections refused over the identity's limit".into(),
             Kind::Stream(class) => format!("streams {class}"),
         }
     }

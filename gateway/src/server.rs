@@ -7,13 +7,15 @@
 //!                       TLS handshake (client cert from our CA, or refused)
 //!                          │ identity = certificate's common name
 //!                          ▼
+//!                       identity's connection limit ── over: GOAWAY + reason (goaway.rs)
+//!                          ▼
 //!                  h2 server connection ── PING: liveness, RTT, window tuning
 //!                          │ one task per CONNECT stream:
 //!                          ▼
-//!   policy (identity → allowed?) ─▶ outbound connect ─▶ 200 ─▶ splice
-//!                │ no                      │ failed
-//!                ▼                         ▼
-//!          403 denied            502/504 + tunnel-error: refused | timed-out | …
+//!   identity's stream limit ─▶ policy (identity → allowed?) ─▶ outbound connect ─▶ 200 ─▶ splice
+//!        │ over                      │ no                           │ failed
+//!        ▼                           ▼                              ▼
+//!   429 over-limit              403 denied        502/504 + tunnel-error: refused | timed-out | …
 //! ```
 //!
 //! Every refusal says why, and is counted and logged through `refusals.rs`, which
@@ -48,10 +50,14 @@ use tunnel_transport::splice::{self, Abort};
 use tunnel_transport::streams::{Side, StreamTable};
 
 use crate::admission::{Admission, HandshakePermit};
+use crate::goaway;
 use crate::outbound;
 use crate::policy::Policy;
-use crate::refusals::{Kind, Refusals};
+use crate::refusals::{Kind, Refusal, Refusals};
 use crate::workers::Workers;
+
+/// How long a refused agent connection may take to read its refusal and close.
+const REFUSAL_LINGER: Duration = Duration::from_secs(2);
 
 /// Everything the connection and stream tasks share.
 pub struct Gateway {
@@ -292,6 +298,25 @@ async fn agent(
             .report(&source(peer.ip()), Kind::HandshakeFailed, detail);
         return;
     };
+    let _connection_permit = match gateway.admission.connection(&identity) {
+        Ok(permit) => permit,
+        Err(over) => {
+            let reason = over.to_string();
+            gateway.refusals.report(
+                &identity,
+                Kind::OverConnectionLimit,
+                format!("connection from {peer} refused: {reason}"),
+            );
+            goaway::refuse(
+                tls_stream,
+                h2::Reason::ENHANCE_YOUR_CALM,
+                &reason,
+                REFUSAL_LINGER,
+            )
+            .await;
+            return;
+        }
+    };
 
     let handshake = h2::server::Builder::new()
         .initial_window_size(INITIAL_STREAM_WINDOW)
@@ -405,11 +430,16 @@ async fn stream(
         .streams
         .register(target.to_string(), identity.clone());
 
-    let connected = match gateway.policy.addresses(&identity, &target).await {
-        Ok(addrs) => outbound::connect(&addrs, gateway.config.connect_timeout).await,
-        Err(refusal) => Err(refusal),
+    let connected = match gateway.admission.stream(&identity) {
+        Err(over) => Err(Refusal::new(ConnectError::OverLimit, over.to_string())),
+        Ok(permit) => match gateway.policy.addresses(&identity, &target).await {
+            Ok(addrs) => outbound::connect(&addrs, gateway.config.connect_timeout)
+                .await
+                .map(|tcp| (tcp, permit)),
+            Err(refusal) => Err(refusal),
+        },
     };
-    let tcp = match connected {
+    let (tcp, _permit) = match connected {
         Ok(connected) => connected,
         Err(refusal) => {
             let detail = format!("stream to {target} {}: {}", refusal.class, refusal.why);

@@ -50,6 +50,8 @@ struct GatewayFile {
     handshake_timeout: Option<f64>,
     max_handshakes: Option<i64>,
     max_handshakes_per_source: Option<i64>,
+    max_connections_per_identity: Option<i64>,
+    max_streams_per_identity: Option<i64>,
     log_summary_interval: Option<f64>,
     #[serde(default)]
     allow: Vec<AllowEntry>,
@@ -94,6 +96,12 @@ pub struct GatewayConfig {
     pub max_handshakes: u32,
     /// The same, from one source address (IPv4) or /64 (IPv6).
     pub max_handshakes_per_source: u32,
+    /// Agent connections one identity may hold at once; more are refused after the
+    /// handshake, with the reason in the GOAWAY.
+    pub max_connections_per_identity: u32,
+    /// Streams one identity may have open at once, over all its connections; more are
+    /// refused with the class `over-limit`.
+    pub max_streams_per_identity: u32,
     /// Repeated refusals from one peer are logged once, then as one line with a count
     /// per this interval.
     pub log_summary_interval: Duration,
@@ -124,6 +132,8 @@ pub struct Service {
 const DEFAULT_MAX_STREAMS: i64 = 10_000;
 const DEFAULT_MAX_HANDSHAKES: i64 = 256;
 const DEFAULT_MAX_HANDSHAKES_PER_SOURCE: i64 = 32;
+const DEFAULT_MAX_CONNECTIONS_PER_IDENTITY: i64 = 128;
+const DEFAULT_MAX_STREAMS_PER_IDENTITY: i64 = 4096;
 /// The largest value any count in the file may take.
 const MAX_COUNT: i64 = 1_000_000;
 
@@ -291,6 +301,18 @@ impl GatewayConfig {
             ),
             max_handshakes,
             max_handshakes_per_source,
+            max_connections_per_identity: count(
+                &mut problems,
+                "max_connections_per_identity",
+                raw.max_connections_per_identity,
+                DEFAULT_MAX_CONNECTIONS_PER_IDENTITY,
+            ),
+            max_streams_per_identity: count(
+                &mut problems,
+                "max_streams_per_identity",
+                raw.max_streams_per_identity,
+                DEFAULT_MAX_STREAMS_PER_IDENTITY,
+            ),
             log_summary_interval: seconds(
                 &mut problems,
                 "log_summary_interval",
@@ -338,16 +360,24 @@ mod tests {
             GatewayConfig::parse(base, Path::new("gateway.toml")).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(c.handshake_timeout, Duration::from_secs(10));
         assert_eq!((c.max_handshakes, c.max_handshakes_per_source), (256, 32));
+        assert_eq!(
+            (c.max_connections_per_identity, c.max_streams_per_identity),
+            (128, 4096)
+        );
         assert_eq!(c.log_summary_interval, Duration::from_secs(10));
 
         let text = format!(
-            "{base}handshake_timeout = 2.5\nmax_handshakes = 8\nlog_summary_interval = 1\n"
+            "{base}handshake_timeout = 2.5\nmax_handshakes = 8\nmax_connections_per_identity = 3\nmax_streams_per_identity = 5\nlog_summary_interval = 1\n"
         );
         let c = GatewayConfig::parse(&text, Path::new("gateway.toml"))
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(c.handshake_timeout, Duration::from_millis(2500));
         // The per-source cap follows a total cap set below its default.
         assert_eq!((c.max_handshakes, c.max_handshakes_per_source), (8, 8));
+        assert_eq!(
+            (c.max_connections_per_identity, c.max_streams_per_identity),
+            (3, 5)
+        );
         assert_eq!(c.log_summary_interval, Duration::from_secs(1));
     }
 }

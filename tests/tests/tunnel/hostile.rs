@@ -1,7 +1,8 @@
 //! The gateway under hostile load: connections waiting for a TLS handshake are capped
-//! in all and per source, and a real agent still gets through a flood; a flood of
-//! refusals is logged as counts, not line by line; a denial says why; and a flood of
-//! idle connections leaves the gateway's memory near where it was once they close.
+//! in all and per source, and a real agent still gets through a flood; an identity's
+//! connections and streams are limited; a flood of refusals is logged as counts, not
+//! line by line; a denial says why; and a flood of idle connections leaves the
+//! gateway's memory near where it was once they close.
 
 use std::fs;
 use std::io::{ErrorKind, Read, Write};
@@ -255,6 +256,81 @@ fn with_every_handshake_place_taken_connections_close_until_the_idle_ones_time_o
     );
     let agent = agent_for(&site, &gateway, &creds, &echo);
     echoes(&mut connect(agent.forwards[0], Duration::from_secs(10)));
+}
+
+#[test]
+fn an_identity_over_its_connection_limit_is_refused_with_a_reason_the_agent_logs() {
+    let echo = echo_server("127.0.0.1").to_string();
+    // The agent pools two connections; the identity may hold one.
+    let mut tunnel = Tunnel::start(
+        &format!(
+            "max_connections_per_identity = 1\n{}",
+            allow_alice(&[&echo])
+        ),
+        &[&echo],
+    )
+    .expect("tunnel");
+    let reason = "identity alice has reached max_connections_per_identity (1 connection open)";
+    tunnel
+        .agent
+        .daemon
+        .wait_log(reason, Duration::from_secs(20))
+        .expect("the agent logs the gateway's reason");
+    let gateway = &tunnel.gateway;
+    assert!(refusals(gateway, "over-connection-limit") >= 1);
+    assert!(
+        gateway.daemon.log_text().contains(reason),
+        "{}",
+        gateway.daemon.log_text()
+    );
+    let status = gateway.status().expect("status");
+    assert_eq!(status["connections"].as_array().map(Vec::len), Some(1));
+    // The connection it has carries streams as before.
+    echoes(&mut connect(tunnel.forward(0), Duration::from_secs(10)));
+}
+
+#[test]
+fn an_identity_over_its_stream_limit_gets_over_limit_until_a_stream_ends() {
+    let echo = echo_server("127.0.0.1").to_string();
+    let tunnel = Tunnel::start(
+        &format!("max_streams_per_identity = 2\n{}", allow_alice(&[&echo])),
+        &[&echo],
+    )
+    .expect("tunnel");
+    let fwd = tunnel.forward(0);
+    let mut first = connect(fwd, Duration::from_secs(10));
+    echoes(&mut first);
+    let mut second = connect(fwd, Duration::from_secs(10));
+    echoes(&mut second);
+
+    expect_reset(fwd);
+    wait_for(
+        Duration::from_secs(5),
+        "`over-limit` in agent status",
+        || {
+            tunnel
+                .agent
+                .recent_outcomes()
+                .contains(&"over-limit".to_string())
+                .then_some(())
+        },
+    )
+    .expect("agent status");
+    let recent = tunnel.gateway.status().expect("status")["recent"].clone();
+    assert_eq!(recent[0]["outcome"], "over-limit", "{recent}");
+    assert_eq!(
+        recent[0]["detail"],
+        "identity alice has reached max_streams_per_identity (2 streams open)"
+    );
+
+    drop(first);
+    wait_for(Duration::from_secs(10), "the first stream to end", || {
+        let live = tunnel.gateway.status().ok()?["streams"].as_array()?.len();
+        (live == 1).then_some(())
+    })
+    .expect("stream ended");
+    echoes(&mut connect(fwd, Duration::from_secs(10)));
+    echoes(&mut second);
 }
 
 #[test]
