@@ -3,9 +3,12 @@
 //! destination at its own site.
 #![forbid(unsafe_code)]
 
+mod admission;
 mod authority;
+mod goaway;
 mod outbound;
 mod policy;
+mod refusals;
 mod server;
 mod setup;
 mod workers;
@@ -16,7 +19,6 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use serde_json::json;
-use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -171,13 +173,14 @@ fn run(cli: Cli) -> Result<()> {
 
 async fn serve(config: GatewayConfig, workers: workers::Workers) -> Result<()> {
     let tls = tunnel_transport::tls::server_config(&config.ca, &config.cert, &config.key)?;
-    let listener = TcpListener::bind(config.listen)
-        .await
+    let listener = server::bind(config.listen)
         .with_context(|| format!("listening on {} (listen in the config)", config.listen))?;
     let local = listener.local_addr()?;
     let control = tunnel_transport::control::bind(&config.control).await?;
     let drain = config.drain_timeout;
     let gateway = Gateway::new(config, local);
+    let summaries = gateway.clone();
+    tokio::spawn(async move { summaries.refusals.run().await });
 
     let status_gateway = gateway.clone();
     tokio::spawn(tunnel_transport::control::serve(
@@ -226,6 +229,16 @@ fn status_json(gateway: &Gateway) -> serde_json::Value {
         "listen": gateway.local_addr.to_string(),
         "uptime_secs": gateway.started.elapsed().as_secs_f64(),
         "connections": gateway.connection_views(),
+        "handshakes": {
+            "waiting": gateway.admission.handshakes_waiting(),
+            "max": gateway.config.max_handshakes,
+            "max_per_source": gateway.config.max_handshakes_per_source,
+        },
+        "limits": {
+            "max_connections_per_identity": gateway.config.max_connections_per_identity,
+            "max_streams_per_identity": gateway.config.max_streams_per_identity,
+        },
+        "refusals": gateway.refusals.totals(),
         "streams": gateway.streams.live(),
         "recent": gateway.streams.recent(),
     })
@@ -257,6 +270,24 @@ fn render_status(reply: &str) -> Result<String> {
             c["age_secs"].as_f64().unwrap_or(0.0)
         );
     }
+    let _ = writeln!(
+        out,
+        "\nTLS handshakes waiting: {} (at most {}, {} per source)",
+        v["handshakes"]["waiting"], v["handshakes"]["max"], v["handshakes"]["max_per_source"]
+    );
+    let refusals: Vec<String> = v["refusals"]
+        .as_object()
+        .map(|r| r.iter().map(|(kind, n)| format!("{kind} {n}")).collect())
+        .unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "refused since start: {}",
+        if refusals.is_empty() {
+            "none".to_string()
+        } else {
+            refusals.join(", ")
+        }
+    );
     out.push_str(&tunnel_transport::streams::render(&v));
     Ok(out)
 }

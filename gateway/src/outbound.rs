@@ -8,24 +8,46 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tunnel_proto::ConnectError;
 
+use crate::refusals::Refusal;
+
 const ENETUNREACH: i32 = 101;
 const EHOSTUNREACH: i32 = 113;
 
-/// Tries the addresses in order within one overall `timeout`.
-pub async fn connect(addrs: &[SocketAddr], timeout: Duration) -> Result<TcpStream, ConnectError> {
+/// Tries the addresses in order within one overall `timeout`; a failure says which
+/// address failed and how.
+pub async fn connect(addrs: &[SocketAddr], timeout: Duration) -> Result<TcpStream, Refusal> {
     let attempt = async {
-        let mut last = ConnectError::Unreachable;
+        let mut last = Refusal::new(ConnectError::Unreachable, "no address to connect to");
         for addr in addrs {
             match TcpStream::connect(addr).await {
                 Ok(tcp) => return Ok(tcp),
-                Err(e) => last = classify(&e),
+                Err(e) => {
+                    let class = classify(&e);
+                    let why = match class {
+                        ConnectError::Refused => {
+                            format!("{addr} refused the connection (nothing listens there)")
+                        }
+                        _ => format!("{addr}: {e}"),
+                    };
+                    last = Refusal::new(class, why);
+                }
             }
         }
         Err(last)
     };
     tokio::time::timeout(timeout, attempt)
         .await
-        .unwrap_or(Err(ConnectError::TimedOut))
+        .unwrap_or_else(|_| {
+            let tried: Vec<String> = addrs.iter().map(SocketAddr::to_string).collect();
+            Err(Refusal::new(
+                ConnectError::TimedOut,
+                format!(
+                    "no answer from {} within connect_timeout ({:.0}s)",
+                    tried.join(", "),
+                    timeout.as_secs_f64()
+                ),
+            ))
+        })
 }
 
 pub fn classify(e: &io::Error) -> ConnectError {

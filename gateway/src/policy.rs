@@ -11,11 +11,13 @@
 //! resolve from there before DNS; the same rules apply to their addresses.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use tunnel_proto::config::{AllowRule, AllowTo, GatewayConfig, Service};
 use tunnel_proto::{ConnectError, Host, Pattern, Target};
+
+use crate::refusals::Refusal;
 
 #[derive(Debug)]
 pub struct Policy {
@@ -25,26 +27,30 @@ pub struct Policy {
     resolve_timeout: Duration,
 }
 
-/// Addresses refused unless a rule names them by address.
-pub fn is_guarded(ip: IpAddr) -> bool {
+/// What kind of guarded address `ip` is, if it is one: such addresses are refused
+/// unless a rule names them by address.
+pub fn guarded(ip: IpAddr) -> Option<&'static str> {
+    const METADATA_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
     // fd00:ec2::254: the IPv6 metadata address of one large cloud.
     const METADATA_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x0ec2, 0, 0, 0, 0, 0, 0x0254);
     match ip.to_canonical() {
-        IpAddr::V4(v4) => {
-            v4.is_loopback()
-                || v4.is_link_local()
-                || v4.is_unspecified()
-                || v4.is_multicast()
-                || v4.is_broadcast()
-        }
-        IpAddr::V6(v6) => {
-            v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || v6.is_unicast_link_local()
-                || v6 == METADATA_V6
-        }
+        IpAddr::V4(v4) if v4 == METADATA_V4 => Some("cloud metadata"),
+        IpAddr::V4(v4) if v4.is_loopback() => Some("loopback"),
+        IpAddr::V4(v4) if v4.is_link_local() => Some("link-local"),
+        IpAddr::V4(v4) if v4.is_unspecified() => Some("unspecified"),
+        IpAddr::V4(v4) if v4.is_multicast() => Some("multicast"),
+        IpAddr::V4(v4) if v4.is_broadcast() => Some("broadcast"),
+        IpAddr::V6(v6) if v6 == METADATA_V6 => Some("cloud metadata"),
+        IpAddr::V6(v6) if v6.is_loopback() => Some("loopback"),
+        IpAddr::V6(v6) if v6.is_unicast_link_local() => Some("link-local"),
+        IpAddr::V6(v6) if v6.is_unspecified() => Some("unspecified"),
+        IpAddr::V6(v6) if v6.is_multicast() => Some("multicast"),
+        _ => None,
     }
+}
+
+fn denied(why: String) -> Refusal {
+    Refusal::new(ConnectError::Denied, why)
 }
 
 impl Policy {
@@ -72,25 +78,32 @@ impl Policy {
             .filter(move |r| r.identity == "*" || r.identity == identity)
     }
 
-    /// Decides whether `identity` may reach `target`, and if so, where to connect.
+    /// Decides whether `identity` may reach `target`, and if so, where to connect; if
+    /// not, says why, in terms the operator can act on.
     pub async fn addresses(
         &self,
         identity: &str,
         target: &Target,
-    ) -> Result<Vec<SocketAddr>, ConnectError> {
+    ) -> Result<Vec<SocketAddr>, Refusal> {
         match target {
             Target::Service(name) => {
+                let Some(Service {
+                    target: Target::Addr { host, port },
+                }) = self.services.get(name)
+                else {
+                    return Err(denied(format!(
+                        "there is no service `{name}` ([service.{name}] in the gateway's config)"
+                    )));
+                };
                 let allowed = self.rules_for(identity).any(|r| {
                     r.to.iter()
                         .any(|t| matches!(t, AllowTo::Service(s) if s == name))
                 });
-                let service = self.services.get(name).filter(|_| allowed);
-                let Some(Service {
-                    target: Target::Addr { host, port },
-                }) = service
-                else {
-                    return Err(ConnectError::Denied);
-                };
+                if !allowed {
+                    return Err(denied(format!(
+                        "no allow rule for {identity} lists the service `{name}`"
+                    )));
+                }
                 self.lookup(host, *port).await
             }
             Target::Addr {
@@ -98,9 +111,15 @@ impl Policy {
                 port,
             } => {
                 let addr = SocketAddr::new(*ip, *port);
-                self.admits(identity, addr, false)
-                    .then(|| vec![addr])
-                    .ok_or(ConnectError::Denied)
+                match self.admits(identity, addr, false) {
+                    Ok(()) => Ok(vec![addr]),
+                    Err(Some(kind)) => Err(denied(format!(
+                        "{addr} is a guarded {kind} address: allow it with an address rule, e.g. \"{addr}\""
+                    ))),
+                    Err(None) => Err(denied(format!(
+                        "no allow rule for {identity} matches {addr}"
+                    ))),
+                }
             }
             Target::Addr {
                 host: host @ Host::Name(name),
@@ -113,34 +132,69 @@ impl Policy {
                 });
                 if !by_name && !by_address {
                     // Not even looked up: a denied name costs the site no DNS query.
-                    return Err(ConnectError::Denied);
+                    return Err(denied(format!(
+                        "no allow rule for {identity} matches {name}:{port} (not looked up)"
+                    )));
                 }
                 let resolved = self.lookup(host, *port).await?;
-                let allowed: Vec<SocketAddr> = resolved
-                    .into_iter()
-                    .filter(|addr| self.admits(identity, *addr, by_name))
-                    .collect();
-                if allowed.is_empty() {
-                    Err(ConnectError::Denied)
-                } else {
-                    Ok(allowed)
+                let mut allowed = Vec::new();
+                let mut refused = Vec::new();
+                for addr in resolved {
+                    match self.admits(identity, addr, by_name) {
+                        Ok(()) => allowed.push(addr),
+                        Err(why) => refused.push((addr, why)),
+                    }
                 }
+                if !allowed.is_empty() {
+                    return Ok(allowed);
+                }
+                let list: Vec<String> = refused
+                    .iter()
+                    .map(|(addr, kind)| match kind {
+                        Some(kind) => format!("{}, a guarded {kind} address", addr.ip()),
+                        None => {
+                            format!("{}, which no allow rule for {identity} matches", addr.ip())
+                        }
+                    })
+                    .collect();
+                let mut why = format!("{name} resolved to {}", list.join(", and "));
+                if let Some((addr, _)) = refused.iter().find(|(_, kind)| kind.is_some()) {
+                    let which = if refused.len() == 1 { "it" } else { "one" };
+                    why.push_str(&format!(
+                        ": allow {which} with an address rule, e.g. \"{addr}\""
+                    ));
+                }
+                Err(denied(why))
             }
         }
     }
 
-    /// True when `identity` may connect to `addr`: matched by a rule (or already by
-    /// name, when `matched` is true), and named by address if it is a guarded address.
-    fn admits(&self, identity: &str, addr: SocketAddr, matched_by_name: bool) -> bool {
+    /// Whether `identity` may connect to `addr`: matched by a rule (or already by
+    /// name, when `matched_by_name` is true), and named by address if it is a guarded
+    /// address. Refused: `Some(kind)` for a guarded address, `None` for no match.
+    fn admits(
+        &self,
+        identity: &str,
+        addr: SocketAddr,
+        matched_by_name: bool,
+    ) -> Result<(), Option<&'static str>> {
         let (ip, port) = (addr.ip(), addr.port());
         let mut patterns = self.patterns(identity).filter(|p| p.ports.contains(port));
-        if is_guarded(ip) {
-            return patterns.any(|p| p.names_ip(ip));
+        if let Some(kind) = guarded(ip) {
+            return if patterns.any(|p| p.names_ip(ip)) {
+                Ok(())
+            } else {
+                Err(Some(kind))
+            };
         }
-        matched_by_name || patterns.any(|p| p.matches_ip(ip, port))
+        if matched_by_name || patterns.any(|p| p.matches_ip(ip, port)) {
+            Ok(())
+        } else {
+            Err(None)
+        }
     }
 
-    async fn lookup(&self, host: &Host, port: u16) -> Result<Vec<SocketAddr>, ConnectError> {
+    async fn lookup(&self, host: &Host, port: u16) -> Result<Vec<SocketAddr>, Refusal> {
         match host {
             Host::Ip(ip) => Ok(vec![SocketAddr::new(*ip, port)]),
             Host::Name(name) if self.hosts.contains_key(name) => Ok(self
@@ -151,12 +205,24 @@ impl Policy {
             Host::Name(name) => {
                 let lookup = tokio::net::lookup_host((name.as_str(), port));
                 match tokio::time::timeout(self.resolve_timeout, lookup).await {
-                    Err(_) => Err(ConnectError::TimedOut),
-                    Ok(Err(_)) => Err(ConnectError::NameNotFound),
+                    Err(_) => Err(Refusal::new(
+                        ConnectError::TimedOut,
+                        format!(
+                            "resolving {name} took longer than connect_timeout ({:.0}s)",
+                            self.resolve_timeout.as_secs_f64()
+                        ),
+                    )),
+                    Ok(Err(e)) => Err(Refusal::new(
+                        ConnectError::NameNotFound,
+                        format!("the gateway's resolver does not know {name} ({e})"),
+                    )),
                     Ok(Ok(addrs)) => {
                         let addrs: Vec<SocketAddr> = addrs.collect();
                         if addrs.is_empty() {
-                            Err(ConnectError::NameNotFound)
+                            Err(Refusal::new(
+                                ConnectError::NameNotFound,
+                                format!("{name} has no address"),
+                            ))
                         } else {
                             Ok(addrs)
                         }
@@ -186,16 +252,74 @@ mod tests {
         Target::parse(s).unwrap_or_else(|e| panic!("{e}"))
     }
 
+    async fn allowed(
+        p: &Policy,
+        identity: &str,
+        target: &Target,
+    ) -> Result<Vec<SocketAddr>, ConnectError> {
+        p.addresses(identity, target).await.map_err(|r| r.class)
+    }
+
+    async fn why(p: &Policy, identity: &str, target: &str) -> String {
+        match p.addresses(identity, &t(target)).await {
+            Ok(addrs) => panic!("{target} was allowed: {addrs:?}"),
+            Err(refusal) => refusal.why,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_denial_says_why() {
+        let p = policy(
+            "[[allow]]\nidentity = \"alice\"\nto = [\"*.site-b.internal\", \"10.0.0.0/8:22\", \"pg\"]\n[service.pg]\ntarget = \"127.0.0.1:5432\"\n[service.other]\ntarget = \"127.0.0.1:1\"\n[hosts]\n\"files.site-b.internal\" = [\"127.0.0.2\"]\n\"two.site-b.internal\" = [\"169.254.169.254\"]\n\"mixed.example.org\" = [\"127.0.0.3\", \"192.0.2.5\"]\n\"ssh.example.org\" = [\"192.0.2.9\"]\n",
+        );
+        assert_eq!(
+            why(&p, "alice", "files.site-b.internal:80").await,
+            "files.site-b.internal resolved to 127.0.0.2, a guarded loopback address: allow it with an address rule, e.g. \"127.0.0.2:80\""
+        );
+        assert_eq!(
+            why(&p, "alice", "two.site-b.internal:80").await,
+            "two.site-b.internal resolved to 169.254.169.254, a guarded cloud metadata address: allow it with an address rule, e.g. \"169.254.169.254:80\""
+        );
+        assert_eq!(
+            why(&p, "alice", "ssh.example.org:22").await,
+            "ssh.example.org resolved to 192.0.2.9, which no allow rule for alice matches"
+        );
+        assert_eq!(
+            why(&p, "alice", "mixed.example.org:22").await,
+            "mixed.example.org resolved to 127.0.0.3, a guarded loopback address, and 192.0.2.5, which no allow rule for alice matches: allow one with an address rule, e.g. \"127.0.0.3:22\""
+        );
+        assert_eq!(
+            why(&p, "alice", "[::1]:22").await,
+            "[::1]:22 is a guarded loopback address: allow it with an address rule, e.g. \"[::1]:22\""
+        );
+        assert_eq!(
+            why(&p, "alice", "192.0.2.1:22").await,
+            "no allow rule for alice matches 192.0.2.1:22"
+        );
+        assert_eq!(
+            why(&p, "alice", "db.example.org:5432").await,
+            "no allow rule for alice matches db.example.org:5432 (not looked up)"
+        );
+        assert_eq!(
+            why(&p, "alice", "other").await,
+            "no allow rule for alice lists the service `other`"
+        );
+        assert_eq!(
+            why(&p, "alice", "nope").await,
+            "there is no service `nope` ([service.nope] in the gateway's config)"
+        );
+    }
+
     #[tokio::test]
     async fn default_deny_and_identity() {
         let p = policy("[[allow]]\nidentity = \"alice\"\nto = [\"10.20.0.0/16\"]\n");
-        assert!(p.addresses("alice", &t("10.20.1.1:22")).await.is_ok());
+        assert!(allowed(&p, "alice", &t("10.20.1.1:22")).await.is_ok());
         assert_eq!(
-            p.addresses("bob", &t("10.20.1.1:22")).await,
+            allowed(&p, "bob", &t("10.20.1.1:22")).await,
             Err(ConnectError::Denied)
         );
         assert_eq!(
-            p.addresses("alice", &t("10.21.1.1:22")).await,
+            allowed(&p, "alice", &t("10.21.1.1:22")).await,
             Err(ConnectError::Denied)
         );
     }
@@ -204,20 +328,20 @@ mod tests {
     async fn guarded_addresses_need_a_rule_that_names_them() {
         let p = policy("[[allow]]\nidentity = \"*\"\nto = [\"*\", \"127.0.0.1:6379\"]\n");
         assert_eq!(
-            p.addresses("x", &t("169.254.169.254:80")).await,
+            allowed(&p, "x", &t("169.254.169.254:80")).await,
             Err(ConnectError::Denied)
         );
         assert_eq!(
-            p.addresses("x", &t("127.0.0.1:22")).await,
+            allowed(&p, "x", &t("127.0.0.1:22")).await,
             Err(ConnectError::Denied)
         );
         assert_eq!(
-            p.addresses("x", &t("localhost:22")).await,
+            allowed(&p, "x", &t("localhost:22")).await,
             Err(ConnectError::Denied)
         );
-        assert!(p.addresses("x", &t("127.0.0.1:6379")).await.is_ok());
+        assert!(allowed(&p, "x", &t("127.0.0.1:6379")).await.is_ok());
         assert!(
-            p.addresses("x", &t("[::ffff:127.0.0.1]:6379"))
+            allowed(&p, "x", &t("[::ffff:127.0.0.1]:6379"))
                 .await
                 .is_ok()
         );
@@ -229,14 +353,14 @@ mod tests {
             "[[allow]]\nidentity = \"*\"\nto = [\"*.site-b.internal\", \"127.0.0.2/32\"]\n[hosts]\n\"db.site-b.internal\" = [\"127.0.0.2\"]\n\"up.site-b.internal\" = [\"127.0.0.3\"]\n",
         );
         assert_eq!(
-            p.addresses("x", &t("DB.site-b.internal:5432")).await,
+            allowed(&p, "x", &t("DB.site-b.internal:5432")).await,
             Ok(vec![
                 "127.0.0.2:5432".parse().unwrap_or_else(|e| panic!("{e}"))
             ])
         );
         // Loopback, and no rule names 127.0.0.3: refused despite the name rule.
         assert_eq!(
-            p.addresses("x", &t("up.site-b.internal:80")).await,
+            allowed(&p, "x", &t("up.site-b.internal:80")).await,
             Err(ConnectError::Denied)
         );
     }
@@ -247,21 +371,21 @@ mod tests {
             "[[allow]]\nidentity = \"alice\"\nto = [\"pg\"]\n[service.pg]\ntarget = \"127.0.0.1:5432\"\n[service.other]\ntarget = \"127.0.0.1:1\"\n",
         );
         assert_eq!(
-            p.addresses("alice", &t("pg")).await,
+            allowed(&p, "alice", &t("pg")).await,
             Ok(vec![
                 "127.0.0.1:5432".parse().unwrap_or_else(|e| panic!("{e}"))
             ])
         );
         assert_eq!(
-            p.addresses("alice", &t("other")).await,
+            allowed(&p, "alice", &t("other")).await,
             Err(ConnectError::Denied)
         );
         assert_eq!(
-            p.addresses("alice", &t("nope")).await,
+            allowed(&p, "alice", &t("nope")).await,
             Err(ConnectError::Denied)
         );
         assert_eq!(
-            p.addresses("bob", &t("pg")).await,
+            allowed(&p, "bob", &t("pg")).await,
             Err(ConnectError::Denied)
         );
     }

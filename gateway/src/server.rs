@@ -2,17 +2,24 @@
 //! agent connection, one CONNECT stream per carried connection.
 //!
 //! ```text
-//! TcpListener ─accept─▶ TLS handshake (client cert from our CA, or refused)
+//! TcpListener ─accept─▶ handshake cap (admission.rs) ── over: reset at once
+//!                          ▼
+//!                       TLS handshake (client cert from our CA, or refused)
 //!                          │ identity = certificate's common name
+//!                          ▼
+//!                       identity's connection limit ── over: GOAWAY + reason (goaway.rs)
 //!                          ▼
 //!                  h2 server connection ── PING: liveness, RTT, window tuning
 //!                          │ one task per CONNECT stream:
 //!                          ▼
-//!   policy (identity → allowed?) ─▶ outbound connect ─▶ 200 ─▶ splice
-//!                │ no                      │ failed
-//!                ▼                         ▼
-//!          403 denied            502/504 + tunnel-error: refused | timed-out | …
+//!   identity's stream limit ─▶ policy (identity → allowed?) ─▶ outbound connect ─▶ 200 ─▶ splice
+//!        │ over                      │ no                           │ failed
+//!        ▼                           ▼                              ▼
+//!   429 over-limit              403 denied        502/504 + tunnel-error: refused | timed-out | …
 //! ```
+//!
+//! Every refusal says why, and is counted and logged through `refusals.rs`, which
+//! keeps a flood of them to one line per peer per interval.
 //!
 //! Each accepted connection, with all its streams, runs on one worker (`workers.rs`).
 //!
@@ -20,7 +27,7 @@
 //! finish; the caller bounds how long that may take.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -42,17 +49,22 @@ use tunnel_transport::liveness::{self, Health, INITIAL_STREAM_WINDOW};
 use tunnel_transport::splice::{self, Abort};
 use tunnel_transport::streams::{Side, StreamTable};
 
+use crate::admission::{Admission, HandshakePermit};
+use crate::goaway;
 use crate::outbound;
 use crate::policy::Policy;
+use crate::refusals::{Kind, Refusal, Refusals};
 use crate::workers::Workers;
 
-/// Time allowed for a TLS handshake, so that a silent client cannot hold a socket.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a refused agent connection may take to read its refusal and close.
+const REFUSAL_LINGER: Duration = Duration::from_secs(2);
 
 /// Everything the connection and stream tasks share.
 pub struct Gateway {
     pub config: GatewayConfig,
     pub policy: Policy,
+    pub admission: Arc<Admission>,
+    pub refusals: Refusals,
     pub streams: Arc<StreamTable>,
     pub connections: Mutex<BTreeMap<u64, ConnectionInfo>>,
     next_connection: AtomicU64,
@@ -80,6 +92,8 @@ impl Gateway {
     pub fn new(config: GatewayConfig, local_addr: SocketAddr) -> Arc<Gateway> {
         Arc::new(Gateway {
             policy: Policy::new(&config),
+            admission: Admission::new(&config),
+            refusals: Refusals::new(config.log_summary_interval),
             config,
             streams: StreamTable::new(Side::Gateway),
             connections: Mutex::default(),
@@ -107,6 +121,27 @@ impl Gateway {
     }
 }
 
+/// Connections the kernel may hold completed for us before we accept them. Under a
+/// flood of connects a short queue (tokio's and the standard library's is 128)
+/// overflows within a burst, and every connect that finds it full, a real agent's
+/// too, waits a second or more for its SYN to be sent again. The kernel caps this at
+/// `net.core.somaxconn` (4096 by default).
+const ACCEPT_BACKLOG: i32 = 4096;
+
+/// The gateway's listening socket, with [`ACCEPT_BACKLOG`].
+pub fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(address),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&address.into())?;
+    socket.listen(ACCEPT_BACKLOG)?;
+    TcpListener::from_std(socket.into())
+}
+
 /// Accepts agents until `shutdown` turns true, then asks every connection to drain and
 /// returns once the last one has ended.
 pub async fn serve(
@@ -123,6 +158,17 @@ pub async fn serve(
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
+                    let permit = match gateway.admission.handshake(peer.ip()) {
+                        Ok(permit) => permit,
+                        Err(over) => {
+                            // A reset frees the socket at once, on both ends; a polite
+                            // close would leave it in TIME_WAIT here.
+                            let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+                            drop(tcp);
+                            gateway.refusals.report(&source(peer.ip()), Kind::OverHandshakeCap, over);
+                            continue;
+                        }
+                    };
                     // Handed to a worker: the socket moves to that worker's runtime.
                     let tcp = match tcp.into_std() {
                         Ok(tcp) => tcp,
@@ -133,11 +179,8 @@ pub async fn serve(
                     };
                     let (gateway, tls, shutdown) = (gateway.clone(), tls.clone(), connection_shutdown.clone());
                     let done = done_tx.clone();
-                    workers.spawn(async move {
-                        match TcpStream::from_std(tcp) {
-                            Ok(tcp) => connection(gateway, tcp, peer, tls, shutdown).await,
-                            Err(e) => warn!(%peer, "could not register the connection: {e}"),
-                        }
+                    workers.spawn(move || async move {
+                        connection(gateway, tcp, peer, permit, tls, shutdown).await;
                         drop(done);
                     });
                 }
@@ -155,25 +198,91 @@ pub async fn serve(
     let _ = done_rx.recv().await;
 }
 
+/// One accepted connection, from the TLS handshake to its end. Its task stays small
+/// until the client has proved itself: a silent socket holds only the socket and this
+/// future's first state (measured: ~1 KiB in all); the TLS session is made once the
+/// first bytes arrive, and the HTTP/2 state once a certificate from our CA is
+/// presented, each in an allocation of its own.
 async fn connection(
     gateway: Arc<Gateway>,
-    tcp: TcpStream,
+    tcp: std::net::TcpStream,
     peer: SocketAddr,
+    permit: HandshakePermit,
     tls: TlsAcceptor,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    tunnel_transport::tune_tcp(&tcp);
-    let mut tls_stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            warn!(%peer, "TLS handshake refused: {e}");
-            return;
-        }
-        Err(_) => {
-            warn!(%peer, "TLS handshake timed out");
+    let tcp = match TcpStream::from_std(tcp) {
+        Ok(tcp) => tcp,
+        Err(e) => {
+            warn!(%peer, "could not register the connection: {e}");
             return;
         }
     };
+    tunnel_transport::tune_tcp(&tcp);
+    let deadline = tokio::time::Instant::now() + gateway.config.handshake_timeout;
+    match tokio::time::timeout_at(deadline, tcp.readable()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return handshake_failed(&gateway, peer, &e),
+        Err(_) => return handshake_timed_out(&gateway, peer),
+    }
+    Box::pin(handshake(
+        gateway, tcp, peer, permit, tls, deadline, shutdown,
+    ))
+    .await;
+}
+
+/// The TLS handshake of a connection whose client has begun to speak.
+async fn handshake(
+    gateway: Arc<Gateway>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    permit: HandshakePermit,
+    tls: TlsAcceptor,
+    deadline: tokio::time::Instant,
+    shutdown: watch::Receiver<bool>,
+) {
+    let accepted = tokio::time::timeout_at(deadline, tls.accept(tcp)).await;
+    drop(permit);
+    match accepted {
+        Ok(Ok(tls_stream)) => Box::pin(agent(gateway, tls_stream, peer, shutdown)).await,
+        Ok(Err(e)) => handshake_failed(&gateway, peer, &e),
+        Err(_) => handshake_timed_out(&gateway, peer),
+    }
+}
+
+fn handshake_failed(gateway: &Gateway, peer: SocketAddr, e: &std::io::Error) {
+    let detail = format!("TLS handshake refused: {e} (from {peer})");
+    gateway
+        .refusals
+        .report(&source(peer.ip()), Kind::HandshakeFailed, detail);
+}
+
+fn handshake_timed_out(gateway: &Gateway, peer: SocketAddr) {
+    let detail = format!(
+        "TLS handshake timed out after {:.0}s, handshake_timeout (from {peer})",
+        gateway.config.handshake_timeout.as_secs_f64()
+    );
+    gateway
+        .refusals
+        .report(&source(peer.ip()), Kind::HandshakeTimedOut, detail);
+}
+
+/// How a source appears in logs: its address, or its /64 for IPv6 (what the handshake
+/// caps count).
+fn source(ip: IpAddr) -> String {
+    match crate::admission::source_of(ip) {
+        IpAddr::V6(net) => format!("{net}/64"),
+        v4 => v4.to_string(),
+    }
+}
+
+/// An agent's connection, once its TLS handshake succeeded: HTTP/2, one task per stream.
+async fn agent(
+    gateway: Arc<Gateway>,
+    mut tls_stream: tokio_rustls::server::TlsStream<TcpStream>,
+    peer: SocketAddr,
+    mut shutdown: watch::Receiver<bool>,
+) {
     tunnel_transport::tls::tune_session(tls_stream.get_mut().1);
     let identity = tls_stream
         .get_ref()
@@ -182,8 +291,31 @@ async fn connection(
         .and_then(|certs| certs.first())
         .and_then(tunnel_transport::tls::identity_of);
     let Some(identity) = identity else {
-        warn!(%peer, "client certificate has no common name: connection refused");
+        let detail =
+            format!("client certificate has no common name: connection refused (from {peer})");
+        gateway
+            .refusals
+            .report(&source(peer.ip()), Kind::HandshakeFailed, detail);
         return;
+    };
+    let _connection_permit = match gateway.admission.connection(&identity) {
+        Ok(permit) => permit,
+        Err(over) => {
+            let reason = over.to_string();
+            gateway.refusals.report(
+                &identity,
+                Kind::OverConnectionLimit,
+                format!("connection from {peer} refused: {reason}"),
+            );
+            goaway::refuse(
+                tls_stream,
+                h2::Reason::ENHANCE_YOUR_CALM,
+                &reason,
+                REFUSAL_LINGER,
+            )
+            .await;
+            return;
+        }
     };
 
     let handshake = h2::server::Builder::new()
@@ -192,7 +324,7 @@ async fn connection(
         .max_concurrent_streams(gateway.config.max_streams_per_connection)
         .max_frame_size(64 * 1024)
         .handshake::<_, Bytes>(tls_stream);
-    let mut conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+    let mut conn = match tokio::time::timeout(gateway.config.handshake_timeout, handshake).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => {
             warn!(%peer, %identity, "HTTP/2 handshake failed: {e}");
@@ -282,7 +414,15 @@ async fn stream(
         .map(|a| a.as_str())
         .and_then(|a| Target::parse(a).ok());
     let Some(target) = target.filter(|_| request.method() == Method::CONNECT) else {
-        warn!(%identity, uri = %request.uri(), "not a CONNECT to host:port or a service");
+        let detail = format!(
+            "stream {}: not a CONNECT to host:port or a service: {} {}",
+            ConnectError::BadRequest,
+            request.method(),
+            request.uri()
+        );
+        gateway
+            .refusals
+            .report(&identity, Kind::Stream(ConnectError::BadRequest), detail);
         let _ = answer(&mut respond, Err(ConnectError::BadRequest));
         return;
     };
@@ -290,16 +430,24 @@ async fn stream(
         .streams
         .register(target.to_string(), identity.clone());
 
-    let connected = match gateway.policy.addresses(&identity, &target).await {
-        Ok(addrs) => outbound::connect(&addrs, gateway.config.connect_timeout).await,
-        Err(e) => Err(e),
+    let connected = match gateway.admission.stream(&identity) {
+        Err(over) => Err(Refusal::new(ConnectError::OverLimit, over.to_string())),
+        Ok(permit) => match gateway.policy.addresses(&identity, &target).await {
+            Ok(addrs) => outbound::connect(&addrs, gateway.config.connect_timeout)
+                .await
+                .map(|tcp| (tcp, permit)),
+            Err(refusal) => Err(refusal),
+        },
     };
-    let tcp = match connected {
-        Ok(tcp) => tcp,
-        Err(e) => {
-            warn!(%identity, destination = %target, "{e}");
-            let _ = answer(&mut respond, Err(e));
-            entry.finish(&Err(Abort::Refused(e)));
+    let (tcp, _permit) = match connected {
+        Ok(connected) => connected,
+        Err(refusal) => {
+            let detail = format!("stream to {target} {}: {}", refusal.class, refusal.why);
+            gateway
+                .refusals
+                .report(&identity, Kind::Stream(refusal.class), detail);
+            let _ = answer(&mut respond, Err(refusal.class));
+            entry.refused(refusal.class, refusal.why);
             return;
         }
     };

@@ -79,6 +79,13 @@ key = "gateway-key.pem"
 # connect_timeout = 10      # outbound connects to destinations
 # drain_timeout = 30        # on SIGTERM, streams in flight get this long to finish
 # control = "gateway.sock"  # where `tunnel-gateway status` asks
+# Under load (see the README, "Under hostile load"):
+# handshake_timeout = 10            # a client's time to finish its TLS handshake
+# max_handshakes = 256              # connections waiting for a handshake, in all
+# max_handshakes_per_source = 32    # ... from one address (IPv6: one /64)
+# max_connections_per_identity = 128
+# max_streams_per_identity = 4096
+# log_summary_interval = 10         # repeated refusals: one line per peer per interval
 
 # Nobody may reach anything until a rule says so. For example:
 #

@@ -53,11 +53,17 @@ impl Workers {
         Workers::start(thread::available_parallelism().map_or(1, |n| n.get()))
     }
 
-    /// Runs `connection` on the least busy worker. Sockets it creates belong to that
-    /// worker's runtime, so they must be made inside the future (see
-    /// [`tokio::net::TcpStream::from_std`]).
-    pub fn spawn<F>(&self, connection: F)
+    /// Runs the future that `connection` makes on the least busy worker. Sockets it
+    /// creates belong to that worker's runtime, so they must be made inside the future
+    /// (see [`tokio::net::TcpStream::from_std`]).
+    ///
+    /// The future is made on the worker rather than passed in made: a future moved into
+    /// the task's own `async` block would be stored twice in the task (once as the
+    /// block's capture, once where it is awaited), and every idle connection would pay
+    /// for both.
+    pub fn spawn<C, F>(&self, connection: C)
     where
+        C: FnOnce() -> F + Send + 'static,
         F: Future<Output = ()> + Send + 'static,
     {
         let Some(worker) = self
@@ -71,7 +77,7 @@ impl Workers {
         load.fetch_add(1, Ordering::Relaxed);
         worker.handle.spawn(async move {
             let _done = Done(load);
-            connection.await;
+            connection().await;
         });
     }
 }

@@ -13,6 +13,7 @@
 //! | `timed-out`      | 504    | ETIMEDOUT      |
 //! | `name-not-found` | 502    | EHOSTUNREACH   |
 //! | `bad-request`    | 400    | EINVAL         |
+//! | `over-limit`     | 429    | ECONNREFUSED   |
 //! | `gateway`        | 502    | ECONNREFUSED   |
 
 use std::fmt;
@@ -36,6 +37,8 @@ pub enum ConnectError {
     NameNotFound,
     /// The request itself was malformed (bad destination, not a CONNECT).
     BadRequest,
+    /// The identity already has as many streams open as the gateway allows it.
+    OverLimit,
     /// Anything else that went wrong at the gateway.
     Gateway,
 }
@@ -52,13 +55,14 @@ const EHOSTUNREACH: i32 = 113;
 const ETIMEDOUT: i32 = 110;
 
 impl ConnectError {
-    pub const ALL: [ConnectError; 7] = [
+    pub const ALL: [ConnectError; 8] = [
         ConnectError::Denied,
         ConnectError::Refused,
         ConnectError::Unreachable,
         ConnectError::TimedOut,
         ConnectError::NameNotFound,
         ConnectError::BadRequest,
+        ConnectError::OverLimit,
         ConnectError::Gateway,
     ];
 
@@ -71,6 +75,7 @@ impl ConnectError {
             ConnectError::TimedOut => "timed-out",
             ConnectError::NameNotFound => "name-not-found",
             ConnectError::BadRequest => "bad-request",
+            ConnectError::OverLimit => "over-limit",
             ConnectError::Gateway => "gateway",
         }
     }
@@ -83,6 +88,7 @@ impl ConnectError {
         match self {
             ConnectError::Denied => 403,
             ConnectError::BadRequest => 400,
+            ConnectError::OverLimit => 429,
             ConnectError::TimedOut => 504,
             ConnectError::Refused
             | ConnectError::Unreachable
@@ -94,7 +100,7 @@ impl ConnectError {
     pub fn errno(self) -> i32 {
         match self {
             ConnectError::Denied => EACCES,
-            ConnectError::Refused | ConnectError::Gateway => ECONNREFUSED,
+            ConnectError::Refused | ConnectError::OverLimit | ConnectError::Gateway => ECONNREFUSED,
             ConnectError::Unreachable | ConnectError::NameNotFound => EHOSTUNREACH,
             ConnectError::TimedOut => ETIMEDOUT,
             ConnectError::BadRequest => EINVAL,
@@ -115,6 +121,7 @@ pub fn decode_outcome(status: u16, error_header: Option<&[u8]>) -> Outcome {
     Err(named.unwrap_or(match status {
         403 => ConnectError::Denied,
         400 => ConnectError::BadRequest,
+        429 => ConnectError::OverLimit,
         504 => ConnectError::TimedOut,
         _ => ConnectError::Gateway,
     }))

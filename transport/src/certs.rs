@@ -92,7 +92,6 @@ pub fn unix_now() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rustls_pki_types::pem::PemObject as _;
 
     #[test]
     fn utc_reads_like_a_date() {

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
+use tunnel_proto::ConnectError;
 
 use crate::splice::{Abort, StreamStats};
 
@@ -183,6 +184,12 @@ impl Registered {
             Ok(()) => self.table.end(self.id, "closed", String::new()),
             Err(abort) => self.table.end(self.id, abort.class(), abort.to_string()),
         }
+    }
+
+    /// Records a CONNECT that was refused, with the reason to show beside its class.
+    pub fn refused(mut self, class: ConnectError, reason: String) {
+        self.finished = true;
+        self.table.end(self.id, class.as_str(), reason);
     }
 }
 

@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{ConfigError, base_dir, parse_toml, resolve, seconds};
+use super::{ConfigError, Problems, base_dir, parse_toml, resolve, seconds};
 use crate::pattern::Pattern;
 use crate::target::{Target, is_valid_service_name};
 
@@ -46,6 +46,12 @@ struct GatewayFile {
     ping_interval: Option<f64>,
     ping_timeout: Option<f64>,
     max_streams_per_connection: Option<i64>,
+    handshake_timeout: Option<f64>,
+    max_handshakes: Option<i64>,
+    max_handshakes_per_source: Option<i64>,
+    max_connections_per_identity: Option<i64>,
+    max_streams_per_identity: Option<i64>,
+    log_summary_interval: Option<f64>,
     #[serde(default)]
     allow: Vec<AllowEntry>,
     #[serde(default)]
@@ -81,6 +87,21 @@ pub struct GatewayConfig {
     pub ping_interval: Duration,
     pub ping_timeout: Duration,
     pub max_streams_per_connection: u32,
+    /// Time a client has to finish its TLS handshake, counted from the accept.
+    pub handshake_timeout: Duration,
+    /// Connections waiting for their TLS handshake, in all; more are closed at once.
+    pub max_handshakes: u32,
+    /// The same, from one source address (IPv4) or /64 (IPv6).
+    pub max_handshakes_per_source: u32,
+    /// Agent connections one identity may hold at once; more are refused after the
+    /// handshake, with the reason in the GOAWAY.
+    pub max_connections_per_identity: u32,
+    /// Streams one identity may have open at once, over all its connections; more are
+    /// refused with the class `over-limit`.
+    pub max_streams_per_identity: u32,
+    /// Repeated refusals from one peer are logged once, then as one line with a count
+    /// per this interval.
+    pub log_summary_interval: Duration,
     pub allow: Vec<AllowRule>,
     pub services: BTreeMap<String, Service>,
     /// Names this gateway resolves from its config, before asking DNS (lower case).
@@ -106,6 +127,22 @@ pub struct Service {
 }
 
 const DEFAULT_MAX_STREAMS: i64 = 10_000;
+const DEFAULT_MAX_HANDSHAKES: i64 = 256;
+const DEFAULT_MAX_HANDSHAKES_PER_SOURCE: i64 = 32;
+const DEFAULT_MAX_CONNECTIONS_PER_IDENTITY: i64 = 128;
+const DEFAULT_MAX_STREAMS_PER_IDENTITY: i64 = 4096;
+/// The largest value any count in the file may take.
+const MAX_COUNT: i64 = 1_000_000;
+
+/// A count from the file, checked: 1 to [`MAX_COUNT`].
+fn count(problems: &mut Problems, key: &str, value: Option<i64>, default: i64) -> u32 {
+    let v = value.unwrap_or(default);
+    if !(1..=MAX_COUNT).contains(&v) {
+        problems.add(key, format!("{v} is out of range: give 1 to {MAX_COUNT}"));
+        return default.clamp(1, MAX_COUNT) as u32;
+    }
+    v as u32
+}
 
 /// True for a usable identity: 1 to 64 bytes of letters, digits, `.`, `-`, `_`, `@`.
 pub fn is_valid_identity(identity: &str) -> bool {
@@ -214,13 +251,24 @@ impl GatewayConfig {
             hosts.insert(bare.to_ascii_lowercase(), ips);
         }
 
-        let max_streams = raw
-            .max_streams_per_connection
-            .unwrap_or(DEFAULT_MAX_STREAMS);
-        if !(1..=1_000_000).contains(&max_streams) {
+        let max_handshakes = count(
+            &mut problems,
+            "max_handshakes",
+            raw.max_handshakes,
+            DEFAULT_MAX_HANDSHAKES,
+        );
+        let max_handshakes_per_source = count(
+            &mut problems,
+            "max_handshakes_per_source",
+            raw.max_handshakes_per_source,
+            DEFAULT_MAX_HANDSHAKES_PER_SOURCE.min(max_handshakes.into()),
+        );
+        if max_handshakes_per_source > max_handshakes {
             problems.add(
-                "max_streams_per_connection",
-                format!("{max_streams} is out of range: give 1 to 1000000"),
+                "max_handshakes_per_source",
+                format!(
+                    "{max_handshakes_per_source} is more than max_handshakes ({max_handshakes}), so it would never apply: give at most {max_handshakes}"
+                ),
             );
         }
 
@@ -235,7 +283,38 @@ impl GatewayConfig {
             drain_timeout: seconds(&mut problems, "drain_timeout", raw.drain_timeout, 30.0),
             ping_interval: seconds(&mut problems, "ping_interval", raw.ping_interval, 5.0),
             ping_timeout: seconds(&mut problems, "ping_timeout", raw.ping_timeout, 5.0),
-            max_streams_per_connection: max_streams.clamp(1, 1_000_000) as u32,
+            max_streams_per_connection: count(
+                &mut problems,
+                "max_streams_per_connection",
+                raw.max_streams_per_connection,
+                DEFAULT_MAX_STREAMS,
+            ),
+            handshake_timeout: seconds(
+                &mut problems,
+                "handshake_timeout",
+                raw.handshake_timeout,
+                10.0,
+            ),
+            max_handshakes,
+            max_handshakes_per_source,
+            max_connections_per_identity: count(
+                &mut problems,
+                "max_connections_per_identity",
+                raw.max_connections_per_identity,
+                DEFAULT_MAX_CONNECTIONS_PER_IDENTITY,
+            ),
+            max_streams_per_identity: count(
+                &mut problems,
+                "max_streams_per_identity",
+                raw.max_streams_per_identity,
+                DEFAULT_MAX_STREAMS_PER_IDENTITY,
+            ),
+            log_summary_interval: seconds(
+                &mut problems,
+                "log_summary_interval",
+                raw.log_summary_interval,
+                10.0,
+            ),
             allow,
             services,
             hosts,
@@ -280,5 +359,34 @@ mod tests {
         for key in ["listen", "allow", "service", "hosts"] {
             assert!(names.contains(&key), "{key} missing from {names:?}");
         }
+    }
+
+    #[test]
+    fn load_limits_have_defaults_and_can_be_set() {
+        let base =
+            "listen = \"127.0.0.1:0\"\nca = \"a\"\nca_key = \"b\"\ncert = \"c\"\nkey = \"d\"\n";
+        let c =
+            GatewayConfig::parse(base, Path::new("gateway.toml")).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.handshake_timeout, Duration::from_secs(10));
+        assert_eq!((c.max_handshakes, c.max_handshakes_per_source), (256, 32));
+        assert_eq!(
+            (c.max_connections_per_identity, c.max_streams_per_identity),
+            (128, 4096)
+        );
+        assert_eq!(c.log_summary_interval, Duration::from_secs(10));
+
+        let text = format!(
+            "{base}handshake_timeout = 2.5\nmax_handshakes = 8\nmax_connections_per_identity = 3\nmax_streams_per_identity = 5\nlog_summary_interval = 1\n"
+        );
+        let c = GatewayConfig::parse(&text, Path::new("gateway.toml"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.handshake_timeout, Duration::from_millis(2500));
+        // The per-source cap follows a total cap set below its default.
+        assert_eq!((c.max_handshakes, c.max_handshakes_per_source), (8, 8));
+        assert_eq!(
+            (c.max_connections_per_identity, c.max_streams_per_identity),
+            (3, 5)
+        );
+        assert_eq!(c.log_summary_interval, Duration::from_secs(1));
     }
 }

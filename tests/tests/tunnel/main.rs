@@ -5,6 +5,7 @@ mod connect_answers;
 mod diagnostics;
 mod errors;
 mod forward;
+mod hostile;
 mod local_leg;
 mod namespaces;
 mod preload;
