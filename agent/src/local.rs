@@ -9,8 +9,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::io::IoSliceMut;
+use std::os::fd::{AsRawFd, RawFd};
+
 use anyhow::{Context, Result, bail};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 use tracing::{debug, warn};
@@ -24,6 +28,7 @@ use tunnel_transport::control::SharedWith;
 
 use crate::Agent;
 use crate::carry::Verdict;
+use crate::passed_fd::PassedFd;
 use crate::redirect::listener_for;
 
 /// Who may use the socket besides root.
@@ -99,14 +104,19 @@ pub async fn serve(agent: Arc<Agent>, listener: UnixListener, access: Access) {
     }
 }
 
-async fn read_line(stream: &mut UnixStream) -> Result<Vec<u8>> {
+/// Reads one request line, and the socket passed with it (a registration's proof).
+async fn read_request(stream: &UnixStream) -> Result<(Vec<u8>, Vec<PassedFd>)> {
     let mut buf = Vec::with_capacity(128);
+    let mut passed = Vec::new();
     let mut chunk = [0u8; 256];
     while !buf.contains(&b'\n') {
         if buf.len() > MAX_LINE {
             bail!("request longer than {MAX_LINE} bytes");
         }
-        let n = tokio::time::timeout(ANSWER_WITHIN, stream.read(&mut chunk))
+        let received = stream.async_io(Interest::READABLE, || {
+            receive(stream.as_raw_fd(), &mut chunk, &mut passed)
+        });
+        let n = tokio::time::timeout(ANSWER_WITHIN, received)
             .await
             .with_context(|| format!("request not sent within {ANSWER_WITHIN:?}"))??;
         if n == 0 {
@@ -114,7 +124,21 @@ async fn read_line(stream: &mut UnixStream) -> Result<Vec<u8>> {
         }
         buf.extend_from_slice(&chunk[..n]);
     }
-    Ok(buf)
+    Ok((buf, passed))
+}
+
+/// One `recvmsg`: bytes into `chunk`, descriptors (SCM_RIGHTS) into `passed`.
+fn receive(fd: RawFd, chunk: &mut [u8], passed: &mut Vec<PassedFd>) -> std::io::Result<usize> {
+    let mut iov = [IoSliceMut::new(chunk)];
+    let mut space = nix::cmsg_space!([RawFd; 2]);
+    let flags = MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT;
+    let message = recvmsg::<()>(fd, &mut iov, Some(&mut space), flags)?;
+    for control in message.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(fds) = control {
+            passed.extend(fds.into_iter().map(PassedFd::new));
+        }
+    }
+    Ok(message.bytes)
 }
 
 async fn reply(stream: &mut UnixStream, reply: Reply) -> Result<()> {
@@ -129,8 +153,8 @@ fn err(refusal: Refusal, message: impl Into<String>) -> Reply {
     }
 }
 
-async fn answer(agent: &Agent, access: &Access, mut stream: UnixStream) -> Result<()> {
-    let line = read_line(&mut stream).await?;
+async fn answer(agent: &Arc<Agent>, access: &Access, mut stream: UnixStream) -> Result<()> {
+    let (line, mut passed) = read_request(&stream).await?;
     let uid = stream.peer_cred().map(|c| c.uid()).ok();
     let Some(uid) = uid.filter(|_| access.allows(&stream)) else {
         let cred = stream.peer_cred().ok();
@@ -190,7 +214,17 @@ async fn answer(agent: &Agent, access: &Access, mut stream: UnixStream) -> Resul
             target,
             via,
             verdict,
-        } => register(agent, &mut stream, source, target, via, uid, verdict).await,
+        } => {
+            let socket = passed.pop();
+            let request = Registering {
+                source,
+                target,
+                via,
+                uid,
+                delivery: verdict,
+            };
+            register(agent, &mut stream, request, socket).await
+        }
         Request::Verdict { source } => {
             let answer = match agent.registrations.kept_verdict(source, uid) {
                 Some(answer) => Reply::Verdict {
@@ -266,15 +300,28 @@ fn destination(
     }
 }
 
-async fn register(
-    agent: &Agent,
-    stream: &mut UnixStream,
+/// A `REGISTER` request, with the uid of the process that sent it.
+struct Registering {
     source: SocketAddr,
     target: Target,
     via: Option<String>,
     uid: u32,
     delivery: VerdictDelivery,
+}
+
+async fn register(
+    agent: &Arc<Agent>,
+    stream: &mut UnixStream,
+    request: Registering,
+    socket: Option<PassedFd>,
 ) -> Result<()> {
+    let Registering {
+        source,
+        target,
+        via,
+        uid,
+        delivery,
+    } = request;
     let (target, via) = match destination(agent, target, via) {
         Ok(d) => d,
         Err(refusal) => return reply(stream, refusal).await,
@@ -308,7 +355,18 @@ async fn register(
         )
         .await;
     }
+    // The socket travels with its registration: whoever registers a source address
+    // holds the socket bound there, so nobody can claim (or spoil) another's.
+    let Some(socket) = socket.filter(|s| holds(s, source)) else {
+        let message = "a registration must carry its socket, bound at the source it names";
+        return reply(
+            stream,
+            err(Refusal::Connect(ConnectError::BadRequest), message),
+        )
+        .await;
+    };
     debug!(%source, destination = %target, gateway = %via, uid, ?delivery, "registered");
+    drop(socket);
     let answer = agent
         .registrations
         .insert(source, target, via, uid, delivery);
@@ -318,6 +376,16 @@ async fn register(
         reply(stream, Reply::Verdict { error }).await?;
     }
     Ok(())
+}
+
+/// True when `socket` is bound at `source` (a socket bound to 0.0.0.0 or [::] shows
+/// that address; the registration names the loopback address it will have).
+fn holds(socket: &PassedFd, source: SocketAddr) -> bool {
+    socket.local_addr().is_ok_and(|local| {
+        local.port() == source.port()
+            && (local.ip().is_unspecified()
+                || local.ip().to_canonical() == source.ip().to_canonical())
+    })
 }
 
 fn is_loopback(ip: IpAddr) -> bool {

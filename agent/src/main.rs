@@ -26,6 +26,7 @@ mod certificate;
 mod fake_dns;
 mod forward;
 mod local;
+mod passed_fd;
 mod pool;
 mod redirect;
 mod rewind;

@@ -59,7 +59,7 @@ impl SocketOwners {
         let mut answer = [0u8; 512];
         loop {
             let n = recv(netlink.as_raw_fd(), &mut answer, MsgFlags::empty())?;
-            match decode_answer(&answer[..n], sequence) {
+            match decode_answer(&answer[..n], sequence, &query) {
                 Ok(Owner::Uid(uid)) => return Ok(Some(uid)),
                 Ok(Owner::NoSuchSocket) => return Ok(None),
                 // A late answer to an earlier question that timed out: read on.

@@ -82,5 +82,11 @@ pub fn configs(data: &[u8]) {
 /// The kernel's socket-diagnostics answers.
 pub fn sock_diag(data: &[u8]) {
     let sequence = data.first().copied().map_or(0, u32::from);
-    let _ = tunnel_proto::sock_diag::decode_answer(data.get(1..).unwrap_or_default(), sequence);
+    let query = tunnel_proto::sock_diag::encode_query(
+        std::net::SocketAddr::from(([127, 0, 0, 1], 1)),
+        std::net::SocketAddr::from(([127, 0, 0, 1], 2)),
+        sequence,
+    );
+    let _ =
+        tunnel_proto::sock_diag::decode_answer(data.get(1..).unwrap_or_default(), sequence, &query);
 }

@@ -31,12 +31,27 @@ pub struct Exchange {
 
 impl Exchange {
     pub fn start(agent: &Path, request: &Request) -> Result<(Exchange, Reply), AgentError> {
+        Exchange::start_passing(agent, request, None)
+    }
+
+    /// Sends `request` with the program's socket `passed` (a registration's proof that
+    /// the caller holds the socket).
+    pub fn start_passing(
+        agent: &Path,
+        request: &Request,
+        passed: Option<std::os::fd::RawFd>,
+    ) -> Result<(Exchange, Reply), AgentError> {
+        use std::os::fd::AsRawFd;
         let deadline = Instant::now() + LOCAL_TIMEOUT;
         let mut stream = UnixStream::connect(agent).map_err(AgentError::Unreachable)?;
+        let wire = request.encode();
         stream
             .set_read_timeout(Some(LOCAL_TIMEOUT))
             .and_then(|()| stream.set_write_timeout(Some(LOCAL_TIMEOUT)))
-            .and_then(|()| stream.write_all(request.encode().as_bytes()))
+            .and_then(|()| match passed {
+                Some(fd) => crate::sys::send_with_fd(stream.as_raw_fd(), wire.as_bytes(), fd),
+                None => stream.write_all(wire.as_bytes()),
+            })
             .map_err(AgentError::Unreachable)?;
         let mut exchange = Exchange {
             stream,

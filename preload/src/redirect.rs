@@ -63,7 +63,9 @@ pub fn decide_synthetic(route: Option<&TableRoute>) -> Decision {
 /// One socket connected to the agent instead of its destination.
 #[derive(Debug, Clone, Copy)]
 struct Redirected {
-    /// The socket's own address, which the agent knows the registration by.
+    /// Which socket: its inode, so a reused fd number is never taken for it.
+    inode: u64,
+    /// The socket's own address, which names its registration.
     source: SocketAddr,
     /// The agent's loopback listener it is connected to.
     listener: SocketAddr,
@@ -87,16 +89,22 @@ enum Answer {
 /// reused fd number is never mistaken for a redirected one.
 static REDIRECTED: Mutex<BTreeMap<c_int, Redirected>> = Mutex::new(BTreeMap::new());
 
-/// How many entries of [`REDIRECTED`] are [`Answer::Pending`]: `getsockopt` takes the
-/// lock only when some are.
+/// How many entries of [`REDIRECTED`] are not yet told: `getsockopt` takes the lock
+/// only when some are.
 static PENDING: AtomicUsize = AtomicUsize::new(0);
+
+impl Answer {
+    fn untold(self) -> bool {
+        self != Answer::Settled
+    }
+}
 
 fn record(fd: c_int, entry: Redirected) {
     let old = REDIRECTED.lock().insert(fd, entry);
-    if entry.answer == Answer::Pending {
+    if entry.answer.untold() {
         PENDING.fetch_add(1, Ordering::Relaxed);
     }
-    if old.is_some_and(|o| o.answer == Answer::Pending) {
+    if old.is_some_and(|o| o.answer.untold()) {
         PENDING.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -104,7 +112,7 @@ fn record(fd: c_int, entry: Redirected) {
 /// Marks `fd`'s answer as told.
 fn settle(fd: c_int) {
     if let Some(entry) = REDIRECTED.lock().get_mut(&fd)
-        && entry.answer == Answer::Pending
+        && entry.answer.untold()
     {
         entry.answer = Answer::Settled;
         PENDING.fetch_sub(1, Ordering::Relaxed);
@@ -115,7 +123,7 @@ fn forget(fd: c_int) {
     if REDIRECTED
         .lock()
         .remove(&fd)
-        .is_some_and(|o| o.answer == Answer::Pending)
+        .is_some_and(|o| o.answer.untold())
     {
         PENDING.fetch_sub(1, Ordering::Relaxed);
     }
@@ -177,9 +185,7 @@ pub fn redirect(
     // A program that polls a non-blocking connect by calling connect again (EALREADY,
     // then EISCONN) asks about the connection already made to the agent.
     let earlier = REDIRECTED.lock().get(&fd).copied();
-    if let Some(earlier) =
-        earlier.filter(|e| e.destination == destination && sys::local_addr(fd) == Some(e.source))
-    {
+    if let Some(earlier) = earlier.filter(|e| e.destination == destination && is_same(fd, e)) {
         return connect_again(state, fd, earlier);
     }
     let source = match source_address(fd, destination) {
@@ -192,6 +198,9 @@ pub fn redirect(
         (ConnectMode::Checked, true) => VerdictDelivery::Wait,
         (ConnectMode::Checked, false) => VerdictDelivery::Later,
     };
+    let Some(inode) = sys::inode(fd) else {
+        return fail(libc::EBADF);
+    };
     let target = Target::from(SocketAddr::new(
         destination.ip().to_canonical(),
         destination.port(),
@@ -202,7 +211,9 @@ pub fn redirect(
         via,
         verdict: delivery,
     };
-    let (exchange, reply) = match Exchange::start(&state.agent, &request) {
+    // The socket travels with its registration: the agent's proof that we hold it.
+    let started = Exchange::start_passing(&state.agent, &request, Some(fd));
+    let (exchange, reply) = match started {
         Ok(answer) => answer,
         Err(AgentError::Unreachable(e)) => {
             state.trace(format_args!(
@@ -214,7 +225,8 @@ pub fn redirect(
         Err(AgentError::Garbled) => return fail(libc::ECONNREFUSED),
     };
     let listener = match reply {
-        Reply::Ok { listener } => listener,
+        // Only ever a loopback listener: anything else is not an agent of ours.
+        Reply::Ok { listener } if listener.ip().to_canonical().is_loopback() => listener,
         Reply::Err { refusal, message } => {
             state.trace(format_args!("{destination}: {refusal} {message}"));
             return fail(refusal.errno());
@@ -239,6 +251,7 @@ pub fn redirect(
     record(
         fd,
         Redirected {
+            inode,
             source,
             listener,
             destination,
@@ -289,7 +302,7 @@ fn connect_again(state: &State, fd: c_int, earlier: Redirected) -> c_int {
     let rc = sys::real_connect(fd, earlier.listener);
     let errno = sys::errno();
     let under_way = rc != 0 && (errno == libc::EALREADY || errno == libc::EINPROGRESS);
-    if earlier.answer != Answer::Pending || under_way {
+    if !earlier.answer.untold() || under_way {
         return rc;
     }
     match verdict_of(state, fd, earlier) {
@@ -330,19 +343,15 @@ fn verdict_of(state: &State, fd: c_int, entry: Redirected) -> c_int {
 /// For `getsockopt(SO_ERROR)`: the result of a non-blocking connect through the tunnel
 /// whose answer the program has not learnt yet, or `None` to ask the kernel.
 /// `local_error` is what the kernel says of the connect to the agent.
-pub fn connect_result(
-    state: &State,
-    fd: c_int,
-    local_error: impl FnOnce() -> c_int,
-) -> Option<c_int> {
+pub fn connect_result(state: &State, fd: c_int, local_error: impl Fn() -> c_int) -> Option<c_int> {
     if PENDING.load(Ordering::Relaxed) == 0 {
         return None;
     }
     let entry = REDIRECTED.lock().get(&fd).copied()?;
-    if entry.answer != Answer::Pending {
+    if !entry.answer.untold() {
         return None;
     }
-    if sys::local_addr(fd) != Some(entry.source) {
+    if !is_same(fd, &entry) {
         // The fd was closed and its number reused.
         forget(fd);
         return None;
@@ -361,6 +370,11 @@ pub fn connect_result(
     }
 }
 
+/// True when `fd` is still the socket `entry` was recorded for.
+fn is_same(fd: c_int, entry: &Redirected) -> bool {
+    sys::inode(fd) == Some(entry.inode)
+}
+
 /// True when some non-blocking connect's answer is still to be told: `getsockopt`'s
 /// one check before it does anything else.
 #[inline(always)]
@@ -371,8 +385,7 @@ pub fn any_pending() -> bool {
 /// The destination a redirected socket was meant for, if `fd` is one.
 pub fn original_peer(fd: c_int) -> Option<SocketAddr> {
     let entry = *REDIRECTED.lock().get(&fd)?;
-    let still_ours = sys::real_peer_addr(fd) == Some(entry.listener)
-        && sys::local_addr(fd) == Some(entry.source);
+    let still_ours = is_same(fd, &entry) && sys::real_peer_addr(fd) == Some(entry.listener);
     if still_ours {
         Some(entry.destination)
     } else {

@@ -338,6 +338,73 @@ pub fn real_peer_addr(fd: c_int) -> Option<SocketAddr> {
         .flatten()
 }
 
+/// Writes `bytes` on the Unix socket `unix` with `passed` attached (SCM_RIGHTS): the
+/// agent receives its own reference to the program's socket.
+pub fn send_with_fd(unix: c_int, bytes: &[u8], passed: c_int) -> std::io::Result<()> {
+    // Room for one descriptor, aligned as CMSG_SPACE requires.
+    let mut control = [0u64; 4];
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(size_of::<c_int>() as u32) } as usize;
+    if space > size_of::<[u64; 4]>() {
+        return Err(std::io::ErrorKind::InvalidInput.into());
+    }
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr().cast_mut().cast(),
+        iov_len: bytes.len(),
+    };
+    // SAFETY: all-zero is a valid msghdr.
+    let mut msg: libc::msghdr = unsafe { zeroed() };
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space;
+    // SAFETY: msg_control points to `space` writable, aligned bytes, so the first
+    // header and its data fit (CMSG_FIRSTHDR is non-null for a non-zero length).
+    unsafe {
+        let header = libc::CMSG_FIRSTHDR(&raw const msg);
+        (*header).cmsg_level = libc::SOL_SOCKET;
+        (*header).cmsg_type = libc::SCM_RIGHTS;
+        (*header).cmsg_len = libc::CMSG_LEN(size_of::<c_int>() as u32) as usize;
+        libc::CMSG_DATA(header)
+            .cast::<c_int>()
+            .write_unaligned(passed);
+    }
+    let mut sent = 0usize;
+    while sent == 0 {
+        // SAFETY: msg describes valid buffers for the duration of the call.
+        let n = unsafe { libc::sendmsg(unix, &raw const msg, libc::MSG_NOSIGNAL) };
+        match n {
+            n if n >= 0 => sent = n as usize,
+            _ if errno() == libc::EINTR => continue,
+            _ => return Err(std::io::Error::from_raw_os_error(errno())),
+        }
+    }
+    if sent < bytes.len() {
+        // The rest goes without the descriptor, which travelled with the first byte.
+        let mut rest = &bytes[sent..];
+        while !rest.is_empty() {
+            // SAFETY: rest is a valid buffer.
+            let n =
+                unsafe { libc::send(unix, rest.as_ptr().cast(), rest.len(), libc::MSG_NOSIGNAL) };
+            match n {
+                n if n > 0 => rest = &rest[n as usize..],
+                _ if errno() == libc::EINTR => continue,
+                _ => return Err(std::io::Error::from_raw_os_error(errno())),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The socket's inode: which socket an fd number names, even after the number is reused.
+pub fn inode(fd: c_int) -> Option<u64> {
+    // SAFETY: all-zero is a valid stat.
+    let mut st: libc::stat = unsafe { zeroed() };
+    // SAFETY: st is a valid out-parameter.
+    let rc = unsafe { libc::fstat(fd, &mut st) };
+    (rc == 0).then_some(st.st_ino)
+}
+
 /// Binds `fd` to `addr`; returns the errno on failure.
 pub fn bind(fd: c_int, addr: SocketAddr) -> Result<(), c_int> {
     let (storage, len) = to_raw(addr);

@@ -95,8 +95,24 @@ fn u16_at(buf: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_ne_bytes(bytes.try_into().ok()?))
 }
 
-/// Reads the kernel's answer to the question numbered `sequence`.
-pub fn decode_answer(buf: &[u8], sequence: u32) -> Result<Owner, DiagError> {
+/// TCP states whose uid says nothing about a program: a listener (the kernel's exact
+/// lookup falls back to one that covers the address, even for a peer on another host),
+/// a time-wait or request mini-socket (uid 0), a closed socket.
+const NOT_A_CONNECTING_SOCKET: [u8; 4] = [
+    6,  // TIME_WAIT
+    7,  // CLOSE
+    10, // LISTEN
+    12, // NEW_SYN_RECV
+];
+
+/// Reads the kernel's answer to `query` (from [`encode_query`]), numbered `sequence`.
+/// Only a socket with exactly the ports asked about, in a state a connecting socket
+/// has, names an owner; anything else is [`Owner::NoSuchSocket`].
+pub fn decode_answer(
+    buf: &[u8],
+    sequence: u32,
+    query: &[u8; QUERY_LEN],
+) -> Result<Owner, DiagError> {
     let truncated = || DiagError::Truncated(buf.len());
     let length = u32_at(buf, 0).ok_or_else(truncated)? as usize;
     if length < NLMSG_HEADER_LEN || length > buf.len() {
@@ -120,9 +136,16 @@ pub fn decode_answer(buf: &[u8], sequence: u32) -> Result<Owner, DiagError> {
                 None => Err(DiagError::Refused(errno)),
             }
         }
-        SOCK_DIAG_BY_FAMILY => u32_at(body, UID_OFFSET)
-            .map(Owner::Uid)
-            .ok_or_else(truncated),
+        SOCK_DIAG_BY_FAMILY => {
+            let uid = u32_at(body, UID_OFFSET).ok_or_else(truncated)?;
+            let state = *body.get(1).ok_or_else(truncated)?;
+            let ports = body.get(4..8).ok_or_else(truncated)?;
+            let asked_ports = &query[24..28];
+            if NOT_A_CONNECTING_SOCKET.contains(&state) || ports != asked_ports {
+                return Ok(Owner::NoSuchSocket);
+            }
+            Ok(Owner::Uid(uid))
+        }
         other => Err(DiagError::UnexpectedType(other)),
     }
 }
@@ -159,23 +182,45 @@ mod tests {
 
     #[test]
     fn answers_decode_and_garbage_is_an_error() {
+        let q = encode_query(
+            "127.0.0.1:40000".parse().unwrap(),
+            "127.0.0.1:7".parse().unwrap(),
+            5,
+        );
         let mut body = vec![0u8; 72];
+        body[1] = 1; // ESTABLISHED
+        body[4..8].copy_from_slice(&q[24..28]);
         body[UID_OFFSET..UID_OFFSET + 4].copy_from_slice(&1000u32.to_ne_bytes());
         assert_eq!(
-            decode_answer(&answer(SOCK_DIAG_BY_FAMILY, 5, &body), 5),
+            decode_answer(&answer(SOCK_DIAG_BY_FAMILY, 5, &body), 5, &q),
             Ok(Owner::Uid(1000))
         );
         let enoent = (-2i32).to_ne_bytes();
         assert_eq!(
-            decode_answer(&answer(NLMSG_ERROR, 5, &enoent), 5),
+            decode_answer(&answer(NLMSG_ERROR, 5, &enoent), 5, &q),
             Ok(Owner::NoSuchSocket)
         );
-        assert!(decode_answer(&answer(NLMSG_ERROR, 5, &(-1i32).to_ne_bytes()), 5).is_err());
-        assert!(decode_answer(&answer(SOCK_DIAG_BY_FAMILY, 4, &body), 5).is_err());
-        assert!(decode_answer(&answer(SOCK_DIAG_BY_FAMILY, 5, &body[..10]), 5).is_err());
-        assert!(decode_answer(&[1, 2, 3], 5).is_err());
+        assert!(decode_answer(&answer(NLMSG_ERROR, 5, &(-1i32).to_ne_bytes()), 5, &q).is_err());
+        assert!(decode_answer(&answer(SOCK_DIAG_BY_FAMILY, 4, &body), 5, &q).is_err());
+        assert!(decode_answer(&answer(SOCK_DIAG_BY_FAMILY, 5, &body[..10]), 5, &q).is_err());
+        assert!(decode_answer(&[1, 2, 3], 5, &q).is_err());
         let mut lying = answer(SOCK_DIAG_BY_FAMILY, 5, &body);
         lying[0..4].copy_from_slice(&u32::MAX.to_ne_bytes());
-        assert!(decode_answer(&lying, 5).is_err());
+        assert!(decode_answer(&lying, 5, &q).is_err());
+        // The kernel's fallback to a listener that covers the address (a peer on
+        // another host that picked the listener's port as its own) names nobody.
+        let mut listener = body.clone();
+        listener[1] = 10;
+        listener[6..8].copy_from_slice(&[0, 0]);
+        assert_eq!(
+            decode_answer(&answer(SOCK_DIAG_BY_FAMILY, 5, &listener), 5, &q),
+            Ok(Owner::NoSuchSocket)
+        );
+        let mut time_wait = body.clone();
+        time_wait[1] = 6;
+        assert_eq!(
+            decode_answer(&answer(SOCK_DIAG_BY_FAMILY, 5, &time_wait), 5, &q),
+            Ok(Owner::NoSuchSocket)
+        );
     }
 }

@@ -196,7 +196,8 @@ mod local_protocol {
 
         #[test]
         fn sock_diag_answers_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200), sequence in 0u32..3) {
-            let _ = tunnel_proto::sock_diag::decode_answer(&bytes, sequence);
+            let query = tunnel_proto::sock_diag::encode_query("127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap(), sequence);
+            let _ = tunnel_proto::sock_diag::decode_answer(&bytes, sequence, &query);
         }
 
         #[test]

@@ -21,6 +21,7 @@ pub mod certs;
 pub mod control;
 pub mod daemon;
 pub mod liveness;
+pub mod plumbing;
 pub mod splice;
 pub mod streams;
 pub mod tls;

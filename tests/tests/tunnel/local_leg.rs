@@ -4,7 +4,7 @@
 //! shared with a `group` is that group's, and a directory the agent did not make keeps
 //! its mode. These run other users with `setpriv` and need root.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -83,14 +83,46 @@ fn another_user_cannot_claim_a_registered_connection() {
         .as_str()
         .and_then(|a| a.parse().ok())
         .unwrap_or_else(|| panic!("no loopback listener in {status}"));
-    let source = free_port();
-    // The agent's own user registers a connection from `source` ...
+    // The agent's own user registers a connection, passing its socket as the preload
+    // does, and holds the socket until told to connect it ...
     let socket = tunnel.site.path("agent/agent.sock");
-    let reply = ask_agent(
-        &socket,
-        &format!("REGISTER 127.0.0.1:{source} {echo} site-b nowait\n"),
+    let owner_script = format!(
+        r#"
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", 0))
+port = s.getsockname()[1]
+u = socket.socket(socket.AF_UNIX)
+u.connect("{agent}")
+socket.send_fds(u, [b"REGISTER 127.0.0.1:%d {echo} site-b nowait\n" % port], [s.fileno()])
+print(u.recv(200).decode().strip(), flush=True)
+print(port, flush=True)
+sys.stdin.readline()
+s.settimeout(10)
+try:
+    s.connect(("{ip}", {port}))
+    s.sendall(b"ping\n")
+    data = s.recv(10)
+    print("got " + data.decode().strip() if data else "EOF", flush=True)
+except OSError as e:
+    print(type(e).__name__, flush=True)
+"#,
+        agent = socket.display(),
+        ip = listener.ip(),
+        port = listener.port()
     );
+    let mut owner = std::process::Command::new("python3")
+        .args(["-c", &owner_script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("owner");
+    let mut lines = std::io::BufReader::new(owner.stdout.take().expect("stdout")).lines();
+    let mut next_line = || lines.next().expect("a line").expect("read");
+    let reply = next_line();
     assert!(reply.starts_with("OK "), "{reply}");
+    let source: u16 = next_line().parse().expect("port");
 
     // ... and another user connects from that address first.
     let out = as_nobody(&claim_script(source, listener), "");
@@ -114,11 +146,27 @@ fn another_user_cannot_claim_a_registered_connection() {
     );
 
     // The registration is still there for its owner.
-    let out = stdout_within(
-        Command::new("python3").args(["-c", &claim_script(source, listener)]),
-        LIMIT,
+    let mut stdin = owner.stdin.take().expect("stdin");
+    stdin.write_all(b"go\n").expect("tell the owner");
+    assert_eq!(next_line(), "got ping");
+    let _ = owner.wait();
+}
+
+#[test]
+fn a_registration_without_its_socket_is_refused() {
+    let echo = echo_server("127.0.0.2");
+    let tunnel = Tunnel::start_routed(&allow_alice(&["127.0.0.2/32"]), &[], &["127.0.0.2/32"])
+        .expect("tunnel");
+    // Someone names a source address without holding the socket bound there.
+    let reply = ask_agent(
+        &tunnel.site.path("agent/agent.sock"),
+        &format!("REGISTER 127.0.0.1:{} {echo} site-b later\n", free_port()),
     );
-    assert_eq!(out.trim(), "got ping");
+    assert!(reply.starts_with("ERR bad-request"), "{reply}");
+    assert_eq!(
+        tunnel.agent.status().expect("status")["registrations_pending"],
+        0
+    );
 }
 
 /// An agent whose `agent.toml` is `body` (with its own `control`), in `dir`.
