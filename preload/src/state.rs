@@ -148,7 +148,7 @@ impl State {
 
     /// The route for an index from [`IpRoutes`].
     pub fn route(&self, index: usize) -> Option<&TableRoute> {
-        self.routes.routes.get(index)
+        self.routes.route(index)
     }
 
     pub fn trace(&self, message: std::fmt::Arguments<'_>) {
