@@ -47,7 +47,7 @@ macro_rules! call_real {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
     // Every call below is in tail position: the pass-through path needs no frame.
-    match crate::state::fast_routes() {
+    match crate::fast_routes::get() {
         // SAFETY: forwarded as given.
         Some(routes) => unsafe { route_or_pass(routes, fd, addr, len) },
         // SAFETY: forwarded as given.
@@ -523,6 +523,7 @@ pub unsafe extern "C" fn getaddrinfo(
         tail = part;
         // SAFETY: walking a list getaddrinfo made.
         while !unsafe { (*tail).ai_next }.is_null() {
+            // SAFETY: as above; the node is not the last.
             tail = unsafe { (*tail).ai_next };
         }
     }
