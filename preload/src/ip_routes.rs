@@ -138,7 +138,7 @@ impl IpRoutes {
     }
 
     /// Where a connection to `ip:port` goes, or `None` for direct.
-    #[cfg(test)]
+    #[inline(always)]
     pub fn lookup(&self, ip: std::net::IpAddr, port: u16) -> Option<Via> {
         match ip {
             std::net::IpAddr::V4(v4) => self.lookup_v4(u32::from(v4), port),
