@@ -257,7 +257,6 @@ fn destination(
     target: Target,
     via: Option<String>,
 ) -> Result<(Target, String), Reply> {
-    let table = &agent.routes;
     let target = match target {
         Target::Addr {
             host: Host::Ip(ip),
@@ -276,17 +275,7 @@ fn destination(
         },
         other => other,
     };
-    let chosen = via.or_else(|| match &target {
-        Target::Addr {
-            host: Host::Ip(ip),
-            port,
-        } => table.route_ip(*ip, *port).map(|r| r.via.clone()),
-        Target::Addr {
-            host: Host::Name(name),
-            port,
-        } => table.route_name(name, *port).map(|r| r.via.clone()),
-        Target::Service(_) => None,
-    });
+    let chosen = via.or_else(|| agent.routes.route_for(&target).map(|r| r.via.clone()));
     match chosen {
         Some(via) if agent.pool(&via).is_some() => Ok((target, via)),
         Some(via) => Err(err(

@@ -53,7 +53,7 @@ pub fn routes(data: &[u8]) {
             Ok(&table),
             "route table does not round-trip"
         );
-        for route in &table.routes {
+        for route in table.routes() {
             for pattern in &route.patterns {
                 let _ = pattern.matches_name("db.site-b.internal", 5432);
                 let _ = pattern.matches_ip([10, 20, 0, 1].into(), 22);

@@ -3,8 +3,9 @@
 //! masked prefixes per family, in route order (the first match wins), so the answer
 //! costs a few instructions per rule and no allocation.
 
+use ipnet::IpNet;
 use tunnel_proto::Pattern;
-use tunnel_proto::pattern::HostPattern;
+use tunnel_proto::pattern::{HostPattern, Ports};
 use tunnel_proto::routes::RouteTable;
 
 /// Which way a matching address goes.
@@ -62,51 +63,34 @@ impl IpRoutes {
     /// Everything refused: for an environment that could not be read.
     pub fn refuse_all() -> IpRoutes {
         let mut routes = IpRoutes::default();
-        routes.add(
-            &Pattern {
-                host: HostPattern::Any,
-                ports: tunnel_proto::pattern::Ports::ANY,
-            },
-            Via::Refuse,
-        );
+        routes.add(None, Ports::ANY, Via::Refuse);
         routes
     }
 
-    /// Synthetic blocks first (they always go to the agent), then the routes in order.
+    /// Synthetic blocks first (they always go to the agent), then the table's address
+    /// rules in its order. Name patterns are matched when names are looked up, not here.
     pub fn compile(synthetic: &[Pattern], table: &RouteTable) -> IpRoutes {
         let mut routes = IpRoutes::default();
         for pattern in synthetic {
-            routes.add(pattern, Via::Synthetic);
-        }
-        for (index, route) in table.routes.iter().enumerate() {
-            for pattern in &route.patterns {
-                routes.add(pattern, Via::Route(index));
+            match &pattern.host {
+                HostPattern::Any => routes.add(None, pattern.ports, Via::Synthetic),
+                HostPattern::Net(net) => routes.add(Some(*net), pattern.ports, Via::Synthetic),
+                HostPattern::Name(_) | HostPattern::Subdomains(_) => {}
             }
+        }
+        for rule in table.address_rules() {
+            routes.add(rule.net, rule.ports, Via::Route(rule.route));
         }
         routes
     }
 
-    fn add(&mut self, pattern: &Pattern, via: Via) {
-        let (first_port, last_port) = (pattern.ports.first, pattern.ports.last);
-        match &pattern.host {
-            HostPattern::Any => {
+    /// Adds a rule for the addresses of `net` (`None`: every address of both families).
+    fn add(&mut self, net: Option<IpNet>, ports: Ports, via: Via) {
+        let (first_port, last_port) = (ports.first, ports.last);
+        match net {
+            None => {
                 mark(&mut self.first_byte_v4, 0, 255);
                 mark(&mut self.first_byte_v6, 0, 255);
-            }
-            HostPattern::Net(ipnet::IpNet::V4(net)) => mark(
-                &mut self.first_byte_v4,
-                u32::from(net.network()) >> 24,
-                u32::from(net.broadcast()) >> 24,
-            ),
-            HostPattern::Net(ipnet::IpNet::V6(net)) => mark(
-                &mut self.first_byte_v6,
-                u32::from(net.network().octets()[0]),
-                u32::from(net.broadcast().octets()[0]),
-            ),
-            HostPattern::Name(_) | HostPattern::Subdomains(_) => {}
-        }
-        match &pattern.host {
-            HostPattern::Any => {
                 self.v4.push(Rule {
                     network: 0,
                     mask: 0,
@@ -122,27 +106,39 @@ impl IpRoutes {
                     via,
                 });
             }
-            HostPattern::Net(ipnet::IpNet::V4(net)) => self.v4.push(Rule {
-                network: u32::from(net.network()),
-                mask: mask_v4(net.prefix_len()),
-                first_port,
-                last_port,
-                via,
-            }),
-            HostPattern::Net(ipnet::IpNet::V6(net)) => self.v6.push(Rule {
-                network: u128::from(net.network()),
-                mask: mask_v6(net.prefix_len()),
-                first_port,
-                last_port,
-                via,
-            }),
-            // Names are matched when they are looked up, not at connect.
-            HostPattern::Name(_) | HostPattern::Subdomains(_) => {}
+            Some(IpNet::V4(net)) => {
+                mark(
+                    &mut self.first_byte_v4,
+                    u32::from(net.network()) >> 24,
+                    u32::from(net.broadcast()) >> 24,
+                );
+                self.v4.push(Rule {
+                    network: u32::from(net.network()),
+                    mask: mask_v4(net.prefix_len()),
+                    first_port,
+                    last_port,
+                    via,
+                });
+            }
+            Some(IpNet::V6(net)) => {
+                mark(
+                    &mut self.first_byte_v6,
+                    u32::from(net.network().octets()[0]),
+                    u32::from(net.broadcast().octets()[0]),
+                );
+                self.v6.push(Rule {
+                    network: u128::from(net.network()),
+                    mask: mask_v6(net.prefix_len()),
+                    first_port,
+                    last_port,
+                    via,
+                });
+            }
         }
     }
 
     /// Where a connection to `ip:port` goes, or `None` for direct.
-    #[cfg(test)]
+    #[inline(always)]
     pub fn lookup(&self, ip: std::net::IpAddr, port: u16) -> Option<Via> {
         match ip {
             std::net::IpAddr::V4(v4) => self.lookup_v4(u32::from(v4), port),
@@ -190,32 +186,134 @@ fn find<T: Copy + PartialEq + std::ops::BitAnd<Output = T>>(
 
 #[cfg(test)]
 mod tests {
+    use std::net::IpAddr;
+
+    use proptest::prelude::*;
+    use tunnel_proto::routes::{ConnectMode, TableRoute};
+
     use super::*;
+
+    /// The route table's own answer, with the synthetic blocks before it.
+    fn expected(synthetic: &[Pattern], table: &RouteTable, ip: IpAddr, port: u16) -> Option<Via> {
+        if synthetic.iter().any(|p| p.matches_ip(ip, port)) {
+            return Some(Via::Synthetic);
+        }
+        table.route_index_ip(ip, port).map(Via::Route)
+    }
 
     #[test]
     fn agrees_with_the_route_table() {
-        let table = RouteTable::parse("a=10.20.0.0/16:22,[fd00::/8];b=10.0.0.0/8,*.x")
-            .unwrap_or_else(|e| panic!("{e}"));
-        let synthetic = vec![Pattern::parse("198.18.0.0/15").unwrap_or_else(|e| panic!("{e}"))];
+        let table = RouteTable::parse("a=10.20.0.0/16:22,[fd00::/8];b=10.0.0.0/8,*.x").unwrap();
+        let synthetic = vec![Pattern::parse("198.18.0.0/15").unwrap()];
         let routes = IpRoutes::compile(&synthetic, &table);
         let cases = [
-            ("10.20.1.1", 22),
-            ("10.20.1.1", 23),
-            ("10.1.1.1", 80),
-            ("11.1.1.1", 80),
-            ("fd12::1", 1),
-            ("fe80::1", 1),
-            ("::ffff:10.1.1.1", 5),
+            ("10.20.1.1", 22, Some(Via::Route(0))),
+            ("10.20.1.1", 23, Some(Via::Route(1))),
+            ("10.1.1.1", 80, Some(Via::Route(1))),
+            ("11.1.1.1", 80, None),
+            ("fd12::1", 1, Some(Via::Route(0))),
+            ("fe80::1", 1, None),
+            ("::ffff:10.1.1.1", 5, Some(Via::Route(1))),
+            ("198.19.0.7", 80, Some(Via::Synthetic)),
         ];
-        for (ip, port) in cases {
-            let ip: std::net::IpAddr = ip.parse().unwrap_or_else(|e| panic!("{e}"));
-            let expected = table
-                .route_ip(ip, port)
-                .and_then(|route| table.routes.iter().position(|r| r == route))
-                .map(Via::Route);
-            assert_eq!(routes.lookup(ip, port), expected, "{ip}:{port}");
+        for (ip, port, via) in cases {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(routes.lookup(ip, port), via, "{ip}:{port}");
+            assert_eq!(expected(&synthetic, &table, ip, port), via, "{ip}:{port}");
         }
-        let synthetic_ip: std::net::IpAddr = "198.19.0.7".parse().unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(routes.lookup(synthetic_ip, 80), Some(Via::Synthetic));
+    }
+
+    /// Addresses from a few blocks, in both families and IPv4-mapped form, so that the
+    /// blocks of generated patterns hold them often.
+    fn ip() -> impl Strategy<Value = IpAddr> {
+        let v4 = (
+            prop_oneof![Just(0u8), Just(10), Just(127), Just(198), Just(255)],
+            prop_oneof![Just(0u8), Just(18), Just(19), Just(255)],
+            any::<u8>(),
+        )
+            .prop_map(|(a, b, c)| IpAddr::from([a, b, 0, c]));
+        let v6 = (
+            prop_oneof![Just(0u16), Just(0xfd00), Just(0xfd7e), Just(0xffff)],
+            prop_oneof![Just(0u16), Just(1), Just(0xffff)],
+            any::<u16>(),
+        )
+            .prop_map(|(a, b, c)| IpAddr::from([a, b, 0, 0, 0, 0, 0, c]));
+        prop_oneof![
+            v4.clone(),
+            v4.prop_map(|ip| match ip {
+                IpAddr::V4(v4) => IpAddr::V6(v4.to_ipv6_mapped()),
+                v6 => v6,
+            }),
+            v6,
+        ]
+    }
+
+    fn ports() -> impl Strategy<Value = Ports> {
+        prop_oneof![
+            Just(Ports::ANY),
+            (1u16..4, 0u16..2).prop_map(|(first, more)| Ports {
+                first,
+                last: first + more,
+            }),
+            Just(Ports {
+                first: u16::MAX,
+                last: u16::MAX,
+            }),
+        ]
+    }
+
+    fn pattern() -> impl Strategy<Value = Pattern> {
+        let host = prop_oneof![
+            1 => Just(HostPattern::Any),
+            1 => Just(HostPattern::Name("db.x".into())),
+            1 => Just(HostPattern::Subdomains("x".into())),
+            6 => (ip(), 0u8..=128).prop_map(|(ip, len)| {
+                let len = if ip.is_ipv4() { len % 33 } else { len };
+                let net = IpNet::new(ip, len).map(|n| n.trunc());
+                HostPattern::Net(net.unwrap_or_else(|_| IpNet::from(ip)))
+            }),
+        ];
+        (host, ports()).prop_map(|(host, ports)| Pattern { host, ports })
+    }
+
+    fn table() -> impl Strategy<Value = RouteTable> {
+        proptest::collection::vec(proptest::collection::vec(pattern(), 1..4), 0..5).prop_map(
+            |routes| {
+                RouteTable::new(
+                    routes
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, patterns)| TableRoute {
+                            via: format!("gw{i}"),
+                            patterns,
+                            connect: ConnectMode::Checked,
+                        })
+                        .collect(),
+                )
+            },
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Connect's compiled form answers as the route table does, for every address
+        /// of either family and every port.
+        #[test]
+        fn compiled_routes_agree_with_the_route_table(
+            synthetic in proptest::collection::vec(pattern(), 0..2),
+            table in table(),
+            queries in proptest::collection::vec((ip(), prop_oneof![1u16..5, Just(u16::MAX), any::<u16>()]), 1..20),
+        ) {
+            let routes = IpRoutes::compile(&synthetic, &table);
+            for (ip, port) in queries {
+                prop_assert_eq!(routes.lookup(ip, port), expected(&synthetic, &table, ip, port), "{}:{}", ip, port);
+            }
+        }
+
+        #[test]
+        fn a_broken_environment_refuses_everything(ip in ip(), port in 1..=u16::MAX) {
+            prop_assert_eq!(IpRoutes::refuse_all().lookup(ip, port), Some(Via::Refuse));
+        }
     }
 }

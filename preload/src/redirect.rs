@@ -1,5 +1,7 @@
-//! The decision for one `connect`, and the redirect itself. Safe code: the raw
-//! pointers were turned into Rust values by the hook.
+//! What happens to a `connect` (or a Fast Open send) that a route selects, and to the
+//! socket afterwards: the redirect to the agent, the deferred answer of a non-blocking
+//! connect, the peer it shows. Safe code: the hooks turned the raw pointers into Rust
+//! values.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -13,51 +15,136 @@ use tunnel_proto::local::{Reply, Request, VerdictDelivery};
 use tunnel_proto::routes::{ConnectMode, TableRoute};
 
 use crate::agent_client::{AgentError, Exchange, ask_for_verdict};
-use crate::ip_routes::Via;
-use crate::state::State;
-use crate::sys;
+use crate::detour::{Bypass, Detour, Errno, catching};
+use crate::ip_routes::{IpRoutes, Via};
+use crate::names;
+use crate::state::{State, state};
+use crate::sys::{self, Peek};
 
-/// What to do with a connect that a route selected (see [`IpRoutes`](crate::ip_routes)).
-pub enum Decision {
-    /// Through the tunnel; `via` is `None` for synthetic addresses (the agent knows).
-    Redirect {
-        via: Option<String>,
-        connect: ConnectMode,
-    },
-    /// Refused here, with this errno.
-    Refuse(c_int),
+/// `connect` to `destination`: a destination no route selects is the real connect's;
+/// a routed one is redirected, out of line. `whole` reads the whole address, which
+/// only a routed connect needs. The pass-through path stays a few instructions long:
+/// what runs out of line answers with a `Result`, so the hook keeps none of the
+/// program's arguments across it and saves no register for them.
+#[inline(always)]
+pub fn connect(
+    routes: &IpRoutes,
+    fd: c_int,
+    destination: Peek,
+    whole: impl FnOnce() -> Option<SocketAddr>,
+) -> Detour<()> {
+    let via = match destination {
+        Peek::V4(address, port) => routes.lookup_v4(address, port),
+        Peek::V6(address, port) => routes.lookup_v6(address, port),
+        Peek::ShortV6 => return Detour::from(connect_short_v6(fd, whole, routes)),
+        Peek::Other => return Detour::Bypass(Bypass::NotInternet),
+    };
+    match via {
+        None => Detour::Bypass(Bypass::NotRouted),
+        Some(via) => Detour::from(connect_whole(fd, whole, via)),
+    }
 }
 
-impl Decision {
-    fn through(route: Option<&TableRoute>) -> Decision {
-        match route {
-            Some(route) => Decision::Redirect {
-                via: Some(route.via.clone()),
-                connect: route.connect,
-            },
-            None => Decision::Redirect {
-                via: None,
-                connect: ConnectMode::default(),
-            },
+/// A routed connect, once its whole address is read. (The arguments come in the
+/// order connect's own are in, so that calling this moves no register.)
+#[cold]
+#[inline(never)]
+fn connect_whole(
+    fd: c_int,
+    whole: impl FnOnce() -> Option<SocketAddr>,
+    via: Via,
+) -> Result<(), Errno> {
+    let destination = whole().ok_or(Errno(libc::EINVAL))?;
+    connect_routed(fd, destination, via)
+}
+
+/// An IPv6 address of the old 24-byte length, which Linux accepts: decided in its
+/// whole form, so that it is routed like any other; not routed, it goes to the real
+/// connect whole, as Linux reads it.
+#[cold]
+#[inline(never)]
+fn connect_short_v6(
+    fd: c_int,
+    whole: impl FnOnce() -> Option<SocketAddr>,
+    routes: &IpRoutes,
+) -> Result<(), Errno> {
+    let destination = whole().ok_or(Errno(libc::EINVAL))?;
+    match routes.lookup(destination.ip(), destination.port()) {
+        None => connect_outcome(sys::real_connect(fd, destination)),
+        Some(via) => connect_routed(fd, destination, via),
+    }
+}
+
+/// A send with `MSG_FASTOPEN` connects inside the send: a routed destination is
+/// connected through the tunnel first, exactly as by `connect`, and the data then
+/// sent on that connection. `destination` is the send's address, if it has one.
+#[inline(always)]
+pub fn fast_open(fd: c_int, flags: c_int, destination: Option<SocketAddr>) -> Detour<()> {
+    if flags & libc::MSG_FASTOPEN == 0 {
+        return Detour::Bypass(Bypass::NotFastOpen);
+    }
+    fast_open_connect(fd, destination)
+}
+
+#[cold]
+#[inline(never)]
+fn fast_open_connect(fd: c_int, destination: Option<SocketAddr>) -> Detour<()> {
+    let Some(state) = state() else {
+        return Detour::Bypass(Bypass::NoRoutes);
+    };
+    let Some(destination) = destination else {
+        return Detour::Bypass(Bypass::NotInternet);
+    };
+    let Some(via) = state.ip_routes.lookup(destination.ip(), destination.port()) else {
+        return Detour::Bypass(Bypass::NotRouted);
+    };
+    if sys::socket_type(fd) != Some(libc::SOCK_STREAM) {
+        // A datagram socket ignores MSG_FASTOPEN; UDP is not carried.
+        return Detour::Bypass(Bypass::NotStream);
+    }
+    Detour::from(connect_routed(fd, destination, via))
+}
+
+/// A connect that a route selected.
+fn connect_routed(fd: c_int, destination: SocketAddr, via: Via) -> Result<(), Errno> {
+    // Routes come from the state, so it is there; refuse rather than guess.
+    let state = state().ok_or(Errno(libc::ECONNREFUSED))?;
+    let routed = || redirect(state, fd, destination, route(state, via, destination)?);
+    catching(routed, Err(Errno(libc::ECONNREFUSED)))
+}
+
+/// Where a routed connect goes and how it connects.
+struct Route {
+    /// The gateway; `None` for a synthetic address whose name this process did not
+    /// look up (the agent knows the name and its gateway).
+    via: Option<String>,
+    connect: ConnectMode,
+}
+
+impl Route {
+    fn through(route: Option<&TableRoute>) -> Route {
+        Route {
+            via: route.map(|r| r.via.clone()),
+            connect: route.map(|r| r.connect).unwrap_or_default(),
         }
     }
 }
 
-pub fn decide(state: &State, via: Via) -> Decision {
+fn route(state: &State, via: Via, destination: SocketAddr) -> Result<Route, Errno> {
     match via {
-        Via::Synthetic => Decision::through(None),
+        // The route of the name this process looked up (which may come from
+        // `tunnel-run --route`), else the agent's choice.
+        Via::Synthetic => Ok(Route::through(names::route_for_synthetic(
+            state,
+            destination.ip(),
+            destination.port(),
+        ))),
         Via::Route(index) => match state.route(index) {
-            Some(route) => Decision::through(Some(route)),
-            None => Decision::Refuse(libc::ECONNREFUSED),
+            Some(route) => Ok(Route::through(Some(route))),
+            None => Err(Errno(libc::ECONNREFUSED)),
         },
-        Via::Refuse => Decision::Refuse(libc::ECONNREFUSED),
+        Via::Refuse => Err(Errno(libc::ECONNREFUSED)),
     }
-}
-
-/// A decision for a synthetic address: the route of the name this process looked up
-/// (which may come from `tunnel-run --route`), else the agent's choice.
-pub fn decide_synthetic(route: Option<&TableRoute>) -> Decision {
-    Decision::through(route)
 }
 
 /// One socket connected to the agent instead of its destination.
@@ -159,8 +246,8 @@ fn source_address(fd: c_int, destination: SocketAddr) -> Result<SocketAddr, c_in
     Err(last)
 }
 
-/// Connects the program's socket to the agent instead of `destination`. Returns what
-/// the program's connect returns, with errno set.
+/// Connects the program's socket to the agent instead of `destination`: what the
+/// program's connect returns.
 ///
 /// ```text
 ///              blocking                        non-blocking
@@ -170,17 +257,12 @@ fn source_address(fd: c_int, destination: SocketAddr) -> Result<SocketAddr, c_in
 /// optimistic   REGISTER nowait: 0               REGISTER nowait: -1 EINPROGRESS
 ///              (a far failure arrives as a reset on first I/O)
 /// ```
-pub fn redirect(
-    state: &State,
-    fd: c_int,
-    destination: SocketAddr,
-    via: Option<String>,
-    connect: ConnectMode,
-) -> c_int {
+fn redirect(state: &State, fd: c_int, destination: SocketAddr, route: Route) -> Result<(), Errno> {
+    let Route { via, connect } = route;
     match sys::socket_type(fd) {
         Some(libc::SOCK_STREAM) => {}
         // Not TCP (a UDP "connect" only sets a default peer): nothing to carry.
-        _ => return sys::real_connect(fd, destination),
+        _ => return connect_outcome(sys::real_connect(fd, destination)),
     }
     // A program that polls a non-blocking connect by calling connect again (EALREADY,
     // then EISCONN) asks about the connection already made to the agent.
@@ -263,7 +345,7 @@ pub fn redirect(
         if wait {
             // Optimistic and blocking: connected to the agent, which is all it waits for.
             state.trace(format_args!("{destination}: redirected (optimistic)"));
-            return 0;
+            return Ok(());
         }
         // Non-blocking: the program gets EINPROGRESS and normal readiness. A checked
         // route's answer comes when the program asks for the connect's result; an
@@ -278,7 +360,7 @@ pub fn redirect(
     match exchange.verdict() {
         Ok(Reply::Verdict { error: None }) => {
             state.trace(format_args!("{destination}: redirected"));
-            0
+            Ok(())
         }
         Ok(Reply::Verdict {
             error: Some(refusal),
@@ -290,25 +372,29 @@ pub fn redirect(
     }
 }
 
-fn fail(errno: c_int) -> c_int {
-    sys::set_errno(errno);
-    -1
+fn fail(errno: c_int) -> Result<(), Errno> {
+    Err(Errno(errno))
+}
+
+/// What the real connect just did: 0, or -1 with its errno.
+fn connect_outcome(rc: c_int) -> Result<(), Errno> {
+    if rc == 0 { Ok(()) } else { fail(sys::errno()) }
 }
 
 /// `connect` called again on a socket already redirected: the state of the local
 /// connect while it is under way, then, for a non-blocking checked connect, the
 /// gateway's answer (waiting for it if need be), once.
-fn connect_again(state: &State, fd: c_int, earlier: Redirected) -> c_int {
+fn connect_again(state: &State, fd: c_int, earlier: Redirected) -> Result<(), Errno> {
     let rc = sys::real_connect(fd, earlier.listener);
     let errno = sys::errno();
     let under_way = rc != 0 && (errno == libc::EALREADY || errno == libc::EINPROGRESS);
     if !earlier.answer.untold() || under_way {
-        return rc;
+        return connect_outcome(rc);
     }
     match verdict_of(state, fd, earlier) {
         0 => {
             sys::set_errno(errno);
-            rc
+            connect_outcome(rc)
         }
         refused => fail(refused),
     }
@@ -340,32 +426,56 @@ fn verdict_of(state: &State, fd: c_int, entry: Redirected) -> c_int {
     errno
 }
 
-/// For `getsockopt(SO_ERROR)`: the result of a non-blocking connect through the tunnel
-/// whose answer the program has not learnt yet, or `None` to ask the kernel.
-/// `local_error` is what the kernel says of the connect to the agent.
-pub fn connect_result(state: &State, fd: c_int, local_error: impl Fn() -> c_int) -> Option<c_int> {
-    if PENDING.load(Ordering::Relaxed) == 0 {
-        return None;
+/// `getsockopt(SO_ERROR)`: the result of a non-blocking connect through the tunnel
+/// whose answer the program has not learnt yet; anything else is the kernel's to
+/// answer. `fits_an_int` says whether the program's buffer can take the answer;
+/// `local_error` is what the kernel says of the connect to the agent. Errno is kept.
+#[inline(always)]
+pub fn connect_result(
+    fd: c_int,
+    fits_an_int: bool,
+    local_error: impl FnOnce() -> c_int,
+) -> Detour<c_int> {
+    if !any_pending() {
+        return Detour::Bypass(Bypass::NothingPending);
     }
-    let entry = REDIRECTED.lock().get(&fd).copied()?;
+    let Some(state) = state() else {
+        return Detour::Bypass(Bypass::NoRoutes);
+    };
+    if !fits_an_int {
+        return Detour::Bypass(Bypass::Unusable);
+    }
+    let saved = sys::errno();
+    let result = catching(
+        || pending_result(state, fd, local_error),
+        Detour::Handled(libc::ECONNREFUSED),
+    );
+    sys::set_errno(saved);
+    result
+}
+
+fn pending_result(state: &State, fd: c_int, local_error: impl FnOnce() -> c_int) -> Detour<c_int> {
+    let Some(entry) = REDIRECTED.lock().get(&fd).copied() else {
+        return Detour::Bypass(Bypass::NotRedirected);
+    };
     if !entry.answer.untold() {
-        return None;
+        return Detour::Bypass(Bypass::NothingPending);
     }
     if !is_same(fd, &entry) {
         // The fd was closed and its number reused.
         forget(fd);
-        return None;
+        return Detour::Bypass(Bypass::NotRedirected);
     }
     match local_error() {
         // The local leg is up, or was up and the agent has reset it because the far
         // side refused: the gateway's answer says which.
         local @ (0 | libc::ECONNRESET) => match verdict_of(state, fd, entry) {
-            0 => Some(local),
-            refused => Some(refused),
+            0 => Detour::Handled(local),
+            refused => Detour::Handled(refused),
         },
         local => {
             settle(fd);
-            Some(local)
+            Detour::Handled(local)
         }
     }
 }
@@ -378,18 +488,82 @@ fn is_same(fd: c_int, entry: &Redirected) -> bool {
 /// True when some non-blocking connect's answer is still to be told: `getsockopt`'s
 /// one check before it does anything else.
 #[inline(always)]
-pub fn any_pending() -> bool {
+fn any_pending() -> bool {
     PENDING.load(Ordering::Relaxed) != 0
 }
 
-/// The destination a redirected socket was meant for, if `fd` is one.
-pub fn original_peer(fd: c_int) -> Option<SocketAddr> {
-    let entry = *REDIRECTED.lock().get(&fd)?;
+/// `getpeername`: the destination a redirected socket was meant for; any other
+/// socket's peer is the kernel's to tell.
+pub fn peer_name(fd: c_int) -> Detour<SocketAddr> {
+    if state().is_none() {
+        return Detour::Bypass(Bypass::NoRoutes);
+    }
+    catching(|| original_peer(fd), Detour::Bypass(Bypass::Panicked))
+}
+
+fn original_peer(fd: c_int) -> Detour<SocketAddr> {
+    let Some(entry) = REDIRECTED.lock().get(&fd).copied() else {
+        return Detour::Bypass(Bypass::NotRedirected);
+    };
     let still_ours = is_same(fd, &entry) && sys::real_peer_addr(fd) == Some(entry.listener);
     if still_ours {
-        Some(entry.destination)
+        Detour::Handled(entry.destination)
     } else {
         forget(fd);
-        None
+        Detour::Bypass(Bypass::NotRedirected)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tunnel_proto::Pattern;
+    use tunnel_proto::routes::RouteTable;
+
+    use super::*;
+
+    fn routes() -> IpRoutes {
+        let table = RouteTable::parse("b=10.20.0.0/16").unwrap();
+        IpRoutes::compile(&[Pattern::parse("198.18.0.0/15").unwrap()], &table)
+    }
+
+    #[test]
+    fn connects_no_route_selects_go_to_the_real_connect() {
+        let unrouted = Peek::V4(u32::from(Ipv4Addr::new(10, 21, 0, 1)), 80);
+        let never_read = || panic!("the whole address is read for a routed connect only");
+        assert_eq!(
+            connect(&routes(), -1, unrouted, never_read),
+            Detour::Bypass(Bypass::NotRouted)
+        );
+        assert_eq!(
+            connect(&routes(), -1, Peek::Other, never_read),
+            Detour::Bypass(Bypass::NotInternet)
+        );
+        let v6 = Peek::V6(u128::from(Ipv6Addr::LOCALHOST), 80);
+        assert_eq!(
+            connect(&routes(), -1, v6, never_read),
+            Detour::Bypass(Bypass::NotRouted)
+        );
+    }
+
+    #[test]
+    fn a_routed_connect_needs_its_whole_address() {
+        let routed = Peek::V4(u32::from(Ipv4Addr::new(10, 20, 0, 1)), 80);
+        assert_eq!(
+            connect(&routes(), -1, routed, || None),
+            Detour::Failed(Errno(libc::EINVAL))
+        );
+        assert_eq!(
+            connect(&routes(), -1, Peek::ShortV6, || None),
+            Detour::Failed(Errno(libc::EINVAL))
+        );
+    }
+
+    #[test]
+    fn only_a_fast_open_send_connects() {
+        let destination = "10.20.0.1:80".parse().ok();
+        assert_eq!(
+            fast_open(-1, 0, destination),
+            Detour::Bypass(Bypass::NotFastOpen)
+        );
     }
 }

@@ -10,7 +10,6 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicPtr, Ordering};
 
 use tunnel_proto::Pattern;
 use tunnel_proto::config::agent::{DEFAULT_SYNTHETIC_IPV4, DEFAULT_SYNTHETIC_IPV6};
@@ -31,18 +30,6 @@ pub struct State {
 }
 
 static STATE: OnceLock<Option<State>> = OnceLock::new();
-
-/// The compiled routes once the state is read and has routes; null before, and for a
-/// program without `TUNNEL_ROUTES`. `connect` reads this one pointer.
-static FAST_ROUTES: AtomicPtr<IpRoutes> = AtomicPtr::new(std::ptr::null_mut());
-
-/// The routes `connect` checks, if the state is read and has them.
-#[inline(always)]
-pub fn fast_routes() -> Option<&'static IpRoutes> {
-    // SAFETY: the pointer is null or points into STATE, a static that is never
-    // written again once set.
-    unsafe { FAST_ROUTES.load(Ordering::Acquire).as_ref() }
-}
 
 /// The parsed environment, or `None` for a pure pass-through: one atomic load once
 /// [`load`] has run.
@@ -83,10 +70,7 @@ pub fn first_state() -> Option<&'static State> {
     let saved = crate::sys::errno();
     let state = STATE.get_or_init(read).as_ref();
     if let Some(state) = state {
-        FAST_ROUTES.store(
-            std::ptr::from_ref(&state.ip_routes).cast_mut(),
-            Ordering::Release,
-        );
+        crate::fast_routes::publish(&state.ip_routes);
     }
     crate::sys::set_errno(saved);
     state
@@ -148,7 +132,7 @@ impl State {
 
     /// The route for an index from [`IpRoutes`].
     pub fn route(&self, index: usize) -> Option<&TableRoute> {
-        self.routes.routes.get(index)
+        self.routes.route(index)
     }
 
     pub fn trace(&self, message: std::fmt::Arguments<'_>) {

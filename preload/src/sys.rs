@@ -6,7 +6,9 @@ use std::mem::{size_of, zeroed};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use libc::{c_int, sockaddr, sockaddr_in, sockaddr_in6, sockaddr_storage, socklen_t};
+use libc::{
+    addrinfo, c_char, c_int, sockaddr, sockaddr_in, sockaddr_in6, sockaddr_storage, socklen_t,
+};
 
 /// A libc function found once with `dlsym(RTLD_NEXT)`.
 pub struct RealFn {
@@ -72,6 +74,37 @@ unsafe extern "C" {
 pub fn set_h_errno(value: c_int) {
     // SAFETY: __h_errno_location always returns this thread's h_errno.
     unsafe { *__h_errno_location() = value }
+}
+
+type GetaddrinfoFn = unsafe extern "C" fn(
+    *const c_char,
+    *const c_char,
+    *const addrinfo,
+    *mut *mut addrinfo,
+) -> c_int;
+
+/// Calls the real `getaddrinfo`; `EAI_SYSTEM` with errno ENOSYS when there is none.
+///
+/// # Safety
+/// As for `getaddrinfo(3)`.
+pub unsafe fn real_getaddrinfo(
+    node: *const c_char,
+    service: *const c_char,
+    hints: *const addrinfo,
+    res: *mut *mut addrinfo,
+) -> c_int {
+    match REAL_GETADDRINFO.address() {
+        0 => {
+            set_errno(libc::ENOSYS);
+            libc::EAI_SYSTEM
+        }
+        f => {
+            // SAFETY: the symbol is libc's getaddrinfo, whose type this is.
+            let f = unsafe { std::mem::transmute::<usize, GetaddrinfoFn>(f) };
+            // SAFETY: forwarded from the caller.
+            unsafe { f(node, service, hints, res) }
+        }
+    }
 }
 
 type ConnectFn = unsafe extern "C" fn(c_int, *const sockaddr, socklen_t) -> c_int;
@@ -189,15 +222,6 @@ pub unsafe fn peek(addr: *const sockaddr, len: socklen_t) -> Peek {
         libc::AF_INET6 if len as usize >= SOCKADDR_IN6_RFC2133 => Peek::ShortV6,
         _ => Peek::Other,
     }
-}
-
-/// The RFC 2133 form of `addr` made whole (scope id 0), for a connect to go on with.
-///
-/// # Safety
-/// `addr` must point to `len` readable bytes, `len` ≥ 24.
-pub unsafe fn whole_sockaddr_in6(addr: *const sockaddr, len: socklen_t) -> sockaddr_in6 {
-    // SAFETY: forwarded from the caller.
-    unsafe { read_sockaddr_in6(addr, len) }
 }
 
 /// Reads a socket address given by a program; `None` for anything but a well-formed

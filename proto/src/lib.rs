@@ -9,6 +9,10 @@
 //!         │                    │                      │
 //!         └── pattern::Pattern ┴── connect::Outcome ──┘
 //!             (CIDR / glob + ports)  (CONNECT answer ↔ failure class ↔ errno)
+//!                 │
+//!         routes::RouteTable: the routes compiled once (TUNNEL_ROUTES ↔ text); the
+//!         one place that says which route takes ip:port or name:port, for the
+//!         agent and the preload alike
 //! ```
 //!
 //! No async runtime, no I/O, no `unsafe`: every decoder here is a pure function over

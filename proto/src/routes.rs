@@ -13,15 +13,53 @@
 use std::fmt;
 use std::net::IpAddr;
 
-use crate::pattern::{HostPattern, Pattern, PatternError};
-use crate::target::is_valid_service_name;
+use ipnet::IpNet;
+
+use crate::pattern::{HostPattern, Pattern, PatternError, Ports};
+use crate::target::{Host, Target, is_valid_service_name};
 
 /// Longest `TUNNEL_ROUTES` accepted (an environment variable, not a file).
 pub const MAX_LEN: usize = 64 * 1024;
 
+/// The routes, compiled once for the three questions asked of them: which route takes
+/// a connection to `ip:port` (the agent, and the preload's connect through the form
+/// it compiles from [`RouteTable::address_rules`]), which takes `name:port` (the
+/// agent, and the preload for a synthetic address), and may a name be routed at all
+/// (the preload's name lookups). Every answer is the first route, in table order,
+/// that has a matching pattern.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct RouteTable {
-    pub routes: Vec<TableRoute>,
+    routes: Vec<TableRoute>,
+    /// The patterns that select addresses (`*` and blocks), in table order.
+    by_address: Vec<AddressRule>,
+    /// The patterns that select names (`*`, names and `*.domain`), in table order.
+    by_name: Vec<NameRule>,
+    /// The hosts of the patterns that give a name a synthetic address at lookup time,
+    /// with any port: see [`RouteTable::may_route_name`].
+    looked_up: Vec<Pattern>,
+}
+
+/// A pattern that selects by address, with its route: what a compiled form of the
+/// table (the preload's per-connect check) is built from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AddressRule {
+    /// The route's index in [`RouteTable::routes`].
+    pub route: usize,
+    /// The block selected; `None` for `*`, every address of both families.
+    pub net: Option<IpNet>,
+    pub ports: Ports,
+}
+
+impl AddressRule {
+    fn matches(&self, ip: IpAddr, port: u16) -> bool {
+        self.ports.contains(port) && self.net.is_none_or(|net| net.contains(&ip.to_canonical()))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct NameRule {
+    route: usize,
+    pattern: Pattern,
 }
 
 /// One route: the destinations it selects and how their connects behave.
@@ -112,25 +150,107 @@ impl RouteTable {
                 connect,
             });
         }
-        Ok(RouteTable { routes })
+        Ok(RouteTable::new(routes))
+    }
+
+    /// The table of these routes, in this order.
+    pub fn new(routes: Vec<TableRoute>) -> RouteTable {
+        let mut by_address = Vec::new();
+        let mut by_name = Vec::new();
+        let mut looked_up = Vec::new();
+        for (index, route) in routes.iter().enumerate() {
+            for pattern in &route.patterns {
+                let net = match &pattern.host {
+                    HostPattern::Net(net) => Some(*net),
+                    _ => None,
+                };
+                if matches!(pattern.host, HostPattern::Any | HostPattern::Net(_)) {
+                    by_address.push(AddressRule {
+                        route: index,
+                        net,
+                        ports: pattern.ports,
+                    });
+                }
+                if net.is_none() {
+                    by_name.push(NameRule {
+                        route: index,
+                        pattern: pattern.clone(),
+                    });
+                }
+                // A catch-all host limited to some ports (`*:5432`) would give every
+                // name, `localhost` included, an address that only those ports can use.
+                let catch_all_for_some_ports =
+                    pattern.host == HostPattern::Any && pattern.ports != Ports::ANY;
+                if net.is_none() && !catch_all_for_some_ports {
+                    looked_up.push(Pattern {
+                        host: pattern.host.clone(),
+                        ports: Ports::ANY,
+                    });
+                }
+            }
+        }
+        RouteTable {
+            routes,
+            by_address,
+            by_name,
+            looked_up,
+        }
+    }
+
+    /// The routes, in table order.
+    pub fn routes(&self) -> &[TableRoute] {
+        &self.routes
+    }
+
+    /// The route at `index` in [`RouteTable::routes`].
+    pub fn route(&self, index: usize) -> Option<&TableRoute> {
+        self.routes.get(index)
     }
 
     pub fn is_empty(&self) -> bool {
         self.routes.is_empty()
     }
 
+    /// The patterns that select by address, in table order (the first match decides).
+    pub fn address_rules(&self) -> &[AddressRule] {
+        &self.by_address
+    }
+
+    /// The index of the route for a connection to `ip:port`, if one selects it.
+    pub fn route_index_ip(&self, ip: IpAddr, port: u16) -> Option<usize> {
+        self.by_address
+            .iter()
+            .find(|rule| rule.matches(ip, port))
+            .map(|rule| rule.route)
+    }
+
     /// The route for a connection to `ip:port`, if one selects it.
     pub fn route_ip(&self, ip: IpAddr, port: u16) -> Option<&TableRoute> {
-        self.routes
-            .iter()
-            .find(|r| r.patterns.iter().any(|p| p.matches_ip(ip, port)))
+        self.route_index_ip(ip, port)
+            .and_then(|index| self.route(index))
     }
 
     /// The route for a connection to `name:port`, if one selects it.
     pub fn route_name(&self, name: &str, port: u16) -> Option<&TableRoute> {
-        self.routes
+        self.by_name
             .iter()
-            .find(|r| r.patterns.iter().any(|p| p.matches_name(name, port)))
+            .find(|rule| rule.pattern.matches_name(name, port))
+            .and_then(|rule| self.route(rule.route))
+    }
+
+    /// The route for a connection to `target` (a service is never routed by pattern).
+    pub fn route_for(&self, target: &Target) -> Option<&TableRoute> {
+        match target {
+            Target::Addr {
+                host: Host::Ip(ip),
+                port,
+            } => self.route_ip(*ip, *port),
+            Target::Addr {
+                host: Host::Name(name),
+                port,
+            } => self.route_name(name, *port),
+            Target::Service(_) => None,
+        }
     }
 
     /// True when some route may select `name` on some port: such names get a synthetic
@@ -138,19 +258,9 @@ impl RouteTable {
     /// some ports (`*:5432`) does not count: it would give every name, `localhost`
     /// included, an address that only those ports can use.
     pub fn may_route_name(&self, name: &str) -> bool {
-        self.routes.iter().any(|route| {
-            route.patterns.iter().any(|p| {
-                let catch_all_for_some_ports =
-                    p.host == HostPattern::Any && p.ports != crate::pattern::Ports::ANY;
-                let by_name = !matches!(p.host, HostPattern::Net(_)) && !catch_all_for_some_ports;
-                by_name
-                    && Pattern {
-                        host: p.host.clone(),
-                        ports: crate::pattern::Ports::ANY,
-                    }
-                    .matches_name(name, 1)
-            })
-        })
+        self.looked_up
+            .iter()
+            .any(|pattern| pattern.matches_name(name, 1))
     }
 }
 
@@ -195,8 +305,14 @@ mod tests {
         assert_eq!(via(t.route_name("x.site-b.internal", 1)), Some("b"));
         assert_eq!(via(t.route_name("db", 5432)), Some("c"));
         assert_eq!(via(t.route_name("db", 80)), None);
-        assert_eq!(t.routes[0].connect, ConnectMode::Checked);
-        assert_eq!(t.routes[1].connect, ConnectMode::Optimistic);
+        assert_eq!(t.routes()[0].connect, ConnectMode::Checked);
+        assert_eq!(t.routes()[1].connect, ConnectMode::Optimistic);
+        assert_eq!(t.route_index_ip(ip("10.21.1.1"), 80), Some(1));
+        let target = |s: &str| Target::parse(s).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(via(t.route_for(&target("10.20.1.1:80"))), Some("b"));
+        assert_eq!(via(t.route_for(&target("db:5432"))), Some("c"));
+        assert_eq!(via(t.route_for(&target("db:80"))), None);
+        assert_eq!(via(t.route_for(&target("db"))), None);
         assert!(t.may_route_name("db"));
         assert!(!t.may_route_name("example.org"));
         let ports_only = RouteTable::parse("b=*:5432").unwrap_or_else(|e| panic!("{e}"));

@@ -215,7 +215,7 @@ mod local_protocol {
                     connect: if optimistic { ConnectMode::Optimistic } else { ConnectMode::Checked },
                 })
                 .collect();
-            let table = RouteTable { routes };
+            let table = RouteTable::new(routes);
             prop_assert_eq!(RouteTable::parse(&table.to_string()), Ok(table));
         }
     }

@@ -483,9 +483,8 @@ impl AgentConfig {
 
     /// The routes in the form the preload reads (`TUNNEL_ROUTES`).
     pub fn route_table(&self) -> crate::routes::RouteTable {
-        crate::routes::RouteTable {
-            routes: self
-                .routes
+        crate::routes::RouteTable::new(
+            self.routes
                 .iter()
                 .map(|r| TableRoute {
                     via: r.via.clone(),
@@ -493,7 +492,7 @@ impl AgentConfig {
                     connect: r.connect,
                 })
                 .collect(),
-        }
+        )
     }
 }
 
