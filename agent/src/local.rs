@@ -116,9 +116,7 @@ async fn read_request(stream: &UnixStream) -> Result<(Vec<u8>, Vec<PassedFd>)> {
         let received = stream.async_io(Interest::READABLE, || {
             receive(stream.as_raw_fd(), &mut chunk, &mut passed)
         });
-        let n = tokio::time::timeout(ANSWER_WITHIN, received)
-            .await
-            .with_context(|| format!("request not sent within {ANSWER_WITHIN:?}"))??;
+        let n = received.await?;
         if n == 0 {
             bail!("closed before a full request");
         }
@@ -154,7 +152,8 @@ fn err(refusal: Refusal, message: impl Into<String>) -> Reply {
 }
 
 async fn answer(agent: &Arc<Agent>, access: &Access, mut stream: UnixStream) -> Result<()> {
-    let (line, mut passed) = read_request(&stream).await?;
+    // Who asks is known before a byte is read: anyone else is answered at once and
+    // holds nothing of the agent's.
     let uid = stream.peer_cred().map(|c| c.uid()).ok();
     let Some(uid) = uid.filter(|_| access.allows(&stream)) else {
         let cred = stream.peer_cred().ok();
@@ -169,6 +168,10 @@ async fn answer(agent: &Arc<Agent>, access: &Access, mut stream: UnixStream) -> 
         )
         .await;
     };
+    // The whole request within the time an answer may take, however it trickles in.
+    let (line, mut passed) = tokio::time::timeout(ANSWER_WITHIN, read_request(&stream))
+        .await
+        .with_context(|| format!("request not complete within {ANSWER_WITHIN:?}"))??;
     let request = match Request::decode(&line) {
         Ok(Some((request, _))) => request,
         Err(e @ LocalError::Unsupported(_)) => {

@@ -181,7 +181,9 @@ fn run(cli: Cli) -> Result<()> {
                 config.control = socket;
             }
             let served = tunnel_transport::daemon::runtime()?.block_on(serve(config, exit_with));
-            if let Some(dir) = scratch_dir {
+            // After a failure the directory stays: tunnel-run reads the log in it to say
+            // why, then removes it.
+            if let Some(dir) = scratch_dir.filter(|_| served.is_ok()) {
                 let _ = std::fs::remove_dir_all(dir);
             }
             served

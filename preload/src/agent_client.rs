@@ -14,6 +14,42 @@ const LOCAL_TIMEOUT: Duration = ANSWER_WITHIN;
 /// `timed-out` itself at [`VERDICT_WITHIN`]; this is only for an agent that hangs.
 const VERDICT_TIMEOUT: Duration = VERDICT_WITHIN.saturating_add(ANSWER_WITHIN);
 
+/// A uid besides our own and root's that may answer as the agent (`TUNNEL_AGENT_UID`,
+/// for an agent shared with a group); `u32::MAX` when none.
+static SHARED_AGENT_UID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(u32::MAX);
+
+/// Read once with the rest of the environment.
+pub fn trust_agent_uid(uid: Option<u32>) {
+    SHARED_AGENT_UID.store(
+        uid.unwrap_or(u32::MAX),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+}
+
+/// Connects to the agent's socket, and makes sure an agent we trust answers there: a
+/// process of our own user, root, or the shared agent's user. Anyone else could have
+/// put a socket in the agent's place (a directory in /tmp made first) to read the
+/// program's traffic; the program's connect is refused instead.
+fn connect(agent: &Path) -> Result<UnixStream, AgentError> {
+    use std::os::fd::AsRawFd;
+    let stream = UnixStream::connect(agent).map_err(AgentError::Unreachable)?;
+    let peer = crate::sys::peer_uid(stream.as_raw_fd());
+    let shared = SHARED_AGENT_UID.load(std::sync::atomic::Ordering::Relaxed);
+    match peer {
+        Some(uid) if uid == 0 || uid == crate::sys::own_uid() || uid == shared => Ok(stream),
+        Some(uid) => Err(AgentError::Unreachable(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "{} is answered by uid {uid}, not by this user's agent (set TUNNEL_AGENT_UID to trust a shared agent)",
+                agent.display()
+            ),
+        ))),
+        None => Err(AgentError::Unreachable(
+            std::io::ErrorKind::PermissionDenied.into(),
+        )),
+    }
+}
+
 #[derive(Debug)]
 pub enum AgentError {
     /// No agent answers: a routed destination fails closed.
@@ -43,7 +79,7 @@ impl Exchange {
     ) -> Result<(Exchange, Reply), AgentError> {
         use std::os::fd::AsRawFd;
         let deadline = Instant::now() + LOCAL_TIMEOUT;
-        let mut stream = UnixStream::connect(agent).map_err(AgentError::Unreachable)?;
+        let mut stream = connect(agent)?;
         let wire = request.encode();
         stream
             .set_read_timeout(Some(LOCAL_TIMEOUT))
@@ -109,7 +145,7 @@ pub fn ask(agent: &Path, request: &Request) -> Result<Reply, AgentError> {
 /// The gateway's answer for the non-blocking connect registered from `source`: the
 /// agent answers once it is known, so this waits as long as a blocking connect would.
 pub fn ask_for_verdict(agent: &Path, source: std::net::SocketAddr) -> Result<Reply, AgentError> {
-    let mut stream = UnixStream::connect(agent).map_err(AgentError::Unreachable)?;
+    let mut stream = connect(agent)?;
     stream
         .set_write_timeout(Some(LOCAL_TIMEOUT))
         .and_then(|()| stream.write_all(Request::Verdict { source }.encode().as_bytes()))

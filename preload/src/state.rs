@@ -79,6 +79,11 @@ pub fn first_state() -> Option<&'static State> {
 fn read() -> Option<State> {
     let routes = std::env::var("TUNNEL_ROUTES").ok()?;
     let debug = std::env::var_os("TUNNEL_DEBUG").is_some_and(|v| !v.is_empty() && v != "0");
+    crate::agent_client::trust_agent_uid(
+        std::env::var("TUNNEL_AGENT_UID")
+            .ok()
+            .and_then(|uid| uid.trim().parse().ok()),
+    );
     let mut broken = None;
     let routes = RouteTable::parse(&routes).unwrap_or_else(|e| {
         broken = Some(e.to_string());

@@ -420,6 +420,30 @@ pub fn send_with_fd(unix: c_int, bytes: &[u8], passed: c_int) -> std::io::Result
     Ok(())
 }
 
+/// The uid of the process at the other end of a Unix socket (SO_PEERCRED).
+pub fn peer_uid(fd: c_int) -> Option<u32> {
+    // SAFETY: all-zero is a valid ucred.
+    let mut cred: libc::ucred = unsafe { zeroed() };
+    let mut len = size_of::<libc::ucred>() as socklen_t;
+    // SAFETY: cred and len are valid out-parameters of this size.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut cred).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then_some(cred.uid)
+}
+
+/// This process's effective uid.
+pub fn own_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() }
+}
+
 /// The socket's inode: which socket an fd number names, even after the number is reused.
 pub fn inode(fd: c_int) -> Option<u64> {
     // SAFETY: all-zero is a valid stat.

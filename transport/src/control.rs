@@ -58,6 +58,7 @@ pub async fn bind_shared(path: &Path, group: Option<&SharedWith>) -> Result<Unix
             }
         }
         Some(dir) => {
+            refuse_if_others_control(dir)?;
             if let Some(group) = group {
                 warn_if_closed_to(dir, group);
             }
@@ -83,6 +84,34 @@ pub async fn bind_shared(path: &Path, group: Option<&SharedWith>) -> Result<Unix
         give_group(path, group)?;
     }
     Ok(listener)
+}
+
+/// Refuses a directory that someone else could swap the socket out of: one owned by
+/// another user, or writable by others without the sticky bit (a shared `/tmp` has it,
+/// so nobody can rename or remove another's socket there). Another user who made
+/// `/tmp/tunnel-UID` first would otherwise receive every routed connection.
+fn refuse_if_others_control(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
+    let me = nix::unistd::geteuid().as_raw();
+    let mode = meta.mode();
+    let sticky = mode & 0o1000 != 0;
+    if meta.uid() != me && meta.uid() != 0 {
+        bail!(
+            "{} belongs to uid {}, not to this daemon's user (uid {me}): whoever owns it could replace the socket. Remove it, or set another control path",
+            dir.display(),
+            meta.uid()
+        );
+    }
+    if mode & 0o022 != 0 && !sticky {
+        bail!(
+            "{} is writable by other users (mode {:o}) and has no sticky bit: they could replace the socket. Run `chmod go-w {}`, or set another control path",
+            dir.display(),
+            mode & 0o7777,
+            dir.display()
+        );
+    }
+    Ok(())
 }
 
 /// Says so when members of `group` cannot pass through `dir`, which this daemon did not

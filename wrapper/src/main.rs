@@ -10,6 +10,7 @@
 mod elf;
 
 use std::io::{Read, Write};
+use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -105,7 +106,7 @@ fn run(args: Args) -> Result<Never> {
         var("XDG_RUNTIME_DIR"),
         nix::unistd::getuid().as_raw(),
     ))?;
-    let socket = if agent_answers(&socket) {
+    let socket = if agent_answers(&socket)? {
         socket
     } else {
         start_agent(&bin_dir, &config_path, &args.route)?
@@ -125,14 +126,31 @@ fn run(args: Args) -> Result<Never> {
     bail!("cannot run `{}`: {error}", args.command[0])
 }
 
-/// True when an agent answers on `socket`.
-fn agent_answers(socket: &Path) -> bool {
+/// True when an agent answers on `socket`; an error when something answers there that
+/// is not this user's agent (another user's socket put in its place).
+fn agent_answers(socket: &Path) -> Result<bool> {
     let Ok(mut stream) = UnixStream::connect(socket) else {
-        return false;
+        return Ok(false);
     };
+    let peer = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
+        .map(|c| c.uid())
+        .ok();
+    let me = nix::unistd::geteuid().as_raw();
+    let shared = std::env::var("TUNNEL_AGENT_UID")
+        .ok()
+        .and_then(|u| u.trim().parse::<u32>().ok());
+    match peer {
+        Some(uid) if uid == me || uid == 0 || Some(uid) == shared => {}
+        Some(uid) => bail!(
+            "{} is answered by uid {uid}, not by your agent: someone else's socket is in its place. Remove it (or, for an agent shared with your group, set TUNNEL_AGENT_UID={uid})",
+            socket.display()
+        ),
+        None => return Ok(false),
+    }
     let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
     let mut byte = [0u8; 1];
-    stream.write_all(b"status\n").is_ok() && matches!(stream.read(&mut byte), Ok(1))
+    let asked = tunnel_proto::local::Request::Version.encode();
+    Ok(stream.write_all(asked.as_bytes()).is_ok() && matches!(stream.read(&mut byte), Ok(1)))
 }
 
 /// Starts an agent for the lifetime of this process (which becomes the command), on a
@@ -143,11 +161,25 @@ fn start_agent(bin_dir: &Path, config: &Path, routes: &[String]) -> Result<PathB
     let base = std::env::var_os("XDG_RUNTIME_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(std::env::temp_dir);
+    // A directory of our own, made now and private: one that is already there may be
+    // someone else's (a guessed pid), so it is never reused.
     let scratch = base.join(format!("tunnel-run-{pid}"));
-    std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&scratch)
+        .with_context(|| {
+            format!(
+                "creating {} (if it exists, another process made it: remove it)",
+                scratch.display()
+            )
+        })?;
     let socket = scratch.join("agent.sock");
     let log_path = scratch.join("agent.log");
-    let log = std::fs::File::create(&log_path)?;
+    let log = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&log_path)
+        .with_context(|| format!("creating {}", log_path.display()))?;
     let mut command = Command::new(&agent);
     command
         .arg("run")
@@ -170,7 +202,7 @@ fn start_agent(bin_dir: &Path, config: &Path, routes: &[String]) -> Result<PathB
         .with_context(|| format!("starting {}", agent.display()))?;
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(10) {
-        if agent_answers(&socket) {
+        if agent_answers(&socket)? {
             return Ok(socket);
         }
         if let Ok(Some(status)) = child.try_wait() {

@@ -295,3 +295,160 @@ except OSError as e:
             .contains("a user not in allow_users/allow_groups was refused")
     );
 }
+
+#[test]
+fn a_socket_put_in_the_agents_place_by_another_user_is_never_used() {
+    if needs_root("a_socket_put_in_the_agents_place_by_another_user_is_never_used") {
+        return;
+    }
+    require("setpriv", "util-linux");
+    let echo = echo_server("127.0.0.2");
+    let site = Site::new();
+    open_to_all(site.dir.path());
+    // Another user makes the directory first (as with /tmp/tunnel-UID) and answers
+    // there as if it were the agent, sending programs straight to the destination.
+    let squatted = site.path("tunnel-0");
+    std::fs::create_dir(&squatted).expect("dir");
+    let nobody = nix::unistd::User::from_name("nobody")
+        .ok()
+        .flatten()
+        .expect("user nobody");
+    std::os::unix::fs::chown(&squatted, Some(nobody.uid.as_raw()), None).expect("chown");
+    let socket = squatted.join("agent.sock");
+    let fake = format!(
+        r#"
+import os, socket
+s = socket.socket(socket.AF_UNIX)
+s.bind("{socket}")
+os.chmod("{socket}", 0o777)
+s.listen(16)
+print("listening", flush=True)
+while True:
+    c, _ = s.accept()
+    try:
+        c.recv(2048)
+        c.sendall(b"OK {echo}\n")
+    except OSError:
+        pass
+    c.close()
+"#,
+        socket = socket.display()
+    );
+    let mut command = Command::new("setpriv");
+    command.args([
+        "--reuid=nobody",
+        "--regid=nogroup",
+        "--clear-groups",
+        "/usr/bin/python3",
+        "-u",
+        "-c",
+        &fake,
+    ]);
+    let mut fake_agent = Daemon::spawn("fake agent", command, site.path("fake.log")).expect("fake");
+    fake_agent
+        .wait_log("listening", Duration::from_secs(10))
+        .expect("fake agent up");
+
+    // A preloaded program refuses to take its orders.
+    let program = format!(
+        r#"
+import socket
+try:
+    socket.create_connection(("{ip}", {port}), timeout=10)
+    print("connected")
+except OSError as e:
+    print(type(e).__name__)
+"#,
+        ip = echo.ip(),
+        port = echo.port()
+    );
+    let out = stdout_within(
+        Command::new("python3")
+            .args(["-c", &program])
+            .env("LD_PRELOAD", bin_dir().join("libtunnel_preload.so"))
+            .env("TUNNEL_ROUTES", "site-b=127.0.0.2/32")
+            .env("TUNNEL_AGENT", &socket),
+        LIMIT,
+    );
+    assert_eq!(
+        out.trim(),
+        "ConnectionRefusedError",
+        "the fake agent was obeyed"
+    );
+
+    // tunnel-run says whose socket it is instead of using it.
+    let gw_dir = site.init_gateway("gateway");
+    let creds = site.issue(&gw_dir, "alice", "alice");
+    let config = site.path("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "control = \"{}\"\n{}[[route]]\nto = [\"127.0.0.2/32\"]\n",
+            socket.display(),
+            gateway_table(
+                "site-b",
+                "127.0.0.1:9".parse().expect("addr"),
+                &creds,
+                "alice"
+            )
+        ),
+    )
+    .expect("config");
+    let (code, _, err) = output_within(
+        Command::new(bin("tunnel-run"))
+            .arg("--config")
+            .arg(&config)
+            .args(["--", "true"]),
+        LIMIT,
+    );
+    assert_eq!(code, Some(127), "{err}");
+    assert!(err.contains("is answered by uid"), "{err}");
+
+    // And an agent refuses to put its socket in a directory someone else owns.
+    fake_agent.kill();
+    let _ = std::fs::remove_file(&socket);
+    let (code, _, err) = output_within(
+        Command::new(bin("tunnel-agent"))
+            .args(["run", "--config"])
+            .arg(&config),
+        LIMIT,
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("not to this daemon's user"), "{err}");
+}
+
+#[test]
+fn tunnel_run_says_why_the_agent_it_started_failed() {
+    let site = Site::new();
+    let gw_dir = site.init_gateway("gateway");
+    let creds = site.issue(&gw_dir, "alice", "alice");
+    let config = site.path("agent.toml");
+    // No agent answers on this socket, and the key the agent needs is missing.
+    std::fs::write(
+        &config,
+        format!(
+            "control = \"{}\"\n{}[[route]]\nto = [\"127.0.0.2/32\"]\n",
+            site.path("nobody-here.sock").display(),
+            gateway_table(
+                "site-b",
+                "127.0.0.1:9".parse().expect("addr"),
+                &creds,
+                "alice"
+            )
+            .replace("alice-key.pem", "missing-key.pem")
+        ),
+    )
+    .expect("config");
+    let (code, _, err) = output_within(
+        Command::new(bin("tunnel-run"))
+            .arg("--config")
+            .arg(&config)
+            .args(["--", "true"]),
+        LIMIT,
+    );
+    assert_eq!(code, Some(127), "{err}");
+    assert!(
+        err.contains("missing-key.pem"),
+        "the reason is missing: {err}"
+    );
+}
