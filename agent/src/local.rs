@@ -230,8 +230,9 @@ async fn answer(agent: &Arc<Agent>, access: &Access, mut stream: UnixStream) -> 
         }
         Request::Verdict { source } => {
             let answer = match agent.registrations.kept_verdict(source, uid) {
-                Some(answer) => Reply::Verdict {
-                    error: await_verdict(answer).await,
+                Some(answer) => match until_hangup(&stream, await_verdict(answer)).await {
+                    Some(error) => Reply::Verdict { error },
+                    None => return Ok(()),
                 },
                 None => err(
                     Refusal::Unknown,
@@ -239,6 +240,35 @@ async fn answer(agent: &Arc<Agent>, access: &Access, mut stream: UnixStream) -> 
                 ),
             };
             reply(&mut stream, answer).await
+        }
+    }
+}
+
+/// Runs `wait` unless the asking program hangs up first (it was killed, or gave up):
+/// a wait nobody will read holds nothing of the agent's.
+async fn until_hangup<T>(
+    stream: &UnixStream,
+    wait: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    tokio::select! {
+        answered = wait => Some(answered),
+        () = hung_up(stream) => None,
+    }
+}
+
+/// Returns once the other end has closed (it sends nothing more after its request).
+async fn hung_up(stream: &UnixStream) {
+    let mut byte = [0u8; 1];
+    loop {
+        if stream.readable().await.is_err() {
+            return;
+        }
+        match stream.try_read(&mut byte) {
+            Ok(0) => return,
+            // Stray bytes after the request are ignored.
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(_) => return,
         }
     }
 }
@@ -337,6 +367,18 @@ async fn register(
         )
         .await;
     }
+    if source.port() == 0 {
+        // IP_BIND_ADDRESS_NO_PORT leaves the port to connect time: nothing could name
+        // the connection that arrives.
+        return reply(
+            stream,
+            err(
+                Refusal::Connect(ConnectError::BadRequest),
+                "the socket has no port yet (IP_BIND_ADDRESS_NO_PORT?): bind it to a port first",
+            ),
+        )
+        .await;
+    }
     if agent.registrations.is_pending(source) {
         return reply(
             stream,
@@ -364,8 +406,9 @@ async fn register(
         .insert(source, target, via, uid, delivery);
     reply(stream, Reply::Ok { listener }).await?;
     if let Some(answer) = answer {
-        let error = await_verdict(answer).await;
-        reply(stream, Reply::Verdict { error }).await?;
+        if let Some(error) = until_hangup(stream, await_verdict(answer)).await {
+            reply(stream, Reply::Verdict { error }).await?;
+        }
     }
     Ok(())
 }

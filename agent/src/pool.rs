@@ -16,7 +16,7 @@
 //! with the fewest streams; a slot whose gateway sent GOAWAY takes no new streams while
 //! its old ones finish.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -57,6 +57,9 @@ pub struct Pool {
     waiting: AtomicUsize,
     /// Wakes slots in backoff when a stream starts waiting.
     demand: Notify,
+    /// Connections lost or dials failed, ever: a waiting stream gives up once every
+    /// slot has failed again since it began to wait.
+    failures: AtomicU64,
     connect_timeout: Duration,
 }
 
@@ -202,6 +205,7 @@ impl Pool {
             changed: Notify::new(),
             waiting: AtomicUsize::new(0),
             demand: Notify::new(),
+            failures: AtomicU64::new(0),
             connect_timeout: config.connect_timeout,
         });
         let dialer = Dialer {
@@ -268,6 +272,13 @@ impl Pool {
         self.change(index, |_| Some(state));
     }
 
+    /// True when no slot is up, dialling or draining: every one waits out a failure.
+    fn all_backing_off(&self) -> bool {
+        self.slots
+            .iter()
+            .all(|slot| matches!(lock(slot).state, SlotState::Backoff { .. }))
+    }
+
     /// The live slot with the fewest streams.
     fn pick(&self) -> Option<(usize, Live, Arc<AtomicUsize>)> {
         self.slots
@@ -328,28 +339,44 @@ impl Pool {
             .authority(target.to_string())
             .build()
             .with_context(|| format!("`{target}` is not a valid CONNECT authority"))?;
-        let mut waiting: Option<Waiting<'_>> = None;
+        let mut waiting: Option<(Waiting<'_>, u64)> = None;
+        let addresses = || {
+            let list: Vec<&str> = self
+                .peer
+                .addresses
+                .iter()
+                .map(|a| a.address.as_str())
+                .collect();
+            list.join(", ")
+        };
         loop {
             // Register interest before looking, so a slot coming up in between wakes us.
             let changed = self.changed.notified();
             let Some((index, live, streams)) = self.pick() else {
-                if waiting.is_none() {
-                    waiting = Some(Waiting::start(self));
+                let (_, failures_then) = waiting.get_or_insert_with(|| {
+                    (Waiting::start(self), self.failures.load(Ordering::SeqCst))
+                });
+                // Every slot has failed again since this stream began to wait (the
+                // dials a waiting stream asks for come at once): the gateway cannot be
+                // reached now, and waiting out connect_timeout would only hold the
+                // program (a checked connect waits for this answer).
+                let failed_since = self.failures.load(Ordering::SeqCst) - *failures_then;
+                if failed_since >= self.slots.len() as u64 && self.all_backing_off() {
+                    return Err(anyhow!(
+                        "gateway `{}` ({}) cannot be reached: {}",
+                        self.peer.name,
+                        addresses(),
+                        self.why_down()
+                    ));
                 }
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() || tokio::time::timeout(left, changed).await.is_err() {
-                    let why = self.why_down();
-                    let addresses: Vec<&str> = self
-                        .peer
-                        .addresses
-                        .iter()
-                        .map(|a| a.address.as_str())
-                        .collect();
                     return Err(anyhow!(
-                        "no connection to gateway `{}` ({}) within {:.0}s: {why}",
+                        "no connection to gateway `{}` ({}) within {:.0}s: {}",
                         self.peer.name,
-                        addresses.join(", "),
-                        self.connect_timeout.as_secs_f64()
+                        addresses(),
+                        self.connect_timeout.as_secs_f64(),
+                        self.why_down()
                     ));
                 }
                 continue;
@@ -449,6 +476,7 @@ async fn keep_connected(pool: Arc<Pool>, index: usize, dialer: Dialer) {
             }
         };
         warn!(gateway = %name, slot = index, "connection lost or failed: {error}");
+        pool.failures.fetch_add(1, Ordering::SeqCst);
         // Full jitter on an exponential ceiling, so that many agents do not redial in step.
         let pause = backoff.mul_f64(0.5 + fastrand::f64() * 0.5);
         pool.set(

@@ -227,3 +227,36 @@ s.on('error', e => {{ console.log(e.code); process.exit(0); }});
         "node: a remote failure is a reset"
     );
 }
+
+#[test]
+fn a_connect_while_the_gateway_is_down_fails_in_seconds_not_after_connect_timeout() {
+    let Far {
+        mut tunnel, echo, ..
+    } = far("");
+    tunnel.gateway.daemon.kill();
+    wait_for(Duration::from_secs(20), "every connection down", || {
+        (tunnel.agent.connections_up() == 0).then_some(())
+    })
+    .expect("down");
+    // connect_timeout is 10 s: a program must not wait it out when every dial fails.
+    let script = format!(
+        r#"
+import socket, time
+start = time.monotonic()
+try:
+    socket.create_connection(("127.0.0.2", {port}), timeout=30)
+    print("connected")
+except OSError as e:
+    print(type(e).__name__, round(time.monotonic() - start, 1))
+"#,
+        port = echo.port()
+    );
+    let out = stdout_within(tunnel.run("python3").args(["-c", &script]), LIMIT);
+    let (what, took) = out.trim().split_once(' ').unwrap_or((out.trim(), "?"));
+    assert_eq!(what, "ConnectionRefusedError", "{out}");
+    let took: f64 = took.parse().unwrap_or(f64::MAX);
+    assert!(
+        took < 5.0,
+        "the connect waited {took} s for a gateway that is down"
+    );
+}
