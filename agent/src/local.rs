@@ -405,10 +405,10 @@ async fn register(
         .registrations
         .insert(source, target, via, uid, delivery);
     reply(stream, Reply::Ok { listener }).await?;
-    if let Some(answer) = answer {
-        if let Some(error) = until_hangup(stream, await_verdict(answer)).await {
-            reply(stream, Reply::Verdict { error }).await?;
-        }
+    if let Some(answer) = answer
+        && let Some(error) = until_hangup(stream, await_verdict(answer)).await
+    {
+        reply(stream, Reply::Verdict { error }).await?;
     }
     Ok(())
 }
