@@ -7,7 +7,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 use nix::unistd::{Gid, Group, Uid, User};
@@ -18,6 +17,7 @@ use tunnel_proto::config::{Forward, LocalUsers};
 
 use crate::Agent;
 use crate::carry::carry;
+use tunnel_transport::plumbing::{Shutdown, accept_until};
 
 /// The users a forward port admits, resolved from the names in the config.
 #[derive(Debug, Clone, Default)]
@@ -122,46 +122,41 @@ pub async fn serve(
     listener: TcpListener,
     forward: Forward,
     allowed: Option<AllowedUsers>,
+    shutdown: Shutdown,
 ) {
-    info!(
-        "forward {} -> {} via {}",
-        listener
-            .local_addr()
-            .map_or_else(|_| forward.listen.to_string(), |a| a.to_string()),
-        forward.to,
-        forward.via
-    );
-    loop {
-        match listener.accept().await {
-            Ok((tcp, peer)) => {
-                if let Some(allowed) = &allowed {
-                    let owner = tcp
-                        .local_addr()
-                        .and_then(|ours| agent.socket_owners.uid_of_peer(peer, ours));
-                    let admitted = matches!(owner, Ok(Some(uid)) if allowed.admits(uid));
-                    if !admitted {
-                        warn!(
-                            %peer,
-                            owner = ?owner.ok().flatten(),
-                            "forward {}: a user not in allow_users/allow_groups was refused",
-                            forward.listen
-                        );
-                        tunnel_transport::splice::reset(tcp);
-                        continue;
-                    }
+    let bound = listener
+        .local_addr()
+        .map_or_else(|_| forward.listen.to_string(), |a| a.to_string());
+    info!("forward {bound} -> {} via {}", forward.to, forward.via);
+    let what = format!("forward {bound}");
+    accept_until(
+        &what,
+        shutdown,
+        || listener.accept(),
+        |(tcp, peer)| {
+            if let Some(allowed) = &allowed {
+                let owner = tcp
+                    .local_addr()
+                    .and_then(|ours| agent.socket_owners.uid_of_peer(peer, ours));
+                let admitted = matches!(owner, Ok(Some(uid)) if allowed.admits(uid));
+                if !admitted {
+                    warn!(
+                        %peer,
+                        owner = ?owner.ok().flatten(),
+                        "{what}: a user not in allow_users/allow_groups was refused"
+                    );
+                    tunnel_transport::splice::reset(tcp);
+                    return;
                 }
-                tokio::spawn(carry(
-                    agent.clone(),
-                    tcp,
-                    forward.to.clone(),
-                    forward.via.clone(),
-                    None,
-                ));
             }
-            Err(e) => {
-                warn!("forward {}: accept failed: {e}", forward.listen);
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
+            tokio::spawn(carry(
+                agent.clone(),
+                tcp,
+                forward.to.clone(),
+                forward.via.clone(),
+                None,
+            ));
+        },
+    )
+    .await;
 }

@@ -7,7 +7,6 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
 
 use std::io::IoSliceMut;
 use std::os::fd::{AsRawFd, RawFd};
@@ -25,6 +24,7 @@ use tunnel_proto::local::{
 };
 use tunnel_proto::{Host, Target};
 use tunnel_transport::control::SharedWith;
+use tunnel_transport::plumbing::{Shutdown, accept_until};
 
 use crate::Agent;
 use crate::carry::Verdict;
@@ -87,21 +87,23 @@ fn in_group(pid: i32, gid: u32) -> bool {
         .is_some_and(|groups| groups.split_whitespace().any(|g| g == gid.to_string()))
 }
 
-pub async fn serve(agent: Arc<Agent>, listener: UnixListener, access: Access) {
+pub async fn serve(agent: Arc<Agent>, listener: UnixListener, access: Access, shutdown: Shutdown) {
     let access = Arc::new(access);
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        let agent = agent.clone();
-        let access = access.clone();
-        tokio::spawn(async move {
-            if let Err(e) = answer(&agent, &access, stream).await {
-                debug!("local request: {e:#}");
-            }
-        });
-    }
+    accept_until(
+        "agent socket",
+        shutdown,
+        || listener.accept(),
+        |(stream, _)| {
+            let agent = agent.clone();
+            let access = access.clone();
+            tokio::spawn(async move {
+                if let Err(e) = answer(&agent, &access, stream).await {
+                    debug!("local request: {e:#}");
+                }
+            });
+        },
+    )
+    .await;
 }
 
 /// Reads one request line, and the socket passed with it (a registration's proof).

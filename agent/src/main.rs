@@ -43,6 +43,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::info;
 use tunnel_proto::config::AgentConfig;
 use tunnel_proto::paths;
+use tunnel_transport::plumbing::Shutdown;
 use tunnel_transport::streams::{Side, StreamTable};
 
 use crate::forward::ForwardView;
@@ -236,28 +237,6 @@ fn env_lines(config: &AgentConfig) -> Result<String> {
     ))
 }
 
-/// Tells systemd (or whoever set NOTIFY_SOCKET) that the agent is ready.
-fn notify_ready() {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let path = path.to_string_lossy().into_owned();
-    let address = match path.strip_prefix('@') {
-        Some(abstract_name) => {
-            use std::os::linux::net::SocketAddrExt;
-            std::os::unix::net::SocketAddr::from_abstract_name(abstract_name.as_bytes())
-        }
-        None => std::os::unix::net::SocketAddr::from_pathname(&path),
-    };
-    let sent = address.and_then(|address| {
-        let socket = std::os::unix::net::UnixDatagram::unbound()?;
-        socket.send_to_addr(b"READY=1\nSTATUS=agent ready", &address)
-    });
-    if let Err(e) = sent {
-        tracing::warn!("could not notify {path}: {e}");
-    }
-}
-
 /// Returns when process `pid` has ended.
 async fn process_ended(pid: i32) {
     let pid = nix::unistd::Pid::from_raw(pid);
@@ -299,7 +278,9 @@ async fn serve(config: AgentConfig, exit_with: Option<i32>) -> Result<()> {
         socket_owners,
         started: Instant::now(),
     });
-    // Everything that accepts new work; stopped first when the agent is asked to stop.
+    // Everything that accepts new work stops (and closes its listener) when the agent
+    // is asked to stop; the streams in flight go on until the drain ends.
+    let (stop_accepting, accepting) = Shutdown::new();
     let mut acceptors = Vec::new();
     for ((listener, forward), allowed) in bound.into_iter().zip(allowed) {
         acceptors.push(tokio::spawn(forward::serve(
@@ -307,19 +288,29 @@ async fn serve(config: AgentConfig, exit_with: Option<i32>) -> Result<()> {
             listener,
             forward,
             allowed,
+            accepting.clone(),
         )));
     }
-    acceptors.push(tokio::spawn(redirect::serve(agent.clone(), listeners.v4)));
+    acceptors.push(tokio::spawn(redirect::serve(
+        agent.clone(),
+        listeners.v4,
+        accepting.clone(),
+    )));
     if let Some(v6) = listeners.v6 {
-        acceptors.push(tokio::spawn(redirect::serve(agent.clone(), v6)));
+        acceptors.push(tokio::spawn(redirect::serve(
+            agent.clone(),
+            v6,
+            accepting.clone(),
+        )));
     }
     acceptors.push(tokio::spawn(local::serve(
         agent.clone(),
         local_listener,
         access,
+        accepting,
     )));
     info!("agent ready; socket {}", socket.display());
-    notify_ready();
+    tunnel_transport::daemon::notify_ready("agent ready");
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -337,8 +328,9 @@ async fn serve(config: AgentConfig, exit_with: Option<i32>) -> Result<()> {
             false
         }
     };
-    for acceptor in &acceptors {
-        acceptor.abort();
+    stop_accepting.fire();
+    for acceptor in acceptors {
+        let _ = acceptor.await;
     }
     let _ = std::fs::remove_file(&socket);
     if drain && agent.streams.live_count() > 0 {

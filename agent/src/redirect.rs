@@ -28,6 +28,7 @@ use tunnel_proto::local::VerdictDelivery;
 
 use crate::Agent;
 use crate::carry::{Verdict, VerdictSender, carry};
+use tunnel_transport::plumbing::{Shutdown, accept_until};
 
 const CLAIM_WITHIN: Duration = Duration::from_secs(30);
 /// How long a non-blocking connect's answer waits to be asked for.
@@ -220,42 +221,40 @@ pub fn listener_for(source: SocketAddr, v4: SocketAddr, v6: Option<SocketAddr>) 
     }
 }
 
-pub async fn serve(agent: Arc<Agent>, listener: TcpListener) {
-    loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                warn!("loopback listener: accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
+pub async fn serve(agent: Arc<Agent>, listener: TcpListener, shutdown: Shutdown) {
+    accept_until(
+        "loopback listener",
+        shutdown,
+        || listener.accept(),
+        |(tcp, peer)| {
+            let owner = match tcp.local_addr() {
+                Ok(ours) => agent.socket_owners.uid_of_peer(peer, ours),
+                Err(e) => Err(e),
+            };
+            let owner = owner.unwrap_or_else(|e| {
+                warn!(%peer, "cannot tell who owns the connecting socket ({e}): dropped");
+                None
+            });
+            match agent.registrations.take_owned(peer, owner) {
+                Claim::Taken(r) => {
+                    tokio::spawn(carry(agent.clone(), tcp, r.target, r.via, r.verdict));
+                }
+                Claim::Unregistered => {
+                    // Not announced by our preload: some other program found the port.
+                    debug!(%peer, "unregistered connection on the loopback listener dropped");
+                    tunnel_transport::splice::reset(tcp);
+                }
+                Claim::NotTheOwner { registered_by } => {
+                    warn!(
+                        %peer,
+                        owner = ?owner,
+                        registered_by,
+                        "a connection from another user's registered address was dropped"
+                    );
+                    tunnel_transport::splice::reset(tcp);
+                }
             }
-        };
-        let owner = match tcp.local_addr() {
-            Ok(ours) => agent.socket_owners.uid_of_peer(peer, ours),
-            Err(e) => Err(e),
-        };
-        let owner = owner.unwrap_or_else(|e| {
-            warn!(%peer, "cannot tell who owns the connecting socket ({e}): dropped");
-            None
-        });
-        match agent.registrations.take_owned(peer, owner) {
-            Claim::Taken(r) => {
-                tokio::spawn(carry(agent.clone(), tcp, r.target, r.via, r.verdict));
-            }
-            Claim::Unregistered => {
-                // Not announced by our preload: some other program found the port.
-                debug!(%peer, "unregistered connection on the loopback listener dropped");
-                tunnel_transport::splice::reset(tcp);
-            }
-            Claim::NotTheOwner { registered_by } => {
-                warn!(
-                    %peer,
-                    owner = ?owner,
-                    registered_by,
-                    "a connection from another user's registered address was dropped"
-                );
-                tunnel_transport::splice::reset(tcp);
-            }
-        }
-    }
+        },
+    )
+    .await;
 }

@@ -20,9 +20,9 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use serde_json::json;
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::watch;
 use tracing::{info, warn};
 use tunnel_proto::config::GatewayConfig;
+use tunnel_transport::plumbing::Shutdown;
 
 use crate::server::Gateway;
 
@@ -182,24 +182,26 @@ async fn serve(config: GatewayConfig, workers: workers::Workers) -> Result<()> {
     let summaries = gateway.clone();
     tokio::spawn(async move { summaries.refusals.run().await });
 
+    let (stop, stopping) = Shutdown::new();
     let status_gateway = gateway.clone();
     tokio::spawn(tunnel_transport::control::serve(
         control,
         Arc::new(move |command| {
             (command == "status").then(|| status_json(&status_gateway).to_string())
         }),
+        stopping.clone(),
     ));
 
-    let (stop_tx, stop_rx) = watch::channel(false);
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     info!("listening on {local}");
+    tunnel_transport::daemon::notify_ready(&format!("listening on {local}"));
     let server = server::serve(
         gateway.clone(),
         listener,
         tokio_rustls::TlsAcceptor::from(tls),
         workers,
-        stop_rx,
+        stopping,
     );
     tokio::pin!(server);
     tokio::select! {
@@ -212,7 +214,7 @@ async fn serve(config: GatewayConfig, workers: workers::Workers) -> Result<()> {
         "stopping: no new connections; {live} streams in flight get up to {:.0}s",
         drain.as_secs_f64()
     );
-    let _ = stop_tx.send(true);
+    stop.fire();
     match tokio::time::timeout(drain, &mut server).await {
         Ok(()) => info!("drained; exiting"),
         Err(_) => warn!(

@@ -46,6 +46,7 @@ use tunnel_proto::config::GatewayConfig;
 use tunnel_proto::connect::{ERROR_HEADER, encode_outcome};
 use tunnel_proto::{ConnectError, Target};
 use tunnel_transport::liveness::{self, Health, INITIAL_STREAM_WINDOW};
+use tunnel_transport::plumbing::{Shutdown, accept_until};
 use tunnel_transport::splice::{self, Abort};
 use tunnel_transport::streams::{Side, StreamTable};
 
@@ -142,57 +143,54 @@ pub fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-/// Accepts agents until `shutdown` turns true, then asks every connection to drain and
+/// Accepts agents until `shutdown` fires, then asks every connection to drain and
 /// returns once the last one has ended.
 pub async fn serve(
     gateway: Arc<Gateway>,
     listener: TcpListener,
     tls: TlsAcceptor,
     workers: Workers,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: Shutdown,
 ) {
     // Each connection task holds a sender; when all are gone, every connection ended.
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     let connection_shutdown = shutdown.clone();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((tcp, peer)) => {
-                    let permit = match gateway.admission.handshake(peer.ip()) {
-                        Ok(permit) => permit,
-                        Err(over) => {
-                            // A reset frees the socket at once, on both ends; a polite
-                            // close would leave it in TIME_WAIT here.
-                            let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
-                            drop(tcp);
-                            gateway.refusals.report(&source(peer.ip()), Kind::OverHandshakeCap, over);
-                            continue;
-                        }
-                    };
-                    // Handed to a worker: the socket moves to that worker's runtime.
-                    let tcp = match tcp.into_std() {
-                        Ok(tcp) => tcp,
-                        Err(e) => {
-                            warn!(%peer, "could not hand the connection to a worker: {e}");
-                            continue;
-                        }
-                    };
-                    let (gateway, tls, shutdown) = (gateway.clone(), tls.clone(), connection_shutdown.clone());
-                    let done = done_tx.clone();
-                    workers.spawn(move || async move {
-                        connection(gateway, tcp, peer, permit, tls, shutdown).await;
-                        drop(done);
-                    });
+    accept_until(
+        "agent listener",
+        shutdown,
+        || listener.accept(),
+        |(tcp, peer)| {
+            let permit = match gateway.admission.handshake(peer.ip()) {
+                Ok(permit) => permit,
+                Err(over) => {
+                    // A reset frees the socket at once, on both ends; a polite close would
+                    // leave it in TIME_WAIT here.
+                    let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+                    drop(tcp);
+                    gateway
+                        .refusals
+                        .report(&source(peer.ip()), Kind::OverHandshakeCap, over);
+                    return;
                 }
+            };
+            // Handed to a worker: the socket moves to that worker's runtime.
+            let tcp = match tcp.into_std() {
+                Ok(tcp) => tcp,
                 Err(e) => {
-                    // Out of fds, most likely: back off instead of spinning.
-                    warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    warn!(%peer, "could not hand the connection to a worker: {e}");
+                    return;
                 }
-            },
-            _ = shutdown.wait_for(|stop| *stop) => break,
-        }
-    }
+            };
+            let (gateway, tls, shutdown) =
+                (gateway.clone(), tls.clone(), connection_shutdown.clone());
+            let done = done_tx.clone();
+            workers.spawn(move || async move {
+                connection(gateway, tcp, peer, permit, tls, shutdown).await;
+                drop(done);
+            });
+        },
+    )
+    .await;
     drop(listener);
     drop(done_tx);
     let _ = done_rx.recv().await;
@@ -209,7 +207,7 @@ async fn connection(
     peer: SocketAddr,
     permit: HandshakePermit,
     tls: TlsAcceptor,
-    shutdown: watch::Receiver<bool>,
+    shutdown: Shutdown,
 ) {
     let tcp = match TcpStream::from_std(tcp) {
         Ok(tcp) => tcp,
@@ -239,7 +237,7 @@ async fn handshake(
     permit: HandshakePermit,
     tls: TlsAcceptor,
     deadline: tokio::time::Instant,
-    shutdown: watch::Receiver<bool>,
+    shutdown: Shutdown,
 ) {
     let accepted = tokio::time::timeout_at(deadline, tls.accept(tcp)).await;
     drop(permit);
@@ -281,7 +279,7 @@ async fn agent(
     gateway: Arc<Gateway>,
     mut tls_stream: tokio_rustls::server::TlsStream<TcpStream>,
     peer: SocketAddr,
-    mut shutdown: watch::Receiver<bool>,
+    mut shutdown: Shutdown,
 ) {
     tunnel_transport::tls::tune_session(tls_stream.get_mut().1);
     let identity = tls_stream
@@ -385,7 +383,7 @@ async fn agent(
                 }
                 Err(_) => windows_open = false,
             },
-            _ = shutdown.wait_for(|stop| *stop), if !draining => {
+            () = shutdown.fired(), if !draining => {
                 draining = true;
                 info!(%peer, %identity, "draining: GOAWAY sent");
                 conn.graceful_shutdown();

@@ -16,6 +16,8 @@ use anyhow::{Context, Result, bail};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
+use crate::plumbing::{Shutdown, accept_until};
+
 /// Longest command accepted; a client that sends more is dropped.
 const MAX_COMMAND: usize = 256;
 
@@ -137,17 +139,20 @@ fn warn_if_closed_to(dir: &Path, group: &SharedWith) {
     }
 }
 
-/// Serves commands until the listener fails.
-pub async fn serve(listener: UnixListener, handler: Handler) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let handler = handler.clone();
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(5), answer(stream, handler)).await;
-        });
-    }
+/// Serves commands until `shutdown` fires.
+pub async fn serve(listener: UnixListener, handler: Handler, shutdown: Shutdown) {
+    accept_until(
+        "control socket",
+        shutdown,
+        || listener.accept(),
+        |(stream, _)| {
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(5), answer(stream, handler)).await;
+            });
+        },
+    )
+    .await;
 }
 
 async fn answer(stream: UnixStream, handler: Handler) -> Result<()> {

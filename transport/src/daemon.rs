@@ -1,4 +1,5 @@
-//! What both daemons' `main` does the same way: logging and the async runtime.
+//! What both daemons' `main` does the same way: logging, the async runtime, and telling
+//! systemd they are ready.
 
 use anyhow::{Context, Result};
 
@@ -24,4 +25,27 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()
         .context("starting the async runtime")
+}
+
+/// Tells systemd (or whoever set NOTIFY_SOCKET) that the daemon is ready, with a
+/// one-line `status` (`Type=notify` units start their dependents then).
+pub fn notify_ready(status: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let path = path.to_string_lossy().into_owned();
+    let address = match path.strip_prefix('@') {
+        Some(abstract_name) => {
+            use std::os::linux::net::SocketAddrExt;
+            std::os::unix::net::SocketAddr::from_abstract_name(abstract_name.as_bytes())
+        }
+        None => std::os::unix::net::SocketAddr::from_pathname(&path),
+    };
+    let sent = address.and_then(|address| {
+        let socket = std::os::unix::net::UnixDatagram::unbound()?;
+        socket.send_to_addr(format!("READY=1\nSTATUS={status}").as_bytes(), &address)
+    });
+    if let Err(e) = sent {
+        tracing::warn!("could not notify {path}: {e}");
+    }
 }

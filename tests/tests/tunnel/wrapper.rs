@@ -212,3 +212,34 @@ fn installed_units_pass_systemd_analyze_verify() {
     );
     assert!(env.contains("TUNNEL_ROUTES='b=10.0.0.0/8'"), "{env}");
 }
+
+#[test]
+fn the_gateway_tells_its_service_manager_when_it_listens() {
+    let site = Site::new();
+    let gw_dir = site.init_gateway("gateway");
+    let notify_path = site.path("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).expect("notify socket");
+    notify
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut command = Command::new(bin("tunnel-gateway"));
+    command
+        .arg("run")
+        .arg("--config")
+        .arg(gw_dir.join("gateway.toml"))
+        .env("NOTIFY_SOCKET", &notify_path);
+    let gateway = Daemon::spawn("gateway", command, site.path("gateway.log")).expect("gateway");
+    let mut buf = [0u8; 256];
+    let n = notify
+        .recv(&mut buf)
+        .unwrap_or_else(|e| panic!("no READY=1 within 20 s ({e}):\n{}", gateway.log_text()));
+    let message = String::from_utf8_lossy(&buf[..n]);
+    assert!(message.lines().any(|l| l == "READY=1"), "{message}");
+    // Ready means listening: the address it names accepts connections now.
+    let address = message
+        .lines()
+        .find_map(|l| l.strip_prefix("STATUS=listening on "))
+        .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+        .unwrap_or_else(|| panic!("no listening address in {message}"));
+    std::net::TcpStream::connect(address).expect("the gateway accepts once ready");
+}
