@@ -377,30 +377,8 @@ except OSError as e:
     );
 
     // tunnel-run says whose socket it is instead of using it.
-    let gw_dir = site.init_gateway("gateway");
-    let creds = site.issue(&gw_dir, "alice", "alice");
-    let config = site.path("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "control = \"{}\"\n{}[[route]]\nto = [\"127.0.0.2/32\"]\n",
-            socket.display(),
-            gateway_table(
-                "site-b",
-                "127.0.0.1:9".parse().expect("addr"),
-                &creds,
-                "alice"
-            )
-        ),
-    )
-    .expect("config");
-    let (code, _, err) = output_within(
-        Command::new(bin("tunnel-run"))
-            .arg("--config")
-            .arg(&config)
-            .args(["--", "true"]),
-        LIMIT,
-    );
+    let config = agent_toml_at(&site, &socket, |g| g);
+    let (code, err) = tunnel_run_true(&config);
     assert_eq!(code, Some(127), "{err}");
     assert!(err.contains("is answered by uid"), "{err}");
 
@@ -420,35 +398,51 @@ except OSError as e:
 #[test]
 fn tunnel_run_says_why_the_agent_it_started_failed() {
     let site = Site::new();
-    let gw_dir = site.init_gateway("gateway");
-    let creds = site.issue(&gw_dir, "alice", "alice");
-    let config = site.path("agent.toml");
     // No agent answers on this socket, and the key the agent needs is missing.
-    std::fs::write(
-        &config,
-        format!(
-            "control = \"{}\"\n{}[[route]]\nto = [\"127.0.0.2/32\"]\n",
-            site.path("nobody-here.sock").display(),
-            gateway_table(
-                "site-b",
-                "127.0.0.1:9".parse().expect("addr"),
-                &creds,
-                "alice"
-            )
-            .replace("alice-key.pem", "missing-key.pem")
-        ),
-    )
-    .expect("config");
-    let (code, _, err) = output_within(
-        Command::new(bin("tunnel-run"))
-            .arg("--config")
-            .arg(&config)
-            .args(["--", "true"]),
-        LIMIT,
-    );
+    let config = agent_toml_at(&site, &site.path("nobody-here.sock"), |g| {
+        g.replace("alice-key.pem", "missing-key.pem")
+    });
+    let (code, err) = tunnel_run_true(&config);
     assert_eq!(code, Some(127), "{err}");
     assert!(
         err.contains("missing-key.pem"),
         "the reason is missing: {err}"
     );
+}
+
+/// An `agent.toml` in `site` whose socket is `control`, for identity `alice`, routing
+/// 127.0.0.2 to a gateway that is never dialled; `edit` may change the text.
+fn agent_toml_at(
+    site: &Site,
+    control: &Path,
+    edit: impl Fn(String) -> String,
+) -> std::path::PathBuf {
+    let gw_dir = site.init_gateway("gateway");
+    let creds = site.issue(&gw_dir, "alice", "alice");
+    let gateway = gateway_table(
+        "site-b",
+        "127.0.0.1:9".parse().expect("addr"),
+        &creds,
+        "alice",
+    );
+    let config = site.path("agent.toml");
+    let text = format!(
+        "control = \"{}\"\n{}[[route]]\nto = [\"127.0.0.2/32\"]\n",
+        control.display(),
+        edit(gateway)
+    );
+    std::fs::write(&config, text).expect("config");
+    config
+}
+
+/// `tunnel-run --config CONFIG -- true`: its exit code and stderr.
+fn tunnel_run_true(config: &Path) -> (Option<i32>, String) {
+    let (code, _, err) = output_within(
+        Command::new(bin("tunnel-run"))
+            .arg("--config")
+            .arg(config)
+            .args(["--", "true"]),
+        LIMIT,
+    );
+    (code, err)
 }
