@@ -92,6 +92,10 @@ enum Command {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// Ask the agent on this socket (one started with `run --socket`); no config
+        /// is read then.
+        #[arg(long)]
+        socket: Option<PathBuf>,
     },
 }
 
@@ -195,11 +199,18 @@ fn run(cli: Cli) -> Result<()> {
             print!("{}", env_lines(&config)?);
             Ok(())
         }
-        Command::Status { config, json } => {
-            let config = load_config(&config_path(config))?;
+        Command::Status {
+            config,
+            json,
+            socket,
+        } => {
+            let socket = match socket {
+                Some(socket) => socket,
+                None => socket_path(&load_config(&config_path(config))?),
+            };
             let reply =
                 tunnel_transport::daemon::runtime()?.block_on(tunnel_transport::control::query(
-                    &socket_path(&config),
+                    &socket,
                     tunnel_proto::local::Request::Status.encode().trim_end(),
                 ))?;
             if json {

@@ -243,3 +243,21 @@ fn the_gateway_tells_its_service_manager_when_it_listens() {
         .unwrap_or_else(|| panic!("no listening address in {message}"));
     std::net::TcpStream::connect(address).expect("the gateway accepts once ready");
 }
+
+#[test]
+fn status_asks_an_agent_by_its_socket_without_a_config() {
+    let tunnel = Tunnel::start_routed(&allow_alice(&["127.0.0.2/32"]), &[], &[]).expect("tunnel");
+    let out = Command::new(bin("tunnel-agent"))
+        .args(["status", "--json", "--socket"])
+        .arg(tunnel.site.path("agent/agent.sock"))
+        .env("TUNNEL_CONFIG", "/nonexistent/agent.toml")
+        .output()
+        .expect("status");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert!(status["gateways"].is_array(), "{status}");
+}
