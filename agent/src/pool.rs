@@ -524,10 +524,7 @@ async fn dial(
         anyhow::bail!("the gateway closed the connection right after the TLS handshake");
     }
     first.truncate(n);
-    h2::client::Builder::new()
-        .initial_window_size(INITIAL_STREAM_WINDOW)
-        .initial_connection_window_size(liveness::connection_window(INITIAL_STREAM_WINDOW))
-        .max_frame_size(64 * 1024)
+    liveness::client_builder()
         .handshake(Rewind::new(first, tls))
         .await
         .context("HTTP/2 handshake")

@@ -316,11 +316,8 @@ async fn agent(
         }
     };
 
-    let handshake = h2::server::Builder::new()
-        .initial_window_size(INITIAL_STREAM_WINDOW)
-        .initial_connection_window_size(liveness::connection_window(INITIAL_STREAM_WINDOW))
+    let handshake = liveness::server_builder()
         .max_concurrent_streams(gateway.config.max_streams_per_connection)
-        .max_frame_size(64 * 1024)
         .handshake::<_, Bytes>(tls_stream);
     let mut conn = match tokio::time::timeout(gateway.config.handshake_timeout, handshake).await {
         Ok(Ok(conn)) => conn,

@@ -26,6 +26,30 @@ pub const INITIAL_STREAM_WINDOW: u32 = 256 * 1024;
 /// The largest stream window the tuning will set (covers 1 Gbit/s at 200 ms).
 pub const MAX_STREAM_WINDOW: u32 = 32 * 1024 * 1024;
 
+/// Largest HTTP/2 frame either end sends: a full 64 KiB read goes out as one frame.
+const MAX_FRAME: u32 = 64 * 1024;
+
+/// The agent's HTTP/2 settings: the same windows and frames as the gateway's, so that
+/// the window tuning below starts from one place on both ends.
+pub fn client_builder() -> h2::client::Builder {
+    let mut builder = h2::client::Builder::new();
+    builder
+        .initial_window_size(INITIAL_STREAM_WINDOW)
+        .initial_connection_window_size(connection_window(INITIAL_STREAM_WINDOW))
+        .max_frame_size(MAX_FRAME);
+    builder
+}
+
+/// The gateway's HTTP/2 settings (see [`client_builder`]).
+pub fn server_builder() -> h2::server::Builder {
+    let mut builder = h2::server::Builder::new();
+    builder
+        .initial_window_size(INITIAL_STREAM_WINDOW)
+        .initial_connection_window_size(connection_window(INITIAL_STREAM_WINDOW))
+        .max_frame_size(MAX_FRAME);
+    builder
+}
+
 /// The connection-level window that goes with a stream window: room for several
 /// busy streams at once.
 pub fn connection_window(stream_window: u32) -> u32 {
