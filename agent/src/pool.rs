@@ -33,6 +33,7 @@ use tokio_rustls::TlsConnector;
 use tracing::{debug, error, info, warn};
 use tunnel_proto::Target;
 use tunnel_proto::config::{AgentConfig, GatewayPeer};
+use tunnel_transport::counted::Counted;
 use tunnel_transport::liveness::{self, Health, INITIAL_STREAM_WINDOW};
 
 use crate::certificate::Certificate;
@@ -138,15 +139,7 @@ pub struct Opened {
     pub response: ResponseFuture,
     pub health: Arc<Health>,
     /// Counts the stream against its connection until dropped.
-    pub _count: StreamCount,
-}
-
-pub struct StreamCount(Arc<AtomicUsize>);
-
-impl Drop for StreamCount {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
+    pub _count: Counted,
 }
 
 #[derive(Serialize)]
@@ -392,12 +385,11 @@ impl Pool {
             };
             match sent {
                 Ok((response, send)) => {
-                    streams.fetch_add(1, Ordering::Relaxed);
                     return Ok(Opened {
                         send,
                         response,
                         health: live.health,
-                        _count: StreamCount(streams),
+                        _count: Counted::enter(&streams),
                     });
                 }
                 Err(e) => {

@@ -12,10 +12,12 @@
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+
 use std::thread;
 
 use anyhow::{Context, Result};
 use tokio::runtime::Handle;
+use tunnel_transport::counted::Counted;
 
 struct Worker {
     handle: Handle,
@@ -73,20 +75,11 @@ impl Workers {
         else {
             return;
         };
-        let load = worker.load.clone();
-        load.fetch_add(1, Ordering::Relaxed);
+        // Counted off its worker however its task ends.
+        let counted = Counted::enter(&worker.load);
         worker.handle.spawn(async move {
-            let _done = Done(load);
+            let _counted = counted;
             connection().await;
         });
-    }
-}
-
-/// Counts the connection off its worker however its task ends.
-struct Done(Arc<AtomicUsize>);
-
-impl Drop for Done {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -19,6 +19,7 @@
 
 pub mod certs;
 pub mod control;
+pub mod counted;
 pub mod daemon;
 pub mod liveness;
 pub mod plumbing;
