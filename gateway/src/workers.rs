@@ -12,7 +12,6 @@
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-
 use std::thread;
 
 use anyhow::{Context, Result};
