@@ -5,6 +5,11 @@
 
 use std::path::Path;
 
+/// `tunnel-run`'s ELF classifier, the same file the wrapper builds.
+#[path = "../../wrapper/src/elf.rs"]
+#[allow(dead_code)]
+mod elf;
+
 use tunnel_proto::config::{AgentConfig, GatewayConfig};
 use tunnel_proto::local::{Reply, Request};
 use tunnel_proto::routes::RouteTable;
@@ -89,4 +94,13 @@ pub fn sock_diag(data: &[u8]) {
     );
     let _ =
         tunnel_proto::sock_diag::decode_answer(data.get(1..).unwrap_or_default(), sequence, &query);
+}
+
+/// `tunnel-run`'s ELF classifier: any bytes, a kind, never a panic; a file it calls
+/// dynamically linked has the header that says so whole.
+pub fn elf(data: &[u8]) {
+    let kind = elf::classify(data);
+    if kind == elf::Executable::Dynamic {
+        assert!(data.len() >= 64, "dynamic from {} bytes", data.len());
+    }
 }

@@ -9,11 +9,12 @@ type Check = fn(&[u8]);
 #[test]
 fn saved_inputs_pass_their_checks() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("regressions");
-    let targets: [(&str, Check); 4] = [
+    let targets: [(&str, Check); 5] = [
         ("local_protocol", tunnel_fuzz::local_protocol),
         ("routes", tunnel_fuzz::routes),
         ("configs", tunnel_fuzz::configs),
         ("sock_diag", tunnel_fuzz::sock_diag),
+        ("elf", tunnel_fuzz::elf),
     ];
     let mut replayed = 0;
     for (name, check) in targets {

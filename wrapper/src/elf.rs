@@ -48,12 +48,20 @@ fn table(b: &[u8], offset: usize, count: usize, size: usize) -> Option<Vec<usize
 }
 
 const PT_INTERP: u32 = 3;
+/// Size of a 64-bit ELF file header.
+const ELF_HEADER: usize = 64;
 /// The sections that mark a Go binary, as their names appear in the string table.
 const GO_SECTIONS: [&[u8]; 2] = [b".go.buildinfo\0", b".note.go.buildid\0"];
 
 /// Classifies a 64-bit little-endian ELF file from its bytes.
 pub fn classify(b: &[u8]) -> Executable {
-    if b.get(..4) != Some(b"\x7fELF") || b.get(4) != Some(&2) || b.get(5) != Some(&1) {
+    // A whole 64-byte ELF header first: fuzzing found a 60-byte file whose program
+    // header table overlapped a partial header and read as "dynamically linked".
+    if b.len() < ELF_HEADER
+        || b.get(..4) != Some(b"\x7fELF")
+        || b.get(4) != Some(&2)
+        || b.get(5) != Some(&1)
+    {
         return Executable::Other;
     }
     if has_go_section(b).unwrap_or(false) {
