@@ -31,6 +31,9 @@ use crate::carry::Verdict;
 use crate::passed_fd::PassedFd;
 use crate::redirect::listener_for;
 
+/// How long a refused peer's connection stays open for its request to arrive.
+const REFUSED_LINGER: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Who may use the socket besides root.
 pub struct Access {
     uid: u32,
@@ -164,11 +167,15 @@ async fn answer(agent: &Arc<Agent>, access: &Access, mut stream: UnixStream) -> 
             pid = cred.and_then(|c| c.pid()),
             "refused a request from another user"
         );
-        return reply(
+        reply(
             &mut stream,
             err(Refusal::Forbidden, "not the agent's user or group"),
         )
-        .await;
+        .await?;
+        // Its request may still be on the way: a moment to send it (and read the
+        // refusal) before the socket closes, rather than a broken pipe.
+        let _ = tokio::time::timeout(REFUSED_LINGER, hung_up(&stream)).await;
+        return Ok(());
     };
     // The whole request within the time an answer may take, however it trickles in.
     let (line, mut passed) = tokio::time::timeout(ANSWER_WITHIN, read_request(&stream))
