@@ -167,12 +167,10 @@ mod tests {
     #[test]
     fn same_name_same_pair_and_back() {
         let dns = FakeDns::new(
-            "198.18.0.0/30".parse().unwrap_or_else(|e| panic!("{e}")),
-            "fd7e::/64".parse().unwrap_or_else(|e| panic!("{e}")),
+            "198.18.0.0/30".parse().unwrap(),
+            "fd7e::/64".parse().unwrap(),
         );
-        let (a4, a6) = dns
-            .resolve("db.site-b.internal")
-            .unwrap_or_else(|e| panic!("{e}"));
+        let (a4, a6) = dns.resolve("db.site-b.internal").unwrap();
         assert_eq!(a4, Ipv4Addr::new(198, 18, 0, 1));
         assert_eq!(dns.resolve("db.site-b.internal").ok(), Some((a4, a6)));
         assert_eq!(
@@ -192,10 +190,7 @@ mod tests {
         let view = dns.view();
         assert_eq!((view.used, view.capacity, view.refused), (2, 2, 1));
         assert_eq!(view.problem, Some(full.to_string()));
-        assert_eq!(
-            dns.name_of("198.18.0.3".parse().unwrap_or_else(|e| panic!("{e}"))),
-            None
-        );
-        assert!(!dns.is_synthetic("10.0.0.1".parse().unwrap_or_else(|e| panic!("{e}"))));
+        assert_eq!(dns.name_of("198.18.0.3".parse().unwrap()), None);
+        assert!(!dns.is_synthetic("10.0.0.1".parse().unwrap()));
     }
 }

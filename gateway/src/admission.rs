@@ -246,10 +246,7 @@ mod tests {
         let text = format!(
             "listen = \"127.0.0.1:1\"\nca = \"a\"\nca_key = \"b\"\ncert = \"c\"\nkey = \"d\"\n{limits}"
         );
-        Admission::new(
-            &GatewayConfig::parse(&text, Path::new("gateway.toml"))
-                .unwrap_or_else(|e| panic!("{e}")),
-        )
+        Admission::new(&GatewayConfig::parse(&text, Path::new("gateway.toml")).unwrap())
     }
 
     fn ip(s: &str) -> IpAddr {

@@ -87,7 +87,7 @@ mod tests {
             ),
             "{error}"
         );
-        refusal.await.unwrap_or_else(|e| panic!("{e}"));
+        refusal.await.unwrap();
     }
 
     #[test]

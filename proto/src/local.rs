@@ -394,8 +394,8 @@ mod tests {
     #[test]
     fn register_round_trip_and_partial_lines() {
         let r = Request::Register {
-            source: "127.0.0.1:40000".parse().unwrap_or_else(|e| panic!("{e}")),
-            target: Target::parse("db.site-b.internal:5432").unwrap_or_else(|e| panic!("{e}")),
+            source: "127.0.0.1:40000".parse().unwrap(),
+            target: Target::parse("db.site-b.internal:5432").unwrap(),
             via: Some("site-b".into()),
             verdict: VerdictDelivery::Later,
         };

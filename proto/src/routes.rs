@@ -294,8 +294,8 @@ mod tests {
     fn first_matching_route_decides() {
         let t =
             RouteTable::parse("b=10.20.0.0/16,*.site-b.internal; c+optimistic=10.0.0.0/8,db:5432")
-                .unwrap_or_else(|e| panic!("{e}"));
-        let ip = |s: &str| s.parse::<IpAddr>().unwrap_or_else(|e| panic!("{e}"));
+                .unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         fn via(r: Option<&TableRoute>) -> Option<&str> {
             r.map(|r| r.via.as_str())
         }
@@ -308,14 +308,14 @@ mod tests {
         assert_eq!(t.routes()[0].connect, ConnectMode::Checked);
         assert_eq!(t.routes()[1].connect, ConnectMode::Optimistic);
         assert_eq!(t.route_index_ip(ip("10.21.1.1"), 80), Some(1));
-        let target = |s: &str| Target::parse(s).unwrap_or_else(|e| panic!("{e}"));
+        let target = |s: &str| Target::parse(s).unwrap();
         assert_eq!(via(t.route_for(&target("10.20.1.1:80"))), Some("b"));
         assert_eq!(via(t.route_for(&target("db:5432"))), Some("c"));
         assert_eq!(via(t.route_for(&target("db:80"))), None);
         assert_eq!(via(t.route_for(&target("db"))), None);
         assert!(t.may_route_name("db"));
         assert!(!t.may_route_name("example.org"));
-        let ports_only = RouteTable::parse("b=*:5432").unwrap_or_else(|e| panic!("{e}"));
+        let ports_only = RouteTable::parse("b=*:5432").unwrap();
         assert!(!ports_only.may_route_name("localhost"));
         assert_eq!(RouteTable::parse(&t.to_string()), Ok(t));
         assert!(RouteTable::parse("").is_ok_and(|t| t.is_empty()));

@@ -517,8 +517,7 @@ mod tests {
             listen = "127.0.0.1:0"
             to = "pg"
         "#;
-        let c = AgentConfig::parse(text, Path::new("/etc/tunnel/agent.toml"))
-            .unwrap_or_else(|e| panic!("{e}"));
+        let c = AgentConfig::parse(text, Path::new("/etc/tunnel/agent.toml")).unwrap();
         let g = &c.gateways[0];
         assert_eq!(g.ca, PathBuf::from("/etc/tunnel/ca.pem"));
         assert_eq!(g.cert, PathBuf::from("/abs/alice.pem"));

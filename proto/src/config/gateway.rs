@@ -341,8 +341,7 @@ mod tests {
             [service.pg]
             target = "127.0.0.1:5432"
         "#;
-        let c = GatewayConfig::parse(text, Path::new("g/gateway.toml"))
-            .unwrap_or_else(|e| panic!("{e}"));
+        let c = GatewayConfig::parse(text, Path::new("g/gateway.toml")).unwrap();
         assert_eq!(c.allow[0].to[0], AllowTo::Service("pg".into()));
         assert!(matches!(c.allow[0].to[1], AllowTo::Pattern(_)));
         assert_eq!(c.control, PathBuf::from("g/gateway.sock"));
@@ -365,8 +364,7 @@ mod tests {
     fn load_limits_have_defaults_and_can_be_set() {
         let base =
             "listen = \"127.0.0.1:0\"\nca = \"a\"\nca_key = \"b\"\ncert = \"c\"\nkey = \"d\"\n";
-        let c =
-            GatewayConfig::parse(base, Path::new("gateway.toml")).unwrap_or_else(|e| panic!("{e}"));
+        let c = GatewayConfig::parse(base, Path::new("gateway.toml")).unwrap();
         assert_eq!(c.handshake_timeout, Duration::from_secs(10));
         assert_eq!((c.max_handshakes, c.max_handshakes_per_source), (256, 32));
         assert_eq!(
@@ -378,8 +376,7 @@ mod tests {
         let text = format!(
             "{base}handshake_timeout = 2.5\nmax_handshakes = 8\nmax_connections_per_identity = 3\nmax_streams_per_identity = 5\nlog_summary_interval = 1\n"
         );
-        let c = GatewayConfig::parse(&text, Path::new("gateway.toml"))
-            .unwrap_or_else(|e| panic!("{e}"));
+        let c = GatewayConfig::parse(&text, Path::new("gateway.toml")).unwrap();
         assert_eq!(c.handshake_timeout, Duration::from_millis(2500));
         // The per-source cap follows a total cap set below its default.
         assert_eq!((c.max_handshakes, c.max_handshakes_per_source), (8, 8));
