@@ -1,86 +1,12 @@
-//! Processes the benchmark starts: logged to a file, killed and reaped when dropped.
+//! Helpers for the processes the benchmark runs. The daemons themselves are started
+//! with the same `Daemon` as the end-to-end tests (`tunnel_tests`): logged to a file,
+//! killed and reaped when dropped.
 
-use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-
-pub struct Proc {
-    pub name: String,
-    child: Child,
-    pub log: PathBuf,
-}
-
-impl Proc {
-    pub fn spawn(name: &str, mut command: Command, log: PathBuf) -> Result<Proc> {
-        let file = fs::File::create(&log)?;
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(file.try_clone()?)
-            .stderr(file)
-            .spawn()
-            .with_context(|| format!("starting {name}"))?;
-        Ok(Proc {
-            name: name.to_string(),
-            child,
-            log,
-        })
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Waits for a log line holding `needle`; returns what follows it on that line.
-    pub fn wait_log(&mut self, needle: &str, limit: Duration) -> Result<String> {
-        let start = Instant::now();
-        loop {
-            let text = fs::read_to_string(&self.log).unwrap_or_default();
-            if let Some(rest) = text
-                .lines()
-                .find_map(|l| l.split_once(needle).map(|(_, r)| r.to_string()))
-            {
-                return Ok(rest);
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                bail!("{} exited ({status}):\n{}", self.name, tail(&self.log));
-            }
-            if start.elapsed() > limit {
-                bail!(
-                    "{}: no `{needle}` within {limit:?}:\n{}",
-                    self.name,
-                    tail(&self.log)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Resident memory in KiB, from /proc.
-    pub fn rss_kib(&self) -> Option<u64> {
-        let status = fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The last lines of a log, for error messages.
-pub fn tail(log: &Path) -> String {
-    let text = fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(20)..].join("\n")
-}
 
 /// True when `program` is on PATH (or is a path that exists).
 pub fn installed(program: &str) -> bool {

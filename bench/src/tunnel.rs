@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
-use crate::procs::Proc;
 use crate::relay::{self, Link};
+use tunnel_tests::Daemon as Proc;
 
 pub struct Tunnel {
     // Dropped first: the daemons, then their directory.

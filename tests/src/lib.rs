@@ -107,13 +107,31 @@ impl Daemon {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Waits for a log line containing `needle`; returns the rest of that line.
+    /// Waits for a log line containing `needle`; returns the rest of that line. A
+    /// process that exits first fails the wait at once, with its log.
     pub fn wait_log(&mut self, needle: &str, limit: Duration) -> Result<String> {
-        let found = wait_for(limit, needle, || {
-            self.log_text()
+        let log = self.log.clone();
+        let name = self.name.clone();
+        let child = &mut self.child;
+        let find = || {
+            fs::read_to_string(&log)
+                .unwrap_or_default()
                 .lines()
                 .find_map(|l| l.split_once(needle).map(|(_, rest)| rest.to_string()))
-        });
+        };
+        let found = wait_for(limit, needle, || {
+            if let Some(rest) = find() {
+                return Some(Ok(rest));
+            }
+            match child.as_mut().map(Child::try_wait) {
+                // Read once more: the line may have come just before the exit.
+                Some(Ok(Some(status))) => {
+                    Some(find().ok_or_else(|| anyhow!("{name} exited ({status})")))
+                }
+                _ => None,
+            }
+        })
+        .and_then(|found| found);
         found.map_err(|e| {
             anyhow!(
                 "{}: {e}\n--- {} log ---\n{}",
@@ -122,6 +140,15 @@ impl Daemon {
                 self.log_text()
             )
         })
+    }
+
+    /// Resident memory in KiB, from /proc.
+    pub fn rss_kib(&self) -> Option<u64> {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
     }
 
     pub fn signal(&self, signal: nix::sys::signal::Signal) {
