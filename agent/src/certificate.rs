@@ -78,7 +78,7 @@ impl Problem {
 }
 
 /// The certificate part of `tunnel-agent status`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, serde::Deserialize)]
 pub struct CertificateView {
     pub file: String,
     pub identity: Option<String>,

@@ -53,7 +53,7 @@ pub struct PoolFull {
 }
 
 /// The synthetic names part of `tunnel-agent status`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, serde::Deserialize)]
 pub struct FakeDnsView {
     pub used: usize,
     pub capacity: u64,

@@ -83,7 +83,7 @@ impl AllowedUsers {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct ForwardView {
     /// The address actually bound (a configured port 0 shows the port chosen).
     pub listen: String,

@@ -197,7 +197,7 @@ async fn answer(agent: &Arc<Agent>, access: &Access, mut stream: UnixStream) -> 
     };
     match request {
         Request::Status => {
-            let status = crate::status::json(agent).to_string();
+            let status = crate::status::json(agent);
             stream.write_all(status.as_bytes()).await?;
             Ok(())
         }

@@ -98,7 +98,7 @@ enum SlotState {
 }
 
 /// The name of a [`SlotState`], as status shows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum StateName {
     Connecting,
@@ -142,7 +142,7 @@ pub struct Opened {
     pub _count: Counted,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, serde::Deserialize)]
 pub struct SlotView {
     pub address: String,
     pub state: StateName,

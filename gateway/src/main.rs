@@ -11,6 +11,7 @@ mod policy;
 mod refusals;
 mod server;
 mod setup;
+mod status;
 mod workers;
 
 use std::path::{Path, PathBuf};
@@ -18,7 +19,6 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use serde_json::json;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 use tunnel_proto::config::GatewayConfig;
@@ -164,7 +164,7 @@ fn run(cli: Cli) -> Result<()> {
             if json {
                 println!("{reply}");
             } else {
-                print!("{}", render_status(&reply)?);
+                print!("{}", status::render(&reply)?);
             }
             Ok(())
         }
@@ -186,9 +186,7 @@ async fn serve(config: GatewayConfig, workers: workers::Workers) -> Result<()> {
     let status_gateway = gateway.clone();
     tokio::spawn(tunnel_transport::control::serve(
         control,
-        Arc::new(move |command| {
-            (command == "status").then(|| status_json(&status_gateway).to_string())
-        }),
+        Arc::new(move |command| (command == "status").then(|| status::json(&status_gateway))),
         stopping.clone(),
     ));
 
@@ -224,72 +222,4 @@ async fn serve(config: GatewayConfig, workers: workers::Workers) -> Result<()> {
     }
     let _ = std::fs::remove_file(&gateway.config.control);
     Ok(())
-}
-
-fn status_json(gateway: &Gateway) -> serde_json::Value {
-    json!({
-        "listen": gateway.local_addr.to_string(),
-        "uptime_secs": gateway.started.elapsed().as_secs_f64(),
-        "connections": gateway.connection_views(),
-        "handshakes": {
-            "waiting": gateway.admission.handshakes_waiting(),
-            "max": gateway.config.max_handshakes,
-            "max_per_source": gateway.config.max_handshakes_per_source,
-        },
-        "limits": {
-            "max_connections_per_identity": gateway.config.max_connections_per_identity,
-            "max_streams_per_identity": gateway.config.max_streams_per_identity,
-        },
-        "refusals": gateway.refusals.totals(),
-        "streams": gateway.streams.live(),
-        "recent": gateway.streams.recent(),
-    })
-}
-
-fn render_status(reply: &str) -> Result<String> {
-    use std::fmt::Write;
-    let v: serde_json::Value =
-        serde_json::from_str(reply).context("the gateway's status answer is not JSON")?;
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "gateway listening on {}, up {:.0}s",
-        v["listen"].as_str().unwrap_or("?"),
-        v["uptime_secs"].as_f64().unwrap_or(0.0)
-    );
-    let empty = Vec::new();
-    let connections = v["connections"].as_array().unwrap_or(&empty);
-    let _ = writeln!(out, "\nagent connections: {}", connections.len());
-    for c in connections {
-        let _ = writeln!(
-            out,
-            "  {:<24} {:<16} rtt {}  age {:.0}s",
-            c["peer"].as_str().unwrap_or("?"),
-            c["identity"].as_str().unwrap_or("?"),
-            c["rtt_ms"]
-                .as_f64()
-                .map_or("-".into(), |ms| format!("{ms:.2}ms")),
-            c["age_secs"].as_f64().unwrap_or(0.0)
-        );
-    }
-    let _ = writeln!(
-        out,
-        "\nTLS handshakes waiting: {} (at most {}, {} per source)",
-        v["handshakes"]["waiting"], v["handshakes"]["max"], v["handshakes"]["max_per_source"]
-    );
-    let refusals: Vec<String> = v["refusals"]
-        .as_object()
-        .map(|r| r.iter().map(|(kind, n)| format!("{kind} {n}")).collect())
-        .unwrap_or_default();
-    let _ = writeln!(
-        out,
-        "refused since start: {}",
-        if refusals.is_empty() {
-            "none".to_string()
-        } else {
-            refusals.join(", ")
-        }
-    );
-    out.push_str(&tunnel_transport::streams::render(&v));
-    Ok(out)
 }

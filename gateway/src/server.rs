@@ -80,7 +80,7 @@ pub struct ConnectionInfo {
     pub health: Arc<Health>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, serde::Deserialize)]
 pub struct ConnectionView {
     pub id: u64,
     pub peer: String,

@@ -40,7 +40,7 @@ struct Live {
 }
 
 /// A live connection as `status` shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct LiveView {
     pub id: u64,
     pub destination: String,
@@ -52,7 +52,7 @@ pub struct LiveView {
 }
 
 /// An ended connection as `status` shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Ended {
     pub id: u64,
     pub destination: String,
@@ -202,37 +202,49 @@ impl Drop for Registered {
     }
 }
 
-/// The `streams` and `recent` of a status answer, as text.
-pub fn render(v: &serde_json::Value) -> String {
+/// The live and recently ended streams, as both daemons' `status` prints them.
+pub fn render(streams: &[LiveView], recent: &[Ended]) -> String {
     use std::fmt::Write;
-    let empty = Vec::new();
     let mut out = String::new();
-    let streams = v["streams"].as_array().unwrap_or(&empty);
     let _ = writeln!(out, "\nlive streams: {}", streams.len());
     for s in streams {
         let _ = writeln!(
             out,
             "  #{:<6} {:<32} {:<16} out {:>12} B  in {:>12} B  age {:.1}s",
-            s["id"],
-            s["destination"].as_str().unwrap_or("?"),
-            s["peer"].as_str().unwrap_or("?"),
-            s["bytes_to_destination"],
-            s["bytes_from_destination"],
-            s["age_secs"].as_f64().unwrap_or(0.0)
+            s.id,
+            s.destination,
+            s.peer,
+            s.bytes_to_destination,
+            s.bytes_from_destination,
+            s.age_secs
         );
     }
-    let recent = v["recent"].as_array().unwrap_or(&empty);
-    let _ = writeln!(out, "\nrecently ended: {}", recent.len());
-    for s in recent.iter().rev().take(20) {
+    let shown = recent.len().min(RECENT_SHOWN);
+    let _ = writeln!(
+        out,
+        "\nrecently ended: {} (the last {shown} shown)",
+        recent.len()
+    );
+    for s in recent.iter().rev().take(RECENT_SHOWN) {
+        let detail = if s.detail == s.outcome {
+            ""
+        } else {
+            s.detail.as_str()
+        };
         let _ = writeln!(
             out,
-            "  #{:<6} {:<32} {:<16} {:<14} {}",
-            s["id"],
-            s["destination"].as_str().unwrap_or("?"),
-            s["peer"].as_str().unwrap_or("?"),
-            s["outcome"].as_str().unwrap_or("?"),
-            s["detail"].as_str().unwrap_or("")
+            "  #{:<6} {:<32} {:<16} {:<14} out {:>12} B  in {:>12} B  {}",
+            s.id,
+            s.destination,
+            s.peer,
+            s.outcome,
+            s.bytes_to_destination,
+            s.bytes_from_destination,
+            detail
         );
     }
     out
 }
+
+/// How many ended streams the text status lists (JSON has them all).
+const RECENT_SHOWN: usize = 20;

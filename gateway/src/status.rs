@@ -1,0 +1,112 @@
+//! What `tunnel-gateway status` shows. One typed view, [`GatewayStatus`], is both the
+//! JSON the gateway answers and what the text is rendered from.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use tunnel_transport::streams::{Ended, LiveView};
+
+use crate::server::{ConnectionView, Gateway};
+
+/// The gateway's status, as `status --json` prints it.
+#[derive(Serialize, Deserialize)]
+pub struct GatewayStatus {
+    pub listen: String,
+    pub uptime_secs: f64,
+    pub connections: Vec<ConnectionView>,
+    pub handshakes: Handshakes,
+    pub limits: Limits,
+    /// Refusals since start, by kind.
+    pub refusals: BTreeMap<String, u64>,
+    pub streams: Vec<LiveView>,
+    pub recent: Vec<Ended>,
+}
+
+/// Connections waiting for their TLS handshake, and the caps.
+#[derive(Serialize, Deserialize)]
+pub struct Handshakes {
+    pub waiting: usize,
+    pub max: u32,
+    pub max_per_source: u32,
+}
+
+/// What one identity may hold at once.
+#[derive(Serialize, Deserialize)]
+pub struct Limits {
+    pub max_connections_per_identity: u32,
+    pub max_streams_per_identity: u32,
+}
+
+pub fn view(gateway: &Gateway) -> GatewayStatus {
+    let config = &gateway.config;
+    GatewayStatus {
+        listen: gateway.local_addr.to_string(),
+        uptime_secs: gateway.started.elapsed().as_secs_f64(),
+        connections: gateway.connection_views(),
+        handshakes: Handshakes {
+            waiting: gateway.admission.handshakes_waiting(),
+            max: config.max_handshakes,
+            max_per_source: config.max_handshakes_per_source,
+        },
+        limits: Limits {
+            max_connections_per_identity: config.max_connections_per_identity,
+            max_streams_per_identity: config.max_streams_per_identity,
+        },
+        refusals: gateway.refusals.totals(),
+        streams: gateway.streams.live(),
+        recent: gateway.streams.recent(),
+    }
+}
+
+pub fn json(gateway: &Gateway) -> String {
+    serde_json::to_string(&view(gateway)).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+}
+
+pub fn render(reply: &str) -> Result<String> {
+    let status: GatewayStatus = serde_json::from_str(reply)
+        .context("the gateway's status answer is not what this version reads")?;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "gateway listening on {}, up {:.0}s",
+        status.listen, status.uptime_secs
+    );
+    let _ = writeln!(out, "\nagent connections: {}", status.connections.len());
+    for c in &status.connections {
+        let _ = writeln!(
+            out,
+            "  {:<24} {:<16} rtt {}  age {:.0}s",
+            c.peer,
+            c.identity,
+            c.rtt_ms.map_or("-".into(), |ms| format!("{ms:.2}ms")),
+            c.age_secs
+        );
+    }
+    let h = &status.handshakes;
+    let _ = writeln!(
+        out,
+        "\nTLS handshakes waiting: {} (at most {}, {} per source)",
+        h.waiting, h.max, h.max_per_source
+    );
+    let refusals: Vec<String> = status
+        .refusals
+        .iter()
+        .map(|(kind, n)| format!("{kind} {n}"))
+        .collect();
+    let _ = writeln!(
+        out,
+        "refused since start: {}",
+        if refusals.is_empty() {
+            "none".to_string()
+        } else {
+            refusals.join(", ")
+        }
+    );
+    out.push_str(&tunnel_transport::streams::render(
+        &status.streams,
+        &status.recent,
+    ));
+    Ok(out)
+}
