@@ -5,20 +5,25 @@
 //! # Layout
 //!
 //! ```text
-//!  preload ──REGISTER/RESOLVE──▶ local (Unix socket, SO_PEERCRED)
-//!                                  │ registrations, fake_dns
-//!  program's socket ──connect──▶ redirect (loopback listeners) ─┐
-//!  [[forward]] port ──accept───▶ forward ───────────────────────┴▶ carry ─▶ pool ═▶ gateway
+//!  preload ──REGISTER + socket──▶ local (Unix socket, SO_PEERCRED, passed_fd)
+//!          ──RESOLVE/VERDICT──▶     │ registrations, fake_dns, kept verdicts
+//!  program's socket ──connect──▶ redirect (loopback listeners; sock_owner: whose?) ─┐
+//!  [[forward]] port ──accept───▶ forward (allow_users: sock_owner) ─────────────────┴▶ carry ─▶ pool ═▶ gateway
 //! ```
+//!
+//! Every listener runs the shared accept loop and stops on the one shutdown handle
+//! (`tunnel_transport::plumbing`); on SIGTERM the agent then drains its streams.
 //!
 //! - `pool`: connections to one gateway (dial, PING, backoff, GOAWAY).
 //! - `certificate`: the agent's certificate, checked at start and named when refused.
 //! - `carry`: one local connection through the tunnel, from accept to close.
 //! - `forward`: `[[forward]]` listeners.
 //! - `redirect`: loopback listeners for preloaded programs, and their registrations.
-//! - `local`: the Unix socket (registrations, synthetic names, status).
+//! - `local`: the Unix socket (registrations, verdicts, synthetic names, status).
+//! - `passed_fd`: a program's socket passed with its registration.
+//! - `sock_owner`: which local user owns the far end of an accepted connection.
 //! - `fake_dns`: synthetic addresses for routed names.
-//! - `status`: what `tunnel-agent status` shows.
+//! - `status`: what `tunnel-agent status` shows, as one typed view.
 #![forbid(unsafe_code)]
 
 mod carry;

@@ -1,6 +1,22 @@
 //! `tunnel-gateway`: the far end of the tunnel. It accepts agents over mutually
 //! authenticated TLS, checks each CONNECT against its policy, and connects to the
 //! destination at its own site.
+//!
+//! # Layout
+//!
+//! ```text
+//!  agent ══TLS══▶ server (accept loop, admission: handshake caps) ─▶ workers (a runtime
+//!                   per core) ─▶ per connection: identity limits, goaway reasons
+//!                   ─▶ per stream: policy (allow rules, services, guarded addresses)
+//!                   ─▶ outbound connect ─▶ splice
+//! ```
+//!
+//! - `server`: the agent listener, connections and streams; `workers`: where they run.
+//! - `admission`: handshake caps and per-identity limits; `goaway`: refusal reasons.
+//! - `policy`: who may reach what; `outbound`: connecting to destinations.
+//! - `refusals`: refusals counted and summarised in the log.
+//! - `authority`: the CA and the certificates it issues (rcgen lives only here).
+//! - `setup`: `init` and `issue`; `status`: what `tunnel-gateway status` shows.
 #![forbid(unsafe_code)]
 
 mod admission;

@@ -10,11 +10,14 @@
 //! ```
 //!
 //! - [`tls`]: rustls set-up for both ends, identity from the client certificate.
-//! - [`certs`]: the gateway's CA (rcgen).
+//! - [`certs`]: what a certificate says about itself (names, dates), for both ends.
 //! - [`splice`]: one carried connection, both directions, faithful ends.
 //! - [`liveness`]: PING, RTT, and receive windows that follow bandwidth × delay.
 //! - [`streams`]: live and recently ended connections, for `status`.
 //! - [`control`]: the Unix socket that answers `status`.
+//! - [`plumbing`]: one shutdown handle and one accept loop for every listener.
+//! - [`counted`]: one drop guard for "how many now" counters.
+//! - [`daemon`]: logging, the runtime, and telling systemd the daemon is ready.
 #![forbid(unsafe_code)]
 
 pub mod certs;
