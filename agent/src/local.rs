@@ -38,6 +38,36 @@ const REFUSED_LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 pub struct Access {
     uid: u32,
     group: Option<SharedWith>,
+    /// Refused peers are logged once per interval, with a count, so that another user
+    /// cannot flood the log.
+    refusals: RefusalLog,
+}
+
+/// Says when a refusal deserves a log line: the first, then at most one per
+/// [`REFUSAL_LOG_EVERY`], carrying how many went unlogged in between.
+#[derive(Default)]
+struct RefusalLog {
+    state: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+const REFUSAL_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl RefusalLog {
+    /// `Some(unlogged before this one)` when this refusal is to be logged.
+    fn note(&self) -> Option<u64> {
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (last, unlogged) = &mut *state;
+        let now = std::time::Instant::now();
+        if last.is_some_and(|at| now.duration_since(at) < REFUSAL_LOG_EVERY) {
+            *unlogged += 1;
+            return None;
+        }
+        *last = Some(now);
+        Some(std::mem::take(unlogged))
+    }
 }
 
 impl Access {
@@ -56,6 +86,7 @@ impl Access {
         Ok(Access {
             uid: nix::unistd::getuid().as_raw(),
             group,
+            refusals: RefusalLog::default(),
         })
     }
 
@@ -162,11 +193,18 @@ async fn answer(agent: &Arc<Agent>, access: &Access, mut stream: UnixStream) -> 
     let uid = stream.peer_cred().map(|c| c.uid()).ok();
     let Some(uid) = uid.filter(|_| access.allows(&stream)) else {
         let cred = stream.peer_cred().ok();
-        warn!(
-            uid = cred.map(|c| c.uid()),
-            pid = cred.and_then(|c| c.pid()),
-            "refused a request from another user"
-        );
+        if let Some(also) = access.refusals.note() {
+            warn!(
+                uid = cred.map(|c| c.uid()),
+                pid = cred.and_then(|c| c.pid()),
+                "refused a request from another user{}",
+                if also > 0 {
+                    format!(" ({also} more refused since the last such line)")
+                } else {
+                    String::new()
+                }
+            );
+        }
         reply(
             &mut stream,
             err(Refusal::Forbidden, "not the agent's user or group"),
@@ -434,4 +472,21 @@ fn holds(socket: &PassedFd, source: SocketAddr) -> bool {
 
 fn is_loopback(ip: IpAddr) -> bool {
     ip.to_canonical().is_loopback()
+}
+
+#[cfg(test)]
+mod refusal_log_tests {
+    use super::*;
+
+    #[test]
+    fn a_flood_of_refusals_is_one_line_with_a_count() {
+        let log = RefusalLog::default();
+        assert_eq!(log.note(), Some(0));
+        for _ in 0..500 {
+            assert_eq!(log.note(), None);
+        }
+        // The next line, once the interval has passed, says how many were not logged.
+        log.state.lock().unwrap().0 = Some(std::time::Instant::now() - REFUSAL_LOG_EVERY);
+        assert_eq!(log.note(), Some(500));
+    }
 }
