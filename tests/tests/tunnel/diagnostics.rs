@@ -160,17 +160,9 @@ fn now() -> time::OffsetDateTime {
     now.replace_nanosecond(0).unwrap_or(now)
 }
 
-/// A moment as the agent's messages write it.
+/// A moment as the agent's messages write it (the agent's own formatting).
 fn utc(t: time::OffsetDateTime) -> String {
-    format!(
-        "{:04}-{:02}-{:02} {:02}:{:02}:{:02} UTC",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second()
-    )
+    tunnel_transport::certs::utc(t.unix_timestamp())
 }
 
 /// Runs `tunnel-agent run` with `body` as its config; it must fail at start. Returns

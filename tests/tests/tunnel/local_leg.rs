@@ -48,15 +48,19 @@ fn ask_agent(socket: &Path, request: &str) -> String {
     String::from_utf8_lossy(&reply[..n]).into_owned()
 }
 
-/// Connects from `source` to `listener`, sends a line and prints what came back.
-fn claim_script(source: u16, listener: std::net::SocketAddr) -> String {
+/// Connects to `to` (from `source` when given), sends a line and prints what came back:
+/// `got ping`, `EOF`, or the error's type.
+fn ping_script(source: Option<u16>, to: std::net::SocketAddr) -> String {
+    let bind = source.map_or(String::new(), |port| {
+        format!(
+            "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\ns.bind((\"127.0.0.1\", {port}))\n"
+        )
+    });
     format!(
         r#"
 import socket
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("127.0.0.1", {source}))
-s.settimeout(10)
+s = socket.socket(socket.AF_INET6 if ":" in "{ip}" else socket.AF_INET)
+{bind}s.settimeout(10)
 try:
     s.connect(("{ip}", {port}))
     s.sendall(b"ping\n")
@@ -65,9 +69,14 @@ try:
 except OSError as e:
     print(type(e).__name__)
 "#,
-        ip = listener.ip(),
-        port = listener.port()
+        ip = to.ip(),
+        port = to.port()
     )
+}
+
+/// Connects from `source` to `listener`, sends a line and prints what came back.
+fn claim_script(source: u16, listener: std::net::SocketAddr) -> String {
+    ping_script(Some(source), listener)
 }
 
 #[test]
@@ -254,22 +263,7 @@ fn a_forward_port_with_allow_users_refuses_everyone_else() {
          [[forward]]\nlisten = \"127.0.0.1:0\"\nto = \"{echo}\"\n"
     );
     let tunnel = Tunnel::start_with(&allow_alice(&["127.0.0.2/32"]), &forwards).expect("tunnel");
-    let talk = |port: std::net::SocketAddr| {
-        format!(
-            r#"
-import socket
-try:
-    s = socket.create_connection(("{ip}", {port}), timeout=10)
-    s.sendall(b"ping\n")
-    data = s.recv(10)
-    print("got " + data.decode().strip() if data else "EOF")
-except OSError as e:
-    print(type(e).__name__)
-"#,
-            ip = port.ip(),
-            port = port.port()
-        )
-    };
+    let talk = |port: std::net::SocketAddr| ping_script(None, port);
     for index in 0..2 {
         let port = tunnel.forward(index);
         let out = stdout_within(Command::new("python3").args(["-c", &talk(port)]), LIMIT);
