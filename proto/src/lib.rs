@@ -21,12 +21,15 @@
 
 pub mod config;
 pub mod connect;
+pub mod duration;
+pub mod enrolment;
 pub mod local;
 pub mod paths;
 pub mod pattern;
 pub mod routes;
 pub mod sock_diag;
 pub mod target;
+pub mod token;
 
 pub use connect::{ConnectError, Outcome};
 pub use pattern::Pattern;

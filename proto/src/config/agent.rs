@@ -62,8 +62,9 @@ struct GatewayEntry {
     name: String,
     address: OneOrMany,
     ca: String,
-    cert: String,
-    key: String,
+    cert: Option<String>,
+    key: Option<String>,
+    credential: Option<String>,
     server_name: Option<String>,
     connections: Option<i64>,
 }
@@ -124,6 +125,10 @@ pub struct GatewayPeer {
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// True when the certificate and key come from one `credential` file, which the
+    /// agent renews itself (enrolment writes it); separate `cert` and `key` files are
+    /// the site's to replace.
+    pub renews: bool,
     /// Size of the connection pool.
     pub connections: usize,
 }
@@ -216,7 +221,7 @@ impl AgentConfig {
         if raw.gateway.is_empty() {
             problems.add(
                 "gateway",
-                "no [[gateway]] table: add one with name, address, ca, cert and key",
+                "no [[gateway]] table: enrol with `tunnel-agent enroll`, or add one with name, address, ca, cert and key",
             );
         }
         for (i, g) in raw.gateway.iter().enumerate() {
@@ -276,12 +281,33 @@ impl AgentConfig {
                     format!("{connections} is out of range: give 1 to {MAX_CONNECTIONS}"),
                 );
             }
+            let (cert, key, renews) = match (&g.credential, &g.cert, &g.key) {
+                (Some(c), None, None) => (resolve(&base, c), resolve(&base, c), true),
+                (None, Some(cert), Some(key)) => (resolve(&base, cert), resolve(&base, key), false),
+                (Some(c), _, _) => {
+                    problems.add(
+                        format!("{key}.credential"),
+                        "give either credential (one file with key and certificate, renewed by the agent) or cert and key, not both",
+                    );
+                    (resolve(&base, c), resolve(&base, c), true)
+                }
+                (None, cert, key_file) => {
+                    let missing = if cert.is_none() { "cert" } else { "key" };
+                    problems.add(
+                        format!("{key}.{missing}"),
+                        "missing: give cert and key (files from `tunnel-gateway issue`), or credential (written by `tunnel-agent enroll`)",
+                    );
+                    let path = |p: &Option<String>| resolve(&base, p.as_deref().unwrap_or(""));
+                    (path(cert), path(key_file), false)
+                }
+            };
             gateways.push(GatewayPeer {
                 name: g.name.clone(),
                 addresses,
                 ca: resolve(&base, &g.ca),
-                cert: resolve(&base, &g.cert),
-                key: resolve(&base, &g.key),
+                cert,
+                key,
+                renews,
                 connections: connections.clamp(1, MAX_CONNECTIONS) as usize,
             });
         }

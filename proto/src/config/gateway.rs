@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{ConfigError, Problems, base_dir, parse_toml, resolve, seconds};
+use super::{ConfigError, Problems, base_dir, parse_toml, resolve, seconds, written_duration};
 use crate::pattern::Pattern;
 use crate::target::{Target, is_valid_service_name};
 
@@ -52,6 +52,9 @@ struct GatewayFile {
     max_connections_per_identity: Option<i64>,
     max_streams_per_identity: Option<i64>,
     log_summary_interval: Option<f64>,
+    cert_ttl: Option<String>,
+    recovery_window: Option<String>,
+    state_dir: Option<String>,
     #[serde(default)]
     allow: Vec<AllowEntry>,
     #[serde(default)]
@@ -102,6 +105,13 @@ pub struct GatewayConfig {
     /// Repeated refusals from one peer are logged once, then as one line with a count
     /// per this interval.
     pub log_summary_interval: Duration,
+    /// Lifetime of the certificates enrolment and renewal issue.
+    pub cert_ttl: Duration,
+    /// How long after its certificate expired an agent may still renew it by proving
+    /// it holds the enrolled key; later it needs a new token.
+    pub recovery_window: Duration,
+    /// Tokens, enrolled identities and revocations (shared by replicas of a gateway).
+    pub state_dir: PathBuf,
     pub allow: Vec<AllowRule>,
     pub services: BTreeMap<String, Service>,
     /// Names this gateway resolves from its config, before asking DNS (lower case).
@@ -110,7 +120,8 @@ pub struct GatewayConfig {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct AllowRule {
-    /// An identity (a client certificate's common name), or `*`.
+    /// An identity (a client certificate's common name), `group:NAME` (a group given
+    /// at enrolment), or `*`.
     pub identity: String,
     pub to: Vec<AllowTo>,
 }
@@ -143,6 +154,9 @@ fn count(problems: &mut Problems, key: &str, value: Option<i64>, default: i64) -
     }
     v as u32
 }
+
+pub const DEFAULT_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
+pub const DEFAULT_RECOVERY_WINDOW: Duration = Duration::from_secs(7 * 86_400);
 
 /// True for a usable identity: 1 to 64 bytes of letters, digits, `.`, `-`, `_`, `@`.
 pub fn is_valid_identity(identity: &str) -> bool {
@@ -194,11 +208,12 @@ impl GatewayConfig {
         let mut allow = Vec::new();
         for (i, a) in raw.allow.iter().enumerate() {
             let key = format!("allow[{i}]");
-            if a.identity != "*" && !is_valid_identity(&a.identity) {
+            let named = a.identity.strip_prefix("group:").unwrap_or(&a.identity);
+            if a.identity != "*" && !is_valid_identity(named) {
                 problems.add(
                     format!("{key}.identity"),
                     format!(
-                        "`{}` is not an identity: 1 to 64 letters, digits, . - _ @, or \"*\"",
+                        "`{}` is not an identity: 1 to 64 letters, digits, . - _ @, or group:NAME, or \"*\"",
                         a.identity
                     ),
                 );
@@ -315,6 +330,21 @@ impl GatewayConfig {
                 raw.log_summary_interval,
                 10.0,
             ),
+            cert_ttl: written_duration(
+                &mut problems,
+                "cert_ttl",
+                raw.cert_ttl.as_deref(),
+                DEFAULT_CERT_TTL,
+                (Duration::from_secs(5), Duration::from_secs(3650 * 86_400)),
+            ),
+            recovery_window: written_duration(
+                &mut problems,
+                "recovery_window",
+                raw.recovery_window.as_deref(),
+                DEFAULT_RECOVERY_WINDOW,
+                (Duration::ZERO, Duration::from_secs(365 * 86_400)),
+            ),
+            state_dir: resolve(&base, raw.state_dir.as_deref().unwrap_or("state")),
             allow,
             services,
             hosts,

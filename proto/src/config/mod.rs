@@ -142,3 +142,34 @@ fn seconds(problems: &mut Problems, key: &str, value: Option<f64>, default: f64)
     }
     Duration::from_secs_f64(v)
 }
+
+/// A duration written as `30s`, `15m`, `24h` or `7d`, checked against `[min, max]`.
+fn written_duration(
+    problems: &mut Problems,
+    key: &str,
+    value: Option<&str>,
+    default: Duration,
+    (min, max): (Duration, Duration),
+) -> Duration {
+    let Some(text) = value else {
+        return default;
+    };
+    match crate::duration::parse(text) {
+        Ok(d) if d >= min && d <= max => d,
+        Ok(_) => {
+            problems.add(
+                key,
+                format!(
+                    "`{text}` is out of range: give {} to {}",
+                    crate::duration::format(min),
+                    crate::duration::format(max)
+                ),
+            );
+            default
+        }
+        Err(e) => {
+            problems.add(key, e);
+            default
+        }
+    }
+}
