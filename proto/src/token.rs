@@ -157,7 +157,7 @@ impl EnrolmentToken {
         }
         let malformed = |what: &str| TokenError::Malformed(what.to_string());
         let json = BASE64URL_NOPAD
-            .decode(body[PREFIX.len()..].as_bytes())
+            .decode(&body.as_bytes()[PREFIX.len()..])
             .map_err(|_| malformed("not base64url"))?;
         let p: Payload = serde_json::from_slice(&json)
             .map_err(|e| TokenError::Malformed(format!("its contents: {e}")))?;
