@@ -1,15 +1,21 @@
 //! The gateway's certificate authority: made once by `tunnel-gateway init`, then used to
-//! sign the gateway's own certificate and one client certificate per identity. Only the
-//! gateway issues certificates, so only it links rcgen.
+//! sign the gateway's own certificate and the agents' certificates: as files
+//! (`tunnel-gateway issue`), or for a key an agent made itself and sent as a signing
+//! request (enrolment and renewal). Every certificate starts
+//! [`BACKDATE_SECS`](tunnel_proto::enrolment::BACKDATE_SECS) before it is issued, for
+//! clocks that differ between sites, and has a random serial number.
 
 use std::net::IpAddr;
 
+use anyhow::bail;
 use anyhow::{Context, Result};
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData,
+    SanType, SerialNumber,
 };
 use time::{Duration, OffsetDateTime};
+use tunnel_proto::enrolment::BACKDATE_SECS;
 
 /// A certificate and its private key, both PEM.
 #[derive(Clone)]
@@ -33,17 +39,65 @@ pub struct Authority {
     pub cert_pem: String,
 }
 
-fn validity(params: &mut CertificateParams, days: u32) {
+/// A certificate for a key an agent made: what enrolment and renewal hand back.
+#[derive(Debug, Clone)]
+pub struct Signed {
+    pub cert_pem: String,
+    /// Lower-case hex, as `revoke --serial` takes it.
+    pub serial: String,
+    pub not_after: i64,
+}
+
+fn validity(params: &mut CertificateParams, lifetime: std::time::Duration) -> Result<()> {
     let now = OffsetDateTime::now_utc();
-    // A little slack for clocks that differ between sites.
-    params.not_before = now - Duration::minutes(5);
-    params.not_after = now + Duration::days(i64::from(days));
+    params.not_before = now - Duration::seconds(BACKDATE_SECS);
+    params.not_after = now
+        + Duration::seconds(
+            i64::try_from(lifetime.as_secs())
+                .unwrap_or(i64::MAX / 4)
+                .min(3650 * 86_400),
+        );
+    params.serial_number = Some(random_serial()?);
+    Ok(())
+}
+
+/// 16 random bytes, the first in 1..=127 so that the number is positive and its DER
+/// encoding minimal.
+fn random_serial() -> Result<SerialNumber> {
+    let mut bytes = [0u8; 16];
+    crate::secrets::fill_random(&mut bytes)?;
+    bytes[0] = (bytes[0] & 0x7f).max(1);
+    Ok(SerialNumber::from_slice(&bytes))
+}
+
+fn days(n: u32) -> std::time::Duration {
+    std::time::Duration::from_secs(u64::from(n) * 86_400)
 }
 
 fn named(common_name: &str) -> DistinguishedName {
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, common_name);
     dn
+}
+
+fn client_params(identity: &str) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = named(identity);
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params
+}
+
+/// SHA-256 of the SubjectPublicKeyInfo of the key in a signing request: what a token is
+/// bound to when first redeemed.
+pub fn request_key_digest(csr_pem: &str) -> Result<[u8; 32]> {
+    let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+        .context("not a valid certificate signing request (PEM)")?;
+    let spki = csr.public_key.subject_public_key_info();
+    if spki.is_empty() {
+        bail!("the signing request holds no public key");
+    }
+    Ok(tunnel_proto::token::pin_of_public_key(&spki))
 }
 
 impl Authority {
@@ -58,7 +112,7 @@ impl Authority {
             KeyUsagePurpose::CrlSign,
             KeyUsagePurpose::DigitalSignature,
         ];
-        validity(&mut params, 3650);
+        validity(&mut params, days(3650))?;
         let cert = params.self_signed(&key).context("signing the CA")?;
         let issued = Issued {
             cert_pem: cert.pem(),
@@ -83,7 +137,7 @@ impl Authority {
     }
 
     /// A server certificate for the gateway, valid for `names` (DNS names or addresses).
-    pub fn issue_server(&self, names: &[String], days: u32) -> Result<Issued> {
+    pub fn issue_server(&self, names: &[String], valid_days: u32) -> Result<Issued> {
         let mut params = CertificateParams::default();
         params.distinguished_name = named(names.first().map_or("gateway", String::as_str));
         for name in names {
@@ -98,20 +152,40 @@ impl Authority {
         }
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        self.sign(params, days)
+        self.sign(params, days(valid_days))
     }
 
-    /// A client certificate whose common name is `identity`.
-    pub fn issue_client(&self, identity: &str, days: u32) -> Result<Issued> {
-        let mut params = CertificateParams::default();
-        params.distinguished_name = named(identity);
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        self.sign(params, days)
+    /// A client certificate and a new key for `identity`, as files.
+    pub fn issue_client(&self, identity: &str, lifetime: std::time::Duration) -> Result<Issued> {
+        self.sign(client_params(identity), lifetime)
     }
 
-    fn sign(&self, mut params: CertificateParams, days: u32) -> Result<Issued> {
-        validity(&mut params, days);
+    /// A client certificate for `identity` on the key of the signing request `csr_pem`
+    /// (the agent's own; nothing else of the request is used).
+    pub fn sign_request(
+        &self,
+        identity: &str,
+        csr_pem: &str,
+        lifetime: std::time::Duration,
+    ) -> Result<Signed> {
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+            .context("not a valid certificate signing request (PEM)")?;
+        let mut params = client_params(identity);
+        validity(&mut params, lifetime)?;
+        params.use_authority_key_identifier_extension = true;
+        let cert = params
+            .signed_by(&csr.public_key, &self.issuer)
+            .context("signing a certificate")?;
+        let info = tunnel_transport::certs::CertInfo::parse(cert.der())?;
+        Ok(Signed {
+            cert_pem: cert.pem(),
+            serial: info.serial,
+            not_after: info.not_after,
+        })
+    }
+
+    fn sign(&self, mut params: CertificateParams, lifetime: std::time::Duration) -> Result<Issued> {
+        validity(&mut params, lifetime)?;
         params.use_authority_key_identifier_extension = true;
         let key = KeyPair::generate().context("generating a key")?;
         let cert = params

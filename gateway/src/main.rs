@@ -21,13 +21,20 @@
 
 mod admission;
 mod authority;
+mod enrolment;
 mod goaway;
+mod grants;
+mod issuing;
 mod outbound;
 mod policy;
 mod refusals;
+mod reload;
+mod secrets;
 mod server;
 mod setup;
+mod state;
 mod status;
+mod verifier;
 mod workers;
 
 use std::path::{Path, PathBuf};
@@ -81,9 +88,66 @@ enum Command {
         /// Where to write ID.pem, ID-key.pem and ca.pem.
         #[arg(long)]
         out: PathBuf,
-        /// Days the certificate stays valid.
-        #[arg(long, default_value_t = 90)]
-        days: u32,
+        /// Days the certificate stays valid [default: 90].
+        #[arg(long, conflicts_with = "ttl")]
+        days: Option<u32>,
+        /// How long the certificate stays valid, as 30s, 15m, 24h or 7d (instead of --days).
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Option<std::time::Duration>,
+    },
+    /// Print a one-time enrolment token for an identity (`tunnel-agent enroll` takes it).
+    ///
+    /// The token carries this gateway's address, the pin of its CA, a secret and what it
+    /// grants. Only a digest of the secret is kept here. Hand it over as you would a
+    /// password; it works once, for one key, until it expires.
+    Token {
+        /// The identity the certificate will carry (the name allow rules use).
+        #[arg(long)]
+        identity: String,
+        /// A group the identity belongs to (`group:NAME` in allow rules); repeatable.
+        #[arg(long = "group")]
+        groups: Vec<String>,
+        /// How long the token may wait to be used: 30s, 15m, 24h, 7d.
+        #[arg(long, default_value = "15m", value_parser = parse_duration)]
+        ttl: std::time::Duration,
+        /// How long the enrolment may renew its certificate [default: until revoked].
+        #[arg(long, value_parser = parse_duration)]
+        renew_for: Option<std::time::Duration>,
+        /// Where agents reach this gateway, HOST:PORT (repeatable; replicas too)
+        /// [default: from gateway.toml's listen and the gateway's certificate].
+        #[arg(long = "address")]
+        addresses: Vec<String>,
+        /// The gateway directory made by `init` [default: $XDG_CONFIG_HOME/tunnel/gateway].
+        #[arg(long, conflicts_with = "config")]
+        dir: Option<PathBuf>,
+        /// The gateway's config file instead of --dir.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Revoke an identity (every certificate it has now) or one certificate: its
+    /// connections are closed and its streams reset within a second, and it can no
+    /// longer connect or renew. Written to the state directory before this returns.
+    Revoke {
+        /// Revoke every certificate of this identity issued until now.
+        #[arg(long, required_unless_present = "serial", conflicts_with = "serial")]
+        identity: Option<String>,
+        /// Revoke one certificate, by its serial (hex, as `identities` shows it).
+        #[arg(long)]
+        serial: Option<String>,
+        #[arg(long, conflicts_with = "config")]
+        dir: Option<PathBuf>,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// List enrolled identities, their certificates and revocations, and unused tokens.
+    Identities {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, conflicts_with = "config")]
+        dir: Option<PathBuf>,
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Run the gateway in the foreground (SIGTERM: drain, then exit).
     Run {
@@ -102,6 +166,15 @@ enum Command {
     },
 }
 
+/// `--config`, else `--dir`'s gateway.toml, else the default.
+fn gateway_config_path(config: Option<PathBuf>, dir: Option<PathBuf>) -> PathBuf {
+    match (config, dir) {
+        (Some(c), _) => c,
+        (None, Some(d)) => d.join("gateway.toml"),
+        (None, None) => config_path(None),
+    }
+}
+
 fn config_path(explicit: Option<PathBuf>) -> PathBuf {
     explicit
         .or_else(|| std::env::var_os("TUNNEL_GATEWAY_CONFIG").map(PathBuf::from))
@@ -116,6 +189,10 @@ fn load_config(path: &Path) -> Result<GatewayConfig> {
         )
     })?;
     Ok(GatewayConfig::parse(&text, path)?)
+}
+
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    tunnel_proto::duration::parse(text).map_err(|e| e.to_string())
 }
 
 fn main() {
@@ -154,14 +231,16 @@ fn run(cli: Cli) -> Result<()> {
             config,
             out,
             days,
+            ttl,
         } => {
-            let path = match (config, dir) {
-                (Some(c), _) => c,
-                (None, Some(d)) => d.join("gateway.toml"),
-                (None, None) => config_path(None),
-            };
+            let path = gateway_config_path(config, dir);
             let config = load_config(&path)?;
-            let files = setup::issue(&config, &identity, &out, days)?;
+            let lifetime = match (ttl, days) {
+                (Some(ttl), _) => ttl,
+                (None, Some(days)) => std::time::Duration::from_secs(u64::from(days) * 86_400),
+                (None, None) => std::time::Duration::from_secs(90 * 86_400),
+            };
+            let files = setup::issue(&config, &identity, &out, lifetime)?;
             print!(
                 "{}",
                 setup::issue_report(&config, &path, &identity, &files)?
@@ -169,9 +248,55 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Run { config } => {
-            let config = load_config(&config_path(config))?;
+            let path = config_path(config);
+            let config = load_config(&path)?;
             let workers = workers::Workers::per_core()?;
-            tunnel_transport::daemon::runtime()?.block_on(serve(config, workers))
+            tunnel_transport::daemon::runtime()?.block_on(serve(config, path, workers))
+        }
+        Command::Token {
+            identity,
+            groups,
+            ttl,
+            renew_for,
+            addresses,
+            dir,
+            config,
+        } => {
+            let path = gateway_config_path(config, dir);
+            let config = load_config(&path)?;
+            let token = enrolment::token(
+                &config, &path, &identity, &groups, ttl, renew_for, &addresses,
+            )?;
+            println!("{}", token.text);
+            eprintln!("{}", token.note);
+            Ok(())
+        }
+        Command::Revoke {
+            identity,
+            serial,
+            dir,
+            config,
+        } => {
+            let path = gateway_config_path(config, dir);
+            let config = load_config(&path)?;
+            let said = enrolment::revoke(&config, identity.as_deref(), serial.as_deref())?;
+            println!("{said}");
+            let running = tunnel_transport::daemon::runtime()?
+                .block_on(tunnel_transport::control::query(&config.control, "reload"));
+            match running {
+                Ok(_) => println!("the running gateway applied it"),
+                Err(_) => println!(
+                    "no gateway answers at {} now; a gateway reads the list when it starts, and a running replica within a second",
+                    config.control.display()
+                ),
+            }
+            Ok(())
+        }
+        Command::Identities { json, dir, config } => {
+            let path = gateway_config_path(config, dir);
+            let config = load_config(&path)?;
+            print!("{}", enrolment::identities(&config, json)?);
+            Ok(())
         }
         Command::Status { config, json } => {
             let config = load_config(&config_path(config))?;
@@ -187,22 +312,45 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-async fn serve(config: GatewayConfig, workers: workers::Workers) -> Result<()> {
-    let tls = tunnel_transport::tls::server_config(&config.ca, &config.cert, &config.key)?;
+async fn serve(
+    config: GatewayConfig,
+    config_path: PathBuf,
+    workers: workers::Workers,
+) -> Result<()> {
     let listener = server::bind(config.listen)
         .with_context(|| format!("listening on {} (listen in the config)", config.listen))?;
     let local = listener.local_addr()?;
-    let control = tunnel_transport::control::bind(&config.control).await?;
     let drain = config.drain_timeout;
-    let gateway = Gateway::new(config, local);
+    let gateway = Gateway::new(config, local)?;
+    let tls = verifier::server_config(
+        &gateway.config.ca,
+        &gateway.config.cert,
+        &gateway.config.key,
+        gateway.revocations.subscribe(),
+        gateway.config.recovery_window,
+    )?;
+    let control = tunnel_transport::control::bind(&gateway.config.control).await?;
     let summaries = gateway.clone();
     tokio::spawn(async move { summaries.refusals.run().await });
+    let reload_now = Arc::new(tokio::sync::Notify::new());
+    tokio::spawn(reload::run(
+        gateway.clone(),
+        config_path,
+        reload_now.clone(),
+    ));
 
     let (stop, stopping) = Shutdown::new();
     let status_gateway = gateway.clone();
     tokio::spawn(tunnel_transport::control::serve(
         control,
-        Arc::new(move |command| (command == "status").then(|| status::json(&status_gateway))),
+        Arc::new(move |command| match command {
+            "status" => Some(status::json(&status_gateway)),
+            "reload" => {
+                reload_now.notify_one();
+                Some("reloading".into())
+            }
+            _ => None,
+        }),
         stopping.clone(),
     ));
 

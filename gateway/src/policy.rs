@@ -19,7 +19,32 @@ use tunnel_proto::{ConnectError, Host, Pattern, Target};
 
 use crate::refusals::Refusal;
 
-#[derive(Debug)]
+/// Who asks: an identity and the groups the gateway's records give it (from its
+/// enrolment; a certificate's own claims are not taken).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub identity: String,
+    pub groups: Vec<String>,
+}
+
+impl std::fmt::Display for Caller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.identity)
+    }
+}
+
+impl Caller {
+    fn named_by(&self, rule: &AllowRule) -> bool {
+        rule.identity == "*"
+            || rule.identity == self.identity
+            || rule
+                .identity
+                .strip_prefix("group:")
+                .is_some_and(|group| self.groups.iter().any(|g| g == group))
+    }
+}
+
+#[derive(Debug, PartialEq)]
 pub struct Policy {
     rules: Vec<AllowRule>,
     services: BTreeMap<String, Service>,
@@ -63,7 +88,7 @@ impl Policy {
         }
     }
 
-    fn patterns<'a>(&'a self, identity: &'a str) -> impl Iterator<Item = &'a Pattern> + 'a {
+    fn patterns<'a>(&'a self, identity: &'a Caller) -> impl Iterator<Item = &'a Pattern> + 'a {
         self.rules_for(identity).flat_map(|r| {
             r.to.iter().filter_map(|t| match t {
                 AllowTo::Pattern(p) => Some(p),
@@ -72,17 +97,52 @@ impl Policy {
         })
     }
 
-    fn rules_for<'a>(&'a self, identity: &'a str) -> impl Iterator<Item = &'a AllowRule> + 'a {
-        self.rules
-            .iter()
-            .filter(move |r| r.identity == "*" || r.identity == identity)
+    fn rules_for<'a>(&'a self, identity: &'a Caller) -> impl Iterator<Item = &'a AllowRule> + 'a {
+        self.rules.iter().filter(move |r| identity.named_by(r))
+    }
+
+    /// Whether a stream already connected to `addr` for `target` is still allowed:
+    /// asked of a new policy for every live stream, without resolving anything again.
+    pub fn still_allows(
+        &self,
+        identity: &Caller,
+        target: &Target,
+        addr: SocketAddr,
+    ) -> Result<(), String> {
+        match target {
+            Target::Service(name) => {
+                let listed = self.services.contains_key(name)
+                    && self.rules_for(identity).any(|r| {
+                        r.to.iter()
+                            .any(|t| matches!(t, AllowTo::Service(s) if s == name))
+                    });
+                if listed {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "no allow rule for {identity} lists the service `{name}` any more"
+                    ))
+                }
+            }
+            Target::Addr { host, port } => {
+                let by_name = match host {
+                    Host::Name(name) => {
+                        self.patterns(identity).any(|p| p.matches_name(name, *port))
+                    }
+                    Host::Ip(_) => false,
+                };
+                self.admits(identity, addr, by_name).map_err(|_| {
+                    format!("no allow rule for {identity} matches {target} ({addr}) any more")
+                })
+            }
+        }
     }
 
     /// Decides whether `identity` may reach `target`, and if so, where to connect; if
     /// not, says why, in terms the operator can act on.
     pub async fn addresses(
         &self,
-        identity: &str,
+        identity: &Caller,
         target: &Target,
     ) -> Result<Vec<SocketAddr>, Refusal> {
         match target {
@@ -174,7 +234,7 @@ impl Policy {
     /// address. Refused: `Some(kind)` for a guarded address, `None` for no match.
     fn admits(
         &self,
-        identity: &str,
+        identity: &Caller,
         addr: SocketAddr,
         matched_by_name: bool,
     ) -> Result<(), Option<&'static str>> {
@@ -249,16 +309,25 @@ mod tests {
         Target::parse(s).unwrap()
     }
 
+    fn caller(identity: &str) -> Caller {
+        Caller {
+            identity: identity.into(),
+            groups: vec![],
+        }
+    }
+
     async fn allowed(
         p: &Policy,
         identity: &str,
         target: &Target,
     ) -> Result<Vec<SocketAddr>, ConnectError> {
-        p.addresses(identity, target).await.map_err(|r| r.class)
+        p.addresses(&caller(identity), target)
+            .await
+            .map_err(|r| r.class)
     }
 
     async fn why(p: &Policy, identity: &str, target: &str) -> String {
-        match p.addresses(identity, &t(target)).await {
+        match p.addresses(&caller(identity), &t(target)).await {
             Ok(addrs) => panic!("{target} was allowed: {addrs:?}"),
             Err(refusal) => refusal.why,
         }
@@ -380,6 +449,38 @@ mod tests {
         assert_eq!(
             allowed(&p, "bob", &t("pg")).await,
             Err(ConnectError::Denied)
+        );
+    }
+
+    #[tokio::test]
+    async fn groups_come_from_the_caller_and_live_streams_are_rechecked() {
+        let p = policy(
+            "[[allow]]\nidentity = \"group:lab\"\nto = [\"10.20.0.0/16\", \"*.site-b.internal:80\"]\n",
+        );
+        let member = Caller {
+            identity: "alice".into(),
+            groups: vec!["lab".into()],
+        };
+        assert!(p.addresses(&member, &t("10.20.1.1:22")).await.is_ok());
+        assert_eq!(
+            allowed(&p, "alice", &t("10.20.1.1:22")).await,
+            Err(ConnectError::Denied)
+        );
+        let addr: SocketAddr = "10.20.1.1:22".parse().unwrap();
+        assert_eq!(p.still_allows(&member, &t("10.20.1.1:22"), addr), Ok(()));
+        assert_eq!(
+            p.still_allows(
+                &member,
+                &t("files.site-b.internal:80"),
+                "192.0.2.7:80".parse().unwrap()
+            ),
+            Ok(())
+        );
+        let stricter = policy("[[allow]]\nidentity = \"group:lab\"\nto = [\"10.21.0.0/16\"]\n");
+        assert!(
+            stricter
+                .still_allows(&member, &t("10.20.1.1:22"), addr)
+                .is_err()
         );
     }
 }

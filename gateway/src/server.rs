@@ -29,7 +29,7 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -44,17 +44,24 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 use tunnel_proto::config::GatewayConfig;
 use tunnel_proto::connect::{ERROR_HEADER, encode_outcome};
+use tunnel_proto::enrolment::{ENROL_PATH, RENEW_PATH};
 use tunnel_proto::{ConnectError, Target};
+use tunnel_transport::certs::{CertInfo, rfc3339, unix_now, utc};
 use tunnel_transport::liveness::{self, Health, INITIAL_STREAM_WINDOW};
 use tunnel_transport::plumbing::{Shutdown, accept_until};
 use tunnel_transport::splice::{self, Abort};
 use tunnel_transport::streams::{Side, StreamTable};
 
 use crate::admission::{Admission, HandshakePermit};
+use crate::authority::Authority;
 use crate::goaway;
+use crate::grants::Grants;
+use crate::issuing;
 use crate::outbound;
-use crate::policy::Policy;
+use crate::policy::{Caller, Policy};
 use crate::refusals::{Kind, Refusal, Refusals};
+use crate::state::{Revocations, State};
+use crate::verifier::Client;
 use crate::workers::Workers;
 
 /// How long a refused agent connection may take to read its refusal and close.
@@ -63,7 +70,15 @@ const REFUSAL_LINGER: Duration = Duration::from_secs(2);
 /// Everything the connection and stream tasks share.
 pub struct Gateway {
     pub config: GatewayConfig,
-    pub policy: Policy,
+    /// Replaced whole when the config file changes (see `reload.rs`).
+    policy: RwLock<Arc<Policy>>,
+    pub state: State,
+    pub authority: Authority,
+    /// The revocation list as last read; connections watch it.
+    pub revocations: watch::Sender<Arc<Revocations>>,
+    /// Identity → groups, from the enrolment records.
+    groups: RwLock<BTreeMap<String, Vec<String>>>,
+    pub grants: Arc<Grants>,
     pub admission: Arc<Admission>,
     pub refusals: Refusals,
     pub streams: Arc<StreamTable>,
@@ -78,6 +93,10 @@ pub struct ConnectionInfo {
     pub identity: String,
     pub since: Instant,
     pub health: Arc<Health>,
+    /// The serial of the certificate it authenticated with (none while enrolling).
+    pub serial: Option<String>,
+    /// When it must end (seconds since 1970), unless renewed.
+    pub deadline: watch::Sender<i64>,
 }
 
 #[derive(Serialize, serde::Deserialize)]
@@ -87,12 +106,35 @@ pub struct ConnectionView {
     pub identity: String,
     pub age_secs: f64,
     pub rtt_ms: Option<f64>,
+    /// The serial of the certificate it authenticated with.
+    pub serial: Option<String>,
+    /// When it will be closed unless its certificate is renewed (RFC 3339).
+    pub until: String,
 }
 
 impl Gateway {
-    pub fn new(config: GatewayConfig, local_addr: SocketAddr) -> Arc<Gateway> {
-        Arc::new(Gateway {
-            policy: Policy::new(&config),
+    /// Opens the state directory and the CA (which signs enrolments and renewals).
+    pub fn new(config: GatewayConfig, local_addr: SocketAddr) -> Result<Arc<Gateway>> {
+        let state = State::open(&config.state_dir)?;
+        let read = |p: &std::path::Path| {
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+        };
+        let authority =
+            Authority::load(&read(&config.ca)?, &read(&config.ca_key)?).with_context(|| {
+                format!(
+                    "loading the CA from {} and {}",
+                    config.ca.display(),
+                    config.ca_key.display()
+                )
+            })?;
+        let revocations = state.revocations()?;
+        let gateway = Arc::new(Gateway {
+            policy: RwLock::new(Arc::new(Policy::new(&config))),
+            state,
+            authority,
+            revocations: watch::Sender::new(Arc::new(revocations)),
+            groups: RwLock::default(),
+            grants: Arc::default(),
             admission: Admission::new(&config),
             refusals: Refusals::new(config.log_summary_interval),
             config,
@@ -101,7 +143,71 @@ impl Gateway {
             next_connection: AtomicU64::new(1),
             local_addr,
             started: Instant::now(),
-        })
+        });
+        gateway.refresh_identities();
+        Ok(gateway)
+    }
+
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    pub fn set_policy(&self, policy: Policy) {
+        *self.policy.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(policy);
+    }
+
+    /// An identity with the groups its enrolment gave it.
+    pub fn caller(&self, identity: &str) -> Caller {
+        let groups = self
+            .groups
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(identity)
+            .cloned()
+            .unwrap_or_default();
+        Caller {
+            identity: identity.to_string(),
+            groups,
+        }
+    }
+
+    /// Reads the enrolled identities' groups again from the state directory.
+    pub fn refresh_identities(&self) {
+        match self.state.identities() {
+            Ok(records) => {
+                let groups = records
+                    .into_iter()
+                    .map(|r| (r.identity, r.groups))
+                    .collect();
+                *self.groups.write().unwrap_or_else(PoisonError::into_inner) = groups;
+            }
+            Err(e) => warn!("reading the enrolled identities: {e:#}"),
+        }
+    }
+
+    /// A renewal of `identity` whose lineage is `serials` moves the end of every live
+    /// connection authenticated by one of them to `not_after`.
+    pub fn extend_lineage(&self, identity: &str, serials: &[String], not_after: i64) {
+        let connections = self
+            .connections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for c in connections.values() {
+            let ours =
+                c.identity == identity && c.serial.as_ref().is_some_and(|s| serials.contains(s));
+            if ours {
+                c.deadline.send_if_modified(|deadline| {
+                    let later = not_after > *deadline;
+                    if later {
+                        *deadline = not_after;
+                    }
+                    later
+                });
+            }
+        }
     }
 
     pub fn connection_views(&self) -> Vec<ConnectionView> {
@@ -117,6 +223,8 @@ impl Gateway {
                 identity: c.identity.clone(),
                 age_secs: c.since.elapsed().as_secs_f64(),
                 rtt_ms: c.health.rtt().map(|d| d.as_secs_f64() * 1000.0),
+                serial: c.serial.clone(),
+                until: rfc3339(*c.deadline.borrow()),
             })
             .collect()
     }
@@ -274,6 +382,22 @@ fn source(ip: IpAddr) -> String {
     }
 }
 
+/// How long a connection without a valid certificate (enrolling, or recovering an
+/// expired one) may stay: long enough for one request.
+const LIMITED_CONNECTION: Duration = Duration::from_secs(30);
+
+/// What a connection may do, from the certificate its handshake presented.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// No certificate: `POST /v1/enrol` only.
+    Enrolling,
+    /// A valid certificate: streams and renewal.
+    Agent,
+    /// An expired certificate within the recovery window: renewal only, until it
+    /// renews (then it is an `Agent` connection).
+    Recovering,
+}
+
 /// An agent's connection, once its TLS handshake succeeded: HTTP/2, one task per stream.
 async fn agent(
     gateway: Arc<Gateway>,
@@ -282,38 +406,64 @@ async fn agent(
     mut shutdown: Shutdown,
 ) {
     tunnel_transport::tls::tune_session(tls_stream.get_mut().1);
-    let identity = tls_stream
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|certs| certs.first())
-        .and_then(tunnel_transport::tls::identity_of);
-    let Some(identity) = identity else {
-        let detail =
-            format!("client certificate has no common name: connection refused (from {peer})");
-        gateway
-            .refusals
-            .report(&source(peer.ip()), Kind::HandshakeFailed, detail);
-        return;
-    };
-    let _connection_permit = match gateway.admission.connection(&identity) {
-        Ok(permit) => permit,
-        Err(over) => {
-            let reason = over.to_string();
-            gateway.refusals.report(
-                &identity,
-                Kind::OverConnectionLimit,
-                format!("connection from {peer} refused: {reason}"),
-            );
-            goaway::refuse(
-                tls_stream,
-                h2::Reason::ENHANCE_YOUR_CALM,
-                &reason,
-                REFUSAL_LINGER,
-            )
-            .await;
+    let client = Client::of(
+        tls_stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|certs| certs.first()),
+        unix_now(),
+    );
+    let (mut role, certificate) = match client {
+        Ok(Client::Enrolling) => (Role::Enrolling, None),
+        Ok(Client::Agent(info)) => (Role::Agent, Some(info)),
+        Ok(Client::Recovering(info)) => (Role::Recovering, Some(info)),
+        Err(e) => {
+            let detail =
+                format!("client certificate unreadable ({e:#}): connection refused (from {peer})");
+            gateway
+                .refusals
+                .report(&source(peer.ip()), Kind::HandshakeFailed, detail);
             return;
         }
+    };
+    let identity = match &certificate {
+        None => "(enrolling)".to_string(),
+        Some(info) => match info.common_name() {
+            Some(cn) => cn.to_string(),
+            None => {
+                let detail = format!(
+                    "client certificate has no common name: connection refused (from {peer})"
+                );
+                gateway
+                    .refusals
+                    .report(&source(peer.ip()), Kind::HandshakeFailed, detail);
+                return;
+            }
+        },
+    };
+    let _connection_permit = if certificate.is_some() {
+        match gateway.admission.connection(&identity) {
+            Ok(permit) => Some(permit),
+            Err(over) => {
+                let reason = over.to_string();
+                gateway.refusals.report(
+                    &identity,
+                    Kind::OverConnectionLimit,
+                    format!("connection from {peer} refused: {reason}"),
+                );
+                goaway::refuse(
+                    tls_stream,
+                    h2::Reason::ENHANCE_YOUR_CALM,
+                    &reason,
+                    REFUSAL_LINGER,
+                )
+                .await;
+                return;
+            }
+        }
+    } else {
+        None
     };
 
     let handshake = liveness::server_builder()
@@ -336,6 +486,13 @@ async fn agent(
 
     let health = Arc::new(Health::default());
     let id = gateway.next_connection.fetch_add(1, Ordering::Relaxed);
+    // The moment this connection's right to exist ends (seconds since 1970): its
+    // certificate's end, moved on by renewals of its lineage.
+    let initial_deadline = match (&certificate, role) {
+        (Some(info), Role::Agent) => info.not_after,
+        _ => unix_now() + LIMITED_CONNECTION.as_secs() as i64,
+    };
+    let (deadline_tx, mut deadline_rx) = watch::channel(initial_deadline);
     gateway
         .connections
         .lock()
@@ -347,9 +504,17 @@ async fn agent(
                 identity: identity.clone(),
                 since: Instant::now(),
                 health: health.clone(),
+                serial: certificate.as_ref().map(|c| c.serial.clone()),
+                deadline: deadline_tx,
             },
         );
-    info!(%peer, %identity, "agent connected");
+    match role {
+        Role::Enrolling => debug!(%peer, "client without a certificate: enrolment only"),
+        Role::Recovering => {
+            info!(%peer, %identity, "agent with an expired certificate connected: renewal only")
+        }
+        Role::Agent => info!(%peer, %identity, "agent connected"),
+    }
 
     let (window_tx, mut window_rx) = watch::channel(INITIAL_STREAM_WINDOW);
     let watcher = {
@@ -358,17 +523,53 @@ async fn agent(
         async move { liveness::watch_connection(ping_pong, &health, window_tx, interval, timeout).await }
     };
     tokio::pin!(watcher);
+    let mut revocations = gateway.revocations.subscribe();
+    let (renewed_tx, mut renewed_rx) = mpsc::channel::<i64>(4);
     let mut draining = false;
     let mut windows_open = true;
     let reason = loop {
+        let deadline = *deadline_rx.borrow_and_update();
+        let expiry = tokio::time::Instant::now() + until_unix(deadline);
         tokio::select! {
             request = conn.accept() => match request {
                 Some(Ok((request, respond))) => {
-                    tokio::spawn(stream(gateway.clone(), identity.clone(), health.clone(), request, respond));
+                    let context = RequestContext {
+                        gateway: &gateway,
+                        role,
+                        identity: &identity,
+                        certificate: certificate.as_ref(),
+                        connection: id,
+                        peer,
+                        health: &health,
+                        renewed: &renewed_tx,
+                    };
+                    dispatch(context, request, respond);
                 }
                 Some(Err(e)) => break format!("connection error: {e}"),
                 None => break "closed".to_string(),
             },
+            Some(_) = renewed_rx.recv() => {
+                if role == Role::Recovering {
+                    role = Role::Agent;
+                    info!(%peer, %identity, "recovered: the connection may carry streams again");
+                }
+            }
+            _ = deadline_rx.changed() => {}
+            () = tokio::time::sleep_until(expiry) => {
+                let why = match role {
+                    Role::Agent => format!("the certificate of {identity} expired on {}", utc(deadline)),
+                    Role::Enrolling | Role::Recovering => format!("no certificate issued within {}s", LIMITED_CONNECTION.as_secs()),
+                };
+                break cut(&gateway, &mut conn, id, &why).await;
+            }
+            Ok(()) = revocations.changed() => {
+                let verdict = certificate.as_ref().and_then(|c| {
+                    revocations.borrow_and_update().verdict(&identity, &c.serial, c.not_before)
+                });
+                if let Some(why) = verdict {
+                    break cut(&gateway, &mut conn, id, &why).await;
+                }
+            }
             changed = window_rx.changed(), if windows_open => match changed {
                 Ok(()) => {
                     let window = *window_rx.borrow_and_update();
@@ -396,9 +597,109 @@ async fn agent(
     info!(%peer, %identity, "agent connection ended: {reason}");
 }
 
+/// Time from now until `unix` seconds since 1970 (zero if past).
+fn until_unix(unix: i64) -> Duration {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    Duration::from_secs(unix.max(0).unsigned_abs()).saturating_sub(now)
+}
+
+type ServerConnection = h2::server::Connection<tokio_rustls::server::TlsStream<TcpStream>, Bytes>;
+
+/// Ends a connection whose right to exist is gone: every stream on it is reset (so the
+/// programs see resets, never a clean end), then the connection is closed.
+async fn cut(gateway: &Gateway, conn: &mut ServerConnection, id: u64, why: &str) -> String {
+    let streams = gateway.grants.withdraw_connection(id, why);
+    warn!(connection = id, streams, "closing the connection: {why}");
+    conn.abrupt_shutdown(h2::Reason::NO_ERROR);
+    // Let the resets and the GOAWAY go out before the socket closes.
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while let Some(Ok(_)) = conn.accept().await {}
+    })
+    .await;
+    why.to_string()
+}
+
+/// What a request on a connection needs to know about it.
+struct RequestContext<'a> {
+    gateway: &'a Arc<Gateway>,
+    role: Role,
+    identity: &'a str,
+    certificate: Option<&'a CertInfo>,
+    connection: u64,
+    peer: SocketAddr,
+    health: &'a Arc<Health>,
+    renewed: &'a mpsc::Sender<i64>,
+}
+
+/// Sends each request to its handler, as far as the connection's role allows.
+fn dispatch(
+    context: RequestContext<'_>,
+    request: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) {
+    let RequestContext {
+        gateway,
+        role,
+        identity,
+        certificate,
+        connection,
+        peer,
+        health,
+        renewed,
+    } = context;
+    let path = request.uri().path().to_string();
+    let method = request.method().clone();
+    match (role, &method, path.as_str(), certificate) {
+        (Role::Agent, &Method::CONNECT, _, _) => {
+            tokio::spawn(stream(
+                gateway.clone(),
+                identity.to_string(),
+                connection,
+                health.clone(),
+                request,
+                respond,
+            ));
+        }
+        (Role::Enrolling, &Method::POST, ENROL_PATH, _) => {
+            tokio::spawn(issuing::enrol(
+                gateway.clone(),
+                peer,
+                request.into_body(),
+                respond,
+            ));
+        }
+        (Role::Agent | Role::Recovering, &Method::POST, RENEW_PATH, Some(info)) => {
+            let presented = issuing::presented(info, role == Role::Recovering);
+            let (gateway, renewed) = (gateway.clone(), renewed.clone());
+            tokio::spawn(async move {
+                if let Some(not_after) =
+                    issuing::renew(gateway, peer, presented, request.into_body(), respond).await
+                {
+                    let _ = renewed.send(not_after).await;
+                }
+            });
+        }
+        _ => {
+            let why = match role {
+                Role::Enrolling => "a client without a certificate may only enrol",
+                Role::Recovering => "an expired certificate may only be renewed",
+                Role::Agent => "not a CONNECT or a certificate request",
+            };
+            let detail = format!("{method} {} refused from {peer}: {why}", request.uri());
+            gateway
+                .refusals
+                .report(identity, Kind::Stream(ConnectError::Denied), detail);
+            let _ = answer(&mut respond, Err(ConnectError::Denied));
+        }
+    }
+}
+
 async fn stream(
     gateway: Arc<Gateway>,
     identity: String,
+    connection: u64,
     health: Arc<Health>,
     request: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
@@ -408,7 +709,7 @@ async fn stream(
         .authority()
         .map(|a| a.as_str())
         .and_then(|a| Target::parse(a).ok());
-    let Some(target) = target.filter(|_| request.method() == Method::CONNECT) else {
+    let Some(target) = target else {
         let detail = format!(
             "stream {}: not a CONNECT to host:port or a service: {} {}",
             ConnectError::BadRequest,
@@ -425,9 +726,11 @@ async fn stream(
         .streams
         .register(target.to_string(), identity.clone());
 
+    let caller = gateway.caller(&identity);
+    let policy = gateway.policy();
     let connected = match gateway.admission.stream(&identity) {
         Err(over) => Err(Refusal::new(ConnectError::OverLimit, over.to_string())),
-        Ok(permit) => match gateway.policy.addresses(&identity, &target).await {
+        Ok(permit) => match policy.addresses(&caller, &target).await {
             Ok(addrs) => outbound::connect(&addrs, gateway.config.connect_timeout)
                 .await
                 .map(|tcp| (tcp, permit)),
@@ -447,6 +750,17 @@ async fn stream(
         }
     };
     tunnel_transport::tune_carried_tcp(&tcp);
+    let Ok(addr) = tcp.peer_addr() else {
+        entry.finish(&Err(Abort::Refused(ConnectError::Gateway)));
+        return;
+    };
+    // Held from before the answer, so a policy reload in between is not missed.
+    let (_grant, withdrawn) = gateway.grants.enter(connection, &identity, &target, addr);
+    if let Err(why) = gateway.policy().still_allows(&caller, &target, addr) {
+        let _ = answer(&mut respond, Err(ConnectError::Denied));
+        entry.refused(ConnectError::Denied, why);
+        return;
+    }
     let send = match answer(&mut respond, Ok(())) {
         Ok(Some(send)) => send,
         _ => {
@@ -456,7 +770,15 @@ async fn stream(
     };
     debug!(%identity, destination = %target, "connected");
     let body = request.into_body();
-    let result = splice::splice(tcp, send, async { Ok(body) }, entry.stats(), &health).await;
+    let result = splice::splice_until(
+        tcp,
+        send,
+        async { Ok(body) },
+        entry.stats(),
+        &health,
+        withdrawn,
+    )
+    .await;
     if let Err(e) = &result {
         info!(%identity, destination = %target, "stream aborted: {e}");
     }

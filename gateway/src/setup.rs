@@ -111,12 +111,17 @@ pub struct IssuedFiles {
     pub not_after: i64,
 }
 
-pub fn issue(config: &GatewayConfig, identity: &str, out: &Path, days: u32) -> Result<IssuedFiles> {
+pub fn issue(
+    config: &GatewayConfig,
+    identity: &str,
+    out: &Path,
+    lifetime: std::time::Duration,
+) -> Result<IssuedFiles> {
     if !is_valid_identity(identity) {
         bail!("--identity `{identity}`: use 1 to 64 letters, digits, . - _ @");
     }
-    if !(1..=3650).contains(&days) {
-        bail!("--days {days}: give 1 to 3650");
+    if lifetime.as_secs() < 5 || lifetime.as_secs() > 3650 * 86_400 {
+        bail!("the lifetime (--days or --ttl) must be 5s to 3650d");
     }
     let read = |p: &Path| fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
     let ca = Authority::load(&read(&config.ca)?, &read(&config.ca_key)?).with_context(|| {
@@ -126,7 +131,7 @@ pub fn issue(config: &GatewayConfig, identity: &str, out: &Path, days: u32) -> R
             config.ca_key.display()
         )
     })?;
-    let issued = ca.issue_client(identity, days)?;
+    let issued = ca.issue_client(identity, lifetime)?;
     fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let not_after = CertInfo::parse_pem(&issued.cert_pem)?.not_after;
     let files = IssuedFiles {

@@ -18,6 +18,10 @@ pub struct CertInfo {
     pub not_after: i64,
     /// The DNS names and addresses it is valid for.
     pub names: Vec<String>,
+    /// The serial number: lower-case hex of its bytes, as `revoke --serial` takes it.
+    pub serial: String,
+    /// SHA-256 of its SubjectPublicKeyInfo (the pin of a CA; a key's fingerprint).
+    pub key_digest: [u8; 32],
 }
 
 impl CertInfo {
@@ -49,6 +53,8 @@ impl CertInfo {
             not_before: cert.validity().not_before.timestamp(),
             not_after: cert.validity().not_after.timestamp(),
             names,
+            serial: serial_hex(cert.raw_serial()),
+            key_digest: tunnel_proto::token::pin_of_public_key(cert.public_key().raw),
         })
     }
 
@@ -65,6 +71,32 @@ impl CertInfo {
         self.subject
             .split(", ")
             .find_map(|part| part.strip_prefix("CN="))
+    }
+}
+
+/// Serial-number bytes as `revoke --serial` and status write them: lower-case hex,
+/// leading zero bytes dropped.
+pub fn serial_hex(raw: &[u8]) -> String {
+    let start = raw
+        .iter()
+        .position(|b| *b != 0)
+        .unwrap_or(raw.len().saturating_sub(1));
+    raw[start..].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A moment in RFC 3339, as JSON status gives it: `2026-01-03T12:00:00Z`.
+pub fn rfc3339(unix_secs: i64) -> String {
+    match OffsetDateTime::from_unix_timestamp(unix_secs) {
+        Ok(t) => format!(
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second()
+        ),
+        Err(_) => unix_secs.to_string(),
     }
 }
 

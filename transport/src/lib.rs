@@ -10,6 +10,7 @@
 //! ```
 //!
 //! - [`tls`]: rustls set-up for both ends, identity from the client certificate.
+//! - [`atomic_file`]: files replaced whole or not at all (credentials, state).
 //! - [`certs`]: what a certificate says about itself (names, dates), for both ends.
 //! - [`splice`]: one carried connection, both directions, faithful ends.
 //! - [`liveness`]: PING, RTT, and receive windows that follow bandwidth × delay.
@@ -20,6 +21,7 @@
 //! - [`daemon`]: logging, the runtime, and telling systemd the daemon is ready.
 #![forbid(unsafe_code)]
 
+pub mod atomic_file;
 pub mod certs;
 pub mod control;
 pub mod counted;

@@ -49,6 +49,9 @@ pub enum Abort {
     Refused(ConnectError),
     /// No tunnel connection to the gateway could carry the stream.
     Unavailable(String),
+    /// The gateway took the right to carry it away while it ran: the identity's
+    /// certificate expired or was revoked, or the policy no longer allows it.
+    Withdrawn(String),
 }
 
 impl fmt::Display for Abort {
@@ -61,6 +64,7 @@ impl fmt::Display for Abort {
             },
             Abort::Refused(e) => write!(f, "{e}"),
             Abort::Unavailable(why) => write!(f, "gateway unavailable: {why}"),
+            Abort::Withdrawn(why) => write!(f, "access withdrawn: {why}"),
         }
     }
 }
@@ -73,7 +77,7 @@ impl Abort {
     pub fn refusal(&self) -> tunnel_proto::local::Refusal {
         match self {
             Abort::Refused(e) => tunnel_proto::local::Refusal::Connect(*e),
-            Abort::Tcp(_) | Abort::Tunnel(_) | Abort::Unavailable(_) => {
+            Abort::Tcp(_) | Abort::Tunnel(_) | Abort::Unavailable(_) | Abort::Withdrawn(_) => {
                 tunnel_proto::local::Refusal::Unavailable
             }
         }
@@ -86,6 +90,7 @@ impl Abort {
             Abort::Refused(e) => e.as_str(),
             Abort::Tcp(_) | Abort::Tunnel(_) => "reset",
             Abort::Unavailable(_) => "unavailable",
+            Abort::Withdrawn(_) => "withdrawn",
         }
     }
 }
@@ -105,11 +110,24 @@ pub fn reset(tcp: TcpStream) {
 /// `health` counts, for the whole tunnel connection, the bytes that came in (the
 /// window tuning reads it).
 pub async fn splice(
+    tcp: TcpStream,
+    send: SendStream<Bytes>,
+    recv: impl Future<Output = Result<RecvStream, Abort>>,
+    stats: &StreamStats,
+    health: &Health,
+) -> Result<(), Abort> {
+    splice_until(tcp, send, recv, stats, health, std::future::pending()).await
+}
+
+/// [`splice`], cut short when `withdrawn` yields a reason: both sides are then reset,
+/// as for any abort.
+pub async fn splice_until(
     mut tcp: TcpStream,
     mut send: SendStream<Bytes>,
     recv: impl Future<Output = Result<RecvStream, Abort>>,
     stats: &StreamStats,
     health: &Health,
+    withdrawn: impl Future<Output = String>,
 ) -> Result<(), Abort> {
     let (mut reader, mut writer) = tcp.split();
     let both = async {
@@ -118,7 +136,11 @@ pub async fn splice(
             tunnel_to_tcp(&mut recv, &mut writer, stats, health).await
         })
     };
-    match both.await {
+    let ended = tokio::select! {
+        ended = both => ended,
+        why = withdrawn => Err(Abort::Withdrawn(why)),
+    };
+    match ended {
         Ok(_) => Ok(()),
         Err(abort) => {
             send.send_reset(Reason::CANCEL);

@@ -15,7 +15,8 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 const ALPN_H2: &[u8] = b"h2";
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+/// The one crypto provider both ends use.
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
@@ -62,18 +63,25 @@ fn unusable_pair(cert: &Path, key: &Path) -> String {
     )
 }
 
-/// The gateway's TLS: its certificate, and a client certificate from `ca` required.
-pub fn server_config(ca: &Path, cert: &Path, key: &Path) -> Result<Arc<ServerConfig>> {
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider())
-        .build()
-        .context("building the client-certificate verifier")?;
+/// The gateway's TLS: TLS 1.3 only, ALPN `h2`, clients judged by `verifier`, the
+/// certificate `chain` (leaf first) with the key in `key` (`cert` names the file the
+/// leaf came from, for messages). Session resumption is off: a resumed session skips
+/// the client's certificate check, and so could outlive its expiry or revocation.
+pub fn finish_server_config(
+    verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    chain: Vec<CertificateDer<'static>>,
+    cert: &Path,
+    key: &Path,
+) -> Result<Arc<ServerConfig>> {
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .context("TLS 1.3 set-up")?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(load_certs(cert)?, load_key(key)?)
+        .with_single_cert(chain, load_key(key)?)
         .with_context(|| unusable_pair(cert, key))?;
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
 }
 

@@ -174,27 +174,44 @@ fn client_certificate_from_another_ca_is_refused_and_nothing_is_connected() {
     }
 }
 
+/// A client without a certificate finishes the handshake (enrolment needs that), but
+/// gets nothing except the enrolment request: any other request is refused, and the
+/// connection does not outlive the time one enrolment takes.
 #[test]
-fn tls_client_without_a_certificate_is_refused() {
+fn tls_client_without_a_certificate_may_only_enrol() {
     require("curl", "curl");
     let site = Site::new();
     let gw_dir = site.init_gateway("gateway");
     let mut gateway = Gateway::start(&gw_dir, &allow_alice(&["*"])).expect("gateway");
-    let out = Command::new("curl")
-        .args(["-sS", "--http2", "--max-time", "10", "--cacert"])
-        .arg(gw_dir.join("ca.pem"))
-        .arg(format!("https://localhost:{}/", gateway.addr.port()))
-        .output()
-        .expect("curl");
-    assert!(
-        !out.status.success(),
-        "curl without a client certificate got through: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    for path in ["/", "/v1/renew"] {
+        let out = Command::new("curl")
+            .args([
+                "-sS",
+                "--fail",
+                "--http2",
+                "--max-time",
+                "10",
+                "-X",
+                "POST",
+                "--cacert",
+            ])
+            .arg(gw_dir.join("ca.pem"))
+            .arg(format!("https://localhost:{}{path}", gateway.addr.port()))
+            .output()
+            .expect("curl");
+        assert!(
+            !out.status.success(),
+            "curl without a client certificate got an answer to {path}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
     gateway
         .daemon
-        .wait_log("TLS handshake refused", Duration::from_secs(10))
-        .expect("the gateway refuses the handshake");
+        .wait_log(
+            "a client without a certificate may only enrol",
+            Duration::from_secs(10),
+        )
+        .expect("the gateway refuses the request");
     assert_eq!(
         gateway.status().expect("status")["connections"],
         serde_json::json!([])

@@ -1,0 +1,261 @@
+//! Certificates over the tunnel's own port: enrolment with a token, and renewal with
+//! the current certificate (or, within the recovery window, an expired one).
+//!
+//! ```text
+//!  POST /v1/enrol {token_id, secret, csr} ── State::redeem (token bound to the first key)
+//!  POST /v1/renew {csr}                   ── State::renew  (revocation, lineage, period)
+//!        │ signed by the CA, for cert_ttl, on the key of the request
+//!        ▼
+//!  200 Issued {certificate, ca, serial, not_after, gateway_time} │ 4xx Refused {error, message}
+//! ```
+//!
+//! The state's work (a file lock, small files, one signature) runs on the blocking pool.
+//! Secrets are never logged; a token presented by a second key is logged as a
+//! possible theft.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, anyhow};
+use bytes::Bytes;
+use h2::RecvStream;
+use h2::server::SendResponse;
+use http::{Response, StatusCode};
+use serde::Serialize;
+use tracing::{error, info, warn};
+use tunnel_proto::enrolment::{EnrolRequest, Issued, MAX_BODY, RefusalKind, Refused, RenewRequest};
+use tunnel_proto::token::Secret;
+use tunnel_transport::certs::{CertInfo, unix_now, utc};
+
+use crate::authority::request_key_digest;
+use crate::server::Gateway;
+use crate::state::{Denial, Presented};
+
+/// Reads a request body whole, refusing more than [`MAX_BODY`] bytes.
+async fn body(mut recv: RecvStream) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    while let Some(chunk) = recv.data().await {
+        let chunk = chunk.context("reading the request")?;
+        let _ = recv.flow_control().release_capacity(chunk.len());
+        if out.len() + chunk.len() > MAX_BODY {
+            return Err(anyhow!("request larger than {MAX_BODY} bytes"));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
+fn reply<T: Serialize>(respond: &mut SendResponse<Bytes>, status: StatusCode, value: &T) {
+    let json = serde_json::to_vec(value).unwrap_or_default();
+    let response = Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(());
+    let Ok(response) = response else { return };
+    if let Ok(mut send) = respond.send_response(response, false) {
+        let _ = send.send_data(Bytes::from(json), true);
+    }
+}
+
+fn refuse(respond: &mut SendResponse<Bytes>, denial: Denial) {
+    let status = match denial.kind {
+        RefusalKind::BadRequest => StatusCode::BAD_REQUEST,
+        RefusalKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        RefusalKind::UnknownToken => StatusCode::NOT_FOUND,
+        RefusalKind::TokenUsed => StatusCode::CONFLICT,
+        RefusalKind::TokenExpired | RefusalKind::TooLate => StatusCode::GONE,
+        RefusalKind::Revoked | RefusalKind::RenewalEnded | RefusalKind::Superseded => {
+            StatusCode::FORBIDDEN
+        }
+    };
+    reply(
+        respond,
+        status,
+        &Refused {
+            error: denial.kind,
+            message: denial.message,
+            gateway_time: unix_now(),
+        },
+    );
+}
+
+fn bad(message: impl Into<String>) -> Denial {
+    Denial {
+        kind: RefusalKind::BadRequest,
+        message: message.into(),
+    }
+}
+
+fn internal(e: &anyhow::Error) -> Denial {
+    error!("issuing a certificate failed: {e:#}");
+    Denial {
+        kind: RefusalKind::Internal,
+        message: "the gateway could not issue a certificate (its log says why)".into(),
+    }
+}
+
+async fn parse<T: serde::de::DeserializeOwned>(recv: RecvStream) -> Result<T, Denial> {
+    let bytes = body(recv).await.map_err(|e| bad(format!("{e:#}")))?;
+    serde_json::from_slice(&bytes).map_err(|e| bad(format!("not the expected request: {e}")))
+}
+
+fn issued(
+    gateway: &Gateway,
+    identity: &str,
+    groups: &[String],
+    cert_pem: String,
+    serial: String,
+    not_after: i64,
+) -> Issued {
+    Issued {
+        certificate: cert_pem,
+        ca: gateway.authority.cert_pem.clone(),
+        identity: identity.to_string(),
+        groups: groups.to_vec(),
+        serial,
+        not_after,
+        gateway_time: unix_now(),
+    }
+}
+
+/// `POST /v1/enrol` on a connection without a client certificate.
+pub async fn enrol(
+    gateway: Arc<Gateway>,
+    peer: SocketAddr,
+    recv: RecvStream,
+    mut respond: SendResponse<Bytes>,
+) {
+    match redeem(&gateway, peer, recv).await {
+        Ok(issued) => reply(&mut respond, StatusCode::OK, &issued),
+        Err(denial) => refuse(&mut respond, denial),
+    }
+}
+
+async fn redeem(
+    gateway: &Arc<Gateway>,
+    peer: SocketAddr,
+    recv: RecvStream,
+) -> Result<Issued, Denial> {
+    let request: EnrolRequest = parse(recv).await?;
+    let secret = Secret::decode(&request.secret)
+        .ok_or_else(|| bad("the secret is not 32 bytes of base64url"))?;
+    let key = request_key_digest(&request.csr).map_err(|e| bad(format!("{e:#}")))?;
+    let worker = gateway.clone();
+    let id = request.token_id.clone();
+    let outcome = tokio::task::spawn_blocking(move || {
+        let now = unix_now();
+        worker.state.redeem(&id, &secret, &key, now, |token| {
+            worker
+                .authority
+                .sign_request(&token.identity, &request.csr, worker.config.cert_ttl)
+        })
+    })
+    .await
+    .map_err(|e| internal(&anyhow!("{e}")))?
+    .map_err(|e| internal(&e))?;
+    match outcome {
+        Ok(redeemed) => {
+            let token = &redeemed.token;
+            let r = &redeemed.redemption;
+            if redeemed.repeated {
+                info!(%peer, identity = %token.identity, token = %token.id, "enrolment repeated by the same key (a lost reply): the same certificate {} again", r.serial);
+            } else {
+                info!(%peer, identity = %token.identity, token = %token.id, "enrolled: certificate {} valid until {}", r.serial, utc(r.not_after));
+                gateway.refresh_identities();
+            }
+            Ok(issued(
+                gateway,
+                &token.identity,
+                &token.groups,
+                r.certificate.clone(),
+                r.serial.clone(),
+                r.not_after,
+            ))
+        }
+        Err(denial) => {
+            match denial.kind {
+                RefusalKind::TokenUsed => {
+                    warn!(%peer, token = %request.token_id, "possible theft: a token already redeemed was presented by another key; refused")
+                }
+                RefusalKind::UnknownToken => {
+                    warn!(%peer, token = %request.token_id, "enrolment refused: unknown token or wrong secret")
+                }
+                _ => {
+                    info!(%peer, token = %request.token_id, "enrolment refused: {}", denial.message)
+                }
+            }
+            Err(denial)
+        }
+    }
+}
+
+/// `POST /v1/renew` on a connection authenticated by `presented` (expired within the
+/// recovery window when `presented.expired`). On success, every live connection of the
+/// identity's lineage lives on to the new certificate's end.
+pub async fn renew(
+    gateway: Arc<Gateway>,
+    peer: SocketAddr,
+    presented: Presented,
+    recv: RecvStream,
+    mut respond: SendResponse<Bytes>,
+) -> Option<i64> {
+    match renewal(&gateway, &presented, recv).await {
+        Ok(issued) => {
+            info!(%peer, identity = %presented.identity, "renewed: certificate {} replaces {}, valid until {}{}", issued.serial, presented.serial, utc(issued.not_after), if presented.expired { " (recovered an expired certificate)" } else { "" });
+            let not_after = issued.not_after;
+            reply(&mut respond, StatusCode::OK, &issued);
+            Some(not_after)
+        }
+        Err(denial) => {
+            warn!(%peer, identity = %presented.identity, "renewal refused: {}", denial.message);
+            refuse(&mut respond, denial);
+            None
+        }
+    }
+}
+
+async fn renewal(
+    gateway: &Arc<Gateway>,
+    presented: &Presented,
+    recv: RecvStream,
+) -> Result<Issued, Denial> {
+    let request: RenewRequest = parse(recv).await?;
+    // Checked before the lock: a request that is not one costs no file access.
+    request_key_digest(&request.csr).map_err(|e| bad(format!("{e:#}")))?;
+    let worker = gateway.clone();
+    let presented = presented.clone();
+    let revocations = gateway.revocations.borrow().clone();
+    let (record, signed) = tokio::task::spawn_blocking(move || {
+        worker
+            .state
+            .renew(&presented, &revocations, unix_now(), |record| {
+                worker.authority.sign_request(
+                    &record.identity,
+                    &request.csr,
+                    worker.config.cert_ttl,
+                )
+            })
+    })
+    .await
+    .map_err(|e| internal(&anyhow!("{e}")))?
+    .map_err(|e| internal(&e))??;
+    gateway.extend_lineage(&record.identity, &record.serials, signed.not_after);
+    Ok(issued(
+        gateway,
+        &record.identity,
+        &record.groups,
+        signed.cert_pem,
+        signed.serial,
+        signed.not_after,
+    ))
+}
+
+/// What a renewal needs to know of the certificate a connection presented.
+pub fn presented(info: &CertInfo, expired: bool) -> Presented {
+    Presented {
+        identity: info.common_name().unwrap_or_default().to_string(),
+        serial: info.serial.clone(),
+        not_before: info.not_before,
+        expired,
+    }
+}
