@@ -6,6 +6,7 @@ mod diagnostics;
 mod errors;
 mod forward;
 mod hostile;
+mod identity;
 mod local_leg;
 mod namespaces;
 mod preload;
