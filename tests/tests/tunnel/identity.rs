@@ -6,10 +6,11 @@
 //! the real agent (`tunnel-agent enroll`, then `run`) and real transfers.
 
 use std::fs;
-use std::io::Write;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tunnel_proto::token::EnrolmentToken;
@@ -56,8 +57,22 @@ fn key_and_request() -> (String, String) {
 /// status and the JSON answer.
 fn post(gateway_dir: &Path, gateway: &Gateway, path: &str, body: &Value) -> (u16, Value) {
     let mut child = Command::new("curl")
-        .args(["-sS", "--http2", "--max-time", "20", "-o", "-", "-w", "\n%{http_code}"])
-        .args(["-H", "content-type: application/json", "--data-binary", "@-"])
+        .args([
+            "-sS",
+            "--http2",
+            "--max-time",
+            "20",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+        ])
+        .args([
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            "@-",
+        ])
         .arg("--cacert")
         .arg(gateway_dir.join("ca.pem"))
         .arg(format!("https://localhost:{}{path}", gateway.addr.port()))
@@ -93,10 +108,17 @@ fn a_token_gives_one_certificate_to_one_key_even_when_fifty_race() {
     let site = Site::new();
     // Fifty handshakes at once from one address: above the default per-source cap,
     // which would turn some away before they ask.
-    let (dir, mut gateway) = gateway(&site, "max_handshakes_per_source = 64", ALLOW_ALICE_LOOPBACK);
+    let (dir, mut gateway) = gateway(
+        &site,
+        "max_handshakes_per_source = 64",
+        ALLOW_ALICE_LOOPBACK,
+    );
     let text = token(&dir, &gateway, &["--identity", "alice", "--group", "lab"]);
     let token = EnrolmentToken::decode(&text).expect("the printed token decodes");
-    assert_eq!((token.identity.as_str(), token.groups.as_slice()), ("alice", &["lab".to_string()][..]));
+    assert_eq!(
+        (token.identity.as_str(), token.groups.as_slice()),
+        ("alice", &["lab".to_string()][..])
+    );
 
     let requests: Vec<(String, String)> = (0..50).map(|_| key_and_request()).collect();
     let answers: Vec<(u16, Value)> = std::thread::scope(|scope| {
@@ -108,9 +130,14 @@ fn a_token_gives_one_certificate_to_one_key_even_when_fifty_race() {
                 scope.spawn(move || post(dir, gateway, "/v1/enrol", &body))
             })
             .collect();
-        handles.into_iter().map(|h| h.join().expect("thread")).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect()
     });
-    let winners: Vec<usize> = (0..answers.len()).filter(|i| answers[*i].0 == 200).collect();
+    let winners: Vec<usize> = (0..answers.len())
+        .filter(|i| answers[*i].0 == 200)
+        .collect();
     assert_eq!(winners.len(), 1, "exactly one certificate: {answers:?}");
     for (code, answer) in answers.iter().filter(|(code, _)| *code != 200) {
         assert_eq!(*code, 409, "{answer}");
@@ -121,7 +148,12 @@ fn a_token_gives_one_certificate_to_one_key_even_when_fifty_race() {
     assert_eq!(first["groups"], serde_json::json!(["lab"]));
 
     // The reply was lost: the same key asks again and gets the same certificate.
-    let (code, again) = post(&dir, &gateway, "/v1/enrol", &enrol_request(&token, &requests[winners[0]].1));
+    let (code, again) = post(
+        &dir,
+        &gateway,
+        "/v1/enrol",
+        &enrol_request(&token, &requests[winners[0]].1),
+    );
     assert_eq!(code, 200, "{again}");
     assert_eq!(again["certificate"], first["certificate"]);
     assert_eq!(again["serial"], first["serial"]);
@@ -131,7 +163,10 @@ fn a_token_gives_one_certificate_to_one_key_even_when_fifty_race() {
         .wait_log("possible theft", Duration::from_secs(5))
         .expect("a second key is logged as a possible theft");
     let log = gateway.daemon.log_text();
-    assert!(!log.contains(&token.secret.encode()), "the secret is in the gateway's log");
+    assert!(
+        !log.contains(&token.secret.encode()),
+        "the secret is in the gateway's log"
+    );
     assert!(!log.contains(&text), "the token is in the gateway's log");
     // Only a digest is kept.
     let stored = fs::read_to_string(dir.join("state/tokens").join(format!("{}.json", token.id)))
@@ -145,10 +180,18 @@ fn a_token_works_until_its_last_second_and_not_after() {
     let site = Site::new();
     let (dir, gateway) = gateway(&site, "", ALLOW_ALICE_LOOPBACK);
     // Two tokens of 3 s: one used at its expiry − 1 s, one at its expiry + 1 s.
-    let early = EnrolmentToken::decode(&token(&dir, &gateway, &["--identity", "alice", "--ttl", "3s"]))
-        .expect("token");
-    let late = EnrolmentToken::decode(&token(&dir, &gateway, &["--identity", "alice", "--ttl", "3s"]))
-        .expect("token");
+    let early = EnrolmentToken::decode(&token(
+        &dir,
+        &gateway,
+        &["--identity", "alice", "--ttl", "3s"],
+    ))
+    .expect("token");
+    let late = EnrolmentToken::decode(&token(
+        &dir,
+        &gateway,
+        &["--identity", "alice", "--ttl", "3s"],
+    ))
+    .expect("token");
     let wait_until = |unix: i64| {
         let now = tunnel_transport::certs::unix_now();
         if unix > now {
@@ -158,13 +201,237 @@ fn a_token_works_until_its_last_second_and_not_after() {
         }
     };
     wait_until(early.expires - 1);
-    let (code, answer) = post(&dir, &gateway, "/v1/enrol", &enrol_request(&early, &key_and_request().1));
+    let (code, answer) = post(
+        &dir,
+        &gateway,
+        "/v1/enrol",
+        &enrol_request(&early, &key_and_request().1),
+    );
     assert_eq!(code, 200, "at expiry − 1 s: {answer}");
     wait_until(late.expires + 1);
-    let (code, answer) = post(&dir, &gateway, "/v1/enrol", &enrol_request(&late, &key_and_request().1));
+    let (code, answer) = post(
+        &dir,
+        &gateway,
+        "/v1/enrol",
+        &enrol_request(&late, &key_and_request().1),
+    );
     assert_eq!(code, 410, "at expiry + 1 s: {answer}");
     assert_eq!(answer["error"], "token-expired", "{answer}");
     let message = answer["message"].as_str().unwrap_or_default();
     assert!(message.contains("expired on"), "{message}");
     assert!(answer["gateway_time"].as_i64().is_some(), "{answer}");
+}
+
+/// A destination on 127.0.0.1: each connection gets `ready\n`, then an echo of what it
+/// sends, except that `flood\n` makes it send without end (a transfer in flight).
+fn destination() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("destination");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                let _ = conn.write_all(b"ready\n");
+                let mut buf = [0u8; 4096];
+                loop {
+                    match conn.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) if buf[..n].starts_with(b"flood") => {
+                            let chunk = vec![7u8; 16 * 1024];
+                            while conn.write_all(&chunk).is_ok() {
+                                std::thread::sleep(Duration::from_millis(2));
+                            }
+                            return;
+                        }
+                        Ok(n) => {
+                            if conn.write_all(&buf[..n]).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A program's connection through a forward port, once the destination said `ready`.
+fn open(forward: SocketAddr) -> TcpStream {
+    let mut conn = connect(forward, Duration::from_secs(10));
+    let mut ready = [0u8; 6];
+    conn.read_exact(&mut ready)
+        .expect("the destination's greeting");
+    assert_eq!(&ready, b"ready\n");
+    conn
+}
+
+/// Reads until the connection ends; returns how (an error kind; `UnexpectedEof` for a
+/// clean end) and when.
+fn read_to_end(mut conn: TcpStream, limit: Duration) -> (ErrorKind, Instant) {
+    conn.set_read_timeout(Some(limit)).expect("timeout");
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match conn.read(&mut buf) {
+            Ok(0) => return (ErrorKind::UnexpectedEof, Instant::now()),
+            Ok(_) => {}
+            Err(e) => return (e.kind(), Instant::now()),
+        }
+    }
+}
+
+/// Three live streams (two idle, one mid-transfer), then `cut`: every one must end
+/// with a reset within a second of it.
+fn three_streams_reset_by(forward: SocketAddr, cut: impl FnOnce()) {
+    let idle: Vec<TcpStream> = (0..2).map(|_| open(forward)).collect();
+    let mut busy = open(forward);
+    busy.write_all(b"flood\n").expect("flood");
+    let mut some = vec![0u8; 256 * 1024];
+    busy.read_exact(&mut some).expect("a transfer under way");
+    let readers: Vec<_> = idle
+        .into_iter()
+        .chain([busy])
+        .map(|conn| std::thread::spawn(move || read_to_end(conn, Duration::from_secs(20))))
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    cut();
+    let cut_at = Instant::now();
+    for reader in readers {
+        let (how, when) = reader.join().expect("reader");
+        assert_eq!(
+            how,
+            ErrorKind::ConnectionReset,
+            "a stream ended without a reset"
+        );
+        let after = when.saturating_duration_since(cut_at);
+        assert!(
+            after <= Duration::from_secs(1),
+            "reset {after:?} after the cut"
+        );
+    }
+}
+
+fn revoke(dir: &Path, args: &[&str]) -> String {
+    run_ok(
+        Command::new(bin("tunnel-gateway"))
+            .arg("revoke")
+            .args(args)
+            .arg("--dir")
+            .arg(dir),
+    )
+}
+
+#[test]
+fn revoking_an_identity_resets_its_streams_at_once_and_outlives_a_restart() {
+    let dest = destination();
+    let tunnel = Tunnel::start_with(
+        &allow_alice(&[&dest.to_string()]),
+        &forward_table(&dest.to_string()),
+    )
+    .expect("tunnel");
+    let gw_dir = tunnel.site.path("gateway");
+    tunnel.gateway.pin_port().expect("pin port");
+    three_streams_reset_by(tunnel.forward(0), || {
+        let said = revoke(&gw_dir, &["--identity", "alice"]);
+        assert!(said.contains("the running gateway applied it"), "{said}");
+    });
+
+    // No new stream: the agent's next handshake is refused.
+    let refused = |tunnel: &Tunnel| {
+        wait_for(
+            Duration::from_secs(15),
+            "the agent to be refused as revoked",
+            || {
+                let status = tunnel.agent.status().ok()?;
+                let text = status["gateways"].to_string();
+                text.contains("revoked").then_some(())
+            },
+        )
+    };
+    refused(&tunnel).expect("refused after revocation");
+    let mut conn = connect(tunnel.forward(0), Duration::from_secs(10));
+    let mut buf = [0u8; 6];
+    assert!(
+        conn.read_exact(&mut buf).is_err(),
+        "a revoked identity got a stream"
+    );
+
+    // Still revoked after the gateway restarts.
+    let Tunnel {
+        agent,
+        mut gateway,
+        site,
+        creds,
+    } = tunnel;
+    gateway.daemon.kill();
+    let gateway = Gateway::run(&site.path("gateway")).expect("gateway again");
+    let tunnel = Tunnel {
+        agent,
+        gateway,
+        site,
+        creds,
+    };
+    refused(&tunnel).expect("still refused after a restart");
+    let listing = run_ok(
+        Command::new(bin("tunnel-gateway"))
+            .args(["identities", "--json", "--dir"])
+            .arg(tunnel.site.path("gateway")),
+    );
+    let listing: Value = serde_json::from_str(&listing).expect("identities --json");
+    assert!(
+        listing["revocations"]["identities"]["alice"].is_i64(),
+        "{listing}"
+    );
+}
+
+#[test]
+fn a_policy_change_resets_the_streams_it_denies_and_an_invalid_file_changes_nothing() {
+    let dest = destination();
+    let tunnel = Tunnel::start_with(
+        &allow_alice(&[&dest.to_string()]),
+        &forward_table(&dest.to_string()),
+    )
+    .expect("tunnel");
+    let config = tunnel.site.path("gateway").join("gateway.toml");
+    let valid = fs::read_to_string(&config).expect("gateway.toml");
+
+    // A broken file: the policy in force stays, the stream goes on.
+    let mut conn = open(tunnel.forward(0));
+    fs::write(
+        &config,
+        format!("{valid}\n[[allow]]\nidentity = \"alice\"\n"),
+    )
+    .expect("write");
+    let mut gateway = tunnel.gateway;
+    gateway
+        .daemon
+        .wait_log("the policy in force stays", Duration::from_secs(5))
+        .expect("the invalid file is reported");
+    conn.write_all(b"still there\n").expect("write");
+    let mut echo = [0u8; 12];
+    conn.read_exact(&mut echo).expect("the stream still works");
+    assert_eq!(&echo, b"still there\n");
+
+    // Alice loses the destination: her live stream is reset.
+    let stricter = valid.replace(&format!("\"{dest}\""), "\"192.0.2.1/32\"");
+    assert_ne!(stricter, valid);
+    let reader = std::thread::spawn(move || read_to_end(conn, Duration::from_secs(20)));
+    std::thread::sleep(Duration::from_millis(100));
+    fs::write(&config, stricter).expect("write");
+    let written = Instant::now();
+    let (how, when) = reader.join().expect("reader");
+    assert_eq!(how, ErrorKind::ConnectionReset);
+    assert!(
+        when - written < Duration::from_secs(2),
+        "reset after {:?}",
+        when - written
+    );
+    gateway
+        .daemon
+        .wait_log(
+            "live streams it no longer allows were reset",
+            Duration::from_secs(5),
+        )
+        .expect("the reload is logged");
+    drop(gateway);
 }
