@@ -130,29 +130,7 @@ pub fn run(options: Options) -> Result<()> {
     let runtime = tunnel_transport::daemon::runtime()?;
     let enrolled = runtime.block_on(enrol(&token, &files))?;
 
-    let ca_pem = enrolled.issued.ca.trim_end().to_string() + "\n";
-    state::write_atomically(&files.ca, ca_pem.as_bytes(), 0o644)?;
-    let credential_pem = credential::pem(&enrolled.key, &enrolled.issued.certificate);
-    state::write_atomically(&files.credential, credential_pem.as_bytes(), 0o600)?;
-    let table = GatewayTable {
-        server_name: config_file::server_name_for(&token.addresses, &enrolled.names),
-        ..table
-    };
-    let config_written =
-        match config_file::plan(read_config(&config_path)?.as_deref(), &config_path, &table)? {
-            Plan::AlreadyThere => false,
-            Plan::Write(text) => {
-                if let Some(dir) = config_path.parent() {
-                    std::fs::create_dir_all(dir)
-                        .with_context(|| format!("creating the directory {}", dir.display()))?;
-                }
-                let mode = std::fs::metadata(&config_path)
-                    .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
-                    .unwrap_or(0o644);
-                state::write_atomically(&config_path, text.as_bytes(), mode)?;
-                true
-            }
-        };
+    let config_written = install(&enrolled, &files, table, &config_path)?;
     // Done: the key lives in credential.pem now.
     let _ = std::fs::remove_file(&files.pending_key);
 
@@ -199,6 +177,41 @@ pub fn run(options: Options) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Writes what an enrolment brought: ca.pem, credential.pem (each atomically), and
+/// the `[[gateway]]` table in the config at `config_path`. Returns whether the config
+/// was changed.
+fn install(
+    enrolled: &Enrolled,
+    files: &Files,
+    table: GatewayTable,
+    config_path: &Path,
+) -> Result<bool> {
+    let ca_pem = enrolled.issued.ca.trim_end().to_string() + "\n";
+    state::write_atomically(&files.ca, ca_pem.as_bytes(), 0o644)?;
+    let credential_pem = credential::pem(&enrolled.key, &enrolled.issued.certificate);
+    state::write_atomically(&files.credential, credential_pem.as_bytes(), 0o600)?;
+    let table = GatewayTable {
+        server_name: config_file::server_name_for(&table.addresses, &enrolled.names),
+        ..table
+    };
+    Ok(
+        match config_file::plan(read_config(config_path)?.as_deref(), config_path, &table)? {
+            Plan::AlreadyThere => false,
+            Plan::Write(text) => {
+                if let Some(dir) = config_path.parent() {
+                    std::fs::create_dir_all(dir)
+                        .with_context(|| format!("creating the directory {}", dir.display()))?;
+                }
+                let mode = std::fs::metadata(config_path)
+                    .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
+                    .unwrap_or(0o644);
+                state::write_atomically(config_path, text.as_bytes(), mode)?;
+                true
+            }
+        },
+    )
 }
 
 fn read_config(path: &Path) -> Result<Option<String>> {
@@ -541,6 +554,239 @@ mod tests {
             first.subject_public_key_info(),
             again.subject_public_key_info()
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A gateway that serves one enrolment the way `answer` says, with a certificate
+    /// chain [its own, its CA's]; counts the requests it received.
+    mod mock {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        use super::*;
+        use crate::credential::tests::test_ca;
+        use rcgen::{CertificateParams, CertificateSigningRequestParams, ExtendedKeyUsagePurpose};
+        use rustls_pki_types::PrivateKeyDer;
+        use tokio::net::TcpListener;
+        use tokio_rustls::TlsAcceptor;
+        use tokio_rustls::rustls::ServerConfig;
+
+        pub struct Gateway {
+            pub address: String,
+            pub ca_pin: [u8; 32],
+            pub requests: Arc<AtomicUsize>,
+        }
+
+        pub type Answer =
+            fn(&EnrolRequest, &rcgen::Issuer<'static, KeyPair>, &str) -> (u16, String);
+
+        pub async fn start(answer: Answer) -> Gateway {
+            let (ca_pem, ca) = test_ca("tunnel CA test");
+            let ca_der = credential::certificates(&ca_pem).unwrap().remove(0);
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(vec!["gw.test".to_string()]).unwrap();
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+            let leaf = params.signed_by(&key, &ca).unwrap().der().clone();
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let mut config = ServerConfig::builder_with_provider(provider)
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(
+                    vec![leaf, ca_der.clone()],
+                    PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+                )
+                .unwrap();
+            config.alpn_protocols = vec![b"h2".to_vec()];
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let address = listener.local_addr().unwrap().to_string();
+            let requests = Arc::new(AtomicUsize::new(0));
+            let counted = requests.clone();
+            tokio::spawn(async move {
+                let acceptor = TlsAcceptor::from(Arc::new(config));
+                while let Ok((tcp, _)) = listener.accept().await {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        continue;
+                    };
+                    let Ok(mut connection) = h2::server::handshake(tls).await else {
+                        continue;
+                    };
+                    while let Some(Ok((request, mut respond))) = connection.accept().await {
+                        counted.fetch_add(1, Ordering::SeqCst);
+                        assert_eq!(request.uri().path(), ENROL_PATH);
+                        let mut body = request.into_body();
+                        let mut read = Vec::new();
+                        while let Some(Ok(chunk)) = body.data().await {
+                            let _ = body.flow_control().release_capacity(chunk.len());
+                            read.extend_from_slice(&chunk);
+                        }
+                        let enrol: EnrolRequest = serde_json::from_slice(&read).unwrap();
+                        let (status, text) = answer(&enrol, &ca, &ca_pem);
+                        let response = http::Response::builder().status(status).body(()).unwrap();
+                        let mut send = respond.send_response(response, false).unwrap();
+                        send.send_data(Bytes::from(text), true).unwrap();
+                    }
+                }
+            });
+            Gateway {
+                address,
+                ca_pin: pin_of_public_key(&credential::public_key_of(&ca_der).unwrap()),
+                requests,
+            }
+        }
+
+        /// Issues a client certificate for the key in the request.
+        pub fn issue(
+            enrol: &EnrolRequest,
+            ca: &rcgen::Issuer<'static, KeyPair>,
+            ca_pem: &str,
+        ) -> (u16, String) {
+            let mut csr = CertificateSigningRequestParams::from_pem(&enrol.csr).unwrap();
+            csr.params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            let cert = csr.signed_by(ca).unwrap();
+            let issued = Issued {
+                certificate: cert.pem(),
+                ca: ca_pem.to_string(),
+                identity: "alice".into(),
+                groups: vec![],
+                serial: "01".into(),
+                not_after: unix_now() + 86_400,
+                gateway_time: unix_now(),
+            };
+            (200, serde_json::to_string(&issued).unwrap())
+        }
+
+        pub fn used(
+            _: &EnrolRequest,
+            _: &rcgen::Issuer<'static, KeyPair>,
+            _: &str,
+        ) -> (u16, String) {
+            let refused = Refused {
+                error: RefusalKind::TokenUsed,
+                message: "token abc123 is bound to another key".into(),
+                gateway_time: unix_now(),
+            };
+            (403, serde_json::to_string(&refused).unwrap())
+        }
+    }
+
+    fn scratch_files() -> (PathBuf, Files) {
+        let dir = std::env::temp_dir().join(format!(
+            "tunnel-agent-enrol-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        state::private_dir(&dir).unwrap();
+        let files = Files {
+            credential: dir.join("credential.pem"),
+            ca: dir.join("ca.pem"),
+            pending_key: dir.join("enrol-abc123.key.pem"),
+        };
+        (dir, files)
+    }
+
+    #[tokio::test]
+    async fn a_pinned_gateway_enrols_a_key_made_here() {
+        let gateway = mock::start(mock::issue).await;
+        let (dir, files) = scratch_files();
+        let token = EnrolmentToken {
+            addresses: vec!["127.0.0.1:1".into(), gateway.address.clone()],
+            ca_pin: gateway.ca_pin,
+            ..token()
+        };
+        let enrolled = enrol(&token, &files).await.unwrap();
+        assert_eq!(enrolled.names, ["gw.test"]);
+        assert!(
+            enrolled.clock_offset.abs() < 5.0,
+            "{}",
+            enrolled.clock_offset
+        );
+        // The key was on disk before it was sent, for a retry to present it again.
+        let kept = credential::key_from_pem(&std::fs::read_to_string(&files.pending_key).unwrap())
+            .unwrap();
+        use rcgen::PublicKeyData;
+        assert_eq!(
+            kept.subject_public_key_info(),
+            enrolled.key.subject_public_key_info()
+        );
+        let again = enrol(&token, &files).await.unwrap();
+        assert_eq!(
+            again.key.subject_public_key_info(),
+            enrolled.key.subject_public_key_info()
+        );
+
+        // What is written makes a working, renewed [[gateway]].
+        let config = dir.join("config/agent.toml");
+        let table = GatewayTable {
+            name: "site-b".into(),
+            addresses: vec![gateway.address.clone()],
+            ca: files.ca.clone(),
+            credential: files.credential.clone(),
+            server_name: None,
+        };
+        assert!(install(&enrolled, &files, table.clone(), &config).unwrap());
+        let text = std::fs::read_to_string(&config).unwrap();
+        assert!(text.contains("server_name = \"gw.test\""), "{text}");
+        let parsed = tunnel_proto::config::AgentConfig::parse(&text, &config).unwrap();
+        let peer = &parsed.gateways[0];
+        assert!(peer.renews);
+        tunnel_transport::tls::client_config(&peer.ca, &peer.cert, &peer.key).unwrap();
+        let certificate =
+            crate::certificate::Certificate::load(&peer.ca, &peer.cert, true).unwrap();
+        assert_eq!(certificate.problem_at(unix_now()), None);
+        let mode = |p: &Path| {
+            std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(p).unwrap().permissions())
+                & 0o777
+        };
+        assert_eq!(mode(&files.credential), 0o600);
+        // Enrolling again leaves the config as it is.
+        assert!(!install(&again, &files, table, &config).unwrap());
+        assert_eq!(std::fs::read_to_string(&config).unwrap(), text);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_gateway_without_the_pin_is_told_nothing() {
+        let gateway = mock::start(mock::issue).await;
+        let (dir, files) = scratch_files();
+        let token = EnrolmentToken {
+            addresses: vec![gateway.address.clone()],
+            ..token()
+        };
+        let error = enrol(&token, &files).await.err().unwrap().to_string();
+        assert!(
+            error.starts_with(&format!(
+                "the gateway at {} is not the one this token was made for: its CA's pin is sha256:",
+                gateway.address
+            )),
+            "{error}"
+        );
+        assert!(error.ends_with("; nothing was sent"), "{error}");
+        assert_eq!(
+            gateway.requests.load(std::sync::atomic::Ordering::SeqCst),
+            0
+        );
+        assert!(
+            !files.pending_key.exists(),
+            "no key is made for a gateway not trusted"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_used_token_is_refused_in_words_and_its_key_dropped() {
+        let gateway = mock::start(mock::used).await;
+        let (dir, files) = scratch_files();
+        let token = EnrolmentToken {
+            addresses: vec![gateway.address.clone()],
+            ca_pin: gateway.ca_pin,
+            ..token()
+        };
+        let error = enrol(&token, &files).await.err().unwrap().to_string();
+        assert_eq!(
+            error,
+            "the gateway refused enrolment: the token was already used by another key: ask for a new token (a token enrols one key only; it says: token abc123 is bound to another key)"
+        );
+        assert!(!files.pending_key.exists());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
