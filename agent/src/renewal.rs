@@ -533,4 +533,213 @@ mod tests {
             assert!(needs_new_token(kind));
         }
     }
+
+    /// A gateway on 127.0.0.1 that requires a client certificate from its CA and
+    /// renews it on `POST /v1/renew` for an hour.
+    mod gateway {
+        use std::sync::Arc;
+
+        use bytes::Bytes;
+        use rcgen::{
+            CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
+            ExtendedKeyUsagePurpose, Issuer, KeyPair,
+        };
+        use rustls_pki_types::PrivateKeyDer;
+        use time::OffsetDateTime;
+        use tokio::net::TcpListener;
+        use tokio_rustls::TlsAcceptor;
+        use tokio_rustls::rustls::{self, RootCertStore, ServerConfig};
+        use tunnel_proto::enrolment::{Issued, RENEW_PATH, RenewRequest};
+        use tunnel_transport::certs::unix_now;
+
+        use crate::credential::{self, tests::test_ca};
+
+        pub struct Gateway {
+            pub address: String,
+            pub ca_pem: String,
+            pub ca: Arc<Issuer<'static, KeyPair>>,
+        }
+
+        /// A client certificate for `key` valid from two hours ago until `secs` from now.
+        pub fn client(ca: &Issuer<'static, KeyPair>, key: &KeyPair, secs: i64) -> String {
+            let mut params = CertificateParams::default();
+            let mut dn = DistinguishedName::new();
+            dn.push(DnType::CommonName, "alice");
+            params.distinguished_name = dn;
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            let now = OffsetDateTime::now_utc();
+            params.not_before = now - time::Duration::hours(2);
+            params.not_after = now + time::Duration::seconds(secs);
+            params.signed_by(key, ca).unwrap().pem()
+        }
+
+        pub async fn start() -> Gateway {
+            let (ca_pem, ca) = test_ca("tunnel CA renewal");
+            let ca = Arc::new(ca);
+            let ca_der = credential::certificates(&ca_pem).unwrap().remove(0);
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(vec!["gw.test".to_string()]).unwrap();
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+            let leaf = params.signed_by(&key, &ca).unwrap().der().clone();
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let mut roots = RootCertStore::empty();
+            roots.add(ca_der.clone()).unwrap();
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                roots.into(),
+                provider.clone(),
+            )
+            .build()
+            .unwrap();
+            let mut config = ServerConfig::builder_with_provider(provider)
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .unwrap()
+                .with_client_cert_verifier(verifier)
+                .with_single_cert(
+                    vec![leaf, ca_der],
+                    PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+                )
+                .unwrap();
+            config.alpn_protocols = vec![b"h2".to_vec()];
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let address = listener.local_addr().unwrap().to_string();
+            let signer = ca.clone();
+            let ca_text = ca_pem.clone();
+            tokio::spawn(async move {
+                let acceptor = TlsAcceptor::from(Arc::new(config));
+                while let Ok((tcp, _)) = listener.accept().await {
+                    let acceptor = acceptor.clone();
+                    let signer = signer.clone();
+                    let ca_text = ca_text.clone();
+                    tokio::spawn(async move {
+                        let Ok(tls) = acceptor.accept(tcp).await else {
+                            return;
+                        };
+                        let Ok(mut connection) = h2::server::handshake(tls).await else {
+                            return;
+                        };
+                        while let Some(Ok((request, mut respond))) = connection.accept().await {
+                            assert_eq!(request.uri().path(), RENEW_PATH);
+                            let mut body = request.into_body();
+                            let mut read = Vec::new();
+                            while let Some(Ok(chunk)) = body.data().await {
+                                let _ = body.flow_control().release_capacity(chunk.len());
+                                read.extend_from_slice(&chunk);
+                            }
+                            let renew: RenewRequest = serde_json::from_slice(&read).unwrap();
+                            let mut csr =
+                                CertificateSigningRequestParams::from_pem(&renew.csr).unwrap();
+                            csr.params.extended_key_usages =
+                                vec![ExtendedKeyUsagePurpose::ClientAuth];
+                            let now = OffsetDateTime::now_utc();
+                            csr.params.not_before = now - time::Duration::seconds(60);
+                            csr.params.not_after = now + time::Duration::hours(1);
+                            let cert = csr.signed_by(&*signer).unwrap();
+                            let issued = Issued {
+                                certificate: cert.pem(),
+                                ca: ca_text.clone(),
+                                identity: "alice".into(),
+                                groups: vec![],
+                                serial: "01".into(),
+                                not_after: unix_now() + 3600,
+                                gateway_time: unix_now(),
+                            };
+                            let response = http::Response::builder().status(200).body(()).unwrap();
+                            let mut send = respond.send_response(response, false).unwrap();
+                            send.send_data(Bytes::from(serde_json::to_vec(&issued).unwrap()), true)
+                                .unwrap();
+                        }
+                    });
+                }
+            });
+            Gateway {
+                address,
+                ca_pem,
+                ca,
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_credential_past_half_life_is_renewed_in_place_and_used() {
+        let gateway = gateway::start().await;
+        let dir = std::env::temp_dir().join(format!(
+            "tunnel-agent-renewal-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        crate::state::private_dir(&dir).unwrap();
+        let key = credential::fresh_key().unwrap();
+        // An hour and a half of life, 20 s of it left: past half-life.
+        let old = gateway::client(&gateway.ca, &key, 20);
+        std::fs::write(dir.join("ca.pem"), &gateway.ca_pem).unwrap();
+        std::fs::write(dir.join("credential.pem"), credential::pem(&key, &old)).unwrap();
+        let text = format!(
+            "[[gateway]]\nname = \"t\"\naddress = \"{}\"\nca = \"ca.pem\"\ncredential = \"credential.pem\"\nserver_name = \"gw.test\"\nconnections = 1\n",
+            gateway.address
+        );
+        let config =
+            tunnel_proto::config::AgentConfig::parse(&text, &dir.join("agent.toml")).unwrap();
+        let pool = Pool::start(config.gateways[0].clone(), &config).unwrap();
+        let old_serial = pool.certificate().serial().to_string();
+        let renewal = Renewal::start(pool.clone());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while pool.certificate().serial() == old_serial {
+            assert!(
+                Instant::now() < deadline,
+                "not renewed: {:?}",
+                renewal.view()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let renewed = pool.certificate();
+        assert!(renewed.not_after() > tunnel_transport::certs::unix_now() + 3000);
+        let written = std::fs::read_to_string(dir.join("credential.pem")).unwrap();
+        assert!(
+            !written.contains(old.trim()),
+            "the old certificate is still in the file"
+        );
+        let view = renewal.view();
+        assert_eq!(view.state, StateName::Scheduled, "{view:?}");
+        assert!(view.last_error.is_none(), "{view:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_expired_credential_does_not_stop_the_agent_and_renewal_keeps_trying() {
+        let gateway = gateway::start().await;
+        let dir = std::env::temp_dir().join(format!(
+            "tunnel-agent-expired-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        crate::state::private_dir(&dir).unwrap();
+        let key = credential::fresh_key().unwrap();
+        let old = gateway::client(&gateway.ca, &key, -30);
+        std::fs::write(dir.join("ca.pem"), &gateway.ca_pem).unwrap();
+        std::fs::write(dir.join("credential.pem"), credential::pem(&key, &old)).unwrap();
+        let text = format!(
+            "connect_timeout = 1\n[[gateway]]\nname = \"t\"\naddress = \"{}\"\nca = \"ca.pem\"\ncredential = \"credential.pem\"\nserver_name = \"gw.test\"\nconnections = 1\n",
+            gateway.address
+        );
+        let config =
+            tunnel_proto::config::AgentConfig::parse(&text, &dir.join("agent.toml")).unwrap();
+        let pool = Pool::start(config.gateways[0].clone(), &config).unwrap();
+        let problem = pool.certificate().view().problem.unwrap_or_default();
+        assert!(
+            problem.contains("the agent keeps trying to renew it"),
+            "{problem}"
+        );
+        // This gateway has no recovery window: it refuses the expired certificate.
+        let renewal = Renewal::start(pool.clone());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let view = renewal.view();
+            if view.state == StateName::Expired && view.last_error.is_some() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{view:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
