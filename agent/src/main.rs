@@ -111,7 +111,7 @@ enum Command {
         /// else $XDG_CONFIG_HOME/tunnel/agent.toml].
         #[arg(long)]
         config: Option<PathBuf>,
-        /// Name of the [[gateway]] table [default: the name in the token].
+        /// The name the gateway gets in the config [default: the name in the token].
         #[arg(long, value_name = "GATEWAY")]
         name: Option<String>,
         /// Read the token from this file.
