@@ -4,12 +4,16 @@
 //!
 //! ```text
 //!  start ── Certificate::load ── expired / foreign CA / not a client cert ─▶ refuse to start
-//!                              └─ not yet valid ─▶ error in log and status, keep dialling
+//!                              ├─ not yet valid ─▶ error in log and status, keep dialling
+//!                              └─ expired renewed credential ─▶ error, keep dialling:
+//!                                 the gateway renews it within its recovery window
 //!  running ── watch_expiry ─▶ "alice.pem expired on …" in the log; status says it too
+//!             (renewed credentials are watched by `renewal`, which replaces them here)
 //!  dial fails ── explain ─▶ "the gateway refused alice.pem: …" in the slot's error
 //! ```
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -25,6 +29,10 @@ pub struct Certificate {
     pub file: PathBuf,
     ca: PathBuf,
     info: CertInfo,
+    /// Lower-case hex of its serial number, as the gateway writes it.
+    serial: String,
+    /// True for a `credential` the agent renews itself.
+    renews: bool,
     /// The verdict of the CA file on the certificate, times aside.
     issued_by_ca: Result<(), Problem>,
 }
@@ -37,6 +45,11 @@ pub enum Problem {
         utc(*not_after)
     )]
     Expired { file: String, not_after: i64 },
+    #[error(
+        "{file} expired on {}: the agent keeps trying to renew it (the gateway accepts that for a while after expiry); if the gateway refuses, enrol again with a new token: tunnel-agent enroll",
+        utc(*not_after)
+    )]
+    CredentialExpired { file: String, not_after: i64 },
     #[error(
         "{file} is not valid until {} (this machine's clock says {}): check the clocks here and at the gateway",
         utc(*not_before),
@@ -73,7 +86,10 @@ impl Problem {
     /// A problem that time may cure (and the gateway's clock judges) does not stop the
     /// agent; every other one would make every connection fail.
     pub fn stops_the_agent(&self) -> bool {
-        !matches!(self, Problem::NotYetValid { .. })
+        !matches!(
+            self,
+            Problem::NotYetValid { .. } | Problem::CredentialExpired { .. }
+        )
     }
 }
 
@@ -85,14 +101,41 @@ pub struct CertificateView {
     pub valid_from: String,
     pub valid_until: String,
     pub problem: Option<String>,
+    /// Lower-case hex of the serial number.
+    pub serial: String,
+    /// RFC 3339, e.g. `2026-11-30T12:00:00Z`.
+    pub not_before: String,
+    pub not_after: String,
+    /// From issue (not_before plus the backdating) to not_after.
+    pub lifetime_secs: i64,
+    /// Until not_after by this machine's clock (negative once expired).
+    pub remaining_secs: i64,
+}
+
+/// A moment as RFC 3339 writes it: `2026-11-30T12:00:00Z`.
+pub fn rfc3339(unix_secs: i64) -> String {
+    match time::OffsetDateTime::from_unix_timestamp(unix_secs) {
+        Ok(t) => format!(
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second()
+        ),
+        Err(_) => unix_secs.to_string(),
+    }
 }
 
 impl Certificate {
-    /// Reads `cert` (its first certificate is ours) and judges it against `ca`.
-    pub fn load(ca: &Path, cert: &Path) -> Result<Certificate> {
+    /// Reads `cert` (its first certificate is ours) and judges it against `ca`;
+    /// `renews` says it is a credential the agent renews itself.
+    pub fn load(ca: &Path, cert: &Path, renews: bool) -> Result<Certificate> {
         let chain = tunnel_transport::tls::load_certs(cert)?;
         let leaf = chain.first().context("no certificate")?;
         let info = CertInfo::parse(leaf).with_context(|| cert.display().to_string())?;
+        let serial = crate::credential::serial_of(leaf).unwrap_or_default();
         // Judged inside the certificate's own validity, so that only the issuer counts.
         let within = (info.not_before + 1).min(info.not_after).max(0);
         let within = UnixTime::since_unix_epoch(Duration::from_secs(within.unsigned_abs()));
@@ -121,6 +164,8 @@ impl Certificate {
             file: cert.to_path_buf(),
             ca: ca.to_path_buf(),
             info,
+            serial,
+            renews,
             issued_by_ca,
         })
     }
@@ -131,6 +176,12 @@ impl Certificate {
 
     /// What is wrong with the certificate at `now` (seconds since 1970), if anything.
     pub fn problem_at(&self, now: i64) -> Option<Problem> {
+        if now > self.info.not_after && self.renews {
+            return Some(Problem::CredentialExpired {
+                file: self.name(),
+                not_after: self.info.not_after,
+            });
+        }
         if now > self.info.not_after {
             return Some(Problem::Expired {
                 file: self.name(),
@@ -148,37 +199,77 @@ impl Certificate {
     }
 
     pub fn view(&self) -> CertificateView {
+        let now = unix_now();
         CertificateView {
             file: self.name(),
             identity: self.info.common_name().map(str::to_string),
             valid_from: utc(self.info.not_before),
             valid_until: utc(self.info.not_after),
-            problem: self.problem_at(unix_now()).map(|p| p.to_string()),
+            problem: self.problem_at(now).map(|p| p.to_string()),
+            serial: self.serial.clone(),
+            not_before: rfc3339(self.info.not_before),
+            not_after: rfc3339(self.info.not_after),
+            lifetime_secs: self.lifetime_secs(),
+            remaining_secs: self.info.not_after.saturating_sub(now),
         }
     }
 
-    /// Logs the moment the certificate expires while the agent runs (connections that
-    /// are up stay up; the gateway refuses new ones).
-    pub async fn watch_expiry(&self, gateway: &str) {
-        loop {
-            let left = self.info.not_after.saturating_sub(unix_now());
-            if left < 0 {
+    /// Seconds since 1970 from which it is valid.
+    pub fn not_before(&self) -> i64 {
+        self.info.not_before
+    }
+
+    /// Seconds since 1970 until which it is valid.
+    pub fn not_after(&self) -> i64 {
+        self.info.not_after
+    }
+
+    /// The identity it carries (its common name).
+    pub fn identity(&self) -> Option<&str> {
+        self.info.common_name()
+    }
+
+    pub fn serial(&self) -> &str {
+        &self.serial
+    }
+
+    /// Its life from issue to expiry: the gateway backdates certificates by
+    /// [`BACKDATE_SECS`](tunnel_proto::enrolment::BACKDATE_SECS), which is not life.
+    pub fn lifetime_secs(&self) -> i64 {
+        crate::renewal::lifetime_secs(self.info.not_before, self.info.not_after)
+    }
+}
+
+/// Logs the moment the current certificate (`current` says which it is) expires while
+/// the agent runs: connections that are up stay up; the gateway refuses new ones.
+pub async fn watch_expiry(current: impl Fn() -> Arc<Certificate>, gateway: &str) {
+    let mut reported = None;
+    loop {
+        let certificate = current();
+        let left = certificate.info.not_after.saturating_sub(unix_now());
+        if left < 0 {
+            if reported.as_deref() != Some(certificate.serial.as_str()) {
                 error!(
                     gateway,
                     "{}; new connections to the gateway will be refused",
                     Problem::Expired {
-                        file: self.name(),
-                        not_after: self.info.not_after,
+                        file: certificate.name(),
+                        not_after: certificate.info.not_after,
                     }
                 );
-                return;
+                reported = Some(certificate.serial.clone());
             }
-            // In steps of at most a day, so that a changed clock is noticed.
-            let step = left.unsigned_abs().min(86_400) + 1;
-            tokio::time::sleep(Duration::from_secs(step)).await;
+            // A replaced certificate is noticed within a minute.
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            continue;
         }
+        // In steps of at most a day, so that a changed clock or certificate is noticed.
+        let step = left.unsigned_abs().min(86_400) + 1;
+        tokio::time::sleep(Duration::from_secs(step)).await;
     }
+}
 
+impl Certificate {
     /// Says why a dial or a connection failed when certificates are the reason; `None`
     /// for every other failure.
     pub fn explain(&self, failure: &anyhow::Error) -> Option<String> {
@@ -195,7 +286,11 @@ impl Certificate {
                 let name = alert_name(alert)?;
                 match alert {
                     AlertDescription::CertificateExpired => match self.problem_at(now) {
-                        Some(p @ (Problem::Expired { .. } | Problem::NotYetValid { .. })) => {
+                        Some(
+                            p @ (Problem::Expired { .. }
+                            | Problem::CredentialExpired { .. }
+                            | Problem::NotYetValid { .. }),
+                        ) => {
                             format!("the gateway refused the certificate (alert {name}): {p}")
                         }
                         _ => format!(
@@ -320,6 +415,11 @@ mod tests {
     use super::*;
 
     #[test]
+    fn rfc3339_is_utc_with_a_z() {
+        assert_eq!(rfc3339(1_767_441_600), "2026-01-03T12:00:00Z");
+    }
+
+    #[test]
     fn an_alert_known_only_as_text_is_found() {
         assert_eq!(
             alert_in_text("127.0.0.1:1: received fatal alert: UnknownCA"),
@@ -337,7 +437,14 @@ mod tests {
     }
 
     #[test]
-    fn only_a_not_yet_valid_certificate_lets_the_agent_start() {
+    fn only_a_not_yet_valid_certificate_or_an_expired_renewed_credential_lets_the_agent_start() {
+        assert!(
+            !Problem::CredentialExpired {
+                file: "credential.pem".into(),
+                not_after: 1_767_441_600
+            }
+            .stops_the_agent()
+        );
         let file = "alice.pem".to_string();
         assert!(
             !Problem::NotYetValid {

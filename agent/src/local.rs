@@ -460,7 +460,7 @@ async fn register(
     Ok(())
 }
 
-/// True when `socket` is bound at `source` (a socket bound to 0.0.0.0 or [::] shows
+/// True when `socket` is bound at `source` (a socket bound to `0.0.0.0` or `[::]` shows
 /// that address; the registration names the loopback address it will have).
 fn holds(socket: &PassedFd, source: SocketAddr) -> bool {
     socket.local_addr().is_ok_and(|local| {

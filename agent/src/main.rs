@@ -16,6 +16,11 @@
 //!
 //! - `pool`: connections to one gateway (dial, PING, backoff, GOAWAY).
 //! - `certificate`: the agent's certificate, checked at start and named when refused.
+//! - `renewal`: renews a `credential` at half its life, over the pool's connections.
+//! - `enroll`: `tunnel-agent enroll`, from a token to a credential and a `[[gateway]]`;
+//!   `pin` (the gateway trusted by the token's CA pin), `credential` (keys, requests,
+//!   checks on what is issued), `exchange` (one enrolment or renewal request),
+//!   `state` (the state directory, atomic writes), `config_file` (the table added).
 //! - `carry`: one local connection through the tunnel, from accept to close.
 //! - `forward`: `[[forward]]` listeners.
 //! - `redirect`: loopback listeners for preloaded programs, and their registrations.
@@ -28,14 +33,21 @@
 
 mod carry;
 mod certificate;
+mod config_file;
+mod credential;
+mod enroll;
+mod exchange;
 mod fake_dns;
 mod forward;
 mod local;
 mod passed_fd;
+mod pin;
 mod pool;
 mod redirect;
+mod renewal;
 mod rewind;
 mod sock_owner;
+mod state;
 mod status;
 
 use std::path::{Path, PathBuf};
@@ -89,6 +101,23 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Enrol with a gateway using a token from its operator: makes a key here, gets a
+    /// certificate for it, and adds the gateway to the config.
+    ///
+    /// The token is read from --token-file, else from $TUNNEL_ENROLL_TOKEN, else from
+    /// stdin; never from an argument, where other users could read it.
+    Enroll {
+        /// Config file to add the gateway to (made if missing) [default: $TUNNEL_CONFIG,
+        /// else $XDG_CONFIG_HOME/tunnel/agent.toml].
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The name the gateway gets in the config [default: the name in the token].
+        #[arg(long, value_name = "GATEWAY")]
+        name: Option<String>,
+        /// Read the token from this file.
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+    },
     /// Show a running agent's gateways, connections and streams.
     Status {
         /// Config file of the agent to ask (it names the control socket).
@@ -114,6 +143,8 @@ pub struct Agent {
     /// The loopback listeners that redirected sockets connect to (IPv4, IPv6).
     pub listener_addresses: (std::net::SocketAddr, Option<std::net::SocketAddr>),
     pub pools: Vec<Arc<Pool>>,
+    /// One for each gateway whose `credential` the agent renews.
+    pub renewals: Vec<Arc<renewal::Renewal>>,
     pub streams: Arc<StreamTable>,
     pub forwards: Vec<ForwardView>,
     /// Says which local user owns the socket at the far end of an accepted connection.
@@ -198,6 +229,15 @@ fn run(cli: Cli) -> Result<()> {
             }
             served
         }
+        Command::Enroll {
+            config,
+            name,
+            token_file,
+        } => enroll::run(enroll::Options {
+            config: config_path(config),
+            name,
+            token_file,
+        }),
         Command::Env { config } => {
             let path = config_path(config);
             let config = load_config(&path)?;
@@ -282,6 +322,11 @@ async fn serve(config: AgentConfig, exit_with: Option<i32>) -> Result<()> {
     let socket_owners = sock_owner::SocketOwners::open()
         .context("opening a NETLINK_SOCK_DIAG socket (to tell whose a local connection is)")?;
     let drain_timeout = config.drain_timeout;
+    let renewals = pools
+        .iter()
+        .filter(|pool| pool.peer.renews)
+        .map(|pool| renewal::Renewal::start(pool.clone()))
+        .collect();
     let agent = Arc::new(Agent {
         forwards: bound.iter().map(|(l, f)| forward::view(l, f)).collect(),
         fake_dns: fake_dns::FakeDns::new(config.synthetic_ipv4, config.synthetic_ipv6),
@@ -290,6 +335,7 @@ async fn serve(config: AgentConfig, exit_with: Option<i32>) -> Result<()> {
         routes: config.route_table(),
         config,
         pools,
+        renewals,
         streams: StreamTable::new(Side::Agent),
         socket_owners,
         started: Instant::now(),

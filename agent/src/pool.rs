@@ -15,16 +15,19 @@
 //! that loses its connection moves on to the next address. New streams go to the live slot
 //! with the fewest streams; a slot whose gateway sent GOAWAY takes no new streams while
 //! its old ones finish.
+//!
+//! The client certificate and key can be replaced while the pool runs (renewal does):
+//! every later dial uses the new pair; connections that are up keep theirs.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
 use bytes::Bytes;
 use h2::SendStream;
 use h2::client::{ResponseFuture, SendRequest};
-use http::{Method, Request, Uri};
+use http::{Method, Request, StatusCode, Uri};
 use serde::Serialize;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
@@ -50,8 +53,10 @@ pub const DEMAND_REDIAL_GAP: Duration = Duration::from_secs(1);
 
 pub struct Pool {
     pub peer: GatewayPeer,
-    /// The certificate this agent presents to the gateway.
-    pub certificate: Arc<Certificate>,
+    /// The certificate this agent presents to the gateway (renewal replaces it).
+    certificate: RwLock<Arc<Certificate>>,
+    /// The TLS set-up of the next dial, with the current certificate and key.
+    tls: RwLock<TlsConnector>,
     slots: Vec<Mutex<Slot>>,
     changed: Notify,
     /// Streams waiting in [`Pool::open`] for a live connection.
@@ -166,12 +171,14 @@ impl Pool {
     pub fn start(peer: GatewayPeer, config: &AgentConfig) -> Result<Arc<Pool>> {
         let tls = tunnel_transport::tls::client_config(&peer.ca, &peer.cert, &peer.key)
             .with_context(|| format!("gateway `{}`", peer.name))?;
-        let certificate = Certificate::load(&peer.ca, &peer.cert)
+        let certificate = Certificate::load(&peer.ca, &peer.cert, peer.renews)
             .with_context(|| format!("gateway `{}`", peer.name))?;
         match certificate.problem_at(tunnel_transport::certs::unix_now()) {
             Some(problem) if problem.stops_the_agent() => {
                 return Err(anyhow!(problem).context(format!("gateway `{}`", peer.name)));
             }
+            // Renewal says so, and recovers it.
+            Some(crate::certificate::Problem::CredentialExpired { .. }) => {}
             Some(problem) => error!(gateway = %peer.name, "{problem}"),
             None => {}
         }
@@ -193,7 +200,8 @@ impl Pool {
         };
         let pool = Arc::new(Pool {
             slots: (0..peer.connections).map(|_| slot()).collect(),
-            certificate: certificate.clone(),
+            certificate: RwLock::new(certificate),
+            tls: RwLock::new(TlsConnector::from(tls)),
             peer,
             changed: Notify::new(),
             waiting: AtomicUsize::new(0),
@@ -202,7 +210,6 @@ impl Pool {
             connect_timeout: config.connect_timeout,
         });
         let dialer = Dialer {
-            tls: TlsConnector::from(tls),
             addresses,
             ping_interval: config.ping_interval,
             ping_timeout: config.ping_timeout,
@@ -210,9 +217,43 @@ impl Pool {
         for index in 0..pool.slots.len() {
             tokio::spawn(keep_connected(pool.clone(), index, dialer.clone()));
         }
-        let gateway = pool.peer.name.clone();
-        tokio::spawn(async move { certificate.watch_expiry(&gateway).await });
+        if !pool.peer.renews {
+            let watched = pool.clone();
+            tokio::spawn(async move {
+                let gateway = watched.peer.name.clone();
+                crate::certificate::watch_expiry(|| watched.certificate(), &gateway).await;
+            });
+        }
         Ok(pool)
+    }
+
+    /// The certificate this agent presents to the gateway now.
+    pub fn certificate(&self) -> Arc<Certificate> {
+        self.certificate
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Makes every later dial present a new certificate and key (`tls`); connections
+    /// that are up, and their streams, go on as they are.
+    pub fn use_credential(
+        &self,
+        tls: Arc<tokio_rustls::rustls::ClientConfig>,
+        certificate: Arc<Certificate>,
+    ) {
+        *self.tls.write().unwrap_or_else(PoisonError::into_inner) = TlsConnector::from(tls);
+        *self
+            .certificate
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = certificate;
+    }
+
+    fn connector(&self) -> TlsConnector {
+        self.tls
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     pub fn views(&self) -> Vec<SlotView> {
@@ -289,7 +330,7 @@ impl Pool {
 
     /// A failure in the user's terms: certificate problems named as such.
     fn describe(&self, failure: &anyhow::Error) -> String {
-        self.certificate
+        self.certificate()
             .explain(failure)
             .unwrap_or_else(|| format!("{failure:#}"))
     }
@@ -327,11 +368,35 @@ impl Pool {
     /// Opens a CONNECT stream to `target`. The request goes out at once; the answer is
     /// awaited by the caller while the program's first bytes already travel.
     pub async fn open(&self, target: &Target) -> Result<Opened> {
-        let deadline = Instant::now() + self.connect_timeout;
         let uri = Uri::builder()
             .authority(target.to_string())
             .build()
             .with_context(|| format!("`{target}` is not a valid CONNECT authority"))?;
+        self.send(|_| {
+            Request::builder()
+                .method(Method::CONNECT)
+                .uri(uri.clone())
+                .body(())
+                .context("building the CONNECT request")
+        })
+        .await
+    }
+
+    /// Sends a request with a body (enrolment's `POST`s) on the live connection with the
+    /// fewest streams, waiting for one as [`Pool::open`] does, and reads the whole
+    /// answer (at most [`MAX_BODY`](tunnel_proto::enrolment::MAX_BODY) bytes).
+    pub async fn exchange(&self, path: &str, body: Bytes) -> Result<(StatusCode, Bytes)> {
+        let opened = self
+            .send(|server_name| crate::exchange::request(server_name, path))
+            .await?;
+        crate::exchange::answer(opened.response, opened.send, body).await
+    }
+
+    /// Opens a stream with the request `build` makes (given the name of the gateway
+    /// the chosen connection dialled) on the live connection with the fewest streams,
+    /// waiting up to `connect_timeout` for one.
+    async fn send(&self, build: impl Fn(&str) -> Result<Request<()>>) -> Result<Opened> {
+        let deadline = Instant::now() + self.connect_timeout;
         let mut waiting: Option<(Waiting<'_>, u64)> = None;
         let addresses = || {
             let list: Vec<&str> = self
@@ -374,11 +439,7 @@ impl Pool {
                 }
                 continue;
             };
-            let request = Request::builder()
-                .method(Method::CONNECT)
-                .uri(uri.clone())
-                .body(())
-                .context("building the CONNECT request")?;
+            let request = build(&self.server_name_of(index))?;
             let sent = match live.send.ready().await {
                 Ok(mut ready) => ready.send_request(request, false),
                 Err(e) => Err(e),
@@ -403,6 +464,22 @@ impl Pool {
             }
         }
     }
+
+    /// The name the gateway's certificate carries at the address slot `index` dialled.
+    fn server_name_of(&self, index: usize) -> String {
+        let address = self
+            .slots
+            .get(index)
+            .map(|slot| lock(slot).address.clone())
+            .unwrap_or_default();
+        self.peer
+            .addresses
+            .iter()
+            .find(|a| a.address == address)
+            .or_else(|| self.peer.addresses.first())
+            .map(|a| a.server_name.clone())
+            .unwrap_or_default()
+    }
 }
 
 /// Counts a stream among those waiting for a connection, and wakes the slots in
@@ -425,7 +502,6 @@ impl Drop for Waiting<'_> {
 
 #[derive(Clone)]
 struct Dialer {
-    tls: TlsConnector,
     addresses: Vec<(String, tokio_rustls::rustls::pki_types::ServerName<'static>)>,
     ping_interval: Duration,
     ping_timeout: Duration,
@@ -448,7 +524,7 @@ async fn keep_connected(pool: Arc<Pool>, index: usize, dialer: Dialer) {
         let dial_began = Instant::now();
         let dialed = tokio::time::timeout(
             pool.connect_timeout,
-            dial(address, server_name, &dialer.tls),
+            dial(address, server_name, &pool.connector()),
         )
         .await;
         let error = match dialed {

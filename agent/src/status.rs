@@ -13,6 +13,7 @@ use crate::certificate::CertificateView;
 use crate::fake_dns::FakeDnsView;
 use crate::forward::ForwardView;
 use crate::pool::SlotView;
+use crate::renewal::{RenewalView, StateName};
 
 /// The agent's status, as `status --json` prints it.
 #[derive(Serialize, Deserialize)]
@@ -35,6 +36,7 @@ pub struct GatewayView {
     pub addresses: Vec<String>,
     pub connections: Vec<SlotView>,
     pub certificate: CertificateView,
+    pub renewal: RenewalView,
 }
 
 pub fn view(agent: &Agent) -> AgentStatus {
@@ -53,7 +55,12 @@ pub fn view(agent: &Agent) -> AgentStatus {
                     .map(|a| a.address.clone())
                     .collect(),
                 connections: pool.views(),
-                certificate: pool.certificate.view(),
+                certificate: pool.certificate().view(),
+                renewal: agent
+                    .renewals
+                    .iter()
+                    .find(|r| r.gateway() == pool.peer.name)
+                    .map_or_else(RenewalView::not_renewed, |r| r.view()),
             })
             .collect(),
         forwards: agent.forwards.clone(),
@@ -95,6 +102,12 @@ pub fn render(reply: &str) -> Result<String> {
                 );
             }
         }
+        if let Some(line) = renewal_line(&g.renewal) {
+            let _ = writeln!(out, "  {line}");
+        }
+        if let Some(line) = lapse_warning(cert) {
+            let _ = writeln!(out, "  {line}");
+        }
         for (i, c) in g.connections.iter().enumerate() {
             let state = serde_json::to_value(c.state)
                 .ok()
@@ -134,4 +147,98 @@ pub fn render(reply: &str) -> Result<String> {
         &status.recent,
     ));
     Ok(out)
+}
+
+/// The renewal state in a line of text.
+fn renewal_line(renewal: &RenewalView) -> Option<String> {
+    let next = renewal.next_at.as_deref().unwrap_or("?");
+    let error = renewal
+        .last_error
+        .as_deref()
+        .map(|e| format!(" (last error: {e})"))
+        .unwrap_or_default();
+    let clock = renewal
+        .clock_offset_secs
+        .and_then(crate::exchange::describe_offset)
+        .map(|words| format!("; {words}"))
+        .unwrap_or_default();
+    Some(match renewal.state {
+        StateName::NotRenewed => return None,
+        StateName::Scheduled => format!("renewal scheduled at {next}{clock}"),
+        StateName::Retrying => format!("renewal RETRYING, next attempt at {next}{error}{clock}"),
+        StateName::Expired => format!(
+            "renewal: the credential EXPIRED; trying to recover it, next attempt at {next}{error}{clock}"
+        ),
+    })
+}
+
+/// A warning when less than a tenth of the certificate's life is left.
+fn lapse_warning(cert: &CertificateView) -> Option<String> {
+    let lapsing = cert.lifetime_secs > 0
+        && cert.remaining_secs > 0
+        && cert.remaining_secs.saturating_mul(10) < cert.lifetime_secs;
+    lapsing.then(|| {
+        format!(
+            "WARNING: the certificate lapses in {} (at {}), with less than 10 % of its life left",
+            tunnel_proto::duration::format(std::time::Duration::from_secs(
+                cert.remaining_secs.unsigned_abs()
+            )),
+            cert.not_after
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn certificate(lifetime_secs: i64, remaining_secs: i64) -> CertificateView {
+        CertificateView {
+            file: "credential.pem".into(),
+            identity: Some("alice".into()),
+            valid_from: "2026-01-03 12:00:00 UTC".into(),
+            valid_until: "2026-01-04 12:00:00 UTC".into(),
+            problem: None,
+            serial: "0a1b".into(),
+            not_before: "2026-01-03T12:00:00Z".into(),
+            not_after: "2026-01-04T12:00:00Z".into(),
+            lifetime_secs,
+            remaining_secs,
+        }
+    }
+
+    #[test]
+    fn a_certificate_about_to_lapse_is_warned_of() {
+        assert_eq!(lapse_warning(&certificate(86_400, 43_200)), None);
+        assert_eq!(
+            lapse_warning(&certificate(86_400, 3_600)).as_deref(),
+            Some(
+                "WARNING: the certificate lapses in 1h (at 2026-01-04T12:00:00Z), with less than 10 % of its life left"
+            )
+        );
+        assert_eq!(lapse_warning(&certificate(86_400, -5)), None);
+    }
+
+    #[test]
+    fn renewal_states_read_as_words() {
+        let view = |state, error: Option<&str>| RenewalView {
+            state,
+            next_at: Some("2026-01-04T00:00:00Z".into()),
+            last_error: error.map(str::to_string),
+            clock_offset_secs: Some(0.2),
+        };
+        assert_eq!(renewal_line(&RenewalView::not_renewed()), None);
+        assert_eq!(
+            renewal_line(&view(StateName::Scheduled, None)).as_deref(),
+            Some("renewal scheduled at 2026-01-04T00:00:00Z")
+        );
+        assert_eq!(
+            renewal_line(&view(StateName::Retrying, Some("no connection"))).as_deref(),
+            Some(
+                "renewal RETRYING, next attempt at 2026-01-04T00:00:00Z (last error: no connection)"
+            )
+        );
+        let json = serde_json::to_value(view(StateName::NotRenewed, None)).unwrap();
+        assert_eq!(json["state"], "not-renewed");
+    }
 }
