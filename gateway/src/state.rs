@@ -366,11 +366,19 @@ impl State {
                 ),
             )));
         }
-        if presented.expired && record.serial != presented.serial {
+        // An expired certificate recovers with the latest key, or the one before it
+        // (whose renewal answer may have been lost on the way).
+        let recent = record
+            .serials
+            .iter()
+            .rev()
+            .take(2)
+            .any(|s| *s == presented.serial);
+        if presented.expired && !recent {
             return Ok(Err(deny(
                 RefusalKind::Superseded,
                 format!(
-                    "certificate {} expired and was already replaced by {}: an expired certificate recovers only with the latest key; enrol again with a new token",
+                    "certificate {} expired and was already replaced by {}: an expired certificate recovers only with one of the two latest keys; enrol again with a new token",
                     presented.serial, record.serial
                 ),
             )));
@@ -563,6 +571,10 @@ mod tests {
             .renew(&presented("01", false), &none, 1100, |_| Ok(signed("02")))
             .unwrap()
             .unwrap();
+        state
+            .renew(&presented("02", false), &none, 1150, |_| Ok(signed("03")))
+            .unwrap()
+            .unwrap();
         // The old certificate may still renew while valid (another pooled connection),
         // but once expired only the latest key recovers.
         let stale = state
@@ -576,7 +588,7 @@ mod tests {
             })
             .unwrap();
         let refused = state
-            .renew(&presented("02", false), &revoked, 1301, |_| panic!("no"))
+            .renew(&presented("03", false), &revoked, 1301, |_| panic!("no"))
             .unwrap()
             .unwrap_err();
         assert_eq!(refused.kind, RefusalKind::Revoked);

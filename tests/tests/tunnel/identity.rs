@@ -435,3 +435,325 @@ fn a_policy_change_resets_the_streams_it_denies_and_an_invalid_file_changes_noth
         .expect("the reload is logged");
     drop(gateway);
 }
+
+/// An agent's directory, enrolled at `gateway` with a token made with `token_args`:
+/// `tunnel-agent enroll` writes the credential under `<dir>/state` and the
+/// `[[gateway]]` table into `<dir>/agent.toml`, whose text is returned.
+fn enrol(site: &Site, gw_dir: &Path, gateway: &Gateway, token_args: &[&str]) -> (PathBuf, String) {
+    let text = token(gw_dir, gateway, token_args);
+    let dir = site.path("agent");
+    fs::create_dir_all(&dir).expect("agent dir");
+    let token_file = site.path("token.txt");
+    fs::write(&token_file, &text).expect("token file");
+    let out = run_ok(
+        Command::new(bin("tunnel-agent"))
+            .args(["enroll", "--name", "site-b", "--config"])
+            .arg(dir.join("agent.toml"))
+            .arg("--token-file")
+            .arg(&token_file)
+            .env("XDG_STATE_HOME", dir.join("state"))
+            .env("HOME", &dir),
+    );
+    assert!(out.contains("enrolled as"), "{out}");
+    assert!(!out.contains(&text), "enroll printed the token");
+    let table = fs::read_to_string(dir.join("agent.toml")).expect("agent.toml written");
+    (dir, table)
+}
+
+/// An agent started from an enrolled `agent.toml` with `extra` tables.
+fn start_enrolled(dir: &Path, table: &str, extra: &str) -> Agent {
+    Agent::start(dir, &format!("{table}\n{extra}"), true).expect("agent")
+}
+
+fn certificate(agent: &Agent) -> Value {
+    agent.status().expect("status")["gateways"][0]["certificate"].clone()
+}
+
+fn unix_of(rfc3339: &Value) -> i64 {
+    let text = rfc3339.as_str().expect("an RFC 3339 time");
+    time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .expect("RFC 3339")
+        .unix_timestamp()
+}
+
+#[test]
+fn enrolment_makes_a_working_tunnel_without_a_copied_key() {
+    let dest = destination();
+    let site = Site::new();
+    let (gw_dir, mut gateway) = gateway(&site, "", &allow_alice(&[&dest.to_string()]));
+    let (dir, table) = enrol(&site, &gw_dir, &gateway, &["--identity", "alice"]);
+    assert!(table.contains("credential = "), "{table}");
+    let credential = dir.join("state/tunnel/site-b/credential.pem");
+    let mode = fs::metadata(&credential).expect("credential").permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600
+    );
+
+    let agent = start_enrolled(&dir, &table, &forward_table(&dest.to_string()));
+    let mut conn = open(agent.forwards[0]);
+    conn.write_all(b"hello\n").expect("write");
+    let mut echo = [0u8; 6];
+    conn.read_exact(&mut echo).expect("echo");
+    assert_eq!(&echo, b"hello\n");
+    let cert = certificate(&agent);
+    assert!(
+        cert["serial"].as_str().is_some_and(|s| !s.is_empty()),
+        "{cert}"
+    );
+    // Default lifetime: 24 hours from issue.
+    let lifetime = unix_of(&cert["not_after"]) - tunnel_transport::certs::unix_now();
+    assert!((86_000..=86_400).contains(&lifetime), "{cert}");
+
+    // The token cannot be given as an argument, where `ps` would show it.
+    let out = Command::new(bin("tunnel-agent"))
+        .args(["enroll", "tunnel1.abc.def"])
+        .output()
+        .expect("enroll");
+    assert!(!out.status.success());
+    // Neither daemon logged the secret.
+    let token_text = fs::read_to_string(site.path("token.txt")).expect("token");
+    let secret = EnrolmentToken::decode(&token_text)
+        .expect("token")
+        .secret
+        .encode();
+    for log in [gateway.daemon.log_text(), agent.daemon.log_text()] {
+        assert!(!log.contains(&secret) && !log.contains(token_text.trim()));
+    }
+    gateway.daemon.kill();
+}
+
+#[test]
+fn a_gateway_that_does_not_match_the_pin_gets_nothing() {
+    let site = Site::new();
+    let (a_dir, a) = gateway(&site, "", ALLOW_ALICE_LOOPBACK);
+    let other = Site::new();
+    let (b_dir, mut b) = gateway(&other, "", ALLOW_ALICE_LOOPBACK);
+    // A token of gateway A that names B's address (a DNS spoof, a wrong paste).
+    let text = run_ok(
+        Command::new(bin("tunnel-gateway"))
+            .args(["token", "--identity", "alice", "--address"])
+            .arg(b.addr.to_string())
+            .arg("--dir")
+            .arg(&a_dir),
+    );
+    let dir = site.path("agent");
+    fs::create_dir_all(&dir).expect("dir");
+    let mut enroll = Command::new(bin("tunnel-agent"));
+    enroll
+        .args(["enroll", "--config"])
+        .arg(dir.join("agent.toml"))
+        .env("XDG_STATE_HOME", dir.join("state"))
+        .env("TUNNEL_ENROLL_TOKEN", text.trim());
+    let (code, _, stderr) = output_within(&mut enroll, Duration::from_secs(30));
+    assert_ne!(code, Some(0));
+    assert!(
+        stderr.contains("is not the one this token was made for")
+            && stderr.contains("nothing was sent"),
+        "{stderr}"
+    );
+    assert!(!dir.join("agent.toml").exists(), "a config was written");
+    std::thread::sleep(Duration::from_millis(300));
+    let log = b.daemon.log_text();
+    assert!(!log.contains("enrol"), "gateway B saw an enrolment: {log}");
+    assert!(
+        fs::read_dir(b_dir.join("state/identities"))
+            .expect("state")
+            .next()
+            .is_none(),
+        "gateway B enrolled someone"
+    );
+    drop(a);
+    b.daemon.kill();
+}
+
+/// A destination on 127.0.0.1 that sends `total` bytes of `Pattern(seed)` at about
+/// `per_second`, then closes.
+fn paced_source(seed: u64, total: usize, per_second: usize) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("source");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        let Ok((mut conn, _)) = listener.accept() else {
+            return;
+        };
+        let mut pattern = Pattern::new(seed);
+        let chunk_len = 16 * 1024;
+        let pause = Duration::from_secs_f64(chunk_len as f64 / per_second as f64);
+        let mut sent = 0;
+        while sent < total {
+            let mut chunk = vec![0u8; chunk_len.min(total - sent)];
+            pattern.fill(&mut chunk);
+            if conn.write_all(&chunk).is_err() {
+                return;
+            }
+            sent += chunk.len();
+            std::thread::sleep(pause);
+        }
+    });
+    addr
+}
+
+fn expected_hash(seed: u64, total: usize) -> [u8; 32] {
+    use sha2::Digest;
+    let mut pattern = Pattern::new(seed);
+    let mut hasher = sha2::Sha256::new();
+    let mut left = total;
+    while left > 0 {
+        let mut chunk = vec![0u8; (16 * 1024).min(left)];
+        pattern.fill(&mut chunk);
+        hasher.update(&chunk);
+        left -= chunk.len();
+    }
+    hasher.finalize().into()
+}
+
+#[test]
+fn ten_second_certificates_renew_under_a_minute_long_transfer() {
+    const TOTAL: usize = 60 * 256 * 1024;
+    let source = paced_source(11, TOTAL, 256 * 1024);
+    let site = Site::new();
+    let (gw_dir, mut gateway) = gateway(
+        &site,
+        "cert_ttl = \"10s\"",
+        &allow_alice(&[&source.to_string()]),
+    );
+    let (dir, table) = enrol(&site, &gw_dir, &gateway, &["--identity", "alice"]);
+    let agent = start_enrolled(&dir, &table, &forward_table(&source.to_string()));
+    let conn = connect(agent.forwards[0], Duration::from_secs(90));
+    let reader = std::thread::spawn(move || {
+        let mut conn = conn;
+        drain_hash(&mut conn)
+    });
+    let mut serials = std::collections::BTreeSet::new();
+    while !reader.is_finished() {
+        if let Some(serial) = certificate(&agent)["serial"].as_str() {
+            serials.insert(serial.to_string());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let (bytes, hash) = reader
+        .join()
+        .expect("reader")
+        .expect("the transfer ended cleanly");
+    assert_eq!(bytes as usize, TOTAL);
+    assert_eq!(hash, expected_hash(11, TOTAL), "the bytes differ");
+    assert!(
+        serials.len() >= 6,
+        "only {} certificates in a minute: {serials:?}",
+        serials.len()
+    );
+    let log = agent.daemon.log_text();
+    assert!(
+        log.matches("renewed the certificate for gateway site-b")
+            .count()
+            >= 5,
+        "{log}"
+    );
+    assert!(
+        agent.recent_outcomes().iter().all(|o| o == "closed"),
+        "{:?}",
+        agent.recent_outcomes()
+    );
+    gateway.daemon.kill();
+}
+
+#[test]
+fn when_renewal_is_refused_streams_are_reset_as_the_certificate_ends() {
+    let dest = destination();
+    let site = Site::new();
+    let (gw_dir, mut gateway) = gateway(
+        &site,
+        "cert_ttl = \"8s\"",
+        &allow_alice(&[&dest.to_string()]),
+    );
+    // Renewals allowed for one second only: the first one, at half-life, is refused.
+    let (dir, table) = enrol(
+        &site,
+        &gw_dir,
+        &gateway,
+        &["--identity", "alice", "--renew-for", "1s"],
+    );
+    let mut agent = start_enrolled(&dir, &table, &forward_table(&dest.to_string()));
+    let not_after = unix_of(&certificate(&agent)["not_after"]);
+    let mut busy = open(agent.forwards[0]);
+    busy.write_all(b"flood\n").expect("flood");
+    let (how, when) = read_to_end(busy, Duration::from_secs(30));
+    assert_eq!(
+        how,
+        ErrorKind::ConnectionReset,
+        "the stream did not end with a reset"
+    );
+    let ended = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64()
+        - when.elapsed().as_secs_f64();
+    let late = ended - not_after as f64;
+    assert!(
+        (-0.5..=2.0).contains(&late),
+        "reset {late:.2}s after the certificate's end"
+    );
+    agent
+        .daemon
+        .wait_log("expired at", Duration::from_secs(5))
+        .expect("the agent says its credential expired");
+    assert!(
+        agent
+            .daemon
+            .log_text()
+            .contains("the gateway refused renewal")
+    );
+    gateway
+        .daemon
+        .wait_log("expired on", Duration::from_secs(5))
+        .expect("the gateway says why it closed the connection");
+}
+
+#[test]
+fn a_gateway_away_for_the_renewal_time_is_renewed_with_when_it_returns() {
+    let dest = destination();
+    let site = Site::new();
+    let (gw_dir, gateway) = gateway(
+        &site,
+        "cert_ttl = \"10s\"",
+        &allow_alice(&[&dest.to_string()]),
+    );
+    gateway.pin_port().expect("pin port");
+    let (dir, table) = enrol(&site, &gw_dir, &gateway, &["--identity", "alice"]);
+    let agent = start_enrolled(&dir, &table, &forward_table(&dest.to_string()));
+    let first = certificate(&agent);
+    let not_after = unix_of(&first["not_after"]);
+    let issued = not_after - 10;
+    let at = |fraction: f64| issued as f64 + 10.0 * fraction;
+    let sleep_until = |unix: f64| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs_f64();
+        if unix > now {
+            std::thread::sleep(Duration::from_secs_f64(unix - now));
+        }
+    };
+    sleep_until(at(0.4));
+    let mut gateway = gateway;
+    gateway.daemon.kill();
+    sleep_until(at(0.7));
+    let mut gateway = Gateway::run(&gw_dir).expect("gateway back");
+    let renewed = wait_for(
+        Duration::from_secs(5),
+        "a renewal after the gateway came back",
+        || {
+            let cert = certificate(&agent);
+            (cert["serial"] != first["serial"]).then_some(cert)
+        },
+    )
+    .expect("renewed");
+    assert!(unix_of(&renewed["not_after"]) > not_after, "{renewed}");
+    sleep_until(not_after as f64 + 1.0);
+    let mut conn = open(agent.forwards[0]);
+    conn.write_all(b"after\n").expect("write");
+    let mut echo = [0u8; 6];
+    conn.read_exact(&mut echo)
+        .expect("a stream after the first certificate's end");
+    gateway.daemon.kill();
+}
