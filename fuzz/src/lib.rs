@@ -84,6 +84,24 @@ pub fn configs(data: &[u8]) {
     let _ = GatewayConfig::parse(text, Path::new("/etc/tunnel/gateway.toml"));
 }
 
+/// Enrolment tokens (what a user pastes), durations, and the enrolment messages: any
+/// text, an answer and never a panic; a token that decodes encodes back to itself.
+pub fn tokens(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Ok(token) = tunnel_proto::token::EnrolmentToken::decode(text) {
+        let again = tunnel_proto::token::EnrolmentToken::decode(&token.encode());
+        assert_eq!(again.as_ref(), Ok(&token), "a decoded token does not round-trip");
+    }
+    if let Ok(d) = tunnel_proto::duration::parse(text) {
+        assert_eq!(tunnel_proto::duration::parse(&tunnel_proto::duration::format(d)), Ok(d));
+    }
+    let _ = serde_json::from_str::<tunnel_proto::enrolment::EnrolRequest>(text);
+    let _ = serde_json::from_str::<tunnel_proto::enrolment::Issued>(text);
+    let _ = serde_json::from_str::<tunnel_proto::enrolment::Refused>(text);
+}
+
 /// The kernel's socket-diagnostics answers.
 pub fn sock_diag(data: &[u8]) {
     let sequence = data.first().copied().map_or(0, u32::from);

@@ -9,12 +9,13 @@ type Check = fn(&[u8]);
 #[test]
 fn saved_inputs_pass_their_checks() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("regressions");
-    let targets: [(&str, Check); 5] = [
+    let targets: [(&str, Check); 6] = [
         ("local_protocol", tunnel_fuzz::local_protocol),
         ("routes", tunnel_fuzz::routes),
         ("configs", tunnel_fuzz::configs),
         ("sock_diag", tunnel_fuzz::sock_diag),
         ("elf", tunnel_fuzz::elf),
+        ("tokens", tunnel_fuzz::tokens),
     ];
     let mut replayed = 0;
     for (name, check) in targets {

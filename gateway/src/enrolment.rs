@@ -49,12 +49,15 @@ pub fn token(
     }
     let gateway_cert = first_cert(&config.cert)?;
     let ca = first_cert(&config.ca)?;
+    let mut advice = None;
     let addresses = if addresses.is_empty() {
         let derived = setup::agent_address(config.listen, &gateway_cert.names, config_path);
-        if let Some(edit) = derived.edit {
-            bail!(
+        let unknown = derived.address.starts_with("HOST:") || derived.address.ends_with(":PORT");
+        match derived.edit {
+            Some(edit) if unknown => bail!(
                 "the token must say where agents reach this gateway, and gateway.toml does not tell: {edit}. Give it with --address HOST:PORT"
-            );
+            ),
+            edit => advice = edit,
         }
         vec![derived.address]
     } else {
@@ -95,6 +98,12 @@ pub fn token(
         addresses.join(", "),
         format_pin(&ca.key_digest)
     );
+    let note = match advice {
+        Some(advice) => {
+            format!("{note}\nnote: {advice}; or give the address with --address HOST:PORT.")
+        }
+        None => note,
+    };
     Ok(Token {
         text: token.encode(),
         note,

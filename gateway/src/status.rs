@@ -77,11 +77,16 @@ pub fn render(reply: &str) -> Result<String> {
     for c in &status.connections {
         let _ = writeln!(
             out,
-            "  {:<24} {:<16} rtt {}  age {:.0}s",
+            "  {:<24} {:<16} rtt {}  age {:.0}s  {}",
             c.peer,
             c.identity,
             c.rtt_ms.map_or("-".into(), |ms| format!("{ms:.2}ms")),
-            c.age_secs
+            c.age_secs,
+            match &c.serial {
+                Some(serial) =>
+                    format!("certificate {serial}, closed at {} unless renewed", c.until),
+                None => format!("enrolling, closed at {}", c.until),
+            }
         );
     }
     let h = &status.handshakes;
