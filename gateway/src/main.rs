@@ -15,8 +15,14 @@
 //! - `admission`: handshake caps and per-identity limits; `goaway`: refusal reasons.
 //! - `policy`: who may reach what; `outbound`: connecting to destinations.
 //! - `refusals`: refusals counted and summarised in the log.
-//! - `authority`: the CA and the certificates it issues (rcgen lives only here).
-//! - `setup`: `init` and `issue`; `status`: what `tunnel-gateway status` shows.
+//! - `authority`: the CA and the certificates it issues.
+//! - `verifier`: who may finish a handshake, and as what (agent, enrolling, recovering).
+//! - `issuing`: enrolment and renewal requests; `state`: tokens, identities, revocations
+//!   on disk; `secrets`: random numbers and constant-time comparison.
+//! - `grants`: what allowed each live stream, so expiry, revocation and a new policy
+//!   can reset it; `reload`: policy and state read again while running.
+//! - `setup`: `init` and `issue`; `enrolment`: `token`, `revoke`, `identities`;
+//!   `status`: what `tunnel-gateway status` shows.
 #![forbid(unsafe_code)]
 
 mod admission;
@@ -218,9 +224,11 @@ fn run(cli: Cli) -> Result<()> {
                 "wrote the CA, the gateway certificate and {}",
                 config.display()
             );
-            println!("next: add [[allow]] rules to it, then issue client certificates:");
             println!(
-                "  tunnel-gateway issue --dir {} --identity alice --out ./alice",
+                "next: add [[allow]] rules to it, start it, then enrol each agent with a token:"
+            );
+            println!(
+                "  tunnel-gateway token --dir {} --identity alice    # on the agent's machine: tunnel-agent enroll",
                 dir.display()
             );
             Ok(())

@@ -86,11 +86,15 @@ key = "gateway-key.pem"
 # max_connections_per_identity = 128
 # max_streams_per_identity = 4096
 # log_summary_interval = 10         # repeated refusals: one line per peer per interval
+# Identities (see the README, "Identities"); durations as 30s, 15m, 24h, 7d:
+# cert_ttl = "24h"           # lifetime of the certificates enrolment and renewal issue
+# recovery_window = "7d"     # an expired certificate may still renew this long
+# state_dir = "state"        # tokens, enrolled identities, revocations
 
 # Nobody may reach anything until a rule says so. For example:
 #
 # [[allow]]
-# identity = "alice"        # a client certificate's name (see `tunnel-gateway issue`), or "*"
+# identity = "alice"        # an identity (`tunnel-gateway token --identity`), "group:NAME", or "*"
 # to = ["10.20.0.0/16", "*.site-b.internal:22", "db.site-b.internal:5432", "pg"]
 #
 # [service.pg]              # clients reach it by the name "pg"

@@ -440,10 +440,21 @@ fn a_policy_change_resets_the_streams_it_denies_and_an_invalid_file_changes_noth
 /// `tunnel-agent enroll` writes the credential under `<dir>/state` and the
 /// `[[gateway]]` table into `<dir>/agent.toml`, whose text is returned.
 fn enrol(site: &Site, gw_dir: &Path, gateway: &Gateway, token_args: &[&str]) -> (PathBuf, String) {
+    enrol_as(site, "agent", gw_dir, gateway, token_args)
+}
+
+/// [`enrol`], in `<site>/<name>`.
+fn enrol_as(
+    site: &Site,
+    name: &str,
+    gw_dir: &Path,
+    gateway: &Gateway,
+    token_args: &[&str],
+) -> (PathBuf, String) {
     let text = token(gw_dir, gateway, token_args);
-    let dir = site.path("agent");
+    let dir = site.path(name);
     fs::create_dir_all(&dir).expect("agent dir");
-    let token_file = site.path("token.txt");
+    let token_file = site.path(&format!("{name}-token.txt"));
     fs::write(&token_file, &text).expect("token file");
     let out = run_ok(
         Command::new(bin("tunnel-agent"))
@@ -512,7 +523,7 @@ fn enrolment_makes_a_working_tunnel_without_a_copied_key() {
         .expect("enroll");
     assert!(!out.status.success());
     // Neither daemon logged the secret.
-    let token_text = fs::read_to_string(site.path("token.txt")).expect("token");
+    let token_text = fs::read_to_string(site.path("agent-token.txt")).expect("token");
     let secret = EnrolmentToken::decode(&token_text)
         .expect("token")
         .secret
@@ -756,4 +767,38 @@ fn a_gateway_away_for_the_renewal_time_is_renewed_with_when_it_returns() {
     conn.read_exact(&mut echo)
         .expect("a stream after the first certificate's end");
     gateway.daemon.kill();
+}
+
+#[test]
+fn groups_given_at_enrolment_open_group_rules() {
+    let dest = destination();
+    let site = Site::new();
+    let rule = format!("\n[[allow]]\nidentity = \"group:lab\"\nto = [\"{dest}\"]\n");
+    let (gw_dir, mut gateway) = gateway(&site, "", &rule);
+    let (alice_dir, alice_table) = enrol_as(
+        &site,
+        "alice",
+        &gw_dir,
+        &gateway,
+        &["--identity", "alice", "--group", "lab"],
+    );
+    let (bob_dir, bob_table) = enrol_as(&site, "bob", &gw_dir, &gateway, &["--identity", "bob"]);
+    let alice = start_enrolled(&alice_dir, &alice_table, &forward_table(&dest.to_string()));
+    let bob = start_enrolled(&bob_dir, &bob_table, &forward_table(&dest.to_string()));
+    let mut conn = open(alice.forwards[0]);
+    conn.write_all(b"lab\n").expect("write");
+    let mut echo = [0u8; 4];
+    conn.read_exact(&mut echo)
+        .expect("alice, in group lab, gets through");
+    let mut denied = connect(bob.forwards[0], Duration::from_secs(10));
+    let mut buf = [0u8; 6];
+    assert!(
+        denied.read_exact(&mut buf).is_err(),
+        "bob, in no group, got through"
+    );
+    let denial = gateway
+        .daemon
+        .wait_log("denied: ", Duration::from_secs(5))
+        .expect("bob's denial is logged");
+    assert!(denial.contains("peer=bob"), "{denial}");
 }
