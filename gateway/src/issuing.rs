@@ -239,7 +239,7 @@ async fn renewal(
     .await
     .map_err(|e| internal(&anyhow!("{e}")))?
     .map_err(|e| internal(&e))??;
-    gateway.extend_lineage(&record.identity, &record.serials, signed.not_after);
+    gateway.extend_lineage(&record.identity, &record.enrolment, signed.not_after);
     Ok(issued(
         gateway,
         &record.identity,
@@ -250,12 +250,14 @@ async fn renewal(
     ))
 }
 
-/// What a renewal needs to know of the certificate a connection presented.
-pub fn presented(info: &CertInfo, expired: bool) -> Presented {
+/// What a renewal needs to know of the certificate a connection presented, and the
+/// enrolment that connection belongs to.
+pub fn presented(info: &CertInfo, enrolment: Option<String>, expired: bool) -> Presented {
     Presented {
         identity: info.common_name().unwrap_or_default().to_string(),
         serial: info.serial.clone(),
         not_before: info.not_before,
+        enrolment,
         expired,
     }
 }

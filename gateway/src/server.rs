@@ -95,6 +95,8 @@ pub struct ConnectionInfo {
     pub health: Arc<Health>,
     /// The serial of the certificate it authenticated with (none while enrolling).
     pub serial: Option<String>,
+    /// The enrolment that certificate is of, when it was enrolled with a token.
+    pub enrolment: Option<String>,
     /// When it must end (seconds since 1970), unless renewed.
     pub deadline: watch::Sender<i64>,
 }
@@ -188,16 +190,15 @@ impl Gateway {
         }
     }
 
-    /// A renewal of `identity` whose lineage is `serials` moves the end of every live
-    /// connection authenticated by one of them to `not_after`.
-    pub fn extend_lineage(&self, identity: &str, serials: &[String], not_after: i64) {
+    /// A renewal of `identity`'s `enrolment` moves the end of every live connection of
+    /// that enrolment (the agent's other pooled connections) to `not_after`.
+    pub fn extend_lineage(&self, identity: &str, enrolment: &str, not_after: i64) {
         let connections = self
             .connections
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         for c in connections.values() {
-            let ours =
-                c.identity == identity && c.serial.as_ref().is_some_and(|s| serials.contains(s));
+            let ours = c.identity == identity && c.enrolment.as_deref() == Some(enrolment);
             if ours {
                 c.deadline.send_if_modified(|deadline| {
                     let later = not_after > *deadline;
@@ -442,28 +443,26 @@ async fn agent(
             }
         },
     };
-    let _connection_permit = if certificate.is_some() {
-        match gateway.admission.connection(&identity) {
-            Ok(permit) => Some(permit),
-            Err(over) => {
-                let reason = over.to_string();
-                gateway.refusals.report(
-                    &identity,
-                    Kind::OverConnectionLimit,
-                    format!("connection from {peer} refused: {reason}"),
-                );
-                goaway::refuse(
-                    tls_stream,
-                    h2::Reason::ENHANCE_YOUR_CALM,
-                    &reason,
-                    REFUSAL_LINGER,
-                )
-                .await;
-                return;
-            }
+    // Clients without a certificate count together, under one name, against the
+    // per-identity connection limit: a flood of them cannot hold more.
+    let _connection_permit = match gateway.admission.connection(&identity) {
+        Ok(permit) => permit,
+        Err(over) => {
+            let reason = over.to_string();
+            gateway.refusals.report(
+                &identity,
+                Kind::OverConnectionLimit,
+                format!("connection from {peer} refused: {reason}"),
+            );
+            goaway::refuse(
+                tls_stream,
+                h2::Reason::ENHANCE_YOUR_CALM,
+                &reason,
+                REFUSAL_LINGER,
+            )
+            .await;
+            return;
         }
-    } else {
-        None
     };
 
     let handshake = liveness::server_builder()
@@ -493,6 +492,17 @@ async fn agent(
         _ => unix_now() + LIMITED_CONNECTION.as_secs() as i64,
     };
     let (deadline_tx, mut deadline_rx) = watch::channel(initial_deadline);
+    let enrolment = match &certificate {
+        Some(info) => {
+            let (state, identity, serial) =
+                (gateway.clone(), identity.clone(), info.serial.clone());
+            tokio::task::spawn_blocking(move || state.state.lineage_of(&identity, &serial))
+                .await
+                .ok()
+                .flatten()
+        }
+        None => None,
+    };
     gateway
         .connections
         .lock()
@@ -505,6 +515,7 @@ async fn agent(
                 since: Instant::now(),
                 health: health.clone(),
                 serial: certificate.as_ref().map(|c| c.serial.clone()),
+                enrolment: enrolment.clone(),
                 deadline: deadline_tx,
             },
         );
@@ -538,6 +549,7 @@ async fn agent(
                         role,
                         identity: &identity,
                         certificate: certificate.as_ref(),
+                        enrolment: enrolment.as_deref(),
                         connection: id,
                         peer,
                         health: &health,
@@ -627,6 +639,7 @@ struct RequestContext<'a> {
     role: Role,
     identity: &'a str,
     certificate: Option<&'a CertInfo>,
+    enrolment: Option<&'a str>,
     connection: u64,
     peer: SocketAddr,
     health: &'a Arc<Health>,
@@ -644,6 +657,7 @@ fn dispatch(
         role,
         identity,
         certificate,
+        enrolment,
         connection,
         peer,
         health,
@@ -671,7 +685,11 @@ fn dispatch(
             ));
         }
         (Role::Agent | Role::Recovering, &Method::POST, RENEW_PATH, Some(info)) => {
-            let presented = issuing::presented(info, role == Role::Recovering);
+            let presented = issuing::presented(
+                info,
+                enrolment.map(str::to_string),
+                role == Role::Recovering,
+            );
             let (gateway, renewed) = (gateway.clone(), renewed.clone());
             tokio::spawn(async move {
                 if let Some(not_after) =

@@ -126,6 +126,10 @@ pub struct Presented {
     pub identity: String,
     pub serial: String,
     pub not_before: i64,
+    /// The enrolment its connection was found to belong to when it was made: a
+    /// connection that has lived through many renewals stays of its lineage even when
+    /// its own serial is no longer among the recent ones.
+    pub enrolment: Option<String>,
     /// True when it has expired (accepted for renewal within the recovery window).
     pub expired: bool,
 }
@@ -357,7 +361,9 @@ impl State {
                 ),
             )));
         };
-        if !record.serials.contains(&presented.serial) {
+        let of_lineage = presented.enrolment.as_deref() == Some(record.enrolment.as_str())
+            || record.serials.contains(&presented.serial);
+        if !of_lineage {
             return Ok(Err(deny(
                 RefusalKind::Superseded,
                 format!(
@@ -404,6 +410,20 @@ impl State {
         }
         write_json(&path, &record)?;
         Ok(Ok((record, signed)))
+    }
+
+    /// The enrolment (token id) whose lineage certificate `serial` of `identity` is
+    /// in, if it is a recent one of the current enrolment.
+    pub fn lineage_of(&self, identity: &str, serial: &str) -> Option<String> {
+        if !file_safe(identity) {
+            return None;
+        }
+        let record: IdentityRecord = read_json(&self.identity_path(identity)).ok()??;
+        record
+            .serials
+            .iter()
+            .any(|s| s == serial)
+            .then_some(record.enrolment)
     }
 
     pub fn revocations(&self) -> Result<Revocations> {
@@ -564,6 +584,7 @@ mod tests {
             identity: "carol".into(),
             serial: serial.into(),
             not_before: 1000 - BACKDATE_SECS,
+            enrolment: None,
             expired,
         };
         let none = Revocations::default();
