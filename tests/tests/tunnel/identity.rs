@@ -802,3 +802,33 @@ fn groups_given_at_enrolment_open_group_rules() {
         .expect("bob's denial is logged");
     assert!(denial.contains("peer=bob"), "{denial}");
 }
+
+#[test]
+fn a_replica_sharing_the_state_directory_applies_a_revocation_within_a_second() {
+    let dest = destination();
+    let site = Site::new();
+    let (gw_dir, primary) = gateway(&site, "", &allow_alice(&[&dest.to_string()]));
+    // A replica: the same CA, rules and state directory, its own port and control socket.
+    let replica_dir = site.path("replica");
+    fs::create_dir_all(&replica_dir).expect("replica dir");
+    let text = fs::read_to_string(gw_dir.join("gateway.toml")).expect("gateway.toml");
+    let shared = |file: &str| gw_dir.join(file).display().to_string();
+    let replica_text = format!(
+        "state_dir = \"{}\"\n{}",
+        shared("state"),
+        text.replace("\"ca.pem\"", &format!("\"{}\"", shared("ca.pem")))
+            .replace("\"ca-key.pem\"", &format!("\"{}\"", shared("ca-key.pem")))
+            .replace("\"gateway.pem\"", &format!("\"{}\"", shared("gateway.pem")))
+            .replace("\"gateway-key.pem\"", &format!("\"{}\"", shared("gateway-key.pem")))
+    );
+    fs::write(replica_dir.join("gateway.toml"), replica_text).expect("replica config");
+    let replica = Gateway::run(&replica_dir).expect("replica");
+    let (dir, table) = enrol(&site, &gw_dir, &primary, &["--identity", "alice"]);
+    // The agent dials only the replica.
+    let table = table.replace(&primary.addr.to_string(), &replica.addr.to_string());
+    let agent = start_enrolled(&dir, &table, &forward_table(&dest.to_string()));
+    three_streams_reset_by(agent.forwards[0], || {
+        revoke(&gw_dir, &["--identity", "alice"]);
+    });
+    drop((primary, replica));
+}
