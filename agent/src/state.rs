@@ -11,7 +11,7 @@
 
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow};
@@ -44,44 +44,9 @@ pub fn private_dir(dir: &Path) -> Result<()> {
 }
 
 /// Replaces `path` with `contents` so that a crash at any moment leaves either the old
-/// file or the new one: the text goes to a temporary file beside it (created with
-/// `mode`), which is flushed to disk, renamed over `path`, and the directory flushed
-/// so the rename itself survives a power cut.
+/// file or the new one (see [`tunnel_transport::atomic_file`]).
 pub fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .with_context(|| format!("{} names no file", path.display()))?;
-    let temporary = dir.join(format!(
-        ".{}.{}.tmp",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let written = (|| -> std::io::Result<()> {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&temporary)?;
-        // `mode` is filtered by the umask at creation; say it again exactly.
-        file.set_permissions(std::fs::Permissions::from_mode(mode))?;
-        file.write_all(contents)?;
-        file.sync_all()?;
-        std::fs::rename(&temporary, path)?;
-        File::open(dir)?.sync_all()
-    })();
-    written.with_context(|| {
-        let _ = std::fs::remove_file(&temporary);
-        format!(
-            "writing {} (through {})",
-            path.display(),
-            temporary.display()
-        )
-    })
+    tunnel_transport::atomic_file::write(path, contents, mode)
 }
 
 /// Writes `contents` to `path` only if no file is there yet (mode `mode`), flushed to
@@ -116,6 +81,7 @@ pub fn create_new(path: &Path, contents: &[u8], mode: u32) -> Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn scratch(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!(
@@ -139,37 +105,6 @@ mod tests {
             PathBuf::from("/home/a/.local/state/tunnel")
         );
         assert!(state_dir(None, None).is_err());
-    }
-
-    #[test]
-    fn an_atomic_write_replaces_the_file_and_leaves_nothing_beside_it() {
-        let dir = scratch("atomic");
-        let path = dir.join("credential.pem");
-        write_atomically(&path, b"old", 0o600).unwrap();
-        write_atomically(&path, b"new", 0o600).unwrap();
-        assert_eq!(std::fs::read(&path).unwrap(), b"new");
-        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600);
-        let names: Vec<_> = std::fs::read_dir(&dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(names, ["credential.pem"]);
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn a_failed_atomic_write_keeps_the_old_file() {
-        let dir = scratch("failed");
-        let path = dir.join("credential.pem");
-        write_atomically(&path, b"old", 0o600).unwrap();
-        // A directory where the temporary file would go makes the write fail.
-        let temporary = dir.join(format!(".credential.pem.{}.tmp", std::process::id()));
-        std::fs::create_dir(&temporary).unwrap();
-        let error = write_atomically(&path, b"new", 0o600).unwrap_err();
-        assert!(format!("{error:#}").contains("credential.pem"), "{error:#}");
-        assert_eq!(std::fs::read(&path).unwrap(), b"old");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

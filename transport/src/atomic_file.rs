@@ -3,7 +3,7 @@
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -32,6 +32,9 @@ pub fn write(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
             .mode(mode)
             .open(&temp)
             .with_context(|| format!("creating {}", temp.display()))?;
+        // The umask filtered `mode` at creation; say it again exactly.
+        file.set_permissions(fs::Permissions::from_mode(mode))
+            .with_context(|| format!("setting the mode of {}", temp.display()))?;
         file.write_all(contents)
             .with_context(|| format!("writing {}", temp.display()))?;
         file.sync_all()
@@ -52,7 +55,6 @@ pub fn write(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn replaces_whole_files_and_sets_the_mode() {
@@ -66,6 +68,23 @@ mod tests {
         assert_eq!(mode, 0o600);
         // No temporary file is left behind.
         assert_eq!(fs::read_dir(&dir).unwrap().count(), 1);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_failed_write_leaves_what_was_there_and_no_temporary_file() {
+        let dir = std::env::temp_dir().join(format!("atomic-failed-{}", std::process::id()));
+        let path = dir.join("credential.pem");
+        // A non-empty directory in the way: the final rename fails, even for root.
+        fs::create_dir_all(path.join("inside")).unwrap();
+        let error = write(&path, b"new", 0o600).unwrap_err();
+        assert!(format!("{error:#}").contains("credential.pem"), "{error:#}");
+        assert!(path.join("inside").is_dir());
+        assert_eq!(
+            fs::read_dir(&dir).unwrap().count(),
+            1,
+            "a temporary file was left"
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -819,7 +819,10 @@ fn a_replica_sharing_the_state_directory_applies_a_revocation_within_a_second() 
         text.replace("\"ca.pem\"", &format!("\"{}\"", shared("ca.pem")))
             .replace("\"ca-key.pem\"", &format!("\"{}\"", shared("ca-key.pem")))
             .replace("\"gateway.pem\"", &format!("\"{}\"", shared("gateway.pem")))
-            .replace("\"gateway-key.pem\"", &format!("\"{}\"", shared("gateway-key.pem")))
+            .replace(
+                "\"gateway-key.pem\"",
+                &format!("\"{}\"", shared("gateway-key.pem"))
+            )
     );
     fs::write(replica_dir.join("gateway.toml"), replica_text).expect("replica config");
     let replica = Gateway::run(&replica_dir).expect("replica");
