@@ -112,21 +112,7 @@ pub struct CertificateView {
     pub remaining_secs: i64,
 }
 
-/// A moment as RFC 3339 writes it: `2026-11-30T12:00:00Z`.
-pub fn rfc3339(unix_secs: i64) -> String {
-    match time::OffsetDateTime::from_unix_timestamp(unix_secs) {
-        Ok(t) => format!(
-            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
-            t.year(),
-            u8::from(t.month()),
-            t.day(),
-            t.hour(),
-            t.minute(),
-            t.second()
-        ),
-        Err(_) => unix_secs.to_string(),
-    }
-}
+pub use tunnel_transport::certs::rfc3339;
 
 impl Certificate {
     /// Reads `cert` (its first certificate is ours) and judges it against `ca`;

@@ -84,35 +84,32 @@ pub fn serial_hex(raw: &[u8]) -> String {
     raw[start..].iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Date and time of a moment, UTC, or `None` outside what `time` can represent.
+fn moment(unix_secs: i64) -> Option<(i32, u8, u8, u8, u8, u8)> {
+    let t = OffsetDateTime::from_unix_timestamp(unix_secs).ok()?;
+    Some((
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+    ))
+}
+
 /// A moment in RFC 3339, as JSON status gives it: `2026-01-03T12:00:00Z`.
 pub fn rfc3339(unix_secs: i64) -> String {
-    match OffsetDateTime::from_unix_timestamp(unix_secs) {
-        Ok(t) => format!(
-            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
-            t.year(),
-            u8::from(t.month()),
-            t.day(),
-            t.hour(),
-            t.minute(),
-            t.second()
-        ),
-        Err(_) => unix_secs.to_string(),
+    match moment(unix_secs) {
+        Some((y, mo, d, h, mi, s)) => format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}Z"),
+        None => unix_secs.to_string(),
     }
 }
 
 /// A moment as people read it: `2026-01-03 12:00:00 UTC`.
 pub fn utc(unix_secs: i64) -> String {
-    match OffsetDateTime::from_unix_timestamp(unix_secs) {
-        Ok(t) => format!(
-            "{:04}-{:02}-{:02} {:02}:{:02}:{:02} UTC",
-            t.year(),
-            u8::from(t.month()),
-            t.day(),
-            t.hour(),
-            t.minute(),
-            t.second()
-        ),
-        Err(_) => format!("{unix_secs} seconds after 1970"),
+    match moment(unix_secs) {
+        Some((y, mo, d, h, mi, s)) => format!("{y:04}-{mo:02}-{d:02} {h:02}:{mi:02}:{s:02} UTC"),
+        None => format!("{unix_secs} seconds after 1970"),
     }
 }
 
@@ -129,5 +126,6 @@ mod tests {
     fn utc_reads_like_a_date() {
         assert_eq!(utc(1_767_441_600), "2026-01-03 12:00:00 UTC");
         assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(rfc3339(1_767_441_600), "2026-01-03T12:00:00Z");
     }
 }
