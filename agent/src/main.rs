@@ -241,7 +241,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Env { config } => {
             let path = config_path(config);
             let config = load_config(&path)?;
-            print!("{}", env_lines(&config)?);
+            tunnel_transport::daemon::print_out(&env_lines(&config)?)?;
             Ok(())
         }
         Command::Status {
@@ -259,9 +259,9 @@ fn run(cli: Cli) -> Result<()> {
                     tunnel_proto::local::Request::Status.encode().trim_end(),
                 ))?;
             if json {
-                println!("{reply}");
+                tunnel_transport::daemon::print_out(&format!("{reply}\n"))?;
             } else {
-                print!("{}", status::render(&reply)?);
+                tunnel_transport::daemon::print_out(&status::render(&reply)?)?;
             }
             Ok(())
         }

@@ -45,6 +45,7 @@ pub struct Signed {
     pub cert_pem: String,
     /// Lower-case hex, as `revoke --serial` takes it.
     pub serial: String,
+    pub not_before: i64,
     pub not_after: i64,
 }
 
@@ -180,6 +181,7 @@ impl Authority {
         Ok(Signed {
             cert_pem: cert.pem(),
             serial: info.serial,
+            not_before: info.not_before,
             not_after: info.not_after,
         })
     }

@@ -116,13 +116,12 @@ pub fn revoke(
     serial: Option<&str>,
 ) -> Result<String> {
     let state = State::open(&config.state_dir)?;
-    let now = unix_now();
     match (identity, serial) {
         (Some(identity), None) => {
             if !is_valid_identity(identity) {
                 bail!("--identity `{identity}`: not an identity");
             }
-            state.revoke(|r| {
+            let (_, now) = state.revoke(|r, now| {
                 r.identities.insert(identity.to_string(), now);
             })?;
             Ok(format!(
@@ -143,7 +142,7 @@ pub fn revoke(
                 );
             }
             let serial = serial.trim_start_matches("00").to_string();
-            state.revoke(|r| {
+            state.revoke(|r, now| {
                 r.serials.insert(serial.clone(), now);
             })?;
             Ok(format!(

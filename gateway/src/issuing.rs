@@ -22,13 +22,14 @@ use h2::RecvStream;
 use h2::server::SendResponse;
 use http::{Response, StatusCode};
 use serde::Serialize;
-use tracing::{error, info, warn};
+use tracing::{error, info};
 use tunnel_proto::enrolment::{EnrolRequest, Issued, MAX_BODY, RefusalKind, Refused, RenewRequest};
 use tunnel_proto::token::Secret;
-use tunnel_transport::certs::{CertInfo, unix_now, utc};
+use tunnel_transport::certs::{unix_now, utc};
 
 use crate::authority::request_key_digest;
-use crate::server::Gateway;
+use crate::refusals::Kind;
+use crate::server::{Current, Gateway};
 use crate::state::{Denial, Presented};
 
 /// Reads a request body whole, refusing more than [`MAX_BODY`] bytes.
@@ -173,20 +174,36 @@ async fn redeem(
             ))
         }
         Err(denial) => {
-            match denial.kind {
-                RefusalKind::TokenUsed => {
-                    warn!(%peer, token = %request.token_id, "possible theft: a token already redeemed was presented by another key; refused")
-                }
+            // The id comes from the client: written escaped, never as raw text.
+            let token = format!(
+                "{:?}",
+                request.token_id.chars().take(64).collect::<String>()
+            );
+            let detail = match denial.kind {
+                RefusalKind::TokenUsed => format!(
+                    "possible theft: token {token}, already redeemed, was presented by another key (from {peer}); refused"
+                ),
                 RefusalKind::UnknownToken => {
-                    warn!(%peer, token = %request.token_id, "enrolment refused: unknown token or wrong secret")
+                    format!(
+                        "enrolment with token {token} refused: unknown token or wrong secret (from {peer})"
+                    )
                 }
-                _ => {
-                    info!(%peer, token = %request.token_id, "enrolment refused: {}", denial.message)
-                }
-            }
+                _ => format!(
+                    "enrolment with token {token} refused: {} (from {peer})",
+                    denial.message
+                ),
+            };
+            gateway
+                .refusals
+                .report(&source_of(peer), Kind::Certificate(denial.kind), detail);
             Err(denial)
         }
     }
+}
+
+/// How a client without a certificate appears in the log: its address.
+fn source_of(peer: SocketAddr) -> String {
+    peer.ip().to_string()
 }
 
 /// `POST /v1/renew` on a connection authenticated by `presented` (expired within the
@@ -207,7 +224,14 @@ pub async fn renew(
             Some(not_after)
         }
         Err(denial) => {
-            warn!(%peer, identity = %presented.identity, "renewal refused: {}", denial.message);
+            gateway.refusals.report(
+                &presented.identity,
+                Kind::Certificate(denial.kind),
+                format!(
+                    "renewal of {} refused: {} (from {peer})",
+                    presented.serial, denial.message
+                ),
+            );
             refuse(&mut respond, denial);
             None
         }
@@ -224,22 +248,17 @@ async fn renewal(
     request_key_digest(&request.csr).map_err(|e| bad(format!("{e:#}")))?;
     let worker = gateway.clone();
     let presented = presented.clone();
-    let revocations = gateway.revocations.borrow().clone();
     let (record, signed) = tokio::task::spawn_blocking(move || {
-        worker
-            .state
-            .renew(&presented, &revocations, unix_now(), |record| {
-                worker.authority.sign_request(
-                    &record.identity,
-                    &request.csr,
-                    worker.config.cert_ttl,
-                )
-            })
+        worker.state.renew(&presented, unix_now(), |record| {
+            worker
+                .authority
+                .sign_request(&record.identity, &request.csr, worker.config.cert_ttl)
+        })
     })
     .await
     .map_err(|e| internal(&anyhow!("{e}")))?
     .map_err(|e| internal(&e))??;
-    gateway.extend_lineage(&record.identity, &record.enrolment, signed.not_after);
+    gateway.extend_lineage(&record.identity, &record.enrolment, &signed);
     Ok(issued(
         gateway,
         &record.identity,
@@ -250,14 +269,13 @@ async fn renewal(
     ))
 }
 
-/// What a renewal needs to know of the certificate a connection presented, and the
-/// enrolment that connection belongs to.
-pub fn presented(info: &CertInfo, enrolment: Option<String>, expired: bool) -> Presented {
+/// What a renewal needs to know of the certificate that now vouches for a connection
+/// (its handshake's, or its lineage's latest).
+pub fn presented(identity: &str, current: &Current) -> Presented {
     Presented {
-        identity: info.common_name().unwrap_or_default().to_string(),
-        serial: info.serial.clone(),
-        not_before: info.not_before,
-        enrolment,
-        expired,
+        identity: identity.to_string(),
+        serial: current.serial.clone(),
+        not_before: current.not_before,
+        expired: unix_now() > current.not_after,
     }
 }

@@ -303,7 +303,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Identities { json, dir, config } => {
             let path = gateway_config_path(config, dir);
             let config = load_config(&path)?;
-            print!("{}", enrolment::identities(&config, json)?);
+            tunnel_transport::daemon::print_out(&enrolment::identities(&config, json)?)?;
             Ok(())
         }
         Command::Status { config, json } => {
@@ -311,9 +311,9 @@ fn run(cli: Cli) -> Result<()> {
             let reply = tunnel_transport::daemon::runtime()?
                 .block_on(tunnel_transport::control::query(&config.control, "status"))?;
             if json {
-                println!("{reply}");
+                tunnel_transport::daemon::print_out(&format!("{reply}\n"))?;
             } else {
-                print!("{}", status::render(&reply)?);
+                tunnel_transport::daemon::print_out(&status::render(&reply)?)?;
             }
             Ok(())
         }

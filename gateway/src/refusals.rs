@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use tracing::warn;
 use tunnel_proto::ConnectError;
+use tunnel_proto::enrolment::RefusalKind;
 
 /// Peers followed one by one; refusals from further peers share one entry, so that a
 /// flood from many addresses cannot grow the table without bound.
@@ -44,6 +45,8 @@ pub enum Kind {
     OverConnectionLimit,
     /// A stream was refused with this class.
     Stream(ConnectError),
+    /// An enrolment or renewal was refused for this reason.
+    Certificate(RefusalKind),
 }
 
 impl Kind {
@@ -55,6 +58,7 @@ impl Kind {
             Kind::HandshakeTimedOut => "handshake-timed-out".into(),
             Kind::OverConnectionLimit => "over-connection-limit".into(),
             Kind::Stream(class) => format!("stream-{class}"),
+            Kind::Certificate(kind) => format!("certificate-{kind}"),
         }
     }
 
@@ -66,6 +70,7 @@ impl Kind {
             Kind::HandshakeTimedOut => "TLS handshakes timed out".into(),
             Kind::OverConnectionLimit => "connections refused over the identity's limit".into(),
             Kind::Stream(class) => format!("streams {class}"),
+            Kind::Certificate(kind) => format!("certificate requests refused: {kind}"),
         }
     }
 }

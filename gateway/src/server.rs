@@ -46,14 +46,14 @@ use tunnel_proto::config::GatewayConfig;
 use tunnel_proto::connect::{ERROR_HEADER, encode_outcome};
 use tunnel_proto::enrolment::{ENROL_PATH, RENEW_PATH};
 use tunnel_proto::{ConnectError, Target};
-use tunnel_transport::certs::{CertInfo, rfc3339, unix_now, utc};
+use tunnel_transport::certs::{rfc3339, unix_now, utc};
 use tunnel_transport::liveness::{self, Health, INITIAL_STREAM_WINDOW};
 use tunnel_transport::plumbing::{Shutdown, accept_until};
 use tunnel_transport::splice::{self, Abort};
 use tunnel_transport::streams::{Side, StreamTable};
 
 use crate::admission::{Admission, HandshakePermit};
-use crate::authority::Authority;
+use crate::authority::{Authority, Signed};
 use crate::goaway;
 use crate::grants::Grants;
 use crate::issuing;
@@ -93,12 +93,21 @@ pub struct ConnectionInfo {
     pub identity: String,
     pub since: Instant,
     pub health: Arc<Health>,
-    /// The serial of the certificate it authenticated with (none while enrolling).
-    pub serial: Option<String>,
     /// The enrolment that certificate is of, when it was enrolled with a token.
     pub enrolment: Option<String>,
+    /// The certificate that vouches for it now: its handshake's, then its lineage's
+    /// latest; none while enrolling.
+    pub current: watch::Sender<Option<Current>>,
     /// When it must end (seconds since 1970), unless renewed.
-    pub deadline: watch::Sender<i64>,
+    pub deadline: i64,
+}
+
+/// The certificate that vouches for a connection now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Current {
+    pub serial: String,
+    pub not_before: i64,
+    pub not_after: i64,
 }
 
 #[derive(Serialize, serde::Deserialize)]
@@ -190,20 +199,27 @@ impl Gateway {
         }
     }
 
-    /// A renewal of `identity`'s `enrolment` moves the end of every live connection of
-    /// that enrolment (the agent's other pooled connections) to `not_after`.
-    pub fn extend_lineage(&self, identity: &str, enrolment: &str, not_after: i64) {
+    /// A renewal of `identity`'s `enrolment` makes the new certificate the one that
+    /// vouches for every live connection of that enrolment (the agent's other pooled
+    /// connections): they live to its end, and die with its revocation.
+    pub fn extend_lineage(&self, identity: &str, enrolment: &str, signed: &Signed) {
         let connections = self
             .connections
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        let renewed = Current {
+            serial: signed.serial.clone(),
+            not_before: signed.not_before,
+            not_after: signed.not_after,
+        };
         for c in connections.values() {
-            let ours = c.identity == identity && c.enrolment.as_deref() == Some(enrolment);
-            if ours {
-                c.deadline.send_if_modified(|deadline| {
-                    let later = not_after > *deadline;
+            if c.identity == identity && c.enrolment.as_deref() == Some(enrolment) {
+                c.current.send_if_modified(|current| {
+                    let later = current
+                        .as_ref()
+                        .is_none_or(|c| renewed.not_after > c.not_after);
                     if later {
-                        *deadline = not_after;
+                        *current = Some(renewed.clone());
                     }
                     later
                 });
@@ -224,8 +240,13 @@ impl Gateway {
                 identity: c.identity.clone(),
                 age_secs: c.since.elapsed().as_secs_f64(),
                 rtt_ms: c.health.rtt().map(|d| d.as_secs_f64() * 1000.0),
-                serial: c.serial.clone(),
-                until: rfc3339(*c.deadline.borrow()),
+                serial: c.current.borrow().as_ref().map(|c| c.serial.clone()),
+                until: rfc3339(
+                    c.current
+                        .borrow()
+                        .as_ref()
+                        .map_or(c.deadline, |current| current.not_after),
+                ),
             })
             .collect()
     }
@@ -465,8 +486,14 @@ async fn agent(
         }
     };
 
+    // A connection that may only ask for a certificate needs no more than a stream
+    // or two; more would let it hold many request bodies at once.
+    let streams = match role {
+        Role::Agent => gateway.config.max_streams_per_connection,
+        Role::Enrolling | Role::Recovering => 2,
+    };
     let handshake = liveness::server_builder()
-        .max_concurrent_streams(gateway.config.max_streams_per_connection)
+        .max_concurrent_streams(streams)
         .handshake::<_, Bytes>(tls_stream);
     let mut conn = match tokio::time::timeout(gateway.config.handshake_timeout, handshake).await {
         Ok(Ok(conn)) => conn,
@@ -485,13 +512,13 @@ async fn agent(
 
     let health = Arc::new(Health::default());
     let id = gateway.next_connection.fetch_add(1, Ordering::Relaxed);
-    // The moment this connection's right to exist ends (seconds since 1970): its
-    // certificate's end, moved on by renewals of its lineage.
-    let initial_deadline = match (&certificate, role) {
-        (Some(info), Role::Agent) => info.not_after,
-        _ => unix_now() + LIMITED_CONNECTION.as_secs() as i64,
-    };
-    let (deadline_tx, mut deadline_rx) = watch::channel(initial_deadline);
+    // A connection with no valid certificate lives only long enough for one request.
+    let limited_until = unix_now() + LIMITED_CONNECTION.as_secs() as i64;
+    let (current_tx, mut current_rx) = watch::channel(certificate.as_ref().map(|c| Current {
+        serial: c.serial.clone(),
+        not_before: c.not_before,
+        not_after: c.not_after,
+    }));
     let enrolment = match &certificate {
         Some(info) => {
             let (state, identity, serial) =
@@ -514,9 +541,9 @@ async fn agent(
                 identity: identity.clone(),
                 since: Instant::now(),
                 health: health.clone(),
-                serial: certificate.as_ref().map(|c| c.serial.clone()),
                 enrolment: enrolment.clone(),
-                deadline: deadline_tx,
+                current: current_tx,
+                deadline: limited_until,
             },
         );
     match role {
@@ -539,7 +566,11 @@ async fn agent(
     let mut draining = false;
     let mut windows_open = true;
     let reason = loop {
-        let deadline = *deadline_rx.borrow_and_update();
+        let current = current_rx.borrow_and_update().clone();
+        let deadline = match (role, &current) {
+            (Role::Agent, Some(current)) => current.not_after,
+            _ => limited_until,
+        };
         let expiry = tokio::time::Instant::now() + until_unix(deadline);
         tokio::select! {
             request = conn.accept() => match request {
@@ -548,8 +579,7 @@ async fn agent(
                         gateway: &gateway,
                         role,
                         identity: &identity,
-                        certificate: certificate.as_ref(),
-                        enrolment: enrolment.as_deref(),
+                        current: current.as_ref(),
                         connection: id,
                         peer,
                         health: &health,
@@ -566,7 +596,7 @@ async fn agent(
                     info!(%peer, %identity, "recovered: the connection may carry streams again");
                 }
             }
-            _ = deadline_rx.changed() => {}
+            _ = current_rx.changed() => {}
             () = tokio::time::sleep_until(expiry) => {
                 let why = match role {
                     Role::Agent => format!("the certificate of {identity} expired on {}", utc(deadline)),
@@ -575,10 +605,16 @@ async fn agent(
                 break cut(&gateway, &mut conn, id, &why).await;
             }
             Ok(()) = revocations.changed() => {
-                let verdict = certificate.as_ref().and_then(|c| {
-                    revocations.borrow_and_update().verdict(&identity, &c.serial, c.not_before)
-                });
-                if let Some(why) = verdict {
+                // Revoking the certificate it was made with, or the one that vouches
+                // for it now, ends it.
+                let list = revocations.borrow_and_update().clone();
+                let handshake = certificate
+                    .as_ref()
+                    .and_then(|c| list.verdict(&identity, &c.serial, c.not_before));
+                let now = current
+                    .as_ref()
+                    .and_then(|c| list.verdict(&identity, &c.serial, c.not_before));
+                if let Some(why) = handshake.or(now) {
                     break cut(&gateway, &mut conn, id, &why).await;
                 }
             }
@@ -638,8 +674,7 @@ struct RequestContext<'a> {
     gateway: &'a Arc<Gateway>,
     role: Role,
     identity: &'a str,
-    certificate: Option<&'a CertInfo>,
-    enrolment: Option<&'a str>,
+    current: Option<&'a Current>,
     connection: u64,
     peer: SocketAddr,
     health: &'a Arc<Health>,
@@ -656,8 +691,7 @@ fn dispatch(
         gateway,
         role,
         identity,
-        certificate,
-        enrolment,
+        current,
         connection,
         peer,
         health,
@@ -665,7 +699,7 @@ fn dispatch(
     } = context;
     let path = request.uri().path().to_string();
     let method = request.method().clone();
-    match (role, &method, path.as_str(), certificate) {
+    match (role, &method, path.as_str(), current) {
         (Role::Agent, &Method::CONNECT, _, _) => {
             tokio::spawn(stream(
                 gateway.clone(),
@@ -684,12 +718,8 @@ fn dispatch(
                 respond,
             ));
         }
-        (Role::Agent | Role::Recovering, &Method::POST, RENEW_PATH, Some(info)) => {
-            let presented = issuing::presented(
-                info,
-                enrolment.map(str::to_string),
-                role == Role::Recovering,
-            );
+        (Role::Agent | Role::Recovering, &Method::POST, RENEW_PATH, Some(current)) => {
+            let presented = issuing::presented(identity, current);
             let (gateway, renewed) = (gateway.clone(), renewed.clone());
             tokio::spawn(async move {
                 if let Some(not_after) =

@@ -126,10 +126,6 @@ pub struct Presented {
     pub identity: String,
     pub serial: String,
     pub not_before: i64,
-    /// The enrolment its connection was found to belong to when it was made: a
-    /// connection that has lived through many renewals stays of its lineage even when
-    /// its own serial is no longer among the recent ones.
-    pub enrolment: Option<String>,
     /// True when it has expired (accepted for renewal within the recovery window).
     pub expired: bool,
 }
@@ -289,6 +285,21 @@ impl State {
                 ))
             });
         }
+        if let Some(at) = self
+            .revocations()?
+            .identities
+            .get(&token.identity)
+            .filter(|at| token.created <= **at)
+        {
+            return Ok(Err(deny(
+                RefusalKind::Revoked,
+                format!(
+                    "{} was revoked on {}, after token {id} was made: ask for a new token",
+                    token.identity,
+                    utc(*at)
+                ),
+            )));
+        }
         if now > token.expires {
             return Ok(Err(deny(
                 RefusalKind::TokenExpired,
@@ -337,21 +348,25 @@ impl State {
     pub fn renew(
         &self,
         presented: &Presented,
-        revocations: &Revocations,
         now: i64,
         issue: impl FnOnce(&IdentityRecord) -> Result<Signed>,
     ) -> Result<Result<(IdentityRecord, Signed), Denial>> {
         let identity = &presented.identity;
-        if let Some(why) = revocations.verdict(identity, &presented.serial, presented.not_before) {
+        if !file_safe(identity) {
+            return Ok(Err(deny(RefusalKind::BadRequest, "not an identity")));
+        }
+        let _lock = self.lock()?;
+        // Read under the lock that `revoke` writes under: a revocation is either seen
+        // here, or was made after this renewal's certificate (which it then covers).
+        if let Some(why) =
+            self.revocations()?
+                .verdict(identity, &presented.serial, presented.not_before)
+        {
             return Ok(Err(deny(
                 RefusalKind::Revoked,
                 format!("{why}: enrol again with a new token"),
             )));
         }
-        if !file_safe(identity) {
-            return Ok(Err(deny(RefusalKind::BadRequest, "not an identity")));
-        }
-        let _lock = self.lock()?;
         let path = self.identity_path(identity);
         let Some(mut record) = read_json::<IdentityRecord>(&path)? else {
             return Ok(Err(deny(
@@ -361,32 +376,30 @@ impl State {
                 ),
             )));
         };
-        let of_lineage = presented.enrolment.as_deref() == Some(record.enrolment.as_str())
-            || record.serials.contains(&presented.serial);
-        if !of_lineage {
-            return Ok(Err(deny(
-                RefusalKind::Superseded,
-                format!(
-                    "certificate {} is not of {identity}'s current enrolment: enrol again with a new token",
-                    presented.serial
-                ),
-            )));
-        }
-        // An expired certificate recovers with the latest key, or the one before it
-        // (whose renewal answer may have been lost on the way).
+        // Only the lineage's latest certificate renews, or the one before it (whose
+        // renewal answer may have been lost): an older key, even one still valid,
+        // cannot fork the lineage.
         let recent = record
             .serials
             .iter()
             .rev()
             .take(2)
             .any(|s| *s == presented.serial);
-        if presented.expired && !recent {
+        if !recent {
+            let why = if record.serials.contains(&presented.serial) {
+                format!(
+                    "certificate {} was already replaced (the current one is {}): only the latest certificate renews",
+                    presented.serial, record.serial
+                )
+            } else {
+                format!(
+                    "certificate {} is not of {identity}'s current enrolment",
+                    presented.serial
+                )
+            };
             return Ok(Err(deny(
                 RefusalKind::Superseded,
-                format!(
-                    "certificate {} expired and was already replaced by {}: an expired certificate recovers only with one of the two latest keys; enrol again with a new token",
-                    presented.serial, record.serial
-                ),
+                format!("{why}; enrol again with a new token"),
             )));
         }
         if let Some(until) = record.renew_until.filter(|until| now > *until) {
@@ -430,13 +443,16 @@ impl State {
         Ok(read_json(&self.revocations_path())?.unwrap_or_default())
     }
 
-    /// Adds a revocation; it is on disk before this returns.
-    pub fn revoke(&self, change: impl FnOnce(&mut Revocations)) -> Result<Revocations> {
+    /// Adds a revocation, made at the moment the lock is held (so that every
+    /// certificate issued before it is older, and none after it escapes it); it is on
+    /// disk before this returns. `change` gets that moment.
+    pub fn revoke(&self, change: impl FnOnce(&mut Revocations, i64)) -> Result<(Revocations, i64)> {
         let _lock = self.lock()?;
+        let now = tunnel_transport::certs::unix_now();
         let mut revocations = self.revocations()?;
-        change(&mut revocations);
+        change(&mut revocations, now);
         write_json(&self.revocations_path(), &revocations)?;
-        Ok(revocations)
+        Ok((revocations, now))
     }
 
     #[cfg(test)]
@@ -498,6 +514,7 @@ mod tests {
         Signed {
             cert_pem: format!("cert {serial}"),
             serial: serial.into(),
+            not_before: 900,
             not_after: 2000,
         }
     }
@@ -584,36 +601,64 @@ mod tests {
             identity: "carol".into(),
             serial: serial.into(),
             not_before: 1000 - BACKDATE_SECS,
-            enrolment: None,
             expired,
         };
-        let none = Revocations::default();
         state
-            .renew(&presented("01", false), &none, 1100, |_| Ok(signed("02")))
+            .renew(&presented("01", false), 1100, |_| Ok(signed("02")))
             .unwrap()
             .unwrap();
         state
-            .renew(&presented("02", false), &none, 1150, |_| Ok(signed("03")))
+            .renew(&presented("02", false), 1150, |_| Ok(signed("03")))
             .unwrap()
             .unwrap();
-        // The old certificate may still renew while valid (another pooled connection),
-        // but once expired only the latest key recovers.
+        // Only the two latest certificates renew, valid or expired.
         let stale = state
-            .renew(&presented("01", true), &none, 1200, |_| panic!("no"))
+            .renew(&presented("01", false), 1200, |_| panic!("no"))
             .unwrap()
             .unwrap_err();
         assert_eq!(stale.kind, RefusalKind::Superseded);
-        let revoked = state
-            .revoke(|r| {
-                r.identities.insert("carol".into(), 1300);
+        let (revoked, _) = state
+            .revoke(|r, now| {
+                r.identities.insert("carol".into(), now);
             })
             .unwrap();
+        // Read under the lock: no in-memory copy can miss it.
         let refused = state
-            .renew(&presented("03", false), &revoked, 1301, |_| panic!("no"))
+            .renew(&presented("03", false), 1301, |_| panic!("no"))
             .unwrap()
             .unwrap_err();
         assert_eq!(refused.kind, RefusalKind::Revoked);
         assert_eq!(state.revocations().unwrap(), revoked);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_token_made_before_its_identity_was_revoked_is_refused() {
+        let (state, dir) = state();
+        let now = tunnel_transport::certs::unix_now();
+        let (spare, secret) = state
+            .create_token("kim", &[], Duration::from_secs(900), None, now - 10)
+            .unwrap();
+        state
+            .revoke(|r, now| {
+                r.identities.insert("kim".into(), now);
+            })
+            .unwrap();
+        let refused = state
+            .redeem(&spare.id, &secret, &[1; 32], now, |_| panic!("signed"))
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(refused.kind, RefusalKind::Revoked);
+        // A token made after the revocation works.
+        let (fresh, secret) = state
+            .create_token("kim", &[], Duration::from_secs(900), None, now + 5)
+            .unwrap();
+        assert!(
+            state
+                .redeem(&fresh.id, &secret, &[1; 32], now + 6, |_| Ok(signed("0c")))
+                .unwrap()
+                .is_ok()
+        );
         fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -55,7 +55,7 @@ pub struct Issued {
 }
 
 /// Why the gateway would not issue.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "kebab-case")]
 pub enum RefusalKind {
     /// No such token (never made, or made at another gateway).
@@ -78,9 +78,54 @@ pub enum RefusalKind {
     Internal,
 }
 
+impl RefusalKind {
+    /// The name on the wire and in logs: `token-used`, `revoked`, …
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefusalKind::UnknownToken => "unknown-token",
+            RefusalKind::TokenExpired => "token-expired",
+            RefusalKind::TokenUsed => "token-used",
+            RefusalKind::Revoked => "revoked",
+            RefusalKind::RenewalEnded => "renewal-ended",
+            RefusalKind::TooLate => "too-late",
+            RefusalKind::Superseded => "superseded",
+            RefusalKind::BadRequest => "bad-request",
+            RefusalKind::Internal => "internal",
+        }
+    }
+}
+
+impl std::fmt::Display for RefusalKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Refused {
     pub error: RefusalKind,
     pub message: String,
     pub gateway_time: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusal_names_are_the_wire_names() {
+        for kind in [
+            RefusalKind::UnknownToken,
+            RefusalKind::TokenExpired,
+            RefusalKind::TokenUsed,
+            RefusalKind::Revoked,
+            RefusalKind::RenewalEnded,
+            RefusalKind::TooLate,
+            RefusalKind::Superseded,
+            RefusalKind::BadRequest,
+            RefusalKind::Internal,
+        ] {
+            assert_eq!(serde_json::to_value(kind).unwrap(), kind.as_str());
+        }
+    }
 }

@@ -49,3 +49,14 @@ pub fn notify_ready(status: &str) {
         tracing::warn!("could not notify {path}: {e}");
     }
 }
+
+/// Writes a command's output to stdout. A reader that went away (`| head`) ends the
+/// output quietly instead of with a panic, as the standard library's `print!` would.
+pub fn print_out(text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        written => written.map_err(|e| anyhow::anyhow!("writing to stdout: {e}")),
+    }
+}

@@ -835,3 +835,35 @@ fn a_replica_sharing_the_state_directory_applies_a_revocation_within_a_second() 
     });
     drop((primary, replica));
 }
+
+/// Revoking the certificate an agent holds now reaches connections it made with an
+/// earlier one of its lineage, and their streams.
+#[test]
+fn revoking_the_current_certificate_reaches_connections_made_before_it() {
+    let dest = destination();
+    let site = Site::new();
+    let (gw_dir, mut gateway) = gateway(
+        &site,
+        "cert_ttl = \"8s\"",
+        &allow_alice(&[&dest.to_string()]),
+    );
+    let (dir, table) = enrol(&site, &gw_dir, &gateway, &["--identity", "alice"]);
+    let agent = start_enrolled(&dir, &table, &forward_table(&dest.to_string()));
+    let first = certificate(&agent)["serial"].clone();
+    let renewed = wait_for(Duration::from_secs(15), "a renewal", || {
+        let serial = certificate(&agent)["serial"].clone();
+        (serial != first).then_some(serial)
+    })
+    .expect("renewed");
+    let serial = renewed.as_str().expect("serial").to_string();
+    three_streams_reset_by(agent.forwards[0], || {
+        revoke(&gw_dir, &["--serial", &serial]);
+    });
+    gateway
+        .daemon
+        .wait_log(
+            &format!("certificate {serial} was revoked"),
+            Duration::from_secs(5),
+        )
+        .expect("the gateway says which certificate");
+}
