@@ -156,7 +156,18 @@ async fn tcp_to_tunnel(
     stats: &StreamStats,
 ) -> Result<(), Abort> {
     loop {
-        tcp.readable().await.map_err(Abort::Tcp)?;
+        // While the program is quiet, a reset from the far side (a revocation, a
+        // policy change, the tunnel connection's end) still ends the stream at once,
+        // instead of after whatever the receiving half has buffered was delivered.
+        tokio::select! {
+            readable = tcp.readable() => readable.map_err(Abort::Tcp)?,
+            reset = poll_fn(|cx| send.poll_reset(cx)) => {
+                return Err(Abort::Tunnel(match reset {
+                    Ok(reason) => h2::Error::from(reason),
+                    Err(e) => e,
+                }));
+            }
+        }
         // Allocated only once the socket is readable, and dropped if it was not after
         // all, so idle connections hold no buffer.
         let mut buf = BytesMut::with_capacity(CHUNK);

@@ -867,3 +867,50 @@ fn revoking_the_current_certificate_reaches_connections_made_before_it() {
         )
         .expect("the gateway says which certificate");
 }
+
+/// A program that reads slowly does not go on receiving what the tunnel had buffered
+/// for it once its identity is revoked: the reset overtakes the buffered bytes.
+#[test]
+fn a_slow_reader_sees_a_revocation_promptly() {
+    let dest = destination();
+    let tunnel = Tunnel::start_with(
+        &allow_alice(&[&dest.to_string()]),
+        &forward_table(&dest.to_string()),
+    )
+    .expect("tunnel");
+    let gw_dir = tunnel.site.path("gateway");
+    let mut conn = open(tunnel.forward(0));
+    conn.write_all(b"flood\n").expect("flood");
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    // Fast at first, so the tunnel's windows grow; then slowly (160 KB/s), so what
+    // the destination sends piles up in the tunnel.
+    let mut buf = vec![0u8; 16 * 1024];
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(2) {
+        conn.read_exact(&mut buf).expect("reading");
+    }
+    let slow = Instant::now();
+    while slow.elapsed() < Duration::from_secs(3) {
+        conn.read_exact(&mut buf).expect("reading");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    revoke(&gw_dir, &["--identity", "alice"]);
+    let revoked = Instant::now();
+    let mut after = 0usize;
+    let how = loop {
+        match conn.read(&mut buf) {
+            Ok(0) => break ErrorKind::UnexpectedEof,
+            Ok(n) => after += n,
+            Err(e) => break e.kind(),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let took = revoked.elapsed();
+    eprintln!("after the revocation: {after} bytes in {took:?}, then {how:?}");
+    assert_eq!(how, ErrorKind::ConnectionReset);
+    assert!(
+        took <= Duration::from_secs(1),
+        "the reset came {took:?} after the revocation ({after} bytes read meanwhile)"
+    );
+}
