@@ -146,9 +146,8 @@ pub fn plan(existing: Option<&str>, path: &Path, table: &GatewayTable) -> Result
     text.push_str(&table.text());
     AgentConfig::parse(&text, path).map_err(|e| {
         anyhow!(
-            "adding the gateway would leave {} invalid ({e}); add this table by hand once the file is fixed:\n{}",
-            path.display(),
-            table.text()
+            "{} would not be valid with the new [[gateway]] table: {e}\nFix the file, then run the same enroll command again (the token was not used, and nothing was written)",
+            path.display()
         )
     })?;
     Ok(Plan::Write(text))

@@ -58,6 +58,57 @@ struct Files {
     ca: PathBuf,
     /// The key of an enrolment in flight with one token.
     pending_key: PathBuf,
+    /// The id of the token the credential came from (not secret): a second run with
+    /// the same token finds it done.
+    token_id: PathBuf,
+}
+
+/// What is already in the gateway's state directory, judged against a new token.
+#[derive(Debug, PartialEq, Eq)]
+enum Existing {
+    /// Nothing there (or nothing readable): enrol.
+    Nothing,
+    /// This very token made the credential there: nothing to do.
+    Done,
+    /// A credential of the same identity at the same gateway: a new token replaces it.
+    Replaceable,
+    /// Another identity's, or another gateway's: never overwritten.
+    Foreign(String),
+}
+
+fn existing(files: &Files, token: &EnrolmentToken) -> Existing {
+    let Ok(certs) = tunnel_transport::tls::load_certs(&files.credential) else {
+        return Existing::Nothing;
+    };
+    let Some(cert) = certs
+        .first()
+        .and_then(|der| tunnel_transport::certs::CertInfo::parse(der).ok())
+    else {
+        return Existing::Nothing;
+    };
+    let ca_pin = tunnel_transport::tls::load_certs(&files.ca)
+        .ok()
+        .and_then(|certs| certs.into_iter().next())
+        .and_then(|der| tunnel_transport::certs::CertInfo::parse(&der).ok())
+        .map(|ca| ca.key_digest);
+    let identity = cert.common_name().unwrap_or_default().to_string();
+    if ca_pin != Some(token.ca_pin) {
+        return Existing::Foreign(format!(
+            "{} holds the credential of `{identity}` at another gateway (its CA is not this token's)",
+            files.credential.display()
+        ));
+    }
+    if identity != token.identity {
+        return Existing::Foreign(format!(
+            "{} holds the credential of `{identity}`, and this token is for `{}`",
+            files.credential.display(),
+            token.identity
+        ));
+    }
+    match std::fs::read_to_string(&files.token_id) {
+        Ok(id) if id.trim() == token.id => Existing::Done,
+        _ => Existing::Replaceable,
+    }
 }
 
 /// Reads the token: from `--token-file`, else `$TUNNEL_ENROLL_TOKEN`, else stdin.
@@ -114,6 +165,7 @@ pub fn run(options: Options) -> Result<()> {
         credential: gateway_dir.join("credential.pem"),
         ca: gateway_dir.join("ca.pem"),
         pending_key: state_dir.join(format!("enrol-{}.key.pem", token.id)),
+        token_id: gateway_dir.join("token-id"),
     };
     let config_path = std::path::absolute(&options.config).unwrap_or(options.config.clone());
     let table = GatewayTable {
@@ -124,13 +176,28 @@ pub fn run(options: Options) -> Result<()> {
         server_name: None,
     };
     // A clash in the config stops the enrolment before the token is used.
-    config_file::plan(read_config(&config_path)?.as_deref(), &config_path, &table)?;
+    let plan = config_file::plan(read_config(&config_path)?.as_deref(), &config_path, &table)?;
+    match existing(&files, &token) {
+        Existing::Foreign(what) => bail!(
+            "{what}: it is never overwritten; enrol this one under another gateway name with --name NAME (the token is still unused)"
+        ),
+        Existing::Done if plan == Plan::AlreadyThere => {
+            tunnel_transport::daemon::print_out(&format!(
+                "already enrolled with this token: {} and [[gateway]] `{name}` in {} are in place; nothing to do\n",
+                files.credential.display(),
+                config_path.display()
+            ))?;
+            return Ok(());
+        }
+        Existing::Done | Existing::Replaceable | Existing::Nothing => {}
+    }
     state::private_dir(&gateway_dir)?;
 
     let runtime = tunnel_transport::daemon::runtime()?;
     let enrolled = runtime.block_on(enrol(&token, &files))?;
 
     let config_written = install(&enrolled, &files, table, &config_path)?;
+    state::write_atomically(&files.token_id, format!("{}\n", token.id).as_bytes(), 0o600)?;
     // Done: the key lives in credential.pem now.
     let _ = std::fs::remove_file(&files.pending_key);
 
@@ -140,29 +207,27 @@ pub fn run(options: Options) -> Result<()> {
     } else {
         format!(" (groups: {})", issued.groups.join(", "))
     };
-    println!(
-        "enrolled as `{}`{groups} with gateway `{name}`: certificate serial {}, valid until {}",
+    let config_line = if config_written {
+        format!("added [[gateway]] `{name}` to {}", config_path.display())
+    } else {
+        format!(
+            "{} already has [[gateway]] `{name}` with this credential: left as it was (a running agent picks up the new credential by itself)",
+            config_path.display()
+        )
+    };
+    tunnel_transport::daemon::print_out(&format!(
+        "enrolled as `{}`{groups} with gateway `{name}`: certificate serial {}, valid until {}\n\
+         wrote {} (private key and certificate; the key never left this machine)\n\
+         wrote {} (the gateway's CA)\n\
+         {config_line}\n\
+         next: add [[route]] or [[forward]] tables that go via `{name}` to {}, then start the agent: tunnel-agent run\n",
         issued.identity,
         issued.serial,
-        utc(issued.not_after)
-    );
-    println!(
-        "wrote {} (private key and certificate; the key never left this machine)",
-        files.credential.display()
-    );
-    println!("wrote {} (the gateway's CA)", files.ca.display());
-    if config_written {
-        println!("added [[gateway]] `{name}` to {}", config_path.display());
-    } else {
-        println!(
-            "{} already has [[gateway]] `{name}` with this credential: left as it was",
-            config_path.display()
-        );
-    }
-    println!(
-        "next: add [[route]] or [[forward]] tables that go via `{name}` to {}, then start the agent: tunnel-agent run",
+        utc(issued.not_after),
+        files.credential.display(),
+        files.ca.display(),
         config_path.display()
-    );
+    ))?;
     let offset = enrolled.clock_offset;
     if let Some(words) = exchange::describe_offset(offset) {
         let local_now = exchange::wall_now();
@@ -680,6 +745,7 @@ mod tests {
             credential: dir.join("credential.pem"),
             ca: dir.join("ca.pem"),
             pending_key: dir.join("enrol-abc123.key.pem"),
+            token_id: dir.join("token-id"),
         };
         (dir, files)
     }

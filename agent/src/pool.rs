@@ -59,6 +59,10 @@ pub struct Pool {
     tls: RwLock<TlsConnector>,
     slots: Vec<Mutex<Slot>>,
     changed: Notify,
+    /// Counts the connections that came up, ever: renewal retries at once when one does.
+    connected: watch::Sender<u64>,
+    /// Woken when the credential is replaced.
+    credential_changed: Notify,
     /// Streams waiting in [`Pool::open`] for a live connection.
     waiting: AtomicUsize,
     /// Wakes slots in backoff when a stream starts waiting.
@@ -204,6 +208,8 @@ impl Pool {
             tls: RwLock::new(TlsConnector::from(tls)),
             peer,
             changed: Notify::new(),
+            connected: watch::Sender::new(0),
+            credential_changed: Notify::new(),
             waiting: AtomicUsize::new(0),
             demand: Notify::new(),
             failures: AtomicU64::new(0),
@@ -247,6 +253,37 @@ impl Pool {
             .certificate
             .write()
             .unwrap_or_else(PoisonError::into_inner) = certificate;
+        self.credential_changed.notify_waiters();
+    }
+
+    /// Tells of every connection that comes up (a count).
+    pub fn connections_made(&self) -> watch::Receiver<u64> {
+        self.connected.subscribe()
+    }
+
+    /// With a credential the agent renews that has expired, a stream waits (up to
+    /// `connect_timeout`) for its renewal: the gateway takes streams only from a valid
+    /// certificate, and a program should hear why, not a bare denial.
+    async fn valid_credential(&self) -> Result<()> {
+        if !self.peer.renews {
+            return Ok(());
+        }
+        let deadline = Instant::now() + self.connect_timeout;
+        loop {
+            let changed = self.credential_changed.notified();
+            let certificate = self.certificate();
+            if certificate.not_after() >= tunnel_transport::certs::unix_now() {
+                return Ok(());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || tokio::time::timeout(left, changed).await.is_err() {
+                return Err(anyhow!(
+                    "the credential for gateway `{}` expired on {} and has not been renewed yet (see `tunnel-agent status`)",
+                    self.peer.name,
+                    tunnel_transport::certs::utc(certificate.not_after())
+                ));
+            }
+        }
     }
 
     fn connector(&self) -> TlsConnector {
@@ -295,6 +332,7 @@ impl Pool {
             };
             if let SlotState::Up(live) = &state {
                 slot.health = Some(live.health.clone());
+                self.connected.send_modify(|n| *n += 1);
             }
             slot.state = state;
             slot.since = Instant::now();
@@ -372,6 +410,7 @@ impl Pool {
             .authority(target.to_string())
             .build()
             .with_context(|| format!("`{target}` is not a valid CONNECT authority"))?;
+        self.valid_credential().await?;
         self.send(|_| {
             Request::builder()
                 .method(Method::CONNECT)

@@ -285,6 +285,7 @@ impl Renewal {
         let mut last_error: Option<String> = None;
         let mut pause: Option<Duration> = None;
         let mut reported = None;
+        let mut last_refused_for_good = false;
         loop {
             let certificate = self.pool.certificate();
             let at = match pause {
@@ -304,7 +305,11 @@ impl Renewal {
                 },
             });
             self.note_expiry(&certificate, &mut reported);
-            self.sleep_until(at, &certificate, &mut reported).await;
+            // After a failure for want of a connection, a connection coming up is the
+            // moment to try again, not the end of the back-off.
+            let early = pause.is_some() && !last_refused_for_good;
+            self.sleep_until(at, &certificate, &mut reported, early)
+                .await;
 
             let attempt = tokio::time::timeout(ATTEMPT_TIMEOUT, self.renew(&certificate))
                 .await
@@ -326,6 +331,7 @@ impl Renewal {
                     failures = 0;
                     last_error = None;
                     pause = None;
+                    last_refused_for_good = false;
                 }
                 Err(failure) => {
                     failures = failures.saturating_add(1);
@@ -350,6 +356,7 @@ impl Renewal {
                     }
                     last_error = Some(reason);
                     pause = Some(next);
+                    last_refused_for_good = terminal;
                 }
             }
         }
@@ -358,7 +365,15 @@ impl Renewal {
     /// Sleeps until `at` by the wall clock (seconds since 1970), measured on the
     /// monotonic clock, looking every [`TICK`] whether the certificate expired or the
     /// wall clock jumped (then the wait is computed again).
-    async fn sleep_until(&self, at: f64, certificate: &Certificate, reported: &mut Option<String>) {
+    async fn sleep_until(
+        &self,
+        at: f64,
+        certificate: &Certificate,
+        reported: &mut Option<String>,
+        early: bool,
+    ) {
+        let mut connections = self.pool.connections_made();
+        connections.borrow_and_update();
         loop {
             let wall_start = exchange::wall_now();
             let start = Instant::now();
@@ -371,7 +386,13 @@ impl Renewal {
             let deadline = start + Duration::try_from_secs_f64(left).unwrap_or(year).min(year);
             loop {
                 let wake = deadline.min(Instant::now() + TICK);
-                tokio::time::sleep_until(wake.into()).await;
+                tokio::select! {
+                    () = tokio::time::sleep_until(wake.into()) => {}
+                    Ok(()) = connections.changed(), if early => return,
+                }
+                if self.picked_up_a_replaced_credential(certificate) {
+                    return;
+                }
                 self.note_expiry(certificate, reported);
                 if clock_jumped(exchange::wall_now() - wall_start, start.elapsed()) {
                     break;
@@ -381,6 +402,31 @@ impl Renewal {
                 }
             }
         }
+    }
+
+    /// Uses the credential file's contents when something else replaced it (a new
+    /// enrolment while the agent runs); true when it did.
+    fn picked_up_a_replaced_credential(&self, current: &Certificate) -> bool {
+        let peer = &self.pool.peer;
+        let Ok(on_disk) = Certificate::load(&peer.ca, &peer.cert, peer.renews) else {
+            return false;
+        };
+        if on_disk.serial() == current.serial() {
+            return false;
+        }
+        let Ok(tls) = tunnel_transport::tls::client_config(&peer.ca, &peer.cert, &peer.key) else {
+            return false;
+        };
+        info!(
+            gateway = %self.gateway(),
+            "{} was replaced (a new enrolment?): using certificate {} of `{}`, valid until {}",
+            peer.cert.display(),
+            on_disk.serial(),
+            on_disk.identity().unwrap_or("?"),
+            utc(on_disk.not_after())
+        );
+        self.pool.use_credential(tls, Arc::new(on_disk));
+        true
     }
 
     /// One renewal: a fresh key, its certificate from the gateway, checked, written

@@ -110,12 +110,9 @@ pub fn token(
     })
 }
 
-pub fn revoke(
-    config: &GatewayConfig,
-    identity: Option<&str>,
-    serial: Option<&str>,
-) -> Result<String> {
-    let state = State::open(&config.state_dir)?;
+pub fn revoke(state_dir: &Path, identity: Option<&str>, serial: Option<&str>) -> Result<String> {
+    let state = State::open(state_dir)?;
+    let known = state.identities()?;
     match (identity, serial) {
         (Some(identity), None) => {
             if !is_valid_identity(identity) {
@@ -124,11 +121,19 @@ pub fn revoke(
             let (_, now) = state.revoke(|r, now| {
                 r.identities.insert(identity.to_string(), now);
             })?;
-            Ok(format!(
+            let mut said = format!(
                 "revoked every certificate of `{identity}` issued until {} (written to {}); it may enrol again only with a new token",
                 utc(now),
                 state.revocations_path().display()
-            ))
+            );
+            if !known.iter().any(|r| r.identity == identity) {
+                let names: Vec<&str> = known.iter().map(|r| r.identity.as_str()).collect();
+                said.push_str(&format!(
+                    "\nnote: no identity `{identity}` enrolled here (enrolled: {}); certificates from `issue` are not listed, so it was revoked all the same: check the spelling",
+                    if names.is_empty() { "none".to_string() } else { names.join(", ") }
+                ));
+            }
+            Ok(said)
         }
         (None, Some(serial)) => {
             let serial = serial
@@ -145,10 +150,17 @@ pub fn revoke(
             state.revoke(|r, now| {
                 r.serials.insert(serial.clone(), now);
             })?;
-            Ok(format!(
+            let mut said = format!(
                 "revoked certificate {serial} (written to {})",
                 state.revocations_path().display()
-            ))
+            );
+            match known.iter().find(|r| r.serials.contains(&serial)) {
+                Some(r) => said.push_str(&format!(" of `{}`", r.identity)),
+                None => said.push_str(
+                    "\nnote: no enrolled identity has had this serial lately (`tunnel-gateway identities` lists them); certificates from `issue` are not listed, so it was revoked all the same: check it",
+                ),
+            }
+            Ok(said)
         }
         _ => bail!("give --identity ID or --serial HEX"),
     }
@@ -205,8 +217,8 @@ fn identity_view(r: &IdentityRecord, revocations: &Revocations) -> IdentityView 
     }
 }
 
-pub fn identities(config: &GatewayConfig, json: bool) -> Result<String> {
-    let state = State::open(&config.state_dir)?;
+pub fn identities(state_dir: &Path, json: bool) -> Result<String> {
+    let state = State::open(state_dir)?;
     let revocations = state.revocations()?;
     let now = unix_now();
     let listing = Listing {

@@ -215,13 +215,11 @@ pub async fn renew(
     presented: Presented,
     recv: RecvStream,
     mut respond: SendResponse<Bytes>,
-) -> Option<i64> {
+) {
     match renewal(&gateway, &presented, recv).await {
         Ok(issued) => {
             info!(%peer, identity = %presented.identity, "renewed: certificate {} replaces {}, valid until {}{}", issued.serial, presented.serial, utc(issued.not_after), if presented.expired { " (recovered an expired certificate)" } else { "" });
-            let not_after = issued.not_after;
             reply(&mut respond, StatusCode::OK, &issued);
-            Some(not_after)
         }
         Err(denial) => {
             gateway.refusals.report(
@@ -233,7 +231,6 @@ pub async fn renew(
                 ),
             );
             refuse(&mut respond, denial);
-            None
         }
     }
 }

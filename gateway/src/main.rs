@@ -187,6 +187,27 @@ fn config_path(explicit: Option<PathBuf>) -> PathBuf {
         .unwrap_or_else(|| setup::default_dir().join("gateway.toml"))
 }
 
+/// The state directory and control socket of the gateway configured in `path`, also
+/// when the file has problems elsewhere (said on stderr): revocation must not wait
+/// for a typo in the rules to be fixed.
+fn state_places(path: &Path) -> Result<(PathBuf, PathBuf)> {
+    let text = std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "reading {} (give the gateway's --config, or --dir)",
+            path.display()
+        )
+    })?;
+    let places = tunnel_proto::config::gateway::state_places(&text, path);
+    if let Err(e) = GatewayConfig::parse(&text, path) {
+        eprintln!(
+            "warning: {e}\n(using state_dir {} and control {} all the same)",
+            places.0.display(),
+            places.1.display()
+        );
+    }
+    Ok(places)
+}
+
 fn load_config(path: &Path) -> Result<GatewayConfig> {
     let text = std::fs::read_to_string(path).with_context(|| {
         format!(
@@ -286,24 +307,24 @@ fn run(cli: Cli) -> Result<()> {
             config,
         } => {
             let path = gateway_config_path(config, dir);
-            let config = load_config(&path)?;
-            let said = enrolment::revoke(&config, identity.as_deref(), serial.as_deref())?;
+            let (state_dir, control) = state_places(&path)?;
+            let said = enrolment::revoke(&state_dir, identity.as_deref(), serial.as_deref())?;
             println!("{said}");
             let running = tunnel_transport::daemon::runtime()?
-                .block_on(tunnel_transport::control::query(&config.control, "reload"));
+                .block_on(tunnel_transport::control::query(&control, "reload"));
             match running {
                 Ok(_) => println!("the running gateway applied it"),
                 Err(_) => println!(
                     "no gateway answers at {} now; a gateway reads the list when it starts, and a running replica within a second",
-                    config.control.display()
+                    control.display()
                 ),
             }
             Ok(())
         }
         Command::Identities { json, dir, config } => {
             let path = gateway_config_path(config, dir);
-            let config = load_config(&path)?;
-            tunnel_transport::daemon::print_out(&enrolment::identities(&config, json)?)?;
+            let (state_dir, _) = state_places(&path)?;
+            tunnel_transport::daemon::print_out(&enrolment::identities(&state_dir, json)?)?;
             Ok(())
         }
         Command::Status { config, json } => {

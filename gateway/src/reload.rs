@@ -82,26 +82,72 @@ fn policy(gateway: &Gateway, path: &Path) {
             return;
         }
     };
-    let restart_needed = [
-        (config.listen != gateway.config.listen, "listen"),
+    let old = &gateway.config;
+    let settings = [
+        ("listen", config.listen != old.listen),
         (
-            config.ca != gateway.config.ca || config.ca_key != gateway.config.ca_key,
             "ca, ca_key",
+            config.ca != old.ca || config.ca_key != old.ca_key,
         ),
         (
-            config.cert != gateway.config.cert || config.key != gateway.config.key,
             "cert, key",
+            config.cert != old.cert || config.key != old.key,
         ),
-        (config.state_dir != gateway.config.state_dir, "state_dir"),
-        (config.control != gateway.config.control, "control"),
+        ("state_dir", config.state_dir != old.state_dir),
+        ("control", config.control != old.control),
+        ("cert_ttl", config.cert_ttl != old.cert_ttl),
+        (
+            "recovery_window",
+            config.recovery_window != old.recovery_window,
+        ),
+        (
+            "timeouts",
+            (
+                config.connect_timeout,
+                config.drain_timeout,
+                config.handshake_timeout,
+            ) != (
+                old.connect_timeout,
+                old.drain_timeout,
+                old.handshake_timeout,
+            ),
+        ),
+        (
+            "ping_interval, ping_timeout",
+            (config.ping_interval, config.ping_timeout) != (old.ping_interval, old.ping_timeout),
+        ),
+        (
+            "limits",
+            (
+                config.max_streams_per_connection,
+                config.max_handshakes,
+                config.max_handshakes_per_source,
+                config.max_connections_per_identity,
+                config.max_streams_per_identity,
+            ) != (
+                old.max_streams_per_connection,
+                old.max_handshakes,
+                old.max_handshakes_per_source,
+                old.max_connections_per_identity,
+                old.max_streams_per_identity,
+            ),
+        ),
+        (
+            "log_summary_interval",
+            config.log_summary_interval != old.log_summary_interval,
+        ),
     ];
-    for (changed, keys) in restart_needed {
-        if changed {
-            warn!(
-                "{}: {keys} changed; that takes effect at the next start",
-                path.display()
-            );
-        }
+    let changed: Vec<&str> = settings
+        .iter()
+        .filter(|(_, changed)| *changed)
+        .map(|(keys, _)| *keys)
+        .collect();
+    if !changed.is_empty() {
+        warn!(
+            "{}: {} changed; that takes effect at the next start (only [[allow]], [service.*] and [hosts] apply at once)",
+            path.display(),
+            changed.join("; ")
+        );
     }
     let new = Policy::new(&config);
     if *gateway.policy() == new {

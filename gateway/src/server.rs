@@ -562,11 +562,16 @@ async fn agent(
     };
     tokio::pin!(watcher);
     let mut revocations = gateway.revocations.subscribe();
-    let (renewed_tx, mut renewed_rx) = mpsc::channel::<i64>(4);
     let mut draining = false;
     let mut windows_open = true;
     let reason = loop {
         let current = current_rx.borrow_and_update().clone();
+        // A renewal of its lineage (on this connection or another of the agent's) gives
+        // a recovering connection a valid certificate again.
+        if role == Role::Recovering && current.as_ref().is_some_and(|c| c.not_after > unix_now()) {
+            role = Role::Agent;
+            info!(%peer, %identity, "recovered: the connection may carry streams again");
+        }
         let deadline = match (role, &current) {
             (Role::Agent, Some(current)) => current.not_after,
             _ => limited_until,
@@ -583,19 +588,12 @@ async fn agent(
                         connection: id,
                         peer,
                         health: &health,
-                        renewed: &renewed_tx,
                     };
                     dispatch(context, request, respond);
                 }
                 Some(Err(e)) => break format!("connection error: {e}"),
                 None => break "closed".to_string(),
             },
-            Some(_) = renewed_rx.recv() => {
-                if role == Role::Recovering {
-                    role = Role::Agent;
-                    info!(%peer, %identity, "recovered: the connection may carry streams again");
-                }
-            }
             _ = current_rx.changed() => {}
             () = tokio::time::sleep_until(expiry) => {
                 let why = match role {
@@ -678,7 +676,6 @@ struct RequestContext<'a> {
     connection: u64,
     peer: SocketAddr,
     health: &'a Arc<Health>,
-    renewed: &'a mpsc::Sender<i64>,
 }
 
 /// Sends each request to its handler, as far as the connection's role allows.
@@ -695,7 +692,6 @@ fn dispatch(
         connection,
         peer,
         health,
-        renewed,
     } = context;
     let path = request.uri().path().to_string();
     let method = request.method().clone();
@@ -720,14 +716,13 @@ fn dispatch(
         }
         (Role::Agent | Role::Recovering, &Method::POST, RENEW_PATH, Some(current)) => {
             let presented = issuing::presented(identity, current);
-            let (gateway, renewed) = (gateway.clone(), renewed.clone());
-            tokio::spawn(async move {
-                if let Some(not_after) =
-                    issuing::renew(gateway, peer, presented, request.into_body(), respond).await
-                {
-                    let _ = renewed.send(not_after).await;
-                }
-            });
+            tokio::spawn(issuing::renew(
+                gateway.clone(),
+                peer,
+                presented,
+                request.into_body(),
+                respond,
+            ));
         }
         _ => {
             let why = match role {

@@ -150,7 +150,31 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>> {
 
 fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     let bytes = serde_json::to_vec_pretty(value).context("encoding state")?;
-    tunnel_transport::atomic_file::write(path, &bytes, 0o600)
+    tunnel_transport::atomic_file::write(path, &bytes, 0o600)?;
+    give_to_directory_owner(path)
+}
+
+/// When root writes into a state directory that belongs to the gateway's own user
+/// (`tunnel-gateway token` run as root beside a gateway running as a system user), the
+/// new file goes to that user, or the gateway could not read it.
+fn give_to_directory_owner(path: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    let Some(dir) = path.parent() else {
+        return Ok(());
+    };
+    let owner = fs::metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
+    if owner.uid() == 0 {
+        return Ok(());
+    }
+    nix::unistd::chown(
+        path,
+        Some(nix::unistd::Uid::from_raw(owner.uid())),
+        Some(nix::unistd::Gid::from_raw(owner.gid())),
+    )
+    .with_context(|| format!("giving {} to the state directory's owner", path.display()))
 }
 
 /// A name usable as a file name here: identities and token ids are checked where they
@@ -176,6 +200,9 @@ impl State {
                 .with_context(|| {
                     format!("creating {} (state_dir in gateway.toml)", path.display())
                 })?;
+            if !sub.is_empty() {
+                give_to_directory_owner(&path)?;
+            }
         }
         Ok(State {
             dir: dir.to_path_buf(),
@@ -191,6 +218,7 @@ impl State {
             .write(true)
             .open(&path)
             .with_context(|| format!("opening {}", path.display()))?;
+        give_to_directory_owner(&path)?;
         Flock::lock(file, FlockArg::LockExclusive)
             .map_err(|(_, e)| anyhow::anyhow!("locking {}: {e}", path.display()))
     }

@@ -16,7 +16,7 @@ use std::fmt;
 use std::future::{Future, poll_fn};
 use std::io;
 use std::net::Shutdown;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -130,11 +130,18 @@ pub async fn splice_until(
     withdrawn: impl Future<Output = String>,
 ) -> Result<(), Abort> {
     let (mut reader, mut writer) = tcp.split();
+    // Until the far side has answered, its answer (a refusal, say) is what ends the
+    // stream, not the reset that follows it.
+    let answered = AtomicBool::new(false);
     let both = async {
-        tokio::try_join!(tcp_to_tunnel(&mut reader, &mut send, stats), async {
-            let mut recv = recv.await?;
-            tunnel_to_tcp(&mut recv, &mut writer, stats, health).await
-        })
+        tokio::try_join!(
+            tcp_to_tunnel(&mut reader, &mut send, stats, &answered),
+            async {
+                let mut recv = recv.await?;
+                answered.store(true, Ordering::Relaxed);
+                tunnel_to_tcp(&mut recv, &mut writer, stats, health).await
+            }
+        )
     };
     let ended = tokio::select! {
         ended = both => ended,
@@ -154,6 +161,7 @@ async fn tcp_to_tunnel(
     tcp: &mut ReadHalf<'_>,
     send: &mut SendStream<Bytes>,
     stats: &StreamStats,
+    answered: &AtomicBool,
 ) -> Result<(), Abort> {
     loop {
         // While the program is quiet, a reset from the far side (a revocation, a
@@ -161,7 +169,15 @@ async fn tcp_to_tunnel(
         // instead of after whatever the receiving half has buffered was delivered.
         tokio::select! {
             readable = tcp.readable() => readable.map_err(Abort::Tcp)?,
-            reset = poll_fn(|cx| send.poll_reset(cx)) => {
+            // Polled again whenever the task wakes (try_join polls both halves), so
+            // it starts to watch once the answer is in.
+            reset = poll_fn(|cx| {
+                if answered.load(Ordering::Relaxed) {
+                    send.poll_reset(cx)
+                } else {
+                    std::task::Poll::Pending
+                }
+            }) => {
                 return Err(Abort::Tunnel(match reset {
                     Ok(reason) => h2::Error::from(reason),
                     Err(e) => e,

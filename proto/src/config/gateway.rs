@@ -166,6 +166,29 @@ pub fn is_valid_identity(identity: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b'@'))
 }
 
+/// Where a gateway keeps its state and its control socket, read from a file that may
+/// be invalid (an operator revoking in an emergency must not wait for a typo in the
+/// rules to be fixed): `state_dir` and `control` where they can be read, else their
+/// defaults.
+pub fn state_places(text: &str, file: &Path) -> (PathBuf, PathBuf) {
+    let base = base_dir(file);
+    let table = toml::from_str::<toml::Table>(text).ok();
+    let key = |name: &str| {
+        table
+            .as_ref()
+            .and_then(|t| t.get(name))
+            .and_then(toml::Value::as_str)
+            .map(str::to_string)
+    };
+    (
+        resolve(&base, &key("state_dir").unwrap_or_else(|| "state".into())),
+        resolve(
+            &base,
+            &key("control").unwrap_or_else(|| "gateway.sock".into()),
+        ),
+    )
+}
+
 impl GatewayConfig {
     pub fn parse(text: &str, file: &Path) -> Result<GatewayConfig, ConfigError> {
         let (raw, mut problems) = parse_toml::<GatewayFile>(text, file)?;

@@ -914,3 +914,81 @@ fn a_slow_reader_sees_a_revocation_promptly() {
         "the reset came {took:?} after the revocation ({after} bytes read meanwhile)"
     );
 }
+
+/// An agent that was off while its certificate expired recovers it by renewal (within
+/// the recovery window) and its first stream waits for that instead of being refused.
+#[test]
+fn an_agent_started_with_an_expired_certificate_recovers_and_carries_its_first_stream() {
+    let dest = destination();
+    let site = Site::new();
+    let (gw_dir, mut gateway) = gateway(
+        &site,
+        "cert_ttl = \"5s\"",
+        &allow_alice(&[&dest.to_string()]),
+    );
+    let (dir, table) = enrol(&site, &gw_dir, &gateway, &["--identity", "alice"]);
+    let credential = dir.join("state/tunnel/site-b/credential.pem");
+    let not_after = tunnel_transport::certs::CertInfo::parse_pem(
+        &fs::read_to_string(&credential).expect("credential"),
+    )
+    .expect("certificate")
+    .not_after;
+    while tunnel_transport::certs::unix_now() <= not_after + 1 {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let mut agent = start_enrolled(&dir, &table, &forward_table(&dest.to_string()));
+    let mut conn = open(agent.forwards[0]);
+    conn.write_all(b"first\n").expect("write");
+    let mut echo = [0u8; 6];
+    conn.read_exact(&mut echo)
+        .expect("the first stream after recovery");
+    agent
+        .daemon
+        .wait_log(
+            "renewed the certificate for gateway site-b",
+            Duration::from_secs(5),
+        )
+        .expect("recovered by renewal");
+    gateway
+        .daemon
+        .wait_log("recovered an expired certificate", Duration::from_secs(5))
+        .expect("the gateway says it was a recovery");
+}
+
+#[test]
+fn enrolling_again_with_the_same_token_is_done_and_another_identity_is_never_overwritten() {
+    let site = Site::new();
+    let (gw_dir, gateway) = gateway(&site, "", ALLOW_ALICE_LOOPBACK);
+    let (dir, _) = enrol(&site, &gw_dir, &gateway, &["--identity", "alice"]);
+    let enroll = |token_file: &Path| {
+        let mut command = Command::new(bin("tunnel-agent"));
+        command
+            .args(["enroll", "--name", "site-b", "--config"])
+            .arg(dir.join("agent.toml"))
+            .arg("--token-file")
+            .arg(token_file)
+            .env("XDG_STATE_HOME", dir.join("state"));
+        output_within(&mut command, Duration::from_secs(30))
+    };
+    // The same token again: nothing to do, and no theft alarm at the gateway.
+    let (code, out, err) = enroll(&site.path("agent-token.txt"));
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("already enrolled with this token"), "{out}");
+    // A token for another identity, under the same gateway name: refused, untouched.
+    let before = fs::read(dir.join("state/tunnel/site-b/credential.pem")).expect("credential");
+    let bob = site.path("bob-token.txt");
+    fs::write(&bob, token(&gw_dir, &gateway, &["--identity", "bob"])).expect("token");
+    let (code, out, err) = enroll(&bob);
+    assert_ne!(code, Some(0), "{out}");
+    assert!(
+        err.contains("holds the credential of `alice`") && err.contains("--name"),
+        "{err}"
+    );
+    assert_eq!(
+        fs::read(dir.join("state/tunnel/site-b/credential.pem")).expect("credential"),
+        before
+    );
+    let mut gateway = gateway;
+    assert!(!gateway.daemon.log_text().contains("possible theft"));
+    gateway.daemon.kill();
+}
