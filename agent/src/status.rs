@@ -151,7 +151,10 @@ pub fn render(reply: &str) -> Result<String> {
 
 /// The renewal state in a line of text.
 fn renewal_line(renewal: &RenewalView) -> Option<String> {
-    let next = renewal.next_at.as_deref().unwrap_or("?");
+    let next = renewal
+        .next_at
+        .as_deref()
+        .map_or_else(|| "?".to_string(), in_words);
     let error = renewal
         .last_error
         .as_deref()
@@ -172,6 +175,15 @@ fn renewal_line(renewal: &RenewalView) -> Option<String> {
     })
 }
 
+/// An RFC 3339 time from the JSON as the rest of the text writes times:
+/// `2026-01-04 00:00:00 UTC`.
+fn in_words(at: &str) -> String {
+    match at.strip_suffix('Z') {
+        Some(at) => format!("{} UTC", at.replacen('T', " ", 1)),
+        None => at.to_string(),
+    }
+}
+
 /// A warning when less than a tenth of the certificate's life is left.
 fn lapse_warning(cert: &CertificateView) -> Option<String> {
     let lapsing = cert.lifetime_secs > 0
@@ -183,7 +195,7 @@ fn lapse_warning(cert: &CertificateView) -> Option<String> {
             tunnel_proto::duration::format(std::time::Duration::from_secs(
                 cert.remaining_secs.unsigned_abs()
             )),
-            cert.not_after
+            in_words(&cert.not_after)
         )
     })
 }
@@ -213,7 +225,7 @@ mod tests {
         assert_eq!(
             lapse_warning(&certificate(86_400, 3_600)).as_deref(),
             Some(
-                "WARNING: the certificate lapses in 1h (at 2026-01-04T12:00:00Z), with less than 10 % of its life left"
+                "WARNING: the certificate lapses in 1h (at 2026-01-04 12:00:00 UTC), with less than 10 % of its life left"
             )
         );
         assert_eq!(lapse_warning(&certificate(86_400, -5)), None);
@@ -230,12 +242,12 @@ mod tests {
         assert_eq!(renewal_line(&RenewalView::not_renewed()), None);
         assert_eq!(
             renewal_line(&view(StateName::Scheduled, None)).as_deref(),
-            Some("renewal scheduled at 2026-01-04T00:00:00Z")
+            Some("renewal scheduled at 2026-01-04 00:00:00 UTC")
         );
         assert_eq!(
             renewal_line(&view(StateName::Retrying, Some("no connection"))).as_deref(),
             Some(
-                "renewal RETRYING, next attempt at 2026-01-04T00:00:00Z (last error: no connection)"
+                "renewal RETRYING, next attempt at 2026-01-04 00:00:00 UTC (last error: no connection)"
             )
         );
         let json = serde_json::to_value(view(StateName::NotRenewed, None)).unwrap();
