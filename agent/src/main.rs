@@ -43,6 +43,7 @@ mod local;
 mod passed_fd;
 mod pin;
 mod pool;
+mod publish;
 mod redirect;
 mod renewal;
 mod rewind;
@@ -145,6 +146,8 @@ pub struct Agent {
     pub pools: Vec<Arc<Pool>>,
     /// One for each gateway whose `credential` the agent renews.
     pub renewals: Vec<Arc<renewal::Renewal>>,
+    /// One for each gateway that this agent publishes services at.
+    pub publishers: Vec<Arc<publish::Publisher>>,
     pub streams: Arc<StreamTable>,
     pub forwards: Vec<ForwardView>,
     /// Says which local user owns the socket at the far end of an accepted connection.
@@ -327,6 +330,21 @@ async fn serve(config: AgentConfig, exit_with: Option<i32>) -> Result<()> {
         .filter(|pool| pool.peer.renews)
         .map(|pool| renewal::Renewal::start(pool.clone()))
         .collect();
+    let streams = StreamTable::new(Side::Agent);
+    let publishers = pools
+        .iter()
+        .filter_map(|pool| {
+            let mine: Vec<_> = config
+                .publications
+                .iter()
+                .filter(|p| p.via == pool.peer.name)
+                .cloned()
+                .collect();
+            (!mine.is_empty()).then(|| {
+                publish::Publisher::start(pool.clone(), mine, streams.clone(), config.connect_timeout)
+            })
+        })
+        .collect();
     let agent = Arc::new(Agent {
         forwards: bound.iter().map(|(l, f)| forward::view(l, f)).collect(),
         fake_dns: fake_dns::FakeDns::new(config.synthetic_ipv4, config.synthetic_ipv6),
@@ -336,7 +354,8 @@ async fn serve(config: AgentConfig, exit_with: Option<i32>) -> Result<()> {
         config,
         pools,
         renewals,
-        streams: StreamTable::new(Side::Agent),
+        publishers,
+        streams,
         socket_owners,
         started: Instant::now(),
     });

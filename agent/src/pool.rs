@@ -286,7 +286,8 @@ impl Pool {
         }
     }
 
-    fn connector(&self) -> TlsConnector {
+    /// The TLS set-up every new dial uses (this agent's current certificate).
+    pub fn connector(&self) -> TlsConnector {
         self.tls
             .read()
             .unwrap_or_else(PoisonError::into_inner)

@@ -27,6 +27,9 @@ pub struct AgentStatus {
     pub loopback_listeners: Vec<String>,
     pub streams: Vec<LiveView>,
     pub recent: Vec<Ended>,
+    /// Per gateway: the reverse connection and what it publishes.
+    #[serde(default)]
+    pub publications: Vec<crate::publish::PublishView>,
 }
 
 /// One gateway: where it is, this agent's certificate for it, its connections.
@@ -73,6 +76,7 @@ pub fn view(agent: &Agent) -> AgentStatus {
             .collect(),
         streams: agent.streams.live(),
         recent: agent.streams.recent(),
+        publications: agent.publishers.iter().map(|p| p.view()).collect(),
     }
 }
 

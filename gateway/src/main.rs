@@ -33,6 +33,7 @@ mod grants;
 mod issuing;
 mod outbound;
 mod policy;
+mod publications;
 mod refusals;
 mod reload;
 mod secrets;
@@ -369,6 +370,14 @@ async fn serve(
     ));
 
     let (stop, stopping) = Shutdown::new();
+    for (name, listener) in publications::bind_listeners(&gateway).await? {
+        tokio::spawn(publications::serve_listener(
+            gateway.clone(),
+            name,
+            listener,
+            stopping.clone(),
+        ));
+    }
     let status_gateway = gateway.clone();
     tokio::spawn(tunnel_transport::control::serve(
         control,

@@ -1,7 +1,6 @@
 //! Connecting to the destination, with a deadline, and saying why it failed in the
 //! terms the agent understands.
 
-use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -9,9 +8,6 @@ use tokio::net::TcpStream;
 use tunnel_proto::ConnectError;
 
 use crate::refusals::Refusal;
-
-const ENETUNREACH: i32 = 101;
-const EHOSTUNREACH: i32 = 113;
 
 /// Tries the addresses in order within one overall `timeout`; a failure says which
 /// address failed and how.
@@ -22,7 +18,7 @@ pub async fn connect(addrs: &[SocketAddr], timeout: Duration) -> Result<TcpStrea
             match TcpStream::connect(addr).await {
                 Ok(tcp) => return Ok(tcp),
                 Err(e) => {
-                    let class = classify(&e);
+                    let class = ConnectError::of_connect(&e);
                     let why = match class {
                         ConnectError::Refused => {
                             format!("{addr} refused the connection (nothing listens there)")
@@ -48,16 +44,4 @@ pub async fn connect(addrs: &[SocketAddr], timeout: Duration) -> Result<TcpStrea
                 ),
             ))
         })
-}
-
-pub fn classify(e: &io::Error) -> ConnectError {
-    match (e.kind(), e.raw_os_error()) {
-        (io::ErrorKind::ConnectionRefused, _) => ConnectError::Refused,
-        (io::ErrorKind::TimedOut, _) => ConnectError::TimedOut,
-        (_, Some(ENETUNREACH | EHOSTUNREACH)) => ConnectError::Unreachable,
-        (io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable, _) => {
-            ConnectError::Unreachable
-        }
-        _ => ConnectError::Gateway,
-    }
 }

@@ -46,7 +46,7 @@ use tunnel_proto::config::GatewayConfig;
 use tunnel_proto::connect::{ERROR_HEADER, encode_outcome};
 use tunnel_proto::enrolment::{ENROL_PATH, RENEW_PATH};
 use tunnel_proto::{ConnectError, Target};
-use tunnel_transport::certs::{rfc3339, unix_now, utc};
+use tunnel_transport::certs::{CertInfo, rfc3339, unix_now, utc};
 use tunnel_transport::liveness::{self, Health, INITIAL_STREAM_WINDOW};
 use tunnel_transport::plumbing::{Shutdown, accept_until};
 use tunnel_transport::splice::{self, Abort};
@@ -59,6 +59,7 @@ use crate::grants::Grants;
 use crate::issuing;
 use crate::outbound;
 use crate::policy::{Caller, Policy};
+use crate::publications::{self, Publishers};
 use crate::refusals::{Kind, Refusal, Refusals};
 use crate::state::{Revocations, State};
 use crate::verifier::Client;
@@ -79,6 +80,7 @@ pub struct Gateway {
     /// Identity → groups, from the enrolment records.
     groups: RwLock<BTreeMap<String, Vec<String>>>,
     pub grants: Arc<Grants>,
+    pub publishers: Publishers,
     pub admission: Arc<Admission>,
     pub refusals: Refusals,
     pub streams: Arc<StreamTable>,
@@ -146,6 +148,7 @@ impl Gateway {
             revocations: watch::Sender::new(Arc::new(revocations)),
             groups: RwLock::default(),
             grants: Arc::default(),
+            publishers: Publishers::default(),
             admission: Admission::new(&config),
             refusals: Refusals::new(config.log_summary_interval),
             config,
@@ -225,6 +228,60 @@ impl Gateway {
                 });
             }
         }
+    }
+
+    /// Records an agent connection for status, renewal and revocation; returns its id
+    /// and the certificate that vouches for it now (changed by renewals of its
+    /// lineage). `limited_until` is its end if it has no valid certificate.
+    pub async fn register(
+        self: &Arc<Self>,
+        peer: SocketAddr,
+        identity: &str,
+        certificate: Option<&CertInfo>,
+        health: &Arc<Health>,
+        limited_until: i64,
+    ) -> (u64, watch::Receiver<Option<Current>>) {
+        let id = self.next_connection.fetch_add(1, Ordering::Relaxed);
+        let (current_tx, current_rx) = watch::channel(certificate.map(|c| Current {
+            serial: c.serial.clone(),
+            not_before: c.not_before,
+            not_after: c.not_after,
+        }));
+        let enrolment = match certificate {
+            Some(info) => {
+                let (gateway, identity, serial) =
+                    (self.clone(), identity.to_string(), info.serial.clone());
+                tokio::task::spawn_blocking(move || gateway.state.lineage_of(&identity, &serial))
+                    .await
+                    .ok()
+                    .flatten()
+            }
+            None => None,
+        };
+        self.connections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(
+                id,
+                ConnectionInfo {
+                    peer,
+                    identity: identity.to_string(),
+                    since: Instant::now(),
+                    health: health.clone(),
+                    enrolment,
+                    current: current_tx,
+                    deadline: limited_until,
+                },
+            );
+        (id, current_rx)
+    }
+
+    pub fn unregister(&self, id: u64) {
+        self.connections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&id);
+        self.publishers.remove_connection(id);
     }
 
     pub fn connection_views(&self) -> Vec<ConnectionView> {
@@ -486,6 +543,29 @@ async fn agent(
         }
     };
 
+    if tls_stream.get_ref().1.alpn_protocol() == Some(tunnel_proto::reverse::ALPN) {
+        if role != Role::Agent {
+            let detail = format!(
+                "reverse connection from {peer} refused: it needs a valid certificate"
+            );
+            gateway
+                .refusals
+                .report(&identity, Kind::HandshakeFailed, detail);
+            return;
+        }
+        let Some(certificate) = certificate else {
+            return;
+        };
+        return Box::pin(publications::serve_publisher(
+            gateway,
+            tls_stream,
+            peer,
+            identity,
+            certificate,
+            shutdown,
+        ))
+        .await;
+    }
     // A connection that may only ask for a certificate needs no more than a stream
     // or two; more would let it hold many request bodies at once.
     let streams = match role {
@@ -511,41 +591,10 @@ async fn agent(
     };
 
     let health = Arc::new(Health::default());
-    let id = gateway.next_connection.fetch_add(1, Ordering::Relaxed);
-    // A connection with no valid certificate lives only long enough for one request.
     let limited_until = unix_now() + LIMITED_CONNECTION.as_secs() as i64;
-    let (current_tx, mut current_rx) = watch::channel(certificate.as_ref().map(|c| Current {
-        serial: c.serial.clone(),
-        not_before: c.not_before,
-        not_after: c.not_after,
-    }));
-    let enrolment = match &certificate {
-        Some(info) => {
-            let (state, identity, serial) =
-                (gateway.clone(), identity.clone(), info.serial.clone());
-            tokio::task::spawn_blocking(move || state.state.lineage_of(&identity, &serial))
-                .await
-                .ok()
-                .flatten()
-        }
-        None => None,
-    };
-    gateway
-        .connections
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .insert(
-            id,
-            ConnectionInfo {
-                peer,
-                identity: identity.clone(),
-                since: Instant::now(),
-                health: health.clone(),
-                enrolment: enrolment.clone(),
-                current: current_tx,
-                deadline: limited_until,
-            },
-        );
+    let (id, mut current_rx) = gateway
+        .register(peer, &identity, certificate.as_ref(), &health, limited_until)
+        .await;
     match role {
         Role::Enrolling => debug!(%peer, "client without a certificate: enrolment only"),
         Role::Recovering => {
@@ -606,13 +655,7 @@ async fn agent(
                 // Revoking the certificate it was made with, or the one that vouches
                 // for it now, ends it.
                 let list = revocations.borrow_and_update().clone();
-                let handshake = certificate
-                    .as_ref()
-                    .and_then(|c| list.verdict(&identity, &c.serial, c.not_before));
-                let now = current
-                    .as_ref()
-                    .and_then(|c| list.verdict(&identity, &c.serial, c.not_before));
-                if let Some(why) = handshake.or(now) {
+                if let Some(why) = revoked(&list, &identity, certificate.as_ref(), current.as_ref()) {
                     break cut(&gateway, &mut conn, id, &why).await;
                 }
             }
@@ -635,16 +678,24 @@ async fn agent(
             error = &mut watcher, if !draining => break error.to_string(),
         }
     };
-    gateway
-        .connections
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .remove(&id);
+    gateway.unregister(id);
     info!(%peer, %identity, "agent connection ended: {reason}");
 }
 
+/// Why a connection made with `certificate` and vouched for by `current` may no longer
+/// live, if either is revoked.
+pub fn revoked(
+    list: &Revocations,
+    identity: &str,
+    certificate: Option<&CertInfo>,
+    current: Option<&Current>,
+) -> Option<String> {
+    let made_with = certificate.and_then(|c| list.verdict(identity, &c.serial, c.not_before));
+    made_with.or_else(|| current.and_then(|c| list.verdict(identity, &c.serial, c.not_before)))
+}
+
 /// Time from now until `unix` seconds since 1970 (zero if past).
-fn until_unix(unix: i64) -> Duration {
+pub fn until_unix(unix: i64) -> Duration {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
@@ -770,6 +821,11 @@ async fn stream(
         .register(target.to_string(), identity.clone());
 
     let caller = gateway.caller(&identity);
+    if let Target::Service(name) = &target
+        && publications::is_publication(&gateway, name)
+    {
+        return publication_stream(gateway, caller, name.clone(), request, respond, entry).await;
+    }
     let policy = gateway.policy();
     let connected = match gateway.admission.stream(&identity) {
         Err(over) => Err(Refusal::new(ConnectError::OverLimit, over.to_string())),
@@ -824,6 +880,56 @@ async fn stream(
     .await;
     if let Err(e) = &result {
         info!(%identity, destination = %target, "stream aborted: {e}");
+    }
+    entry.finish(&result);
+}
+
+/// A consumer agent's stream to a publication, joined to a stream to its publisher.
+async fn publication_stream(
+    gateway: Arc<Gateway>,
+    caller: Caller,
+    name: String,
+    request: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    entry: tunnel_transport::streams::Registered,
+) {
+    let identity = caller.identity.clone();
+    let opened = match gateway.admission.stream(&identity) {
+        Err(over) => Err(Refusal::new(ConnectError::OverLimit, over.to_string())),
+        Ok(permit) => {
+            publications::reach_by_name(&gateway, &caller, &name, gateway.local_addr)
+                .await
+                .map(|opened| (opened, permit))
+        }
+    };
+    let (opened, _permit) = match opened {
+        Ok(opened) => opened,
+        Err(refusal) => {
+            let detail = format!("stream to {name} {}: {}", refusal.class, refusal.why);
+            gateway
+                .refusals
+                .report(&identity, Kind::Stream(refusal.class), detail);
+            let _ = answer(&mut respond, Err(refusal.class));
+            entry.refused(refusal.class, refusal.why);
+            return;
+        }
+    };
+    let send = match answer(&mut respond, Ok(())) {
+        Ok(Some(send)) => send,
+        _ => {
+            entry.finish(&Err(Abort::Refused(ConnectError::Gateway)));
+            return;
+        }
+    };
+    debug!(%identity, publication = %name, publisher = %opened.publisher, "joined");
+    let result = splice::relay(
+        (send, request.into_body()),
+        (opened.send, opened.recv),
+        entry.stats(),
+    )
+    .await;
+    if let Err(e) = &result {
+        info!(%identity, publication = %name, "stream aborted: {e}");
     }
     entry.finish(&result);
 }

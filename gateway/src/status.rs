@@ -22,6 +22,9 @@ pub struct GatewayStatus {
     pub refusals: BTreeMap<String, u64>,
     pub streams: Vec<LiveView>,
     pub recent: Vec<Ended>,
+    /// Names agents publish here now, with their publishers.
+    #[serde(default)]
+    pub publications: Vec<crate::publications::PublicationView>,
 }
 
 /// Connections waiting for their TLS handshake, and the caps.
@@ -57,6 +60,7 @@ pub fn view(gateway: &Gateway) -> GatewayStatus {
         refusals: gateway.refusals.totals(),
         streams: gateway.streams.live(),
         recent: gateway.streams.recent(),
+        publications: gateway.publishers.views(),
     }
 }
 

@@ -55,6 +55,21 @@ const EHOSTUNREACH: i32 = 113;
 const ETIMEDOUT: i32 = 110;
 
 impl ConnectError {
+    /// The class of a failed TCP connect, as the end that tried it reports it.
+    pub fn of_connect(e: &std::io::Error) -> ConnectError {
+        const ENETUNREACH: i32 = 101;
+        match (e.kind(), e.raw_os_error()) {
+            (std::io::ErrorKind::ConnectionRefused, _) => ConnectError::Refused,
+            (std::io::ErrorKind::TimedOut, _) => ConnectError::TimedOut,
+            (_, Some(ENETUNREACH | EHOSTUNREACH)) => ConnectError::Unreachable,
+            (
+                std::io::ErrorKind::HostUnreachable | std::io::ErrorKind::NetworkUnreachable,
+                _,
+            ) => ConnectError::Unreachable,
+            _ => ConnectError::Gateway,
+        }
+    }
+
     pub const ALL: [ConnectError; 8] = [
         ConnectError::Denied,
         ConnectError::Refused,

@@ -273,3 +273,60 @@ async fn tunnel_to_tcp(
         Err(e) => Err(Abort::Tcp(e)),
     }
 }
+
+/// Carries bytes between two HTTP/2 streams: a consumer agent's and a publishing
+/// agent's, joined at the gateway. Each direction ends on its own (END_STREAM passes
+/// through); a reset or failure of either resets both.
+pub async fn relay(
+    (mut a_send, mut a_recv): (SendStream<Bytes>, RecvStream),
+    (mut b_send, mut b_recv): (SendStream<Bytes>, RecvStream),
+    stats: &StreamStats,
+) -> Result<(), Abort> {
+    let both = async {
+        tokio::try_join!(
+            pipe(&mut a_recv, &mut b_send, &stats.tcp_to_tunnel),
+            pipe(&mut b_recv, &mut a_send, &stats.tunnel_to_tcp)
+        )
+    };
+    match both.await {
+        Ok(_) => Ok(()),
+        Err(abort) => {
+            a_send.send_reset(Reason::CANCEL);
+            b_send.send_reset(Reason::CANCEL);
+            Err(abort)
+        }
+    }
+}
+
+/// One direction of [`relay`]: window given back only once the bytes were handed on.
+async fn pipe(
+    recv: &mut RecvStream,
+    send: &mut SendStream<Bytes>,
+    counted: &AtomicU64,
+) -> Result<(), Abort> {
+    while let Some(data) = recv.data().await {
+        let mut data = data.map_err(Abort::Tunnel)?;
+        let len = data.len();
+        while !data.is_empty() {
+            send.reserve_capacity(data.len());
+            let granted = match poll_fn(|cx| send.poll_capacity(cx)).await {
+                Some(Ok(n)) => n,
+                Some(Err(e)) => return Err(Abort::Tunnel(e)),
+                None => {
+                    let reason = poll_fn(|cx| send.poll_reset(cx))
+                        .await
+                        .unwrap_or(Reason::CANCEL);
+                    return Err(Abort::Tunnel(h2::Error::from(reason)));
+                }
+            };
+            if granted == 0 {
+                continue;
+            }
+            let chunk = data.split_to(granted.min(data.len()));
+            send.send_data(chunk, false).map_err(Abort::Tunnel)?;
+        }
+        counted.fetch_add(len as u64, Ordering::Relaxed);
+        let _ = recv.flow_control().release_capacity(len);
+    }
+    send.send_data(Bytes::new(), true).map_err(Abort::Tunnel)
+}

@@ -79,7 +79,9 @@ pub fn finish_server_config(
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, load_key(key)?)
         .with_context(|| unusable_pair(cert, key))?;
-    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // h2 for an agent's own connections; the reverse ALPN for those on which it
+    // serves the gateway (inside-out, see tunnel_proto::reverse).
+    config.alpn_protocols = vec![ALPN_H2.to_vec(), tunnel_proto::reverse::ALPN.to_vec()];
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
     Ok(Arc::new(config))

@@ -55,6 +55,16 @@ struct AgentFile {
     route: Vec<RouteEntry>,
     #[serde(default)]
     forward: Vec<ForwardEntry>,
+    #[serde(default)]
+    publish: Vec<PublishEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+struct PublishEntry {
+    name: String,
+    to: String,
+    via: Option<String>,
+    reach: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -114,6 +124,20 @@ pub struct AgentConfig {
     pub gateways: Vec<GatewayPeer>,
     pub routes: Vec<Route>,
     pub forwards: Vec<Forward>,
+    pub publications: Vec<Publication>,
+}
+
+/// A service reachable from this agent, offered at a gateway (`[[publish]]`): the
+/// gateway sends each connection for `name` back over a connection this agent dialled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Publication {
+    pub name: String,
+    /// Where the agent connects for each inbound stream.
+    pub to: Target,
+    pub via: String,
+    /// Consumers this agent accepts (identities or `group:NAME`, as the gateway names
+    /// them); `None`: whoever the gateway's `reach` admits.
+    pub reach: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -435,6 +459,56 @@ impl AgentConfig {
             }
         }
 
+        let mut publications = Vec::new();
+        let mut published = HashSet::new();
+        for (i, p) in raw.publish.iter().enumerate() {
+            let key = format!("publish[{i}]");
+            let via = via(&mut problems, format!("{key}.via"), &p.via);
+            if !crate::target::is_valid_service_name(&p.name) {
+                problems.add(
+                    format!("{key}.name"),
+                    format!("`{}` is not a usable name: one word of letters, digits, - or _", p.name),
+                );
+            } else if !published.insert((p.name.to_ascii_lowercase(), via.clone())) {
+                problems.add(
+                    format!("{key}.name"),
+                    format!("`{}` is published twice through `{via}`", p.name),
+                );
+            }
+            let to = match Target::parse(&p.to) {
+                Ok(t @ Target::Addr { .. }) => Some(t),
+                _ => {
+                    problems.add(
+                        format!("{key}.to"),
+                        format!(
+                            "`{}` is not host:port: where the service listens, seen from this agent, e.g. \"127.0.0.1:5432\"",
+                            p.to
+                        ),
+                    );
+                    None
+                }
+            };
+            if let Some(reach) = &p.reach {
+                for who in reach {
+                    let named = who.strip_prefix("group:").unwrap_or(who);
+                    if who != "*" && !super::gateway::is_valid_identity(named) {
+                        problems.add(
+                            format!("{key}.reach"),
+                            format!("`{who}` is not an identity, group:NAME or \"*\""),
+                        );
+                    }
+                }
+            }
+            if let Some(to) = to {
+                publications.push(Publication {
+                    name: p.name.to_ascii_lowercase(),
+                    to,
+                    via,
+                    reach: p.reach.clone(),
+                });
+            }
+        }
+
         let synthetic_ipv4 = synthetic_net(
             &mut problems,
             "synthetic_ipv4",
@@ -470,6 +544,7 @@ impl AgentConfig {
             gateways,
             routes,
             forwards,
+            publications,
         };
         problems.finish(file, config)
     }

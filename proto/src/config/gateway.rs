@@ -61,6 +61,19 @@ struct GatewayFile {
     service: BTreeMap<String, ServiceEntry>,
     #[serde(default)]
     hosts: BTreeMap<String, Vec<String>>,
+    #[serde(default)]
+    publish: BTreeMap<String, PublishEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+struct PublishEntry {
+    by: Vec<String>,
+    #[serde(default)]
+    reach: Vec<String>,
+    listen: Option<String>,
+    #[serde(default)]
+    from: Vec<String>,
+    exclusive: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -116,6 +129,23 @@ pub struct GatewayConfig {
     pub services: BTreeMap<String, Service>,
     /// Names this gateway resolves from its config, before asking DNS (lower case).
     pub hosts: BTreeMap<String, Vec<std::net::IpAddr>>,
+    /// Names agents may publish here (`[publish.NAME]`), by lower-case name.
+    pub publications: BTreeMap<String, PublishRule>,
+}
+
+/// Who may publish a name, who may reach it, and where the gateway offers it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PublishRule {
+    /// Identities or `group:NAME` whose agents may publish it.
+    pub by: Vec<String>,
+    /// Identities or `group:NAME` (or `*`) whose agents may reach it by name.
+    pub reach: Vec<String>,
+    /// A port at the gateway's site where it is offered.
+    pub listen: Option<SocketAddr>,
+    /// Source networks admitted at `listen` (none by default).
+    pub from: Vec<ipnet::IpNet>,
+    /// One publisher at a time; a second is refused with the holder named.
+    pub exclusive: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -226,6 +256,64 @@ impl GatewayConfig {
                     ),
                 ),
             }
+        }
+
+        let mut publications = BTreeMap::new();
+        for (name, p) in &raw.publish {
+            let key = format!("publish.{name}");
+            let lower = name.to_ascii_lowercase();
+            if !is_valid_service_name(name) {
+                problems.add(&key, "a published name is one word of letters, digits, - or _ (no dots)");
+            }
+            if services.contains_key(&lower) {
+                problems.add(&key, format!("`{name}` is also a [service.{name}]: a name is one or the other"));
+            }
+            let who = |problems: &mut Problems, field: &str, list: &[String]| {
+                for w in list {
+                    let named = w.strip_prefix("group:").unwrap_or(w);
+                    if w != "*" && !is_valid_identity(named) {
+                        problems.add(
+                            format!("{key}.{field}"),
+                            format!("`{w}` is not an identity, group:NAME or \"*\""),
+                        );
+                    }
+                }
+            };
+            who(&mut problems, "by", &p.by);
+            who(&mut problems, "reach", &p.reach);
+            if p.by.is_empty() {
+                problems.add(format!("{key}.by"), "empty: name the identities that may publish it, e.g. [\"alice\"]");
+            }
+            let listen = p.listen.as_ref().and_then(|l| match l.parse::<SocketAddr>() {
+                Ok(addr) => Some(addr),
+                Err(_) => {
+                    problems.add(format!("{key}.listen"), format!("`{l}` is not ADDRESS:PORT, e.g. \"0.0.0.0:15432\""));
+                    None
+                }
+            });
+            let mut from = Vec::new();
+            for f in &p.from {
+                match f.parse::<ipnet::IpNet>().or_else(|_| f.parse::<std::net::IpAddr>().map(ipnet::IpNet::from)) {
+                    Ok(net) => from.push(net),
+                    Err(_) => problems.add(format!("{key}.from"), format!("`{f}` is not an address or CIDR, e.g. \"10.20.0.0/16\"")),
+                }
+            }
+            if listen.is_some() && from.is_empty() {
+                problems.add(
+                    format!("{key}.from"),
+                    "empty: with listen, say which source networks may connect there (e.g. [\"10.20.0.0/16\"]); nobody is admitted otherwise",
+                );
+            }
+            publications.insert(
+                lower,
+                PublishRule {
+                    by: p.by.clone(),
+                    reach: p.reach.clone(),
+                    listen,
+                    from,
+                    exclusive: p.exclusive.unwrap_or(false),
+                },
+            );
         }
 
         let mut allow = Vec::new();
@@ -371,6 +459,7 @@ impl GatewayConfig {
             allow,
             services,
             hosts,
+            publications,
         };
         problems.finish(file, config)
     }

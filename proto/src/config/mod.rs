@@ -14,8 +14,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use agent::{AgentConfig, Forward, GatewayAddress, GatewayPeer, LocalUsers, Route};
-pub use gateway::{AllowRule, AllowTo, GatewayConfig, Service};
+pub use agent::{AgentConfig, Forward, GatewayAddress, GatewayPeer, LocalUsers, Publication, Route};
+pub use gateway::{AllowRule, AllowTo, GatewayConfig, PublishRule, Service};
 
 /// Everything wrong with one configuration file.
 #[derive(Debug, Clone, PartialEq, Eq)]

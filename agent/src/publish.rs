@@ -1,0 +1,373 @@
+//! Publishing services inside-out (`[[publish]]`): the agent dials the gateway once more
+//! with its certificate and ALPN `tunnel-reverse/1`, then serves HTTP/2 on that
+//! connection, so the gateway can send it one CONNECT per inbound connection. Nothing
+//! listens at the agent's site.
+//!
+//! ```text
+//!  keep_published ── dial (TLS, client certificate, reverse ALPN) ─▶ HTTP/2 server:
+//!     GET  /v1/publications ◀─ gateway   answer: Offer {resume, names}
+//!     POST /v1/publications ◀─ gateway   which names it holds, which are refused, why
+//!     CONNECT NAME          ◀─ gateway   (tunnel-client, tunnel-consumer)
+//!        └─ consumer in this agent's own `reach`? ─ connect `to` ─ 200 or the failure
+//!           class ─ splice, ends faithful both ways
+//!  lost ─▶ backoff ─▶ dial again, with the same resume token: the gateway gives this
+//!  agent its publications back at once
+//! ```
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow};
+use bytes::Bytes;
+use h2::RecvStream;
+use h2::server::SendResponse;
+use http::{Method, Request, Response, StatusCode};
+use serde::Serialize;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_rustls::TlsConnector;
+use tracing::{debug, info, warn};
+use tunnel_proto::ConnectError;
+use tunnel_proto::config::Publication;
+use tunnel_proto::connect::{ERROR_HEADER, encode_outcome};
+use tunnel_proto::reverse::{
+    ALPN, Accepted, CLIENT_HEADER, CONSUMER_HEADER, Offer, PUBLICATIONS_PATH,
+};
+use tunnel_proto::{Host, Target};
+use tunnel_transport::liveness::{self, Health, INITIAL_STREAM_WINDOW};
+use tunnel_transport::splice::{self, Abort};
+use tunnel_transport::streams::StreamTable;
+
+use crate::pool::Pool;
+
+const BACKOFF_FIRST: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// What status shows of one gateway's publications.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+pub struct PublishView {
+    pub gateway: String,
+    /// `up` while the reverse connection lives, else `down` with why.
+    pub state: String,
+    pub error: Option<String>,
+    pub published: Vec<String>,
+    pub refused: Vec<(String, String)>,
+}
+
+pub struct Publisher {
+    pool: Arc<Pool>,
+    publications: BTreeMap<String, Publication>,
+    resume: String,
+    view: Mutex<PublishView>,
+    streams: Arc<StreamTable>,
+    connect_timeout: Duration,
+}
+
+impl Publisher {
+    /// Starts publishing `publications` through `pool`'s gateway.
+    pub fn start(
+        pool: Arc<Pool>,
+        publications: Vec<Publication>,
+        streams: Arc<StreamTable>,
+        connect_timeout: Duration,
+    ) -> Arc<Publisher> {
+        let resume = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+        let publisher = Arc::new(Publisher {
+            view: Mutex::new(PublishView {
+                gateway: pool.peer.name.clone(),
+                state: "connecting".into(),
+                ..PublishView::default()
+            }),
+            pool,
+            publications: publications
+                .into_iter()
+                .map(|p| (p.name.clone(), p))
+                .collect(),
+            resume,
+            streams,
+            connect_timeout,
+        });
+        tokio::spawn(publisher.clone().keep_published());
+        publisher
+    }
+
+    pub fn view(&self) -> PublishView {
+        self.view
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn update(&self, change: impl FnOnce(&mut PublishView)) {
+        change(&mut self.view.lock().unwrap_or_else(PoisonError::into_inner));
+    }
+
+    async fn keep_published(self: Arc<Self>) {
+        let gateway = self.pool.peer.name.clone();
+        let mut backoff = BACKOFF_FIRST;
+        let mut which = 0usize;
+        loop {
+            let addresses = &self.pool.peer.addresses;
+            let Some(address) = addresses.get(which % addresses.len().max(1)) else {
+                return;
+            };
+            which += 1;
+            let began = Instant::now();
+            let reason = match self.dial(&address.address, &address.server_name).await {
+                Ok(tls) => {
+                    info!(gateway = %gateway, "reverse connection to {} up", address.address);
+                    self.update(|v| {
+                        v.state = "up".into();
+                        v.error = None;
+                    });
+                    let reason = self.serve(tls).await;
+                    if began.elapsed() > Duration::from_secs(10) {
+                        backoff = BACKOFF_FIRST;
+                    }
+                    reason
+                }
+                Err(e) => format!("{e:#}"),
+            };
+            warn!(gateway = %gateway, "reverse connection to {}: {reason}", address.address);
+            self.update(|v| {
+                v.state = "down".into();
+                v.error = Some(reason);
+                v.published.clear();
+            });
+            let pause = backoff.mul_f64(0.5 + fastrand::f64() * 0.5);
+            tokio::time::sleep(pause).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// TCP, then TLS with this agent's current certificate and the reverse ALPN.
+    async fn dial(
+        &self,
+        address: &str,
+        server_name: &str,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let connect = async {
+            let tcp = TcpStream::connect(address)
+                .await
+                .with_context(|| format!("TCP connect to {address}"))?;
+            tunnel_transport::tune_tcp(&tcp);
+            let mut config = (**self.pool.connector().config()).clone();
+            config.alpn_protocols = vec![ALPN.to_vec()];
+            let name = tunnel_transport::tls::server_name(server_name)?;
+            let mut tls = TlsConnector::from(Arc::new(config))
+                .connect(name, tcp)
+                .await
+                .context("TLS handshake")?;
+            tunnel_transport::tls::tune_session(tls.get_mut().1);
+            anyhow::Ok(tls)
+        };
+        tokio::time::timeout(self.connect_timeout, connect)
+            .await
+            .map_err(|_| anyhow!("{address}: no answer within connect_timeout"))?
+    }
+
+    /// Serves the gateway's requests on one reverse connection until it ends.
+    async fn serve(self: &Arc<Self>, tls: tokio_rustls::client::TlsStream<TcpStream>) -> String {
+        let handshake = liveness::server_builder().handshake::<_, Bytes>(tls);
+        let mut conn = match tokio::time::timeout(self.connect_timeout, handshake).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => return format!("HTTP/2 handshake: {e}"),
+            Err(_) => return "HTTP/2 handshake timed out".into(),
+        };
+        let Some(ping_pong) = conn.ping_pong() else {
+            return "no PING handle".into();
+        };
+        let health = Arc::new(Health::default());
+        let (window_tx, _window_rx) = watch::channel(INITIAL_STREAM_WINDOW);
+        let watcher = {
+            let health = health.clone();
+            async move {
+                liveness::watch_connection(
+                    ping_pong,
+                    &health,
+                    window_tx,
+                    Duration::from_secs(5),
+                    Duration::from_secs(10),
+                )
+                .await
+            }
+        };
+        tokio::pin!(watcher);
+        loop {
+            tokio::select! {
+                request = conn.accept() => match request {
+                    Some(Ok((request, respond))) => {
+                        let me = self.clone();
+                        let health = health.clone();
+                        tokio::spawn(async move { me.request(request, respond, health).await });
+                    }
+                    Some(Err(e)) => return format!("connection error: {e}"),
+                    None => return "closed by the gateway".into(),
+                },
+                error = &mut watcher => return error.to_string(),
+            }
+        }
+    }
+
+    async fn request(
+        self: Arc<Self>,
+        request: Request<RecvStream>,
+        mut respond: SendResponse<Bytes>,
+        health: Arc<Health>,
+    ) {
+        let path = request.uri().path().to_string();
+        match (request.method().clone(), path.as_str()) {
+            (Method::GET, PUBLICATIONS_PATH) => {
+                let offer = Offer {
+                    resume: self.resume.clone(),
+                    names: self.publications.keys().cloned().collect(),
+                };
+                reply(&mut respond, StatusCode::OK, &offer);
+            }
+            (Method::POST, PUBLICATIONS_PATH) => {
+                let body = read_body(request.into_body()).await;
+                match body.and_then(|b| Ok(serde_json::from_slice::<Accepted>(&b)?)) {
+                    Ok(accepted) => {
+                        let gateway = &self.pool.peer.name;
+                        for name in &accepted.published {
+                            info!(gateway = %gateway, "published `{name}`");
+                        }
+                        for (name, why) in &accepted.refused {
+                            warn!(gateway = %gateway, "the gateway refused to publish `{name}`: {why}");
+                        }
+                        self.update(|v| {
+                            v.published = accepted.published;
+                            v.refused = accepted.refused;
+                        });
+                    }
+                    Err(e) => debug!("unreadable publication answer: {e:#}"),
+                }
+                let _ = respond.send_response(Response::new(()), true);
+            }
+            (Method::CONNECT, _) => self.inbound(request, respond, &health).await,
+            _ => {
+                let _ = respond.send_response(
+                    Response::builder()
+                        .status(StatusCode::NOT_FOUND)
+                        .body(())
+                        .unwrap_or_default(),
+                    true,
+                );
+            }
+        }
+    }
+
+    /// One inbound connection: checked against this agent's own `reach`, then carried
+    /// to the service once the local connect succeeded.
+    async fn inbound(
+        &self,
+        request: Request<RecvStream>,
+        mut respond: SendResponse<Bytes>,
+        health: &Health,
+    ) {
+        let name = request
+            .uri()
+            .authority()
+            .map(|a| a.host().to_ascii_lowercase())
+            .unwrap_or_default();
+        let header = |h: &str| {
+            request
+                .headers()
+                .get(h)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let client = header(CLIENT_HEADER).unwrap_or_else(|| "?".into());
+        let consumer = header(CONSUMER_HEADER);
+        let entry = self.streams.register(
+            format!("{name} (published, from {client})"),
+            consumer.clone().unwrap_or_else(|| "-".into()),
+        );
+        let Some(publication) = self.publications.get(&name) else {
+            answer(&mut respond, Err(ConnectError::BadRequest));
+            entry.refused(ConnectError::BadRequest, format!("`{name}` is not published here"));
+            return;
+        };
+        if let Some(reach) = &publication.reach {
+            let admitted = reach.iter().any(|who| {
+                who == "*" || consumer.as_deref() == Some(who.as_str())
+            });
+            if !admitted {
+                let who = consumer.as_deref().unwrap_or("a connection at the gateway's port");
+                answer(&mut respond, Err(ConnectError::Denied));
+                entry.refused(
+                    ConnectError::Denied,
+                    format!("{who} is not in the `reach` of [[publish]] `{name}` here"),
+                );
+                return;
+            }
+        }
+        let Target::Addr { host, port } = &publication.to else {
+            answer(&mut respond, Err(ConnectError::Gateway));
+            return;
+        };
+        let to = match host {
+            Host::Ip(ip) => format!("{}", std::net::SocketAddr::new(*ip, *port)),
+            Host::Name(name) => format!("{name}:{port}"),
+        };
+        let connected = tokio::time::timeout(self.connect_timeout, TcpStream::connect(&to)).await;
+        let tcp = match connected {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(e)) => {
+                let class = ConnectError::of_connect(&e);
+                answer(&mut respond, Err(class));
+                entry.refused(class, format!("{to}: {e}"));
+                return;
+            }
+            Err(_) => {
+                answer(&mut respond, Err(ConnectError::TimedOut));
+                entry.refused(ConnectError::TimedOut, format!("{to}: no answer"));
+                return;
+            }
+        };
+        tunnel_transport::tune_carried_tcp(&tcp);
+        let Some(send) = answer(&mut respond, Ok(())) else {
+            entry.finish(&Err(Abort::Refused(ConnectError::Gateway)));
+            return;
+        };
+        let body = request.into_body();
+        let result = splice::splice(tcp, send, async { Ok(body) }, entry.stats(), health).await;
+        entry.finish(&result);
+    }
+}
+
+fn answer(respond: &mut SendResponse<Bytes>, outcome: Result<(), ConnectError>) -> Option<h2::SendStream<Bytes>> {
+    let (status, error) = encode_outcome(outcome);
+    let mut response = Response::builder().status(status);
+    if let Some(error) = error {
+        response = response.header(ERROR_HEADER, error);
+    }
+    let response = response.body(()).ok()?;
+    let end = outcome.is_err();
+    let send = respond.send_response(response, end).ok()?;
+    (!end).then_some(send)
+}
+
+fn reply<T: Serialize>(respond: &mut SendResponse<Bytes>, status: StatusCode, value: &T) {
+    let json = serde_json::to_vec(value).unwrap_or_default();
+    let Ok(response) = Response::builder().status(status).body(()) else {
+        return;
+    };
+    if let Ok(mut send) = respond.send_response(response, false) {
+        let _ = send.send_data(Bytes::from(json), true);
+    }
+}
+
+async fn read_body(mut body: RecvStream) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        if out.len() + chunk.len() > 64 * 1024 {
+            anyhow::bail!("answer too large");
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}

@@ -1,0 +1,560 @@
+//! Inside-out: services that agents publish here over reverse connections they
+//! dialled, and the connections the gateway sends them: from its `listen` ports (for
+//! programs at its own site) and from other agents that reach a publication by name
+//! (the "patch panel": both sides only dial out).
+//!
+//! ```text
+//!  agent X ─TLS, ALPN tunnel-reverse/1─▶ accept (server.rs) ─▶ serve_publisher:
+//!     gateway as HTTP/2 client: GET /v1/publications → Offer {resume, names}
+//!     each name checked against [publish.NAME].by ─▶ Publishers (a lease per name,
+//!     held while the connection lives; the same `resume` takes it over at once)
+//!
+//!  program ─TCP─▶ [publish.NAME].listen (source in `from`)  ┐
+//!  agent Y ─CONNECT NAME (identity in `reach`)─▶ stream()   ┴▶ open(): the least-loaded
+//!     live publisher, the next one if its connection is gone ─▶ CONNECT NAME on the
+//!     reverse connection (tunnel-client, tunnel-consumer) ─▶ 200 ─▶ splice / relay
+//! ```
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use h2::{RecvStream, SendStream};
+use http::{Method, Request};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tracing::{debug, info, warn};
+use tunnel_proto::ConnectError;
+use tunnel_proto::config::PublishRule;
+use tunnel_proto::connect::{ERROR_HEADER, decode_outcome};
+use tunnel_proto::reverse::{Accepted, CLIENT_HEADER, CONSUMER_HEADER, Offer, PUBLICATIONS_PATH};
+use tokio::sync::watch;
+use tunnel_transport::certs::CertInfo;
+use tunnel_transport::liveness::{self, Health, INITIAL_STREAM_WINDOW};
+use tunnel_transport::counted::Counted;
+use tunnel_transport::plumbing::{Shutdown, accept_until};
+use tunnel_transport::splice;
+
+use crate::policy::Caller;
+use crate::refusals::{Kind, Refusal};
+use crate::server::Gateway;
+
+/// One agent connection that publishes a name.
+#[derive(Clone)]
+struct Publisher {
+    connection: u64,
+    identity: String,
+    peer: SocketAddr,
+    resume: String,
+    send: SendRequest<Bytes>,
+    streams: Arc<AtomicUsize>,
+    since: Instant,
+}
+
+/// The names published now, each with its live publishers.
+#[derive(Default)]
+pub struct Publishers {
+    live: Mutex<BTreeMap<String, Vec<Publisher>>>,
+}
+
+/// A publication as status shows it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PublicationView {
+    pub name: String,
+    pub publishers: Vec<PublisherView>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PublisherView {
+    pub identity: String,
+    pub peer: String,
+    pub streams: usize,
+    pub age_secs: f64,
+}
+
+/// A stream opened to a publisher; counts against it until dropped.
+pub struct Opened {
+    pub send: SendStream<Bytes>,
+    pub recv: RecvStream,
+    pub publisher: String,
+    _count: Counted,
+}
+
+/// Whether `caller` is named in `list` (identities, `group:NAME`, `*`).
+pub fn names(list: &[String], caller: &Caller) -> bool {
+    list.iter().any(|who| {
+        who == "*"
+            || *who == caller.identity
+            || who
+                .strip_prefix("group:")
+                .is_some_and(|g| caller.groups.iter().any(|mine| mine == g))
+    })
+}
+
+impl Publishers {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Vec<Publisher>>> {
+        self.live.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Takes `name` for the publisher on `connection`, as `rule` allows.
+    #[allow(clippy::too_many_arguments)]
+    fn offer(
+        &self,
+        name: &str,
+        rule: &PublishRule,
+        caller: &Caller,
+        connection: u64,
+        peer: SocketAddr,
+        resume: &str,
+        send: &SendRequest<Bytes>,
+    ) -> Result<(), String> {
+        if !names(&rule.by, caller) {
+            return Err(format!(
+                "{caller} may not publish `{name}` ([publish.{name}] by = {:?})",
+                rule.by
+            ));
+        }
+        let mut live = self.lock();
+        let holders = live.entry(name.to_string()).or_default();
+        // The same agent run coming back: its old connection's lease is its own.
+        holders.retain(|p| !(p.identity == caller.identity && p.resume == resume));
+        if rule.exclusive
+            && let Some(holder) = holders.first()
+        {
+            return Err(format!(
+                "`{name}` is exclusive and held by {} (from {}, for {:.0}s)",
+                holder.identity,
+                holder.peer,
+                holder.since.elapsed().as_secs_f64()
+            ));
+        }
+        holders.push(Publisher {
+            connection,
+            identity: caller.identity.clone(),
+            peer,
+            resume: resume.to_string(),
+            send: send.clone(),
+            streams: Arc::default(),
+            since: Instant::now(),
+        });
+        Ok(())
+    }
+
+    /// The connection ended: its leases go.
+    pub fn remove_connection(&self, connection: u64) {
+        let mut live = self.lock();
+        for holders in live.values_mut() {
+            holders.retain(|p| p.connection != connection);
+        }
+        live.retain(|_, holders| !holders.is_empty());
+    }
+
+    /// Publishers of `name`, the least loaded first.
+    fn candidates(&self, name: &str) -> Vec<Publisher> {
+        let mut list = self.lock().get(name).cloned().unwrap_or_default();
+        list.sort_by_key(|p| p.streams.load(Ordering::Relaxed));
+        list
+    }
+
+    /// Takes `publisher` out of rotation (its connection is going).
+    fn drop_publisher(&self, name: &str, connection: u64) {
+        if let Some(holders) = self.lock().get_mut(name) {
+            holders.retain(|p| p.connection != connection);
+        }
+    }
+
+    pub fn views(&self) -> Vec<PublicationView> {
+        self.lock()
+            .iter()
+            .map(|(name, holders)| PublicationView {
+                name: name.clone(),
+                publishers: holders
+                    .iter()
+                    .map(|p| PublisherView {
+                        identity: p.identity.clone(),
+                        peer: p.peer.to_string(),
+                        streams: p.streams.load(Ordering::Relaxed),
+                        age_secs: p.since.elapsed().as_secs_f64(),
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+}
+
+/// Registers what a reverse connection offers; returns the names it holds, and the
+/// refused ones with why.
+#[allow(clippy::type_complexity)]
+pub fn accept_offer(
+    gateway: &Gateway,
+    caller: &Caller,
+    connection: u64,
+    peer: SocketAddr,
+    offer: &tunnel_proto::reverse::Offer,
+    send: &SendRequest<Bytes>,
+) -> (Vec<String>, Vec<(String, String)>) {
+    let mut published = Vec::new();
+    let mut refused = Vec::new();
+    let rules = &gateway.config.publications;
+    for name in &offer.names {
+        let name = name.to_ascii_lowercase();
+        let outcome = match rules.get(&name) {
+            None => Err(format!(
+                "there is no [publish.{name}] in the gateway's config"
+            )),
+            Some(rule) => gateway.publishers.offer(
+                &name,
+                rule,
+                caller,
+                connection,
+                peer,
+                &offer.resume,
+                send,
+            ),
+        };
+        match outcome {
+            Ok(()) => {
+                info!(%peer, identity = %caller, "published `{name}`");
+                published.push(name);
+            }
+            Err(why) => {
+                gateway.refusals.report(
+                    &caller.identity,
+                    Kind::Stream(ConnectError::Denied),
+                    format!("publication of `{name}` refused: {why}"),
+                );
+                refused.push((name, why));
+            }
+        }
+    }
+    (published, refused)
+}
+
+/// Opens a stream to a publisher of `name` for a connection from `client` (and, by
+/// name, from the agent of `consumer`): the least-loaded publisher first, the next
+/// one when its connection is gone. The publisher's agent answers once its own
+/// connect succeeded, or with the failure class.
+pub async fn open(
+    gateway: &Gateway,
+    name: &str,
+    client: SocketAddr,
+    consumer: Option<&str>,
+) -> Result<Opened, Refusal> {
+    let candidates = gateway.publishers.candidates(name);
+    if candidates.is_empty() {
+        return Err(Refusal::new(
+            ConnectError::Refused,
+            format!("no agent publishes `{name}` now"),
+        ));
+    }
+    for publisher in candidates {
+        let Ok(uri) = http::Uri::builder().authority(name).build() else {
+            return Err(Refusal::new(ConnectError::BadRequest, format!("`{name}` is not a name")));
+        };
+        let mut request = Request::builder()
+            .method(Method::CONNECT)
+            .uri(uri)
+            .header(CLIENT_HEADER, client.to_string());
+        if let Some(consumer) = consumer {
+            request = request.header(CONSUMER_HEADER, consumer);
+        }
+        let Ok(request) = request.body(()) else {
+            return Err(Refusal::new(ConnectError::Gateway, "building a request"));
+        };
+        let count = Counted::enter(&publisher.streams);
+        let sent = match publisher.send.clone().ready().await {
+            Ok(mut ready) => ready.send_request(request, false),
+            Err(e) => Err(e),
+        };
+        let (response, send) = match sent {
+            Ok(sent) => sent,
+            Err(e) => {
+                // Its connection is gone or going: the next publisher takes it.
+                debug!(name, publisher = %publisher.peer, "publisher unusable: {e}");
+                gateway.publishers.drop_publisher(name, publisher.connection);
+                continue;
+            }
+        };
+        let answered = tokio::time::timeout(gateway.config.connect_timeout, response).await;
+        let response = match answered {
+            Ok(Ok(response)) => response,
+            Ok(Err(e)) => {
+                debug!(name, publisher = %publisher.peer, "publisher failed: {e}");
+                gateway.publishers.drop_publisher(name, publisher.connection);
+                continue;
+            }
+            Err(_) => {
+                return Err(Refusal::new(
+                    ConnectError::TimedOut,
+                    format!(
+                        "the agent publishing `{name}` ({}) did not answer within connect_timeout",
+                        publisher.identity
+                    ),
+                ));
+            }
+        };
+        let header = response
+            .headers()
+            .get(ERROR_HEADER)
+            .map(http::HeaderValue::as_bytes);
+        if let Err(class) = decode_outcome(response.status().as_u16(), header) {
+            return Err(Refusal::new(
+                class,
+                format!(
+                    "the agent publishing `{name}` ({}) could not connect to it: {class}",
+                    publisher.identity
+                ),
+            ));
+        }
+        return Ok(Opened {
+            send,
+            recv: response.into_body(),
+            publisher: publisher.identity,
+            _count: count,
+        });
+    }
+    Err(Refusal::new(
+        ConnectError::Refused,
+        format!("no agent publishing `{name}` could be reached"),
+    ))
+}
+
+/// Binds the `listen` port of every publication that has one.
+pub async fn bind_listeners(gateway: &Gateway) -> anyhow::Result<Vec<(String, TcpListener)>> {
+    let mut out = Vec::new();
+    for (name, rule) in &gateway.config.publications {
+        if let Some(listen) = rule.listen {
+            let listener = TcpListener::bind(listen).await.map_err(|e| {
+                anyhow::anyhow!("listening on {listen} for [publish.{name}] (its listen): {e}")
+            })?;
+            info!(
+                "publication `{name}` offered on {}",
+                listener.local_addr().map_or(listen, |a| a)
+            );
+            out.push((name.clone(), listener));
+        }
+    }
+    Ok(out)
+}
+
+/// Accepts connections on a publication's `listen` port until `shutdown`: each from a
+/// source in `from` goes to a publisher; any other is closed at once.
+pub async fn serve_listener(
+    gateway: Arc<Gateway>,
+    name: String,
+    listener: TcpListener,
+    shutdown: Shutdown,
+) {
+    let label = format!("publication `{name}`");
+    accept_until(
+        &label,
+        shutdown,
+        || listener.accept(),
+        |(tcp, client)| {
+            let gateway = gateway.clone();
+            let name = name.clone();
+            tokio::spawn(async move { carry_inbound(gateway, name, tcp, client).await });
+        },
+    )
+    .await;
+}
+
+async fn carry_inbound(
+    gateway: Arc<Gateway>,
+    name: String,
+    tcp: tokio::net::TcpStream,
+    client: SocketAddr,
+) {
+    let admitted = gateway
+        .config
+        .publications
+        .get(&name)
+        .is_some_and(|rule| rule.from.iter().any(|net| net.contains(&client.ip().to_canonical())));
+    if !admitted {
+        gateway.refusals.report(
+            &client.ip().to_string(),
+            Kind::Stream(ConnectError::Denied),
+            format!("connection from {client} to publication `{name}` refused: not in its `from`"),
+        );
+        splice::reset(tcp);
+        return;
+    }
+    tunnel_transport::tune_carried_tcp(&tcp);
+    let entry = gateway
+        .streams
+        .register(format!("{name} (from {client})"), "-".into());
+    let opened = match open(&gateway, &name, client, None).await {
+        Ok(opened) => opened,
+        Err(refusal) => {
+            warn!(%client, "inbound connection to `{name}`: {}", refusal.why);
+            entry.refused(refusal.class, refusal.why);
+            splice::reset(tcp);
+            return;
+        }
+    };
+    let health = Health::default();
+    let recv = opened.recv;
+    let result = splice::splice(tcp, opened.send, async { Ok(recv) }, entry.stats(), &health).await;
+    entry.finish(&result);
+}
+
+/// How long a publisher's agent has to say what it publishes.
+const OFFER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Reads an answer's body whole, refusing more than `limit` bytes.
+async fn read_body(mut body: RecvStream, limit: usize) -> anyhow::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        if out.len() + chunk.len() > limit {
+            anyhow::bail!("more than {limit} bytes");
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
+/// Asks a reverse connection's agent what it publishes and takes what the config
+/// allows; tells the agent the result.
+async fn take_offer(
+    gateway: &Gateway,
+    send: &mut SendRequest<Bytes>,
+    caller: &Caller,
+    connection: u64,
+    peer: SocketAddr,
+) -> anyhow::Result<Vec<String>> {
+    let request = Request::builder()
+        .method(Method::GET)
+        .uri(format!("https://gateway{PUBLICATIONS_PATH}"))
+        .body(())?;
+    let (response, _) = send.clone().ready().await?.send_request(request, true)?;
+    let response = tokio::time::timeout(OFFER_TIMEOUT, response).await??;
+    let body = tokio::time::timeout(OFFER_TIMEOUT, read_body(response.into_body(), 64 * 1024)).await??;
+    let offer: Offer = serde_json::from_slice(&body)?;
+    let (published, refused) = accept_offer(gateway, caller, connection, peer, &offer, send);
+    let accepted = serde_json::to_vec(&Accepted {
+        published: published.clone(),
+        refused,
+    })?;
+    let request = Request::builder()
+        .method(Method::POST)
+        .uri(format!("https://gateway{PUBLICATIONS_PATH}"))
+        .body(())?;
+    let (_, mut body) = send.clone().ready().await?.send_request(request, false)?;
+    body.send_data(Bytes::from(accepted), true)?;
+    Ok(published)
+}
+
+/// A reverse connection: the gateway is the HTTP/2 client. It holds the agent's
+/// publications while it lives, and ends (its streams reset) as any agent connection
+/// does: at its certificate's end unless renewed, at revocation, or at shutdown.
+pub async fn serve_publisher(
+    gateway: Arc<Gateway>,
+    tls_stream: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    peer: SocketAddr,
+    identity: String,
+    certificate: CertInfo,
+    mut shutdown: Shutdown,
+) {
+    let handshake = tunnel_transport::liveness::client_builder().handshake::<_, Bytes>(tls_stream);
+    let (mut send, mut conn) =
+        match tokio::time::timeout(gateway.config.handshake_timeout, handshake).await {
+            Ok(Ok(pair)) => pair,
+            Ok(Err(e)) => {
+                warn!(%peer, %identity, "reverse connection: HTTP/2 handshake failed: {e}");
+                return;
+            }
+            Err(_) => {
+                warn!(%peer, %identity, "reverse connection: HTTP/2 handshake timed out");
+                return;
+            }
+        };
+    let health = Arc::new(Health::default());
+    let (id, mut current_rx) = gateway
+        .register(peer, &identity, Some(&certificate), &health, 0)
+        .await;
+    let caller = gateway.caller(&identity);
+    let offered = take_offer(&gateway, &mut send, &caller, id, peer);
+    tokio::pin!(offered);
+    let mut offer_pending = true;
+    let mut revocations = gateway.revocations.subscribe();
+    let Some(ping_pong) = conn.ping_pong() else {
+        gateway.unregister(id);
+        return;
+    };
+    let (window_tx, _window_rx) = watch::channel(INITIAL_STREAM_WINDOW);
+    let watcher = {
+        let health = health.clone();
+        let (interval, timeout) = (gateway.config.ping_interval, gateway.config.ping_timeout);
+        async move { liveness::watch_connection(ping_pong, &health, window_tx, interval, timeout).await }
+    };
+    tokio::pin!(watcher);
+    let reason = loop {
+        let current = current_rx.borrow_and_update().clone();
+        let deadline = current.as_ref().map_or(certificate.not_after, |c| c.not_after);
+        let expiry = tokio::time::Instant::now() + crate::server::until_unix(deadline);
+        tokio::select! {
+            ended = &mut conn => break match ended {
+                Ok(()) => "closed".to_string(),
+                Err(e) => format!("connection error: {e}"),
+            },
+            taken = &mut offered, if offer_pending => {
+                offer_pending = false;
+                match taken {
+                    Ok(names) if names.is_empty() => break "it publishes nothing the gateway allows".to_string(),
+                    Ok(_) => {}
+                    Err(e) => break format!("asking what it publishes: {e:#}"),
+                }
+            }
+            _ = current_rx.changed() => {}
+            () = tokio::time::sleep_until(expiry) => {
+                break format!("the certificate of {identity} expired on {}", tunnel_transport::certs::utc(deadline));
+            }
+            Ok(()) = revocations.changed() => {
+                let list = revocations.borrow_and_update().clone();
+                if let Some(why) = crate::server::revoked(&list, &identity, Some(&certificate), current.as_ref()) {
+                    break why;
+                }
+            }
+            () = shutdown.fired() => break "the gateway is stopping".to_string(),
+            error = &mut watcher => break error.to_string(),
+        }
+    };
+    gateway.unregister(id);
+    // Its streams end with it: the connection is dropped here, and each stream's
+    // splice sees the loss as a reset.
+    drop(conn);
+    info!(%peer, %identity, "reverse connection ended: {reason}");
+}
+
+/// Whether `name` is a publication name of this gateway.
+pub fn is_publication(gateway: &Gateway, name: &str) -> bool {
+    gateway.config.publications.contains_key(name)
+}
+
+/// A consumer agent's CONNECT to a publication by name: `reach` checked, then a stream
+/// to a publisher, joined to the consumer's.
+pub async fn reach_by_name(
+    gateway: &Gateway,
+    caller: &Caller,
+    name: &str,
+    client: SocketAddr,
+) -> Result<Opened, Refusal> {
+    let allowed = gateway
+        .config
+        .publications
+        .get(name)
+        .is_some_and(|rule| names(&rule.reach, caller));
+    if !allowed {
+        return Err(Refusal::new(
+            ConnectError::Denied,
+            format!("{caller} is not in the `reach` of [publish.{name}]"),
+        ));
+    }
+    open(gateway, name, client, Some(&caller.identity)).await
+}
