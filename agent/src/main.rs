@@ -341,7 +341,12 @@ async fn serve(config: AgentConfig, exit_with: Option<i32>) -> Result<()> {
                 .cloned()
                 .collect();
             (!mine.is_empty()).then(|| {
-                publish::Publisher::start(pool.clone(), mine, streams.clone(), config.connect_timeout)
+                publish::Publisher::start(
+                    pool.clone(),
+                    mine,
+                    streams.clone(),
+                    config.connect_timeout,
+                )
             })
         })
         .collect();

@@ -286,15 +286,20 @@ impl Publisher {
         );
         let Some(publication) = self.publications.get(&name) else {
             answer(&mut respond, Err(ConnectError::BadRequest));
-            entry.refused(ConnectError::BadRequest, format!("`{name}` is not published here"));
+            entry.refused(
+                ConnectError::BadRequest,
+                format!("`{name}` is not published here"),
+            );
             return;
         };
         if let Some(reach) = &publication.reach {
-            let admitted = reach.iter().any(|who| {
-                who == "*" || consumer.as_deref() == Some(who.as_str())
-            });
+            let admitted = reach
+                .iter()
+                .any(|who| who == "*" || consumer.as_deref() == Some(who.as_str()));
             if !admitted {
-                let who = consumer.as_deref().unwrap_or("a connection at the gateway's port");
+                let who = consumer
+                    .as_deref()
+                    .unwrap_or("a connection at the gateway's port");
                 answer(&mut respond, Err(ConnectError::Denied));
                 entry.refused(
                     ConnectError::Denied,
@@ -337,7 +342,10 @@ impl Publisher {
     }
 }
 
-fn answer(respond: &mut SendResponse<Bytes>, outcome: Result<(), ConnectError>) -> Option<h2::SendStream<Bytes>> {
+fn answer(
+    respond: &mut SendResponse<Bytes>,
+    outcome: Result<(), ConnectError>,
+) -> Option<h2::SendStream<Bytes>> {
     let (status, error) = encode_outcome(outcome);
     let mut response = Response::builder().status(status);
     if let Some(error) = error {

@@ -27,15 +27,15 @@ use h2::{RecvStream, SendStream};
 use http::{Method, Request};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tracing::{debug, info, warn};
 use tunnel_proto::ConnectError;
 use tunnel_proto::config::PublishRule;
 use tunnel_proto::connect::{ERROR_HEADER, decode_outcome};
 use tunnel_proto::reverse::{Accepted, CLIENT_HEADER, CONSUMER_HEADER, Offer, PUBLICATIONS_PATH};
-use tokio::sync::watch;
 use tunnel_transport::certs::CertInfo;
-use tunnel_transport::liveness::{self, Health, INITIAL_STREAM_WINDOW};
 use tunnel_transport::counted::Counted;
+use tunnel_transport::liveness::{self, Health, INITIAL_STREAM_WINDOW};
 use tunnel_transport::plumbing::{Shutdown, accept_until};
 use tunnel_transport::splice;
 
@@ -206,15 +206,11 @@ pub fn accept_offer(
             None => Err(format!(
                 "there is no [publish.{name}] in the gateway's config"
             )),
-            Some(rule) => gateway.publishers.offer(
-                &name,
-                rule,
-                caller,
-                connection,
-                peer,
-                &offer.resume,
-                send,
-            ),
+            Some(rule) => {
+                gateway
+                    .publishers
+                    .offer(&name, rule, caller, connection, peer, &offer.resume, send)
+            }
         };
         match outcome {
             Ok(()) => {
@@ -253,7 +249,10 @@ pub async fn open(
     }
     for publisher in candidates {
         let Ok(uri) = http::Uri::builder().authority(name).build() else {
-            return Err(Refusal::new(ConnectError::BadRequest, format!("`{name}` is not a name")));
+            return Err(Refusal::new(
+                ConnectError::BadRequest,
+                format!("`{name}` is not a name"),
+            ));
         };
         let mut request = Request::builder()
             .method(Method::CONNECT)
@@ -275,7 +274,9 @@ pub async fn open(
             Err(e) => {
                 // Its connection is gone or going: the next publisher takes it.
                 debug!(name, publisher = %publisher.peer, "publisher unusable: {e}");
-                gateway.publishers.drop_publisher(name, publisher.connection);
+                gateway
+                    .publishers
+                    .drop_publisher(name, publisher.connection);
                 continue;
             }
         };
@@ -284,7 +285,9 @@ pub async fn open(
             Ok(Ok(response)) => response,
             Ok(Err(e)) => {
                 debug!(name, publisher = %publisher.peer, "publisher failed: {e}");
-                gateway.publishers.drop_publisher(name, publisher.connection);
+                gateway
+                    .publishers
+                    .drop_publisher(name, publisher.connection);
                 continue;
             }
             Err(_) => {
@@ -369,11 +372,11 @@ async fn carry_inbound(
     tcp: tokio::net::TcpStream,
     client: SocketAddr,
 ) {
-    let admitted = gateway
-        .config
-        .publications
-        .get(&name)
-        .is_some_and(|rule| rule.from.iter().any(|net| net.contains(&client.ip().to_canonical())));
+    let admitted = gateway.config.publications.get(&name).is_some_and(|rule| {
+        rule.from
+            .iter()
+            .any(|net| net.contains(&client.ip().to_canonical()))
+    });
     if !admitted {
         gateway.refusals.report(
             &client.ip().to_string(),
@@ -434,7 +437,8 @@ async fn take_offer(
         .body(())?;
     let (response, _) = send.clone().ready().await?.send_request(request, true)?;
     let response = tokio::time::timeout(OFFER_TIMEOUT, response).await??;
-    let body = tokio::time::timeout(OFFER_TIMEOUT, read_body(response.into_body(), 64 * 1024)).await??;
+    let body =
+        tokio::time::timeout(OFFER_TIMEOUT, read_body(response.into_body(), 64 * 1024)).await??;
     let offer: Offer = serde_json::from_slice(&body)?;
     let (published, refused) = accept_offer(gateway, caller, connection, peer, &offer, send);
     let accepted = serde_json::to_vec(&Accepted {
@@ -445,8 +449,10 @@ async fn take_offer(
         .method(Method::POST)
         .uri(format!("https://gateway{PUBLICATIONS_PATH}"))
         .body(())?;
-    let (_, mut body) = send.clone().ready().await?.send_request(request, false)?;
+    let (response, mut body) = send.clone().ready().await?.send_request(request, false)?;
     body.send_data(Bytes::from(accepted), true)?;
+    // Dropping the answer's future would cancel the stream before the agent read it.
+    tokio::time::timeout(OFFER_TIMEOUT, response).await??;
     Ok(published)
 }
 
@@ -496,7 +502,9 @@ pub async fn serve_publisher(
     tokio::pin!(watcher);
     let reason = loop {
         let current = current_rx.borrow_and_update().clone();
-        let deadline = current.as_ref().map_or(certificate.not_after, |c| c.not_after);
+        let deadline = current
+            .as_ref()
+            .map_or(certificate.not_after, |c| c.not_after);
         let expiry = tokio::time::Instant::now() + crate::server::until_unix(deadline);
         tokio::select! {
             ended = &mut conn => break match ended {

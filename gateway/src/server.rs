@@ -545,9 +545,8 @@ async fn agent(
 
     if tls_stream.get_ref().1.alpn_protocol() == Some(tunnel_proto::reverse::ALPN) {
         if role != Role::Agent {
-            let detail = format!(
-                "reverse connection from {peer} refused: it needs a valid certificate"
-            );
+            let detail =
+                format!("reverse connection from {peer} refused: it needs a valid certificate");
             gateway
                 .refusals
                 .report(&identity, Kind::HandshakeFailed, detail);
@@ -593,7 +592,13 @@ async fn agent(
     let health = Arc::new(Health::default());
     let limited_until = unix_now() + LIMITED_CONNECTION.as_secs() as i64;
     let (id, mut current_rx) = gateway
-        .register(peer, &identity, certificate.as_ref(), &health, limited_until)
+        .register(
+            peer,
+            &identity,
+            certificate.as_ref(),
+            &health,
+            limited_until,
+        )
         .await;
     match role {
         Role::Enrolling => debug!(%peer, "client without a certificate: enrolment only"),
@@ -896,11 +901,9 @@ async fn publication_stream(
     let identity = caller.identity.clone();
     let opened = match gateway.admission.stream(&identity) {
         Err(over) => Err(Refusal::new(ConnectError::OverLimit, over.to_string())),
-        Ok(permit) => {
-            publications::reach_by_name(&gateway, &caller, &name, gateway.local_addr)
-                .await
-                .map(|opened| (opened, permit))
-        }
+        Ok(permit) => publications::reach_by_name(&gateway, &caller, &name, gateway.local_addr)
+            .await
+            .map(|opened| (opened, permit)),
     };
     let (opened, _permit) = match opened {
         Ok(opened) => opened,

@@ -62,10 +62,9 @@ impl ConnectError {
             (std::io::ErrorKind::ConnectionRefused, _) => ConnectError::Refused,
             (std::io::ErrorKind::TimedOut, _) => ConnectError::TimedOut,
             (_, Some(ENETUNREACH | EHOSTUNREACH)) => ConnectError::Unreachable,
-            (
-                std::io::ErrorKind::HostUnreachable | std::io::ErrorKind::NetworkUnreachable,
-                _,
-            ) => ConnectError::Unreachable,
+            (std::io::ErrorKind::HostUnreachable | std::io::ErrorKind::NetworkUnreachable, _) => {
+                ConnectError::Unreachable
+            }
             _ => ConnectError::Gateway,
         }
     }

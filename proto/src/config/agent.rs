@@ -467,7 +467,10 @@ impl AgentConfig {
             if !crate::target::is_valid_service_name(&p.name) {
                 problems.add(
                     format!("{key}.name"),
-                    format!("`{}` is not a usable name: one word of letters, digits, - or _", p.name),
+                    format!(
+                        "`{}` is not a usable name: one word of letters, digits, - or _",
+                        p.name
+                    ),
                 );
             } else if !published.insert((p.name.to_ascii_lowercase(), via.clone())) {
                 problems.add(

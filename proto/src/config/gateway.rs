@@ -263,10 +263,16 @@ impl GatewayConfig {
             let key = format!("publish.{name}");
             let lower = name.to_ascii_lowercase();
             if !is_valid_service_name(name) {
-                problems.add(&key, "a published name is one word of letters, digits, - or _ (no dots)");
+                problems.add(
+                    &key,
+                    "a published name is one word of letters, digits, - or _ (no dots)",
+                );
             }
             if services.contains_key(&lower) {
-                problems.add(&key, format!("`{name}` is also a [service.{name}]: a name is one or the other"));
+                problems.add(
+                    &key,
+                    format!("`{name}` is also a [service.{name}]: a name is one or the other"),
+                );
             }
             let who = |problems: &mut Problems, field: &str, list: &[String]| {
                 for w in list {
@@ -282,20 +288,35 @@ impl GatewayConfig {
             who(&mut problems, "by", &p.by);
             who(&mut problems, "reach", &p.reach);
             if p.by.is_empty() {
-                problems.add(format!("{key}.by"), "empty: name the identities that may publish it, e.g. [\"alice\"]");
+                problems.add(
+                    format!("{key}.by"),
+                    "empty: name the identities that may publish it, e.g. [\"alice\"]",
+                );
             }
-            let listen = p.listen.as_ref().and_then(|l| match l.parse::<SocketAddr>() {
-                Ok(addr) => Some(addr),
-                Err(_) => {
-                    problems.add(format!("{key}.listen"), format!("`{l}` is not ADDRESS:PORT, e.g. \"0.0.0.0:15432\""));
-                    None
-                }
-            });
+            let listen = p
+                .listen
+                .as_ref()
+                .and_then(|l| match l.parse::<SocketAddr>() {
+                    Ok(addr) => Some(addr),
+                    Err(_) => {
+                        problems.add(
+                            format!("{key}.listen"),
+                            format!("`{l}` is not ADDRESS:PORT, e.g. \"0.0.0.0:15432\""),
+                        );
+                        None
+                    }
+                });
             let mut from = Vec::new();
             for f in &p.from {
-                match f.parse::<ipnet::IpNet>().or_else(|_| f.parse::<std::net::IpAddr>().map(ipnet::IpNet::from)) {
+                match f
+                    .parse::<ipnet::IpNet>()
+                    .or_else(|_| f.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                {
                     Ok(net) => from.push(net),
-                    Err(_) => problems.add(format!("{key}.from"), format!("`{f}` is not an address or CIDR, e.g. \"10.20.0.0/16\"")),
+                    Err(_) => problems.add(
+                        format!("{key}.from"),
+                        format!("`{f}` is not an address or CIDR, e.g. \"10.20.0.0/16\""),
+                    ),
                 }
             }
             if listen.is_some() && from.is_empty() {

@@ -14,7 +14,9 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use agent::{AgentConfig, Forward, GatewayAddress, GatewayPeer, LocalUsers, Publication, Route};
+pub use agent::{
+    AgentConfig, Forward, GatewayAddress, GatewayPeer, LocalUsers, Publication, Route,
+};
 pub use gateway::{AllowRule, AllowTo, GatewayConfig, PublishRule, Service};
 
 /// Everything wrong with one configuration file.

@@ -7,6 +7,7 @@ mod errors;
 mod forward;
 mod hostile;
 mod identity;
+mod inside_out;
 mod local_leg;
 mod namespaces;
 mod preload;

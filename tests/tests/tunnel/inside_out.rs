@@ -1,0 +1,195 @@
+//! Inside-out: services published by agents that only dial out, reached at the
+//! gateway's listen port and by name from other agents (the patch panel), with
+//! several publishers for one name.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use tunnel_tests::*;
+
+/// An echo server on 127.0.0.1 that first says `hello from TAG\n`.
+fn echo(tag: &'static str) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("echo");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                let _ = conn.write_all(format!("hello from {tag}\n").as_bytes());
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = conn.read(&mut buf) {
+                    if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Reads the greeting line of a connection to a published echo, sends a line and
+/// checks it comes back; returns the greeting.
+fn talk(addr: SocketAddr) -> std::io::Result<String> {
+    let mut conn = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut greeting = Vec::new();
+    let mut byte = [0u8; 1];
+    while !greeting.ends_with(b"\n") {
+        if conn.read(&mut byte)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        greeting.push(byte[0]);
+    }
+    conn.write_all(b"ping\n")?;
+    let mut back = [0u8; 5];
+    conn.read_exact(&mut back)?;
+    assert_eq!(&back, b"ping\n");
+    Ok(String::from_utf8_lossy(&greeting).trim().to_string())
+}
+
+/// The address a publication's listen port got (it was 127.0.0.1:0 in the config).
+fn offered_at(gateway: &mut Gateway, name: &str) -> SocketAddr {
+    gateway
+        .daemon
+        .wait_log(
+            &format!("publication `{name}` offered on "),
+            Duration::from_secs(10),
+        )
+        .expect("the listen port")
+        .trim()
+        .parse()
+        .expect("an address")
+}
+
+fn publish_table(name: &str, to: SocketAddr) -> String {
+    format!("[[publish]]\nname = \"{name}\"\nto = \"{to}\"\n")
+}
+
+fn wait_published(agent: &Agent, name: &str) {
+    wait_for(
+        Duration::from_secs(15),
+        "the publication to be held",
+        || {
+            let status = agent.status().ok()?;
+            let held = status["publications"].as_array()?.iter().any(|p| {
+                p["published"]
+                    .as_array()
+                    .is_some_and(|n| n.iter().any(|x| x == name))
+            });
+            held.then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.daemon.log_text()));
+}
+
+fn agent_for(site: &Site, gw_dir: &Path, gateway: &Gateway, identity: &str, body: &str) -> Agent {
+    let creds = site.issue(gw_dir, identity, &format!("{identity}-creds"));
+    let table = gateway_table("site-b", gateway.addr, &creds, identity);
+    Agent::start(&site.path(identity), &format!("{table}{body}"), true).expect("agent")
+}
+
+const RULES: &str = "\n[publish.echo]\nby = [\"alice\", \"carol\"]\nreach = [\"bob\"]\nlisten = \"127.0.0.1:0\"\nfrom = [\"127.0.0.0/8\"]\n\n[publish.closed]\nby = [\"alice\"]\nlisten = \"127.0.0.1:0\"\nfrom = [\"10.0.0.0/8\"]\n";
+
+#[test]
+fn a_published_service_is_reached_at_the_gateway_port_and_by_name_through_the_patch_panel() {
+    let service = echo("alice's site");
+    let site = Site::new();
+    let gw_dir = site.init_gateway("gateway");
+    let mut gateway = Gateway::start(&gw_dir, RULES).expect("gateway");
+    let port = offered_at(&mut gateway, "echo");
+    let closed = offered_at(&mut gateway, "closed");
+    let alice = agent_for(
+        &site,
+        &gw_dir,
+        &gateway,
+        "alice",
+        &format!(
+            "{}{}",
+            publish_table("echo", service),
+            publish_table("closed", service)
+        ),
+    );
+    wait_published(&alice, "echo");
+
+    // At the gateway's own site, through its listen port.
+    assert_eq!(
+        talk(port).expect("through the listen port"),
+        "hello from alice's site"
+    );
+    // Another agent, by name: both sites only dial out.
+    let bob = agent_for(&site, &gw_dir, &gateway, "bob", &forward_table("echo"));
+    assert_eq!(
+        talk(bob.forwards[0]).expect("through the patch panel"),
+        "hello from alice's site"
+    );
+
+    // Refusals: dave is not in `reach`; a source outside `from` never gets through.
+    let dave = agent_for(&site, &gw_dir, &gateway, "dave", &forward_table("echo"));
+    assert!(talk(dave.forwards[0]).is_err(), "dave reached echo");
+    assert!(talk(closed).is_err(), "a source outside `from` got through");
+    // An identity not in `by` cannot publish.
+    let eve = agent_for(
+        &site,
+        &gw_dir,
+        &gateway,
+        "eve",
+        &publish_table("echo", service),
+    );
+    wait_for(
+        Duration::from_secs(10),
+        "eve's publication to be refused",
+        || {
+            let status = eve.status().ok()?;
+            let refused = status["publications"][0]["refused"].to_string();
+            refused.contains("may not publish").then_some(())
+        },
+    )
+    .expect("eve refused");
+    let status = gateway.status().expect("gateway status");
+    let publishers = &status["publications"][0]["publishers"];
+    assert_eq!(publishers.as_array().map(Vec::len), Some(1), "{status}");
+    assert_eq!(publishers[0]["identity"], "alice");
+    drop((alice, bob, dave, eve));
+}
+
+#[test]
+fn with_two_publishers_new_connections_go_on_when_one_is_killed() {
+    let a = echo("a");
+    let b = echo("b");
+    let site = Site::new();
+    let gw_dir = site.init_gateway("gateway");
+    let mut gateway = Gateway::start(&gw_dir, RULES).expect("gateway");
+    let port = offered_at(&mut gateway, "echo");
+    let alice = agent_for(&site, &gw_dir, &gateway, "alice", &publish_table("echo", a));
+    let carol = agent_for(&site, &gw_dir, &gateway, "carol", &publish_table("echo", b));
+    wait_published(&alice, "echo");
+    wait_published(&carol, "echo");
+    let mut seen = std::collections::BTreeSet::new();
+    let (mut ok, mut failed) = (0, 0);
+    let started = Instant::now();
+    let mut killed = false;
+    while started.elapsed() < Duration::from_secs(6) {
+        if !killed && started.elapsed() > Duration::from_secs(2) {
+            alice.daemon.signal(Signal::SIGKILL);
+            killed = true;
+        }
+        match talk(port) {
+            Ok(greeting) => {
+                ok += 1;
+                seen.insert(greeting);
+            }
+            Err(_) => failed += 1,
+        }
+    }
+    assert!(seen.len() == 2, "both publishers served: {seen:?}");
+    let total = ok + failed;
+    assert!(
+        failed * 1000 <= total,
+        "{failed} of {total} connections failed after a publisher was killed"
+    );
+    drop(carol);
+}
