@@ -140,6 +140,9 @@ impl SlotState {
 struct Live {
     send: SendRequest<Bytes>,
     health: Arc<Health>,
+    /// This connection's TLS exporter value: signed with a renewed key, it moves the
+    /// connection onto the renewed certificate (`/v1/extend`).
+    exporter: Option<[u8; 32]>,
 }
 
 /// A stream just opened on a tunnel connection.
@@ -254,6 +257,70 @@ impl Pool {
             .write()
             .unwrap_or_else(PoisonError::into_inner) = certificate;
         self.credential_changed.notify_waiters();
+    }
+
+    /// Woken when the credential is replaced (renewal, a new enrolment).
+    pub fn credential_changed(&self) -> &Notify {
+        &self.credential_changed
+    }
+
+    /// Moves every live connection onto the renewed certificate `certificate_pem`, by
+    /// signing its TLS exporter value with the renewed `key` (the gateway would
+    /// otherwise end it when the certificate it was made with ends). Returns how many
+    /// were moved; a failure is logged and that connection ends with its old
+    /// certificate, its streams then reset as they would have been.
+    pub async fn extend_all(&self, certificate_pem: &str, key: &rcgen::KeyPair) -> usize {
+        use rcgen::SigningKey as _;
+        let live: Vec<(usize, Live)> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, slot)| match &lock(slot).state {
+                SlotState::Up(live) => Some((i, live.clone())),
+                _ => None,
+            })
+            .collect();
+        let mut moved = 0;
+        for (index, live) in live {
+            let Some(exporter) = live.exporter else {
+                continue;
+            };
+            let mut message = tunnel_proto::enrolment::EXTEND_CONTEXT.to_vec();
+            message.extend_from_slice(&exporter);
+            let extended = async {
+                let signature = key.sign(&message).context("signing")?;
+                let body = serde_json::to_vec(&tunnel_proto::enrolment::ExtendRequest {
+                    certificate: certificate_pem.to_string(),
+                    signature: data_encoding::BASE64URL_NOPAD.encode(&signature),
+                })?;
+                let request = crate::exchange::request(
+                    &self.server_name_of(index),
+                    tunnel_proto::enrolment::EXTEND_PATH,
+                )?;
+                let (response, send) = live
+                    .send
+                    .clone()
+                    .ready()
+                    .await?
+                    .send_request(request, false)?;
+                let (status, answer) =
+                    crate::exchange::answer(response, send, Bytes::from(body)).await?;
+                if !status.is_success() {
+                    anyhow::bail!("{status}: {}", String::from_utf8_lossy(&answer));
+                }
+                anyhow::Ok(())
+            };
+            match tokio::time::timeout(self.connect_timeout, extended).await {
+                Ok(Ok(())) => moved += 1,
+                Ok(Err(e)) => {
+                    warn!(gateway = %self.peer.name, slot = index, "moving the connection onto the renewed certificate failed: {e:#}")
+                }
+                Err(_) => {
+                    warn!(gateway = %self.peer.name, slot = index, "moving the connection onto the renewed certificate: no answer")
+                }
+            }
+        }
+        moved
     }
 
     /// Tells of every connection that comes up (a count).
@@ -601,8 +668,11 @@ async fn keep_connected(pool: Arc<Pool>, index: usize, dialer: Dialer) {
 }
 
 type Connection = (
-    SendRequest<Bytes>,
-    h2::client::Connection<Rewind<tokio_rustls::client::TlsStream<TcpStream>>, Bytes>,
+    (
+        SendRequest<Bytes>,
+        h2::client::Connection<Rewind<tokio_rustls::client::TlsStream<TcpStream>>, Bytes>,
+    ),
+    Option<[u8; 32]>,
 );
 
 async fn dial(
@@ -632,10 +702,12 @@ async fn dial(
         anyhow::bail!("the gateway closed the connection right after the TLS handshake");
     }
     first.truncate(n);
-    liveness::client_builder()
+    let exporter = tunnel_transport::tls::exporter(tls.get_ref().1);
+    let h2 = liveness::client_builder()
         .handshake(Rewind::new(first, tls))
         .await
-        .context("HTTP/2 handshake")
+        .context("HTTP/2 handshake")?;
+    Ok((h2, exporter))
 }
 
 /// Drives one connection until it ends; returns why.
@@ -645,7 +717,7 @@ async fn run_connection(
     connection: Connection,
     dialer: &Dialer,
 ) -> String {
-    let (send, mut conn) = connection;
+    let ((send, mut conn), exporter) = connection;
     let Some(ping_pong) = conn.ping_pong() else {
         return "no PING handle".into();
     };
@@ -655,6 +727,7 @@ async fn run_connection(
         SlotState::Up(Live {
             send,
             health: health.clone(),
+            exporter,
         }),
     );
     let (window_tx, mut window_rx) = watch::channel(INITIAL_STREAM_WINDOW);

@@ -114,6 +114,8 @@ impl Publisher {
             };
             which += 1;
             let began = Instant::now();
+            // Armed before the dial, so a renewal during it is not missed.
+            let renewed = self.pool.credential_changed().notified();
             let reason = match self.dial(&address.address, &address.server_name).await {
                 Ok(tls) => {
                     info!(gateway = %gateway, "reverse connection to {} up", address.address);
@@ -121,11 +123,25 @@ impl Publisher {
                         v.state = "up".into();
                         v.error = None;
                     });
-                    let reason = self.serve(tls).await;
-                    if began.elapsed() > Duration::from_secs(10) {
-                        backoff = BACKOFF_FIRST;
+                    let me = self.clone();
+                    let mut serving = tokio::spawn(async move { me.serve(tls).await });
+                    tokio::select! {
+                        reason = &mut serving => {
+                            if began.elapsed() > Duration::from_secs(10) {
+                                backoff = BACKOFF_FIRST;
+                            }
+                            reason.unwrap_or_else(|e| format!("{e}"))
+                        }
+                        () = renewed => {
+                            // A connection made with the renewed certificate takes the
+                            // publications over (the same resume token); the old one
+                            // carries its streams until the gateway ends it with its
+                            // certificate.
+                            info!(gateway = %gateway, "credential renewed: a new reverse connection takes the publications over");
+                            backoff = BACKOFF_FIRST;
+                            continue;
+                        }
                     }
-                    reason
                 }
                 Err(e) => format!("{e:#}"),
             };

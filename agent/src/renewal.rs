@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 use tunnel_proto::enrolment::{BACKDATE_SECS, RENEW_PATH, RefusalKind, Refused, RenewRequest};
 use tunnel_transport::certs::utc;
 
@@ -468,7 +468,12 @@ impl Renewal {
             self.pool.use_credential(tls, certificate.clone());
             Ok(certificate)
         };
-        put_to_use().map_err(failed)
+        let renewed = put_to_use().map_err(failed)?;
+        // The connections that are up were made with the old certificate: move them
+        // onto the new one, so that their streams outlive it.
+        let moved = self.pool.extend_all(&issued.certificate, &key).await;
+        debug!(gateway = %self.gateway(), moved, "connections moved onto the renewed certificate");
+        Ok(renewed)
     }
 }
 

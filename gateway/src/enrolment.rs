@@ -147,8 +147,20 @@ pub fn revoke(state_dir: &Path, identity: Option<&str>, serial: Option<&str>) ->
                 );
             }
             let serial = serial.trim_start_matches("00").to_string();
+            // The certificates its lineage had before it go with it: a holder of the
+            // one before could otherwise reconnect and renew past the revocation.
+            let earlier: Vec<String> = known
+                .iter()
+                .find_map(|r| {
+                    let at = r.serials.iter().position(|s| *s == serial)?;
+                    Some(r.serials[..at].to_vec())
+                })
+                .unwrap_or_default();
             state.revoke(|r, now| {
                 r.serials.insert(serial.clone(), now);
+                for s in &earlier {
+                    r.serials.entry(s.clone()).or_insert(now);
+                }
             })?;
             let mut said = format!(
                 "revoked certificate {serial} (written to {})",

@@ -21,11 +21,16 @@ use bytes::Bytes;
 use h2::RecvStream;
 use h2::server::SendResponse;
 use http::{Response, StatusCode};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 use serde::Serialize;
-use tracing::{error, info};
-use tunnel_proto::enrolment::{EnrolRequest, Issued, MAX_BODY, RefusalKind, Refused, RenewRequest};
+use tracing::{debug, error, info};
+use tunnel_proto::enrolment::{
+    EXTEND_CONTEXT, EnrolRequest, ExtendRequest, Issued, MAX_BODY, RefusalKind, Refused,
+    RenewRequest,
+};
 use tunnel_proto::token::Secret;
-use tunnel_transport::certs::{unix_now, utc};
+use tunnel_transport::certs::{CertInfo, unix_now, utc};
 
 use crate::authority::request_key_digest;
 use crate::refusals::Kind;
@@ -211,12 +216,12 @@ fn source_of(peer: SocketAddr) -> String {
 /// identity's lineage lives on to the new certificate's end.
 pub async fn renew(
     gateway: Arc<Gateway>,
-    peer: SocketAddr,
+    (peer, connection): (SocketAddr, u64),
     presented: Presented,
     recv: RecvStream,
     mut respond: SendResponse<Bytes>,
 ) {
-    match renewal(&gateway, &presented, recv).await {
+    match renewal(&gateway, connection, &presented, recv).await {
         Ok(issued) => {
             info!(%peer, identity = %presented.identity, "renewed: certificate {} replaces {}, valid until {}{}", issued.serial, presented.serial, utc(issued.not_after), if presented.expired { " (recovered an expired certificate)" } else { "" });
             reply(&mut respond, StatusCode::OK, &issued);
@@ -237,6 +242,7 @@ pub async fn renew(
 
 async fn renewal(
     gateway: &Arc<Gateway>,
+    connection: u64,
     presented: &Presented,
     recv: RecvStream,
 ) -> Result<Issued, Denial> {
@@ -255,7 +261,16 @@ async fn renewal(
     .await
     .map_err(|e| internal(&anyhow!("{e}")))?
     .map_err(|e| internal(&e))??;
-    gateway.extend_lineage(&record.identity, &record.enrolment, &signed);
+    // Who asked on this connection holds the new key: the connection lives on with it.
+    // The agent's other connections move over by proving that (`extend`).
+    gateway.vouch(
+        connection,
+        Current {
+            serial: signed.serial.clone(),
+            not_before: signed.not_before,
+            not_after: signed.not_after,
+        },
+    );
     Ok(issued(
         gateway,
         &record.identity,
@@ -275,4 +290,106 @@ pub fn presented(identity: &str, current: &Current) -> Presented {
         not_before: current.not_before,
         expired: unix_now() > current.not_after,
     }
+}
+
+/// `POST /v1/extend`: the connection moves onto a newer certificate of its identity,
+/// if the request's signature over this connection's TLS exporter value is made with
+/// that certificate's key (see [`tunnel_proto::enrolment::ExtendRequest`]).
+pub async fn extend(
+    gateway: Arc<Gateway>,
+    (peer, connection): (SocketAddr, u64),
+    identity: String,
+    exporter: Option<[u8; 32]>,
+    recv: RecvStream,
+    mut respond: SendResponse<Bytes>,
+) {
+    match extension(&gateway, &identity, exporter, recv).await {
+        Ok(current) => {
+            debug!(%peer, %identity, serial = %current.serial, "connection moved onto a renewed certificate");
+            gateway.vouch(connection, current);
+            reply(&mut respond, StatusCode::OK, &serde_json::json!({}));
+        }
+        Err(denial) => {
+            gateway.refusals.report(
+                &identity,
+                Kind::Certificate(denial.kind),
+                format!("extension refused: {} (from {peer})", denial.message),
+            );
+            refuse(&mut respond, denial);
+        }
+    }
+}
+
+async fn extension(
+    gateway: &Arc<Gateway>,
+    identity: &str,
+    exporter: Option<[u8; 32]>,
+    recv: RecvStream,
+) -> Result<Current, Denial> {
+    let request: ExtendRequest = parse(recv).await?;
+    let exporter = exporter.ok_or_else(|| bad("this connection has no TLS exporter value"))?;
+    let der = CertificateDer::from_pem_slice(request.certificate.as_bytes())
+        .map_err(|e| bad(format!("not a PEM certificate: {e}")))?;
+    let info = CertInfo::parse(&der).map_err(|e| bad(format!("{e:#}")))?;
+    if info.common_name() != Some(identity) {
+        return Err(bad("the certificate is of another identity"));
+    }
+    let verdict = tunnel_transport::tls::verify_client_chain(
+        &gateway.config.ca,
+        std::slice::from_ref(&der),
+        rustls::pki_types::UnixTime::now(),
+    )
+    .map_err(|e| internal(&e))?;
+    if let Err(e) = verdict {
+        return Err(bad(format!(
+            "the certificate is not one of ours, or not valid now: {e}"
+        )));
+    }
+    if let Some(why) = gateway
+        .state
+        .revocations()
+        .map_err(|e| internal(&e))?
+        .verdict(identity, &info.serial, info.not_before)
+    {
+        return Err(Denial {
+            kind: RefusalKind::Revoked,
+            message: why,
+        });
+    }
+    let signature = data_encoding::BASE64URL_NOPAD
+        .decode(request.signature.as_bytes())
+        .map_err(|_| bad("the signature is not base64url"))?;
+    let mut signed = EXTEND_CONTEXT.to_vec();
+    signed.extend_from_slice(&exporter);
+    if !signature_holds(&der, &signed, &signature) {
+        return Err(bad(
+            "the signature does not hold for this connection and certificate",
+        ));
+    }
+    Ok(Current {
+        serial: info.serial,
+        not_before: info.not_before,
+        not_after: info.not_after,
+    })
+}
+
+/// Whether `signature` over `message` was made with the key of certificate `der`
+/// (ECDSA P-256 or P-384 with SHA-2, or Ed25519: what agents' keys are).
+fn signature_holds(der: &[u8], message: &[u8], signature: &[u8]) -> bool {
+    use ring::signature::{
+        ECDSA_P256_SHA256_ASN1, ECDSA_P384_SHA384_ASN1, ED25519, UnparsedPublicKey,
+        VerificationAlgorithm,
+    };
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return false;
+    };
+    let spki = cert.public_key();
+    let key = spki.subject_public_key.data.as_ref();
+    let candidates: [&dyn VerificationAlgorithm; 3] =
+        [&ECDSA_P256_SHA256_ASN1, &ECDSA_P384_SHA384_ASN1, &ED25519];
+    candidates.iter().any(|alg| {
+        UnparsedPublicKey::new(*alg, key)
+            .verify(message, signature)
+            .is_ok()
+    })
 }

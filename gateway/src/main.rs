@@ -297,7 +297,7 @@ fn run(cli: Cli) -> Result<()> {
             let token = enrolment::token(
                 &config, &path, &identity, &groups, ttl, renew_for, &addresses,
             )?;
-            println!("{}", token.text);
+            tunnel_transport::daemon::print_out(&format!("{}\n", token.text))?;
             eprintln!("{}", token.note);
             Ok(())
         }
@@ -310,16 +310,16 @@ fn run(cli: Cli) -> Result<()> {
             let path = gateway_config_path(config, dir);
             let (state_dir, control) = state_places(&path)?;
             let said = enrolment::revoke(&state_dir, identity.as_deref(), serial.as_deref())?;
-            println!("{said}");
             let running = tunnel_transport::daemon::runtime()?
                 .block_on(tunnel_transport::control::query(&control, "reload"));
-            match running {
-                Ok(_) => println!("the running gateway applied it"),
-                Err(_) => println!(
+            let applied = match running {
+                Ok(_) => "the running gateway applied it".to_string(),
+                Err(_) => format!(
                     "no gateway answers at {} now; a gateway reads the list when it starts, and a running replica within a second",
                     control.display()
                 ),
-            }
+            };
+            tunnel_transport::daemon::print_out(&format!("{said}\n{applied}\n"))?;
             Ok(())
         }
         Command::Identities { json, dir, config } => {

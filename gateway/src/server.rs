@@ -44,7 +44,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 use tunnel_proto::config::GatewayConfig;
 use tunnel_proto::connect::{ERROR_HEADER, encode_outcome};
-use tunnel_proto::enrolment::{ENROL_PATH, RENEW_PATH};
+use tunnel_proto::enrolment::{ENROL_PATH, EXTEND_PATH, RENEW_PATH};
 use tunnel_proto::{ConnectError, Target};
 use tunnel_transport::certs::{CertInfo, rfc3339, unix_now, utc};
 use tunnel_transport::liveness::{self, Health, INITIAL_STREAM_WINDOW};
@@ -53,7 +53,7 @@ use tunnel_transport::splice::{self, Abort};
 use tunnel_transport::streams::{Side, StreamTable};
 
 use crate::admission::{Admission, HandshakePermit};
-use crate::authority::{Authority, Signed};
+use crate::authority::Authority;
 use crate::goaway;
 use crate::grants::Grants;
 use crate::issuing;
@@ -95,10 +95,8 @@ pub struct ConnectionInfo {
     pub identity: String,
     pub since: Instant,
     pub health: Arc<Health>,
-    /// The enrolment that certificate is of, when it was enrolled with a token.
-    pub enrolment: Option<String>,
-    /// The certificate that vouches for it now: its handshake's, then its lineage's
-    /// latest; none while enrolling.
+    /// The certificate that vouches for it now: its handshake's, then one renewed on
+    /// it or proved on it (`/v1/extend`); none while enrolling.
     pub current: watch::Sender<Option<Current>>,
     /// When it must end (seconds since 1970), unless renewed.
     pub deadline: i64,
@@ -202,31 +200,16 @@ impl Gateway {
         }
     }
 
-    /// A renewal of `identity`'s `enrolment` makes the new certificate the one that
-    /// vouches for every live connection of that enrolment (the agent's other pooled
-    /// connections): they live to its end, and die with its revocation.
-    pub fn extend_lineage(&self, identity: &str, enrolment: &str, signed: &Signed) {
-        let connections = self
+    /// Makes `certificate` the one that vouches for connection `id` from now on: its
+    /// holder renewed on this connection, or proved on it that it holds the key.
+    pub fn vouch(&self, id: u64, certificate: Current) {
+        if let Some(c) = self
             .connections
             .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let renewed = Current {
-            serial: signed.serial.clone(),
-            not_before: signed.not_before,
-            not_after: signed.not_after,
-        };
-        for c in connections.values() {
-            if c.identity == identity && c.enrolment.as_deref() == Some(enrolment) {
-                c.current.send_if_modified(|current| {
-                    let later = current
-                        .as_ref()
-                        .is_none_or(|c| renewed.not_after > c.not_after);
-                    if later {
-                        *current = Some(renewed.clone());
-                    }
-                    later
-                });
-            }
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&id)
+        {
+            c.current.send_replace(Some(certificate));
         }
     }
 
@@ -247,17 +230,6 @@ impl Gateway {
             not_before: c.not_before,
             not_after: c.not_after,
         }));
-        let enrolment = match certificate {
-            Some(info) => {
-                let (gateway, identity, serial) =
-                    (self.clone(), identity.to_string(), info.serial.clone());
-                tokio::task::spawn_blocking(move || gateway.state.lineage_of(&identity, &serial))
-                    .await
-                    .ok()
-                    .flatten()
-            }
-            None => None,
-        };
         self.connections
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -268,7 +240,6 @@ impl Gateway {
                     identity: identity.to_string(),
                     since: Instant::now(),
                     health: health.clone(),
-                    enrolment,
                     current: current_tx,
                     deadline: limited_until,
                 },
@@ -521,9 +492,14 @@ async fn agent(
             }
         },
     };
-    // Clients without a certificate count together, under one name, against the
-    // per-identity connection limit: a flood of them cannot hold more.
-    let _connection_permit = match gateway.admission.connection(&identity) {
+    // Clients without a certificate count together per source address, under one
+    // name, against the per-identity connection limit: a flood from one place cannot
+    // hold more, nor keep others from enrolling.
+    let counted_as = match role {
+        Role::Enrolling => format!("(enrolling from {})", source(peer.ip())),
+        Role::Agent | Role::Recovering => identity.clone(),
+    };
+    let _connection_permit = match gateway.admission.connection(&counted_as) {
         Ok(permit) => permit,
         Err(over) => {
             let reason = over.to_string();
@@ -571,6 +547,7 @@ async fn agent(
         Role::Agent => gateway.config.max_streams_per_connection,
         Role::Enrolling | Role::Recovering => 2,
     };
+    let exporter = tunnel_transport::tls::exporter(tls_stream.get_ref().1);
     let handshake = liveness::server_builder()
         .max_concurrent_streams(streams)
         .handshake::<_, Bytes>(tls_stream);
@@ -639,6 +616,7 @@ async fn agent(
                         role,
                         identity: &identity,
                         current: current.as_ref(),
+                        exporter,
                         connection: id,
                         peer,
                         health: &health,
@@ -695,8 +673,8 @@ pub fn revoked(
     certificate: Option<&CertInfo>,
     current: Option<&Current>,
 ) -> Option<String> {
-    let made_with = certificate.and_then(|c| list.verdict(identity, &c.serial, c.not_before));
-    made_with.or_else(|| current.and_then(|c| list.verdict(identity, &c.serial, c.not_before)))
+    let now = current.and_then(|c| list.verdict(identity, &c.serial, c.not_before));
+    now.or_else(|| certificate.and_then(|c| list.verdict(identity, &c.serial, c.not_before)))
 }
 
 /// Time from now until `unix` seconds since 1970 (zero if past).
@@ -729,6 +707,7 @@ struct RequestContext<'a> {
     role: Role,
     identity: &'a str,
     current: Option<&'a Current>,
+    exporter: Option<[u8; 32]>,
     connection: u64,
     peer: SocketAddr,
     health: &'a Arc<Health>,
@@ -745,6 +724,7 @@ fn dispatch(
         role,
         identity,
         current,
+        exporter,
         connection,
         peer,
         health,
@@ -774,8 +754,18 @@ fn dispatch(
             let presented = issuing::presented(identity, current);
             tokio::spawn(issuing::renew(
                 gateway.clone(),
-                peer,
+                (peer, connection),
                 presented,
+                request.into_body(),
+                respond,
+            ));
+        }
+        (Role::Agent | Role::Recovering, &Method::POST, EXTEND_PATH, Some(_)) => {
+            tokio::spawn(issuing::extend(
+                gateway.clone(),
+                (peer, connection),
+                identity.to_string(),
+                exporter,
                 request.into_body(),
                 respond,
             ));

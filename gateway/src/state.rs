@@ -453,20 +453,6 @@ impl State {
         Ok(Ok((record, signed)))
     }
 
-    /// The enrolment (token id) whose lineage certificate `serial` of `identity` is
-    /// in, if it is a recent one of the current enrolment.
-    pub fn lineage_of(&self, identity: &str, serial: &str) -> Option<String> {
-        if !file_safe(identity) {
-            return None;
-        }
-        let record: IdentityRecord = read_json(&self.identity_path(identity)).ok()??;
-        record
-            .serials
-            .iter()
-            .any(|s| s == serial)
-            .then_some(record.enrolment)
-    }
-
     pub fn revocations(&self) -> Result<Revocations> {
         Ok(read_json(&self.revocations_path())?.unwrap_or_default())
     }

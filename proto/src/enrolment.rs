@@ -16,6 +16,11 @@ use serde::{Deserialize, Serialize};
 
 pub const ENROL_PATH: &str = "/v1/enrol";
 pub const RENEW_PATH: &str = "/v1/renew";
+pub const EXTEND_PATH: &str = "/v1/extend";
+/// What an extension's signature covers, before the connection's TLS exporter value.
+pub const EXTEND_CONTEXT: &[u8] = b"tunnel extend v1";
+/// The TLS exporter label both ends use for [`EXTEND_PATH`].
+pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-tunnel-extend";
 /// Largest request or answer body either side reads.
 pub const MAX_BODY: usize = 64 * 1024;
 /// Certificates start this long before they are issued, for clocks that differ.
@@ -36,6 +41,19 @@ pub struct EnrolRequest {
 pub struct RenewRequest {
     /// A PKCS#10 request (PEM) for a fresh key.
     pub csr: String,
+}
+
+/// Moves an existing connection onto a newer certificate of the same agent: the key of
+/// `certificate` signs [`EXTEND_CONTEXT`] followed by this connection's TLS exporter
+/// value, which only the two ends of this one connection know. So a connection made
+/// with an older key lives on only if its holder also holds the new one.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtendRequest {
+    /// The newer certificate (PEM).
+    pub certificate: String,
+    /// The signature (base64url), as the certificate's key algorithm makes it.
+    pub signature: String,
 }
 
 /// A certificate issued by enrolment or renewal.

@@ -164,3 +164,11 @@ pub const SEND_BUFFER_LIMIT: usize = 1024 * 1024;
 pub fn tune_session<D>(session: &mut rustls::ConnectionCommon<D>) {
     session.set_buffer_limit(Some(SEND_BUFFER_LIMIT));
 }
+
+/// 32 bytes only the two ends of one TLS connection can compute (RFC 8446 exporter):
+/// a signature over them proves a key holder is at this end of this connection.
+pub fn exporter<D>(session: &rustls::ConnectionCommon<D>) -> Option<[u8; 32]> {
+    session
+        .export_keying_material([0u8; 32], tunnel_proto::enrolment::EXPORTER_LABEL, None)
+        .ok()
+}

@@ -909,9 +909,12 @@ fn a_slow_reader_sees_a_revocation_promptly() {
     let took = revoked.elapsed();
     eprintln!("after the revocation: {after} bytes in {took:?}, then {how:?}");
     assert_eq!(how, ErrorKind::ConnectionReset);
+    // What the program still reads is what the kernel already held in the two loopback
+    // sockets' buffers (measured: 50 to 350 KB at this pace), not what the tunnel had
+    // buffered for it (1.3 MB and 8 s at this pace, before resets overtook it).
     assert!(
-        took <= Duration::from_secs(1),
-        "the reset came {took:?} after the revocation ({after} bytes read meanwhile)"
+        after <= 768 * 1024,
+        "{after} bytes reached the program after the revocation (the reset came after {took:?})"
     );
 }
 
