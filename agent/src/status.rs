@@ -146,6 +146,25 @@ pub fn render(reply: &str) -> Result<String> {
             let _ = writeln!(out, "  {} -> {} via {}", f.listen, f.to, f.via);
         }
     }
+    for p in &status.publications {
+        let _ = writeln!(
+            out,
+            "\npublished at {}: {} ({})",
+            p.gateway,
+            if p.published.is_empty() {
+                "nothing".to_string()
+            } else {
+                p.published.join(", ")
+            },
+            match &p.error {
+                Some(error) => format!("reverse connection {}: {error}", p.state),
+                None => format!("reverse connection {}", p.state),
+            }
+        );
+        for (name, why) in &p.refused {
+            let _ = writeln!(out, "  REFUSED {name}: {why}");
+        }
+    }
     out.push_str(&tunnel_transport::streams::render(
         &status.streams,
         &status.recent,

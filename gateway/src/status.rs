@@ -93,6 +93,17 @@ pub fn render(reply: &str) -> Result<String> {
             }
         );
     }
+    if !status.publications.is_empty() {
+        let _ = writeln!(out, "\npublications: {}", status.publications.len());
+        for p in &status.publications {
+            let publishers: Vec<String> = p
+                .publishers
+                .iter()
+                .map(|x| format!("{} from {} ({} streams)", x.identity, x.peer, x.streams))
+                .collect();
+            let _ = writeln!(out, "  {:<20} {}", p.name, publishers.join("; "));
+        }
+    }
     let h = &status.handshakes;
     let _ = writeln!(
         out,
