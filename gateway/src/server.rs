@@ -834,13 +834,7 @@ async fn stream(
     let (tcp, _permit) = match connected {
         Ok(connected) => connected,
         Err(refusal) => {
-            let detail = format!("stream to {target} {}: {}", refusal.class, refusal.why);
-            gateway
-                .refusals
-                .report(&identity, Kind::Stream(refusal.class), detail);
-            let _ = answer(&mut respond, Err(refusal.class));
-            entry.refused(refusal.class, refusal.why);
-            return;
+            return refuse_stream(&gateway, &identity, &target, refusal, &mut respond, entry);
         }
     };
     tunnel_transport::tune_carried_tcp(&tcp);
@@ -898,13 +892,7 @@ async fn publication_stream(
     let (opened, _permit) = match opened {
         Ok(opened) => opened,
         Err(refusal) => {
-            let detail = format!("stream to {name} {}: {}", refusal.class, refusal.why);
-            gateway
-                .refusals
-                .report(&identity, Kind::Stream(refusal.class), detail);
-            let _ = answer(&mut respond, Err(refusal.class));
-            entry.refused(refusal.class, refusal.why);
-            return;
+            return refuse_stream(&gateway, &identity, &name, refusal, &mut respond, entry);
         }
     };
     let send = match answer(&mut respond, Ok(())) {
@@ -925,6 +913,24 @@ async fn publication_stream(
         info!(%identity, publication = %name, "stream aborted: {e}");
     }
     entry.finish(&result);
+}
+
+/// Refuses a stream: counted and logged (through the summaries), answered with its
+/// class, and recorded with why.
+fn refuse_stream(
+    gateway: &Gateway,
+    identity: &str,
+    destination: &dyn std::fmt::Display,
+    refusal: Refusal,
+    respond: &mut SendResponse<Bytes>,
+    entry: tunnel_transport::streams::Registered,
+) {
+    let detail = format!("stream to {destination} {}: {}", refusal.class, refusal.why);
+    gateway
+        .refusals
+        .report(identity, Kind::Stream(refusal.class), detail);
+    let _ = answer(respond, Err(refusal.class));
+    entry.refused(refusal.class, refusal.why);
 }
 
 /// Sends the CONNECT answer; on success returns the stream to send data on.

@@ -197,27 +197,33 @@ async fn tcp_to_tunnel(
             return Ok(());
         }
         stats.tcp_to_tunnel.fetch_add(n as u64, Ordering::Relaxed);
-        let mut data = buf.freeze();
-        while !data.is_empty() {
-            send.reserve_capacity(data.len());
-            let granted = match poll_fn(|cx| send.poll_capacity(cx)).await {
-                Some(Ok(n)) => n,
-                Some(Err(e)) => return Err(Abort::Tunnel(e)),
-                None => {
-                    // The stream can no longer send: the far side reset it.
-                    let reason = poll_fn(|cx| send.poll_reset(cx))
-                        .await
-                        .unwrap_or(Reason::CANCEL);
-                    return Err(Abort::Tunnel(h2::Error::from(reason)));
-                }
-            };
-            if granted == 0 {
-                continue;
-            }
-            let chunk = data.split_to(granted.min(data.len()));
-            send.send_data(chunk, false).map_err(Abort::Tunnel)?;
-        }
+        send_all(send, buf.freeze()).await?;
     }
+}
+
+/// Sends `data` on the stream as its flow control allows, in as many frames as the
+/// granted capacity needs.
+async fn send_all(send: &mut SendStream<Bytes>, mut data: Bytes) -> Result<(), Abort> {
+    while !data.is_empty() {
+        send.reserve_capacity(data.len());
+        let granted = match poll_fn(|cx| send.poll_capacity(cx)).await {
+            Some(Ok(n)) => n,
+            Some(Err(e)) => return Err(Abort::Tunnel(e)),
+            None => {
+                // The stream can no longer send: the far side reset it.
+                let reason = poll_fn(|cx| send.poll_reset(cx))
+                    .await
+                    .unwrap_or(Reason::CANCEL);
+                return Err(Abort::Tunnel(h2::Error::from(reason)));
+            }
+        };
+        if granted == 0 {
+            continue;
+        }
+        let chunk = data.split_to(granted.min(data.len()));
+        send.send_data(chunk, false).map_err(Abort::Tunnel)?;
+    }
+    Ok(())
 }
 
 /// One read into `buf`. A read that does not fill it shows the socket drained
@@ -305,26 +311,9 @@ async fn pipe(
     counted: &AtomicU64,
 ) -> Result<(), Abort> {
     while let Some(data) = recv.data().await {
-        let mut data = data.map_err(Abort::Tunnel)?;
+        let data = data.map_err(Abort::Tunnel)?;
         let len = data.len();
-        while !data.is_empty() {
-            send.reserve_capacity(data.len());
-            let granted = match poll_fn(|cx| send.poll_capacity(cx)).await {
-                Some(Ok(n)) => n,
-                Some(Err(e)) => return Err(Abort::Tunnel(e)),
-                None => {
-                    let reason = poll_fn(|cx| send.poll_reset(cx))
-                        .await
-                        .unwrap_or(Reason::CANCEL);
-                    return Err(Abort::Tunnel(h2::Error::from(reason)));
-                }
-            };
-            if granted == 0 {
-                continue;
-            }
-            let chunk = data.split_to(granted.min(data.len()));
-            send.send_data(chunk, false).map_err(Abort::Tunnel)?;
-        }
+        send_all(send, data).await?;
         counted.fetch_add(len as u64, Ordering::Relaxed);
         let _ = recv.flow_control().release_capacity(len);
     }
