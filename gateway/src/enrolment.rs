@@ -149,17 +149,26 @@ pub fn revoke(state_dir: &Path, identity: Option<&str>, serial: Option<&str>) ->
             let serial = serial.trim_start_matches("00").to_string();
             // The certificates its lineage had before it go with it: a holder of the
             // one before could otherwise reconnect and renew past the revocation.
-            let earlier: Vec<String> = known
+            // Older ones than the kept lineage shows are cut off by the revoked one's
+            // issue time.
+            let (earlier, cutoff) = known
                 .iter()
                 .find_map(|r| {
                     let at = r.serials.iter().position(|s| *s == serial)?;
-                    Some(r.serials[..at].to_vec())
+                    Some((
+                        r.serials[..at].to_vec(),
+                        r.issued.get(at).map(|t| (r.identity.clone(), *t)),
+                    ))
                 })
                 .unwrap_or_default();
             state.revoke(|r, now| {
                 r.serials.insert(serial.clone(), now);
                 for s in &earlier {
                     r.serials.entry(s.clone()).or_insert(now);
+                }
+                if let Some((identity, issued)) = &cutoff {
+                    let at = r.older_than.entry(identity.clone()).or_insert(*issued);
+                    *at = (*at).max(*issued);
                 }
             })?;
             let mut said = format!(

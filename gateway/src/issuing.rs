@@ -303,7 +303,7 @@ pub async fn extend(
     recv: RecvStream,
     mut respond: SendResponse<Bytes>,
 ) {
-    match extension(&gateway, &identity, exporter, recv).await {
+    match extension(&gateway, connection, &identity, exporter, recv).await {
         Ok(current) => {
             debug!(%peer, %identity, serial = %current.serial, "connection moved onto a renewed certificate");
             gateway.vouch(connection, current);
@@ -322,6 +322,7 @@ pub async fn extend(
 
 async fn extension(
     gateway: &Arc<Gateway>,
+    connection: u64,
     identity: &str,
     exporter: Option<[u8; 32]>,
     recv: RecvStream,
@@ -359,6 +360,19 @@ async fn extension(
     let signature = data_encoding::BASE64URL_NOPAD
         .decode(request.signature.as_bytes())
         .map_err(|_| bad("the signature is not base64url"))?;
+    let current = gateway.current_of(connection);
+    let later = match &current {
+        Some(current) => gateway
+            .state
+            .is_later_in_lineage(identity, &info.serial, &current.serial)
+            .map_err(|e| internal(&e))?,
+        None => false,
+    };
+    if !later {
+        return Err(bad(
+            "the certificate is not a later one of this connection's lineage",
+        ));
+    }
     let mut signed = EXTEND_CONTEXT.to_vec();
     signed.extend_from_slice(&exporter);
     if !signature_holds(&der, &signed, &signature) {

@@ -200,6 +200,15 @@ impl Gateway {
         }
     }
 
+    /// The certificate that vouches for connection `id` now.
+    pub fn current_of(&self, id: u64) -> Option<Current> {
+        self.connections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&id)
+            .and_then(|c| c.current.borrow().clone())
+    }
+
     /// Makes `certificate` the one that vouches for connection `id` from now on: its
     /// holder renewed on this connection, or proved on it that it holds the key.
     pub fn vouch(&self, id: u64, certificate: Current) {

@@ -72,6 +72,9 @@ pub struct IdentityRecord {
     pub last_renewed: Option<i64>,
     /// The most recent serials of this lineage, newest last.
     pub serials: Vec<String>,
+    /// When each of `serials` was issued (seconds since 1970), in the same order.
+    #[serde(default)]
+    pub issued: Vec<i64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,6 +83,10 @@ pub struct Revocations {
     pub identities: BTreeMap<String, i64>,
     /// Serial (lower-case hex) → when.
     pub serials: BTreeMap<String, i64>,
+    /// Identity → the issue time of a revoked certificate of its: every certificate of
+    /// it issued before that goes too (however long its lineage grew since).
+    #[serde(default)]
+    pub older_than: BTreeMap<String, i64>,
 }
 
 impl Revocations {
@@ -90,8 +97,14 @@ impl Revocations {
             return Some(format!("certificate {serial} was revoked on {}", utc(*at)));
         }
         let issued = not_before + BACKDATE_SECS;
-        match self.identities.get(identity) {
-            Some(at) if issued <= *at => Some(format!("{identity} was revoked on {}", utc(*at))),
+        if let Some(at) = self.identities.get(identity).filter(|at| issued <= **at) {
+            return Some(format!("{identity} was revoked on {}", utc(*at)));
+        }
+        match self.older_than.get(identity) {
+            Some(cutoff) if issued < *cutoff => Some(format!(
+                "certificate {serial} is older than a revoked certificate of {identity} (issued {})",
+                utc(*cutoff)
+            )),
             _ => None,
         }
     }
@@ -360,6 +373,7 @@ impl State {
                 .map(|s| now.saturating_add(i64::try_from(s).unwrap_or(i64::MAX / 4))),
             renewals: 0,
             last_renewed: None,
+            issued: vec![signed.not_before + BACKDATE_SECS],
             serials: vec![signed.serial],
         };
         write_json(&self.identity_path(&record.identity), &record)?;
@@ -445,12 +459,33 @@ impl State {
         record.renewals += 1;
         record.last_renewed = Some(now);
         record.serials.push(signed.serial.clone());
+        record.issued.push(signed.not_before + BACKDATE_SECS);
         if record.serials.len() > LINEAGE {
             let excess = record.serials.len() - LINEAGE;
             record.serials.drain(..excess);
+            let excess = record.issued.len().saturating_sub(LINEAGE);
+            record.issued.drain(..excess);
         }
         write_json(&path, &record)?;
         Ok(Ok((record, signed)))
+    }
+
+    /// Whether `newer` comes after `current` in `identity`'s lineage (an extension
+    /// never moves a connection back onto an older certificate).
+    pub fn is_later_in_lineage(&self, identity: &str, newer: &str, current: &str) -> Result<bool> {
+        if !file_safe(identity) {
+            return Ok(false);
+        }
+        let Some(record) = read_json::<IdentityRecord>(&self.identity_path(identity))? else {
+            return Ok(false);
+        };
+        let at = |serial: &str| record.serials.iter().position(|s| s == serial);
+        Ok(match (at(newer), at(current)) {
+            (Some(new), Some(now)) => new > now,
+            // The current one fell out of the kept lineage: anything in it is later.
+            (Some(_), None) => true,
+            (None, _) => false,
+        })
     }
 
     pub fn revocations(&self) -> Result<Revocations> {
@@ -674,5 +709,17 @@ mod tests {
                 .is_ok()
         );
         fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_revoked_serial_takes_every_older_certificate_of_its_identity() {
+        let mut list = Revocations::default();
+        list.serials.insert("0a".into(), 2000);
+        list.older_than.insert("alice".into(), 1500);
+        let issued_at = |t: i64| t - BACKDATE_SECS;
+        assert!(list.verdict("alice", "0a", issued_at(1500)).is_some());
+        assert!(list.verdict("alice", "01", issued_at(1000)).is_some());
+        assert!(list.verdict("alice", "0b", issued_at(1600)).is_none());
+        assert!(list.verdict("bob", "02", issued_at(1000)).is_none());
     }
 }
