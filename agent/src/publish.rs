@@ -333,7 +333,7 @@ impl Publisher {
             Host::Name(name) => format!("{name}:{port}"),
         };
         let connected = tokio::time::timeout(self.connect_timeout, TcpStream::connect(&to)).await;
-        let tcp = match connected {
+        let mut tcp = match connected {
             Ok(Ok(tcp)) => tcp,
             Ok(Err(e)) => {
                 let class = ConnectError::of_connect(&e);
@@ -348,6 +348,24 @@ impl Publisher {
             }
         };
         tunnel_transport::tune_carried_tcp(&tcp);
+        if publication.proxy_protocol {
+            // The service learns who connected at the gateway before any byte of theirs.
+            let source = client
+                .parse::<std::net::SocketAddr>()
+                .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
+            let destination = tcp
+                .peer_addr()
+                .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
+            let header = tunnel_proto::proxy_protocol::v2_header(source, destination);
+            if let Err(e) = tokio::io::AsyncWriteExt::write_all(&mut tcp, &header).await {
+                answer(&mut respond, Err(ConnectError::Refused));
+                entry.refused(
+                    ConnectError::Refused,
+                    format!("{to}: writing the PROXY header: {e}"),
+                );
+                return;
+            }
+        }
         let Some(send) = answer(&mut respond, Ok(())) else {
             entry.finish(&Err(Abort::Refused(ConnectError::Gateway)));
             return;

@@ -26,6 +26,7 @@ pub mod enrolment;
 pub mod local;
 pub mod paths;
 pub mod pattern;
+pub mod proxy_protocol;
 pub mod reverse;
 pub mod routes;
 pub mod sock_diag;

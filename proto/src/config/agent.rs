@@ -65,6 +65,7 @@ struct PublishEntry {
     to: String,
     via: Option<String>,
     reach: Option<Vec<String>>,
+    proxy_protocol: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -138,6 +139,8 @@ pub struct Publication {
     /// Consumers this agent accepts (identities or `group:NAME`, as the gateway names
     /// them); `None`: whoever the gateway's `reach` admits.
     pub reach: Option<Vec<String>>,
+    /// Send a PROXY protocol v2 header first, so the service sees the client's address.
+    pub proxy_protocol: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -508,6 +511,7 @@ impl AgentConfig {
                     to,
                     via,
                     reach: p.reach.clone(),
+                    proxy_protocol: p.proxy_protocol.unwrap_or(false),
                 });
             }
         }

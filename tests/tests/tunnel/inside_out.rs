@@ -193,3 +193,61 @@ fn with_two_publishers_new_connections_go_on_when_one_is_killed() {
     );
     drop(carol);
 }
+
+/// A service that reads a PROXY protocol v2 header and says the source it names.
+fn proxy_aware() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("service");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                let mut head = [0u8; 16];
+                if conn.read_exact(&mut head).is_err() {
+                    return;
+                }
+                let said = if head[..12] != *b"\r\n\r\n\0\r\nQUIT\n" || head[12] != 0x21 {
+                    "no PROXY header".to_string()
+                } else {
+                    let len = usize::from(u16::from_be_bytes([head[14], head[15]]));
+                    let mut rest = vec![0u8; len];
+                    if conn.read_exact(&mut rest).is_err() || head[13] != 0x11 || len < 12 {
+                        "a PROXY header that is not TCP over IPv4".to_string()
+                    } else {
+                        let ip = std::net::Ipv4Addr::new(rest[0], rest[1], rest[2], rest[3]);
+                        let port = u16::from_be_bytes([rest[8], rest[9]]);
+                        format!("source {ip}:{port}")
+                    }
+                };
+                let _ = conn.write_all(format!("{said}\n").as_bytes());
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn with_proxy_protocol_the_service_sees_the_client_address_at_the_gateway() {
+    let service = proxy_aware();
+    let site = Site::new();
+    let gw_dir = site.init_gateway("gateway");
+    let mut gateway = Gateway::start(&gw_dir, RULES).expect("gateway");
+    let port = offered_at(&mut gateway, "echo");
+    let alice = agent_for(
+        &site,
+        &gw_dir,
+        &gateway,
+        "alice",
+        &format!("[[publish]]\nname = \"echo\"\nto = \"{service}\"\nproxy_protocol = true\n"),
+    );
+    wait_published(&alice, "echo");
+    let mut conn =
+        std::net::TcpStream::connect_timeout(&port, Duration::from_secs(5)).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mine = conn.local_addr().expect("local address");
+    let mut said = String::new();
+    conn.read_to_string(&mut said)
+        .expect("the service's answer");
+    assert_eq!(said.trim(), format!("source {mine}"));
+}
