@@ -53,7 +53,7 @@ mod tests {
         assert_eq!(&h[12..16], &[0x21, 0x11, 0, 12]);
         assert_eq!(&h[16..20], &[10, 20, 1, 7]);
         assert_eq!(&h[20..24], &[127, 0, 0, 1]);
-        assert_eq!(&h[24..28], &[0xc8, 0x62, 0x15, 0x38]);
+        assert_eq!(&h[24..28], &[0xc8, 0x22, 0x15, 0x38]);
         assert_eq!(h.len(), 28);
         let mixed = v2_header(
             "[fd00::1]:1".parse().unwrap(),
