@@ -340,14 +340,8 @@ async fn serve(config: AgentConfig, exit_with: Option<i32>) -> Result<()> {
                 .filter(|p| p.via == pool.peer.name)
                 .cloned()
                 .collect();
-            (!mine.is_empty()).then(|| {
-                publish::Publisher::start(
-                    pool.clone(),
-                    mine,
-                    streams.clone(),
-                    config.connect_timeout,
-                )
-            })
+            (!mine.is_empty())
+                .then(|| publish::Publisher::start(pool.clone(), mine, streams.clone(), &config))
         })
         .collect();
     let agent = Arc::new(Agent {

@@ -62,6 +62,8 @@ pub struct Publisher {
     view: Mutex<PublishView>,
     streams: Arc<StreamTable>,
     connect_timeout: Duration,
+    /// PING cadence and patience for the reverse connection (as for the pool's).
+    ping: (Duration, Duration),
 }
 
 impl Publisher {
@@ -70,7 +72,7 @@ impl Publisher {
         pool: Arc<Pool>,
         publications: Vec<Publication>,
         streams: Arc<StreamTable>,
-        connect_timeout: Duration,
+        config: &tunnel_proto::config::AgentConfig,
     ) -> Arc<Publisher> {
         let resume = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
         let publisher = Arc::new(Publisher {
@@ -86,7 +88,8 @@ impl Publisher {
                 .collect(),
             resume,
             streams,
-            connect_timeout,
+            connect_timeout: config.connect_timeout,
+            ping: (config.ping_interval, config.ping_timeout),
         });
         tokio::spawn(publisher.clone().keep_published());
         publisher
@@ -198,15 +201,9 @@ impl Publisher {
         let (window_tx, _window_rx) = watch::channel(INITIAL_STREAM_WINDOW);
         let watcher = {
             let health = health.clone();
+            let (interval, timeout) = self.ping;
             async move {
-                liveness::watch_connection(
-                    ping_pong,
-                    &health,
-                    window_tx,
-                    Duration::from_secs(5),
-                    Duration::from_secs(10),
-                )
-                .await
+                liveness::watch_connection(ping_pong, &health, window_tx, interval, timeout).await
             }
         };
         tokio::pin!(watcher);

@@ -251,3 +251,126 @@ fn with_proxy_protocol_the_service_sees_the_client_address_at_the_gateway() {
         .expect("the service's answer");
     assert_eq!(said.trim(), format!("source {mine}"));
 }
+
+/// A TCP relay to `target` that can stop carrying anything (a blackholed network:
+/// nothing is closed, nothing gets through) and start again.
+struct Blackhole {
+    addr: SocketAddr,
+    holding: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Blackhole {
+    fn to(target: SocketAddr) -> Blackhole {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = TcpListener::bind("127.0.0.1:0").expect("relay");
+        let addr = listener.local_addr().expect("addr");
+        let holding = std::sync::Arc::new(AtomicBool::new(false));
+        let hold = holding.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let hold = hold.clone();
+                std::thread::spawn(move || {
+                    while hold.load(Ordering::SeqCst) {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    let Ok(server) = std::net::TcpStream::connect(target) else {
+                        return;
+                    };
+                    let pump = |mut from: std::net::TcpStream,
+                                mut to: std::net::TcpStream,
+                                hold: std::sync::Arc<AtomicBool>| {
+                        std::thread::spawn(move || {
+                            let mut buf = [0u8; 16 * 1024];
+                            loop {
+                                while hold.load(Ordering::SeqCst) {
+                                    std::thread::sleep(Duration::from_millis(50));
+                                }
+                                match from.read(&mut buf) {
+                                    Ok(0) | Err(_) => {
+                                        let _ = to.shutdown(std::net::Shutdown::Write);
+                                        return;
+                                    }
+                                    Ok(n) => {
+                                        // Bytes read while the network "went dark" are lost.
+                                        if hold.load(Ordering::SeqCst) {
+                                            continue;
+                                        }
+                                        if to.write_all(&buf[..n]).is_err() {
+                                            return;
+                                        }
+                                    }
+                                }
+                            }
+                        })
+                    };
+                    let (c2, s2) = (
+                        client.try_clone().expect("clone"),
+                        server.try_clone().expect("clone"),
+                    );
+                    pump(client, server, hold.clone());
+                    pump(s2, c2, hold);
+                });
+            }
+        });
+        Blackhole { addr, holding }
+    }
+
+    fn set(&self, dark: bool) {
+        self.holding
+            .store(dark, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn a_publisher_blackholed_for_thirty_seconds_has_its_publication_back_soon_after_it_reconnects() {
+    let service = echo("alice's site");
+    let site = Site::new();
+    let gw_dir = site.init_gateway("gateway");
+    let config = gw_dir.join("gateway.toml");
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(
+        &config,
+        format!("ping_interval = 1\nping_timeout = 2\n{text}"),
+    )
+    .expect("config");
+    let mut gateway = Gateway::start(&gw_dir, RULES).expect("gateway");
+    let port = offered_at(&mut gateway, "echo");
+    let network = Blackhole::to(gateway.addr);
+    let creds = site.issue(&gw_dir, "alice", "alice-creds");
+    let table = gateway_table("site-b", network.addr, &creds, "alice");
+    let alice = Agent::start(
+        &site.path("alice"),
+        &format!("{table}{}", publish_table("echo", service)),
+        true,
+    )
+    .expect("agent");
+    wait_published(&alice, "echo");
+    assert!(talk(port).is_ok());
+
+    network.set(true);
+    std::thread::sleep(Duration::from_secs(30));
+    let ups = |agent: &Agent| {
+        agent
+            .daemon
+            .log_text()
+            .matches(" up gateway=site-b")
+            .count()
+    };
+    let before = ups(&alice);
+    network.set(false);
+    wait_for(
+        Duration::from_secs(30),
+        "the reverse connection to come back",
+        || (ups(&alice) > before).then_some(()),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", alice.daemon.log_text()));
+    let reconnected = Instant::now();
+    wait_for(
+        Duration::from_secs(2),
+        "the publication back after the reconnect",
+        || talk(port).ok(),
+    )
+    .expect("published again within 2 s of reconnecting");
+    assert!(reconnected.elapsed() <= Duration::from_secs(2));
+}
