@@ -257,19 +257,24 @@ fn with_proxy_protocol_the_service_sees_the_client_address_at_the_gateway() {
 struct Blackhole {
     addr: SocketAddr,
     holding: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Bumped when the network comes back: connections from before never carry a byte
+    /// again, and are never closed either (a NAT that lost their state).
+    generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Blackhole {
     fn to(target: SocketAddr) -> Blackhole {
-        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
         let listener = TcpListener::bind("127.0.0.1:0").expect("relay");
         let addr = listener.local_addr().expect("addr");
-        let holding = std::sync::Arc::new(AtomicBool::new(false));
-        let hold = holding.clone();
+        let holding = Arc::new(AtomicBool::new(false));
+        let generation = Arc::new(AtomicU64::new(0));
+        let (hold, generations) = (holding.clone(), generation.clone());
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { return };
-                let hold = hold.clone();
+                let (hold, generations) = (hold.clone(), generations.clone());
                 std::thread::spawn(move || {
                     while hold.load(Ordering::SeqCst) {
                         std::thread::sleep(Duration::from_millis(50));
@@ -277,46 +282,72 @@ impl Blackhole {
                     let Ok(server) = std::net::TcpStream::connect(target) else {
                         return;
                     };
-                    let pump = |mut from: std::net::TcpStream,
-                                mut to: std::net::TcpStream,
-                                hold: std::sync::Arc<AtomicBool>| {
-                        std::thread::spawn(move || {
-                            let mut buf = [0u8; 16 * 1024];
-                            loop {
-                                while hold.load(Ordering::SeqCst) {
-                                    std::thread::sleep(Duration::from_millis(50));
-                                }
-                                match from.read(&mut buf) {
-                                    Ok(0) | Err(_) => {
-                                        let _ = to.shutdown(std::net::Shutdown::Write);
-                                        return;
+                    let born = generations.load(Ordering::SeqCst);
+                    // Carries bytes while the network is up and this connection is of its
+                    // current generation; otherwise holds them, and the sockets, forever.
+                    let dark = {
+                        let (hold, generations) = (hold.clone(), generations.clone());
+                        move || {
+                            hold.load(Ordering::SeqCst)
+                                || generations.load(Ordering::SeqCst) != born
+                        }
+                    };
+                    let pump =
+                        move |mut from: std::net::TcpStream,
+                              mut to: std::net::TcpStream,
+                              dark: Box<dyn Fn() -> bool + Send>| {
+                            std::thread::spawn(move || {
+                                let mut buf = [0u8; 16 * 1024];
+                                loop {
+                                    while dark() {
+                                        std::thread::sleep(Duration::from_millis(50));
                                     }
-                                    Ok(n) => {
-                                        // Bytes read while the network "went dark" are lost.
-                                        if hold.load(Ordering::SeqCst) {
-                                            continue;
-                                        }
-                                        if to.write_all(&buf[..n]).is_err() {
+                                    match from.read(&mut buf) {
+                                        Ok(0) | Err(_) => {
+                                            if !dark() {
+                                                let _ = to.shutdown(std::net::Shutdown::Write);
+                                            }
                                             return;
                                         }
+                                        Ok(n) => {
+                                            if dark() {
+                                                continue;
+                                            }
+                                            if to.write_all(&buf[..n]).is_err() {
+                                                return;
+                                            }
+                                        }
                                     }
                                 }
-                            }
-                        })
-                    };
+                            })
+                        };
                     let (c2, s2) = (
                         client.try_clone().expect("clone"),
                         server.try_clone().expect("clone"),
                     );
-                    pump(client, server, hold.clone());
-                    pump(s2, c2, hold);
+                    // The sockets stay open as long as the relay runs: a lost state never
+                    // closes anything.
+                    let keep = (client.try_clone(), server.try_clone());
+                    pump(client, server, Box::new(dark.clone()));
+                    pump(s2, c2, Box::new(dark));
+                    std::mem::forget(keep);
                 });
             }
         });
-        Blackhole { addr, holding }
+        Blackhole {
+            addr,
+            holding,
+            generation,
+        }
     }
 
+    /// Dark: nothing gets through. Light again: new connections work, and the ones from
+    /// before stay dark for good.
     fn set(&self, dark: bool) {
+        if !dark {
+            self.generation
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
         self.holding
             .store(dark, std::sync::atomic::Ordering::SeqCst);
     }
@@ -373,4 +404,75 @@ fn a_publisher_blackholed_for_thirty_seconds_has_its_publication_back_soon_after
     )
     .expect("published again within 2 s of reconnecting");
     assert!(reconnected.elapsed() <= Duration::from_secs(2));
+}
+
+/// An exclusive name: a second publisher is refused with the holder named, while the
+/// holder itself, reconnecting before the gateway noticed its old connection was gone,
+/// takes its publication back at once (never "already in use").
+#[test]
+fn an_exclusive_name_refuses_a_second_publisher_but_not_its_holder_coming_back() {
+    let service = echo("alice's site");
+    let site = Site::new();
+    let gw_dir = site.init_gateway("gateway");
+    let config = gw_dir.join("gateway.toml");
+    let text = std::fs::read_to_string(&config).expect("config");
+    // The gateway is slow to notice a dead connection: the old lease outlives it.
+    std::fs::write(
+        &config,
+        format!("ping_interval = 60\nping_timeout = 60\n{text}"),
+    )
+    .expect("config");
+    let rules = "\n[publish.solo]\nby = [\"alice\", \"carol\"]\nlisten = \"127.0.0.1:0\"\nfrom = [\"127.0.0.0/8\"]\nexclusive = true\n";
+    let mut gateway = Gateway::start(&gw_dir, rules).expect("gateway");
+    let port = offered_at(&mut gateway, "solo");
+    let network = Blackhole::to(gateway.addr);
+    let creds = site.issue(&gw_dir, "alice", "alice-creds");
+    let table = gateway_table("site-b", network.addr, &creds, "alice");
+    let alice = Agent::start(
+        &site.path("alice"),
+        &format!("{table}{}", publish_table("solo", service)),
+        true,
+    )
+    .expect("agent");
+    wait_published(&alice, "solo");
+
+    let carol = agent_for(
+        &site,
+        &gw_dir,
+        &gateway,
+        "carol",
+        &publish_table("solo", service),
+    );
+    wait_for(Duration::from_secs(10), "carol to be refused", || {
+        let refused = carol.status().ok()?["publications"][0]["refused"].to_string();
+        refused.contains("held by alice").then_some(())
+    })
+    .expect("the holder is named");
+    drop(carol);
+
+    // Alice's network goes dark long enough for her agent (PING 1 s / 2 s) to give up
+    // on the connection, not for the gateway (60 s).
+    network.set(true);
+    std::thread::sleep(Duration::from_secs(5));
+    network.set(false);
+    let ups = |agent: &Agent| {
+        agent
+            .daemon
+            .log_text()
+            .matches(" up gateway=site-b")
+            .count()
+    };
+    wait_for(Duration::from_secs(20), "alice to reconnect", || {
+        (ups(&alice) >= 2).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", alice.daemon.log_text()));
+    wait_for(Duration::from_secs(2), "alice's publication back", || {
+        talk(port).ok()
+    })
+    .expect("taken back at once");
+    assert!(
+        !alice.daemon.log_text().contains("refused to publish"),
+        "{}",
+        alice.daemon.log_text()
+    );
 }
