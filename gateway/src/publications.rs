@@ -82,6 +82,8 @@ pub struct Opened {
     pub recv: RecvStream,
     pub publisher: String,
     _count: Counted,
+    /// Counts against the publisher's `max_streams_per_identity`.
+    _permit: crate::admission::IdentityPermit,
 }
 
 /// Whether `caller` is named in `list` (identities, `group:NAME`, `*`).
@@ -247,7 +249,16 @@ pub async fn open(
             format!("no agent publishes `{name}` now"),
         ));
     }
+    let mut over = None;
     for publisher in candidates {
+        // A publisher's inbound streams count against its identity's stream limit.
+        let permit = match gateway.admission.stream(&publisher.identity) {
+            Ok(permit) => permit,
+            Err(limit) => {
+                over = Some(limit.to_string());
+                continue;
+            }
+        };
         let Ok(uri) = http::Uri::builder().authority(name).build() else {
             return Err(Refusal::new(
                 ConnectError::BadRequest,
@@ -318,12 +329,19 @@ pub async fn open(
             recv: response.into_body(),
             publisher: publisher.identity,
             _count: count,
+            _permit: permit,
         });
     }
-    Err(Refusal::new(
-        ConnectError::Refused,
-        format!("no agent publishing `{name}` could be reached"),
-    ))
+    Err(match over {
+        Some(limit) => Refusal::new(
+            ConnectError::OverLimit,
+            format!("every agent publishing `{name}` is at its stream limit: {limit}"),
+        ),
+        None => Refusal::new(
+            ConnectError::Refused,
+            format!("no agent publishing `{name}` could be reached"),
+        ),
+    })
 }
 
 /// Binds the `listen` port of every publication that has one.
@@ -393,7 +411,14 @@ async fn carry_inbound(
     let opened = match open(&gateway, &name, client, None).await {
         Ok(opened) => opened,
         Err(refusal) => {
-            warn!(%client, "inbound connection to `{name}`: {}", refusal.why);
+            gateway.refusals.report(
+                &client.ip().to_string(),
+                Kind::Stream(refusal.class),
+                format!(
+                    "connection from {client} to publication `{name}` {}: {}",
+                    refusal.class, refusal.why
+                ),
+            );
             entry.refused(refusal.class, refusal.why);
             splice::reset(tcp);
             return;

@@ -455,24 +455,72 @@ fn an_exclusive_name_refuses_a_second_publisher_but_not_its_holder_coming_back()
     network.set(true);
     std::thread::sleep(Duration::from_secs(5));
     network.set(false);
-    let ups = |agent: &Agent| {
-        agent
-            .daemon
-            .log_text()
-            .matches(" up gateway=site-b")
-            .count()
-    };
-    wait_for(Duration::from_secs(20), "alice to reconnect", || {
-        (ups(&alice) >= 2).then_some(())
-    })
+    // The agent logs each time the gateway confirms the publication.
+    let held = |agent: &Agent| agent.daemon.log_text().matches("published `solo`").count();
+    wait_for(
+        Duration::from_secs(20),
+        "alice to reconnect and hold it again",
+        || (held(&alice) >= 2).then_some(()),
+    )
     .unwrap_or_else(|e| panic!("{e}\n{}", alice.daemon.log_text()));
     wait_for(Duration::from_secs(2), "alice's publication back", || {
         talk(port).ok()
     })
-    .expect("taken back at once");
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}\n--- alice ---\n{}\n--- gateway ---\n{}",
+            alice.daemon.log_text(),
+            gateway.daemon.log_text()
+        )
+    });
     assert!(
         !alice.daemon.log_text().contains("refused to publish"),
         "{}",
         alice.daemon.log_text()
+    );
+}
+
+/// A publisher's inbound streams count against its identity's stream limit.
+#[test]
+fn a_publishers_inbound_streams_count_against_its_identity_limit() {
+    let service = echo("alice's site");
+    let site = Site::new();
+    let gw_dir = site.init_gateway("gateway");
+    let config = gw_dir.join("gateway.toml");
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(&config, format!("max_streams_per_identity = 2\n{text}")).expect("config");
+    let mut gateway = Gateway::start(&gw_dir, RULES).expect("gateway");
+    let port = offered_at(&mut gateway, "echo");
+    let alice = agent_for(
+        &site,
+        &gw_dir,
+        &gateway,
+        "alice",
+        &publish_table("echo", service),
+    );
+    wait_published(&alice, "echo");
+    let held: Vec<std::net::TcpStream> = (0..2)
+        .map(|_| {
+            let mut conn = std::net::TcpStream::connect(port).expect("connect");
+            conn.set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
+            let mut greeting = [0u8; 20];
+            conn.read_exact(&mut greeting)
+                .expect("a stream within the limit");
+            conn
+        })
+        .collect();
+    assert!(talk(port).is_err(), "a third stream passed a limit of two");
+    drop(held);
+    wait_for(
+        Duration::from_secs(5),
+        "a stream once the others ended",
+        || talk(port).ok(),
+    )
+    .expect("within the limit again");
+    let status = gateway.status().expect("status");
+    assert!(
+        status["refusals"].to_string().contains("stream-over-limit"),
+        "{status}"
     );
 }
