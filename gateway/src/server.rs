@@ -825,7 +825,17 @@ async fn stream(
         .register(target.to_string(), identity.clone());
 
     let caller = gateway.caller(&identity);
-    if let Target::Service(name) = &target
+    // A publication by name: as a service (`lab-db`), or as a host name with any port
+    // (`lab-db:5432`, what a preloaded program connecting to "lab-db" asks for).
+    let publication = match &target {
+        Target::Service(name) => Some(name.clone()),
+        Target::Addr {
+            host: tunnel_proto::Host::Name(name),
+            ..
+        } => Some(name.to_ascii_lowercase()),
+        Target::Addr { .. } => None,
+    };
+    if let Some(name) = &publication
         && publications::is_publication(&gateway, name)
     {
         return publication_stream(gateway, caller, name.clone(), request, respond, entry).await;

@@ -5,6 +5,7 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
@@ -523,4 +524,40 @@ fn a_publishers_inbound_streams_count_against_its_identity_limit() {
         status["refusals"].to_string().contains("stream-over-limit"),
         "{status}"
     );
+}
+
+/// The patch panel for an unmodified program: under tunnel-run with a route for the
+/// publication's name, python connects to "echo" by name and talks to the service at
+/// the publishing agent's site.
+#[test]
+fn a_preloaded_program_reaches_a_publication_by_its_name() {
+    require("python3", "python3");
+    let service = echo("alice's site");
+    let site = Site::new();
+    let gw_dir = site.init_gateway("gateway");
+    let gateway = Gateway::start(&gw_dir, RULES).expect("gateway");
+    let alice = agent_for(
+        &site,
+        &gw_dir,
+        &gateway,
+        "alice",
+        &publish_table("echo", service),
+    );
+    wait_published(&alice, "echo");
+    let bob = agent_for(&site, &gw_dir, &gateway, "bob", "");
+    let program = "import socket\ns = socket.create_connection(('echo', 7), timeout=10)\nf = s.makefile('rwb')\nprint(f.readline().decode().strip())\nf.write(b'ping\\n'); f.flush()\nprint(f.readline().decode().strip())\n";
+    let out = run_ok(
+        Command::new(bin("tunnel-run"))
+            .arg("--config")
+            .arg(&bob.config)
+            .args([
+                "--route",
+                "echo=site-b",
+                "--",
+                "/usr/bin/python3",
+                "-c",
+                program,
+            ]),
+    );
+    assert_eq!(out.trim(), "hello from alice's site\nping", "{out}");
 }
