@@ -198,7 +198,8 @@ impl Publisher {
             return "no PING handle".into();
         };
         let health = Arc::new(Health::default());
-        let (window_tx, _window_rx) = watch::channel(INITIAL_STREAM_WINDOW);
+        let (window_tx, mut window_rx) = watch::channel(INITIAL_STREAM_WINDOW);
+        let mut windows_open = true;
         let watcher = {
             let health = health.clone();
             let (interval, timeout) = self.ping;
@@ -217,6 +218,18 @@ impl Publisher {
                     }
                     Some(Err(e)) => return format!("connection error: {e}"),
                     None => return "closed by the gateway".into(),
+                },
+                // Receive windows follow bandwidth × delay: here the agent receives
+                // what the gateway's side sends to the service.
+                changed = window_rx.changed(), if windows_open => match changed {
+                    Ok(()) => {
+                        let window = *window_rx.borrow_and_update();
+                        conn.set_target_window_size(liveness::connection_window(window));
+                        if let Err(e) = conn.set_initial_window_size(window) {
+                            return format!("window update failed: {e}");
+                        }
+                    }
+                    Err(_) => windows_open = false,
                 },
                 error = &mut watcher => return error.to_string(),
             }

@@ -34,7 +34,8 @@ use crate::relay::Link;
 use crate::report::{Better, Report};
 
 /// Measures tunnel side by side with direct TCP, ssh -L, an stunnel pair, socat and
-/// proxychains (through ssh -D), on loopback and over an emulated wide-area link.
+/// proxychains (through ssh -D), and its inside-out direction (a published service)
+/// beside ssh -R, on loopback and over an emulated wide-area link.
 /// Prints a table; --json writes every figure. Peers that are not installed are
 /// reported as missing. In the full run each loopback figure is measured in three
 /// rounds, the paths in a different order each round, and reported as each path's
@@ -49,7 +50,7 @@ struct Cli {
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
     /// Measure only these paths (repeatable): direct, tunnel-run, tunnel forward,
-    /// ssh -L, stunnel, socat, proxychains.
+    /// tunnel reverse, ssh -L, ssh -R, stunnel, socat, proxychains.
     #[arg(long, value_name = "PATH")]
     only: Vec<String>,
     #[command(subcommand)]
@@ -223,11 +224,13 @@ struct Ready {
     _keep: Box<dyn std::any::Any>,
 }
 
-const PATHS: [&str; 7] = [
+const PATHS: [&str; 9] = [
     "direct",
     "tunnel-run",
     "tunnel forward",
+    "tunnel reverse",
     "ssh -L",
+    "ssh -R",
     "stunnel",
     "socat",
     "proxychains",
@@ -288,7 +291,7 @@ fn paths(
             _keep: Box::new(()),
         }),
     ));
-    let tunnel = if wanted("tunnel-run") || wanted("tunnel forward") {
+    let tunnel = if wanted("tunnel-run") || wanted("tunnel forward") || wanted("tunnel reverse") {
         Some(tunnel::Tunnel::start(bins, destination, link))
     } else {
         None
@@ -297,6 +300,7 @@ fn paths(
         None => {}
         Some(Ok(t)) => {
             let forward = t.forward;
+            let published = t.published;
             let wrapper = t.wrapper(bins);
             let shared = std::rc::Rc::new(t);
             out.push((
@@ -312,6 +316,16 @@ fn paths(
                 Ok(Ready {
                     entry: forward,
                     wrapper: Vec::new(),
+                    _keep: Box::new(shared.clone()),
+                }),
+            ));
+            // Inside-out: the client at the gateway's side, the destination published by
+            // the agent over its reverse connection.
+            out.push((
+                "tunnel reverse",
+                Ok(Ready {
+                    entry: published,
+                    wrapper: Vec::new(),
                     _keep: Box::new(shared),
                 }),
             ));
@@ -319,10 +333,14 @@ fn paths(
         Some(Err(e)) => {
             out.push(("tunnel-run", Err(format!("{e:#}"))));
             out.push(("tunnel forward", Err(format!("{e:#}"))));
+            out.push(("tunnel reverse", Err(format!("{e:#}"))));
         }
     }
     if wanted("ssh -L") {
         out.push(("ssh -L", peer(peers::ssh_forward(destination, wan))));
+    }
+    if wanted("ssh -R") {
+        out.push(("ssh -R", peer(peers::ssh_reverse(destination, wan))));
     }
     if wanted("stunnel") {
         out.push(("stunnel", peer(peers::stunnel_pair(destination, wan))));

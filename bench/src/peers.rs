@@ -72,6 +72,19 @@ pub fn ssh_forward(destination: SocketAddr, wan: Wan<'_>) -> Result<PeerPath, Pe
     })
 }
 
+/// `ssh -N -R port:destination` to a private sshd on loopback: the listening port is at
+/// the sshd's side, the destination at the ssh client's, as for a published service
+/// (WAN leg: between ssh and sshd).
+pub fn ssh_reverse(destination: SocketAddr, wan: Wan<'_>) -> Result<PeerPath, PeerError> {
+    let port = free_port()?;
+    let procs = ssh_tunnel("peer-ssh-r-", wan, Forward::Remote { port, destination })?;
+    Ok(PeerPath {
+        entry: loopback(port),
+        wrapper: Vec::new(),
+        _procs: procs,
+    })
+}
+
 /// stunnel client (plain in, TLS out) and stunnel server (TLS in, plain to destination) (WAN leg: between the two stunnels).
 pub fn stunnel_pair(destination: SocketAddr, wan: Wan<'_>) -> Result<PeerPath, PeerError> {
     // Debian names the binary stunnel4; other builds call it stunnel.
@@ -192,6 +205,8 @@ enum Forward {
     Local { port: u16, destination: SocketAddr },
     /// `-D`: a SOCKS proxy.
     Dynamic { port: u16 },
+    /// `-R`: a port at the sshd's side forwarded back to `destination`.
+    Remote { port: u16, destination: SocketAddr },
 }
 
 /// A private sshd on loopback and an `ssh -N` client logged into it with `forward`; the
@@ -271,6 +286,9 @@ fn ssh_tunnel(prefix: &str, wan: Wan<'_>, forward: Forward) -> Result<Procs, Pee
             ("-L", format!("127.0.0.1:{port}:{destination}"), port)
         }
         Forward::Dynamic { port } => ("-D", format!("127.0.0.1:{port}"), port),
+        Forward::Remote { port, destination } => {
+            ("-R", format!("127.0.0.1:{port}:{destination}"), port)
+        }
     };
     // No config file, no agent, no known-hosts file: the user's own ssh setup must not
     // change what is measured, nor be changed by it.

@@ -20,6 +20,9 @@ pub struct Tunnel {
     /// The same agent, with the route marked `connect = "optimistic"`.
     pub optimistic_config: PathBuf,
     pub forward: SocketAddr,
+    /// The gateway's port for the agent's publication of the destination: connections
+    /// there travel inside-out, over the agent's reverse connection.
+    pub published: SocketAddr,
     _dir: tempfile::TempDir,
 }
 
@@ -47,13 +50,17 @@ impl Tunnel {
         let config = gw.join("gateway.toml");
         let mut text = std::fs::read_to_string(&config)?;
         text.push_str(&format!(
-            "\n[[allow]]\nidentity = \"bench\"\nto = [\"{}/32\"]\n",
+            "\n[[allow]]\nidentity = \"bench\"\nto = [\"{}/32\"]\n\n[publish.bench]\nby = [\"bench\"]\nlisten = \"127.0.0.1:0\"\nfrom = [\"127.0.0.0/8\"]\n",
             destination.ip()
         ));
         std::fs::write(&config, text)?;
         let mut command = Command::new(bins.join("tunnel-gateway"));
         command.arg("run").arg("--config").arg(&config);
         let mut gateway = Proc::spawn("tunnel-gateway", command, dir.path().join("gateway.log"))?;
+        let published: SocketAddr = gateway
+            .wait_log("publication `bench` offered on ", Duration::from_secs(20))?
+            .trim()
+            .parse()?;
         let listen: SocketAddr = gateway
             .wait_log("listening on ", Duration::from_secs(20))?
             .trim()
@@ -65,7 +72,7 @@ impl Tunnel {
         let agent_config = dir.path().join("agent.toml");
         let config_text = |connect: &str| {
             format!(
-                "control = \"agent.sock\"\n[[gateway]]\nname = \"site-b\"\naddress = \"{address}\"\nserver_name = \"127.0.0.1\"\nca = \"bench/ca.pem\"\ncert = \"bench/bench.pem\"\nkey = \"bench/bench-key.pem\"\n[[route]]\nto = [\"{}/32\"]\nconnect = \"{connect}\"\n[[forward]]\nlisten = \"127.0.0.1:0\"\nto = \"{destination}\"\n",
+                "control = \"agent.sock\"\n[[gateway]]\nname = \"site-b\"\naddress = \"{address}\"\nserver_name = \"127.0.0.1\"\nca = \"bench/ca.pem\"\ncert = \"bench/bench.pem\"\nkey = \"bench/bench-key.pem\"\n[[route]]\nto = [\"{}/32\"]\nconnect = \"{connect}\"\n[[forward]]\nlisten = \"127.0.0.1:0\"\nto = \"{destination}\"\n[[publish]]\nname = \"bench\"\nto = \"{destination}\"\n",
                 destination.ip()
             )
         };
@@ -83,7 +90,9 @@ impl Tunnel {
             .context("forward address in the agent's log")?
             .parse()?;
         agent.wait_log("connected to", Duration::from_secs(20))?;
+        agent.wait_log("published `bench`", Duration::from_secs(20))?;
         Ok(Tunnel {
+            published,
             agent,
             gateway,
             agent_config,

@@ -53,6 +53,8 @@ struct Publisher {
     send: SendRequest<Bytes>,
     streams: Arc<AtomicUsize>,
     since: Instant,
+    /// The reverse connection's health: what its streams receive tunes its windows.
+    health: Arc<Health>,
 }
 
 /// The names published now, each with its live publishers.
@@ -81,6 +83,8 @@ pub struct Opened {
     pub send: SendStream<Bytes>,
     pub recv: RecvStream,
     pub publisher: String,
+    /// The publisher's reverse connection's health (for window tuning).
+    pub health: Arc<Health>,
     _count: Counted,
     /// Counts against the publisher's `max_streams_per_identity`.
     _permit: crate::admission::IdentityPermit,
@@ -113,6 +117,7 @@ impl Publishers {
         peer: SocketAddr,
         resume: &str,
         send: &SendRequest<Bytes>,
+        health: &Arc<Health>,
     ) -> Result<(), String> {
         if !names(&rule.by, caller) {
             return Err(format!(
@@ -142,6 +147,7 @@ impl Publishers {
             send: send.clone(),
             streams: Arc::default(),
             since: Instant::now(),
+            health: health.clone(),
         });
         Ok(())
     }
@@ -198,6 +204,7 @@ pub fn accept_offer(
     peer: SocketAddr,
     offer: &tunnel_proto::reverse::Offer,
     send: &SendRequest<Bytes>,
+    health: &Arc<Health>,
 ) -> (Vec<String>, Vec<(String, String)>) {
     let mut published = Vec::new();
     let mut refused = Vec::new();
@@ -208,11 +215,16 @@ pub fn accept_offer(
             None => Err(format!(
                 "there is no [publish.{name}] in the gateway's config"
             )),
-            Some(rule) => {
-                gateway
-                    .publishers
-                    .offer(&name, rule, caller, connection, peer, &offer.resume, send)
-            }
+            Some(rule) => gateway.publishers.offer(
+                &name,
+                rule,
+                caller,
+                connection,
+                peer,
+                &offer.resume,
+                send,
+                health,
+            ),
         };
         match outcome {
             Ok(()) => {
@@ -328,6 +340,7 @@ pub async fn open(
             send,
             recv: response.into_body(),
             publisher: publisher.identity,
+            health: publisher.health.clone(),
             _count: count,
             _permit: permit,
         });
@@ -424,8 +437,7 @@ async fn carry_inbound(
             return;
         }
     };
-    let health = Health::default();
-    let recv = opened.recv;
+    let (recv, health) = (opened.recv, opened.health);
     let result = splice::splice(tcp, opened.send, async { Ok(recv) }, entry.stats(), &health).await;
     entry.finish(&result);
 }
@@ -455,6 +467,7 @@ async fn take_offer(
     caller: &Caller,
     connection: u64,
     peer: SocketAddr,
+    health: &Arc<Health>,
 ) -> anyhow::Result<Vec<String>> {
     let request = Request::builder()
         .method(Method::GET)
@@ -465,7 +478,8 @@ async fn take_offer(
     let body =
         tokio::time::timeout(OFFER_TIMEOUT, read_body(response.into_body(), 64 * 1024)).await??;
     let offer: Offer = serde_json::from_slice(&body)?;
-    let (published, refused) = accept_offer(gateway, caller, connection, peer, &offer, send);
+    let (published, refused) =
+        accept_offer(gateway, caller, connection, peer, &offer, send, health);
     let accepted = serde_json::to_vec(&Accepted {
         published: published.clone(),
         refused,
@@ -510,7 +524,7 @@ pub async fn serve_publisher(
         .register(peer, &identity, Some(&certificate), &health, 0)
         .await;
     let caller = gateway.caller(&identity);
-    let offered = take_offer(&gateway, &mut send, &caller, id, peer);
+    let offered = take_offer(&gateway, &mut send, &caller, id, peer, &health);
     tokio::pin!(offered);
     let mut offer_pending = true;
     let mut revocations = gateway.revocations.subscribe();
@@ -518,7 +532,8 @@ pub async fn serve_publisher(
         gateway.unregister(id);
         return;
     };
-    let (window_tx, _window_rx) = watch::channel(INITIAL_STREAM_WINDOW);
+    let (window_tx, mut window_rx) = watch::channel(INITIAL_STREAM_WINDOW);
+    let mut windows_open = true;
     let watcher = {
         let health = health.clone();
         let (interval, timeout) = (gateway.config.ping_interval, gateway.config.ping_timeout);
@@ -554,6 +569,18 @@ pub async fn serve_publisher(
                     break why;
                 }
             }
+            // Receive windows follow bandwidth × delay, as on an agent's own connections:
+            // here the gateway receives what the published service sends.
+            changed = window_rx.changed(), if windows_open => match changed {
+                Ok(()) => {
+                    let window = *window_rx.borrow_and_update();
+                    conn.set_target_window_size(liveness::connection_window(window));
+                    if let Err(e) = conn.set_initial_window_size(window) {
+                        break format!("window update failed: {e}");
+                    }
+                }
+                Err(_) => windows_open = false,
+            },
             () = shutdown.fired() => break "the gateway is stopping".to_string(),
             error = &mut watcher => break error.to_string(),
         }

@@ -838,7 +838,16 @@ async fn stream(
     if let Some(name) = &publication
         && publications::is_publication(&gateway, name)
     {
-        return publication_stream(gateway, caller, name.clone(), request, respond, entry).await;
+        return publication_stream(
+            gateway,
+            health,
+            caller,
+            name.clone(),
+            request,
+            respond,
+            entry,
+        )
+        .await;
     }
     let policy = gateway.policy();
     let connected = match gateway.admission.stream(&identity) {
@@ -895,6 +904,7 @@ async fn stream(
 /// A consumer agent's stream to a publication, joined to a stream to its publisher.
 async fn publication_stream(
     gateway: Arc<Gateway>,
+    health: Arc<Health>,
     caller: Caller,
     name: String,
     request: Request<RecvStream>,
@@ -923,8 +933,8 @@ async fn publication_stream(
     };
     debug!(%identity, publication = %name, publisher = %opened.publisher, "joined");
     let result = splice::relay(
-        (send, request.into_body()),
-        (opened.send, opened.recv),
+        (send, request.into_body(), &health),
+        (opened.send, opened.recv, &opened.health),
         entry.stats(),
     )
     .await;

@@ -284,14 +284,14 @@ async fn tunnel_to_tcp(
 /// agent's, joined at the gateway. Each direction ends on its own (END_STREAM passes
 /// through); a reset or failure of either resets both.
 pub async fn relay(
-    (mut a_send, mut a_recv): (SendStream<Bytes>, RecvStream),
-    (mut b_send, mut b_recv): (SendStream<Bytes>, RecvStream),
+    (mut a_send, mut a_recv, a_health): (SendStream<Bytes>, RecvStream, &Health),
+    (mut b_send, mut b_recv, b_health): (SendStream<Bytes>, RecvStream, &Health),
     stats: &StreamStats,
 ) -> Result<(), Abort> {
     let both = async {
         tokio::try_join!(
-            pipe(&mut a_recv, &mut b_send, &stats.tcp_to_tunnel),
-            pipe(&mut b_recv, &mut a_send, &stats.tunnel_to_tcp)
+            pipe(&mut a_recv, a_health, &mut b_send, &stats.tcp_to_tunnel),
+            pipe(&mut b_recv, b_health, &mut a_send, &stats.tunnel_to_tcp)
         )
     };
     match both.await {
@@ -307,12 +307,14 @@ pub async fn relay(
 /// One direction of [`relay`]: window given back only once the bytes were handed on.
 async fn pipe(
     recv: &mut RecvStream,
+    received_on: &Health,
     send: &mut SendStream<Bytes>,
     counted: &AtomicU64,
 ) -> Result<(), Abort> {
     while let Some(data) = recv.data().await {
         let data = data.map_err(Abort::Tunnel)?;
         let len = data.len();
+        received_on.note_received(len);
         send_all(send, data).await?;
         counted.fetch_add(len as u64, Ordering::Relaxed);
         let _ = recv.flow_control().release_capacity(len);
