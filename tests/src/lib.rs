@@ -241,6 +241,17 @@ pub fn run_ok(command: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `tunnel-gateway init` in `<site>/gateway`, `settings` put among its top-level keys
+/// and `rules` (tables) appended, then started.
+pub fn gateway_with(site: &Site, settings: &str, rules: &str) -> (PathBuf, Gateway) {
+    let dir = site.init_gateway("gateway");
+    let config = dir.join("gateway.toml");
+    let text = fs::read_to_string(&config).expect("gateway.toml");
+    fs::write(&config, format!("{settings}\n{text}")).expect("write gateway.toml");
+    let gateway = Gateway::start(&dir, rules).expect("gateway");
+    (dir, gateway)
+}
+
 /// A running gateway.
 pub struct Gateway {
     pub daemon: Daemon,

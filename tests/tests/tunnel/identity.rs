@@ -18,15 +18,7 @@ use tunnel_tests::*;
 
 const ALLOW_ALICE_LOOPBACK: &str = "\n[[allow]]\nidentity = \"alice\"\nto = [\"127.0.0.1/32\"]\n";
 
-/// A gateway made by `init`, with `settings` (top-level keys) and `rules` added.
-fn gateway(site: &Site, settings: &str, rules: &str) -> (PathBuf, Gateway) {
-    let dir = site.init_gateway("gateway");
-    let config = dir.join("gateway.toml");
-    let text = fs::read_to_string(&config).expect("gateway.toml");
-    fs::write(&config, format!("{settings}\n{text}")).expect("write gateway.toml");
-    let gateway = Gateway::start(&dir, rules).expect("gateway");
-    (dir, gateway)
-}
+use tunnel_tests::gateway_with as gateway;
 
 /// `tunnel-gateway token`, with the running gateway's address.
 fn token(dir: &Path, gateway: &Gateway, args: &[&str]) -> String {

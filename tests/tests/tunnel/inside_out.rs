@@ -358,15 +358,7 @@ impl Blackhole {
 fn a_publisher_blackholed_for_thirty_seconds_has_its_publication_back_soon_after_it_reconnects() {
     let service = echo("alice's site");
     let site = Site::new();
-    let gw_dir = site.init_gateway("gateway");
-    let config = gw_dir.join("gateway.toml");
-    let text = std::fs::read_to_string(&config).expect("config");
-    std::fs::write(
-        &config,
-        format!("ping_interval = 1\nping_timeout = 2\n{text}"),
-    )
-    .expect("config");
-    let mut gateway = Gateway::start(&gw_dir, RULES).expect("gateway");
+    let (gw_dir, mut gateway) = gateway_with(&site, "ping_interval = 1\nping_timeout = 2\n", RULES);
     let port = offered_at(&mut gateway, "echo");
     let network = Blackhole::to(gateway.addr);
     let creds = site.issue(&gw_dir, "alice", "alice-creds");
@@ -414,17 +406,9 @@ fn a_publisher_blackholed_for_thirty_seconds_has_its_publication_back_soon_after
 fn an_exclusive_name_refuses_a_second_publisher_but_not_its_holder_coming_back() {
     let service = echo("alice's site");
     let site = Site::new();
-    let gw_dir = site.init_gateway("gateway");
-    let config = gw_dir.join("gateway.toml");
-    let text = std::fs::read_to_string(&config).expect("config");
-    // The gateway is slow to notice a dead connection: the old lease outlives it.
-    std::fs::write(
-        &config,
-        format!("ping_interval = 60\nping_timeout = 60\n{text}"),
-    )
-    .expect("config");
     let rules = "\n[publish.solo]\nby = [\"alice\", \"carol\"]\nlisten = \"127.0.0.1:0\"\nfrom = [\"127.0.0.0/8\"]\nexclusive = true\n";
-    let mut gateway = Gateway::start(&gw_dir, rules).expect("gateway");
+    // The gateway is slow to notice a dead connection: the old lease outlives it.
+    let (gw_dir, mut gateway) = gateway_with(&site, "ping_interval = 60\nping_timeout = 60", rules);
     let port = offered_at(&mut gateway, "solo");
     let network = Blackhole::to(gateway.addr);
     let creds = site.issue(&gw_dir, "alice", "alice-creds");
@@ -486,11 +470,7 @@ fn an_exclusive_name_refuses_a_second_publisher_but_not_its_holder_coming_back()
 fn a_publishers_inbound_streams_count_against_its_identity_limit() {
     let service = echo("alice's site");
     let site = Site::new();
-    let gw_dir = site.init_gateway("gateway");
-    let config = gw_dir.join("gateway.toml");
-    let text = std::fs::read_to_string(&config).expect("config");
-    std::fs::write(&config, format!("max_streams_per_identity = 2\n{text}")).expect("config");
-    let mut gateway = Gateway::start(&gw_dir, RULES).expect("gateway");
+    let (gw_dir, mut gateway) = gateway_with(&site, "max_streams_per_identity = 2\n", RULES);
     let port = offered_at(&mut gateway, "echo");
     let alice = agent_for(
         &site,
