@@ -457,7 +457,7 @@ impl Renewal {
             Answer::Issued(issued) => issued,
             Answer::Refused(refused) => return Err(Failure::Refused(refused)),
         };
-        let put_to_use = || -> Result<Arc<Certificate>> {
+        let written = || -> Result<_> {
             let ca = tunnel_transport::tls::load_certs(&peer.ca)?;
             credential::check_issued(&issued.certificate, &key, &ca)
                 .context("the certificate the gateway issued (the old one stays in use)")?;
@@ -465,14 +465,16 @@ impl Renewal {
             crate::state::write_atomically(&peer.cert, text.as_bytes(), 0o600)?;
             let tls = tunnel_transport::tls::client_config(&peer.ca, &peer.cert, &peer.key)?;
             let certificate = Arc::new(Certificate::load(&peer.ca, &peer.cert, peer.renews)?);
-            self.pool.use_credential(tls, certificate.clone());
-            Ok(certificate)
+            Ok((tls, certificate))
         };
-        let renewed = put_to_use().map_err(failed)?;
-        // The connections that are up were made with the old certificate: move them
-        // onto the new one, so that their streams outlive it.
+        let (tls, renewed) = written().map_err(failed)?;
+        // The connections that are up were made with the old certificate: move them onto
+        // the new one (so that their streams outlive it) before streams that wait for a
+        // valid credential are let go, or one could go to a connection the gateway still
+        // holds to the old, expired one.
         let moved = self.pool.extend_all(&issued.certificate, &key).await;
         debug!(gateway = %self.gateway(), moved, "connections moved onto the renewed certificate");
+        self.pool.use_credential(tls, renewed.clone());
         Ok(renewed)
     }
 }
