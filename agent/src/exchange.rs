@@ -9,8 +9,8 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result, anyhow, bail};
-use bytes::{Bytes, BytesMut};
+use anyhow::{Context, Result, anyhow};
+use bytes::Bytes;
 use h2::SendStream;
 use h2::client::ResponseFuture;
 use http::{Method, Request, StatusCode, Uri, header};
@@ -67,17 +67,10 @@ pub async fn answer(
         .context("sending the request body")?;
     let response = response.await.context("waiting for the gateway's answer")?;
     let status = response.status();
-    let mut stream = response.into_body();
-    let mut read = BytesMut::new();
-    while let Some(chunk) = stream.data().await {
-        let chunk = chunk.context("reading the gateway's answer")?;
-        let _ = stream.flow_control().release_capacity(chunk.len());
-        if read.len() + chunk.len() > MAX_BODY {
-            bail!("the gateway's answer is longer than {MAX_BODY} bytes");
-        }
-        read.extend_from_slice(&chunk);
-    }
-    Ok((status, read.freeze()))
+    let read = tunnel_transport::messages::read_body(response.into_body(), MAX_BODY)
+        .await
+        .context("reading the gateway's answer")?;
+    Ok((status, read))
 }
 
 /// Reads an answer: a certificate, or the gateway's reasons for refusing one.

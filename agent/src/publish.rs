@@ -30,12 +30,12 @@ use tokio_rustls::TlsConnector;
 use tracing::{debug, info, warn};
 use tunnel_proto::ConnectError;
 use tunnel_proto::config::Publication;
-use tunnel_proto::connect::{ERROR_HEADER, encode_outcome};
 use tunnel_proto::reverse::{
     ALPN, Accepted, CLIENT_HEADER, CONSUMER_HEADER, Offer, PUBLICATIONS_PATH,
 };
 use tunnel_proto::{Host, Target};
 use tunnel_transport::liveness::{self, Health, INITIAL_STREAM_WINDOW};
+use tunnel_transport::messages::{answer_connect, read_body, reply_json};
 use tunnel_transport::splice::{self, Abort};
 use tunnel_transport::streams::StreamTable;
 
@@ -249,10 +249,10 @@ impl Publisher {
                     resume: self.resume.clone(),
                     names: self.publications.keys().cloned().collect(),
                 };
-                reply(&mut respond, StatusCode::OK, &offer);
+                reply_json(&mut respond, StatusCode::OK, &offer);
             }
             (Method::POST, PUBLICATIONS_PATH) => {
-                let body = read_body(request.into_body()).await;
+                let body = read_body(request.into_body(), 64 * 1024).await;
                 match body.and_then(|b| Ok(serde_json::from_slice::<Accepted>(&b)?)) {
                     Ok(accepted) => {
                         let gateway = &self.pool.peer.name;
@@ -311,7 +311,7 @@ impl Publisher {
             consumer.clone().unwrap_or_else(|| "-".into()),
         );
         let Some(publication) = self.publications.get(&name) else {
-            answer(&mut respond, Err(ConnectError::BadRequest));
+            let _ = answer_connect(&mut respond, Err(ConnectError::BadRequest));
             entry.refused(
                 ConnectError::BadRequest,
                 format!("`{name}` is not published here"),
@@ -326,7 +326,7 @@ impl Publisher {
                 let who = consumer
                     .as_deref()
                     .unwrap_or("a connection at the gateway's port");
-                answer(&mut respond, Err(ConnectError::Denied));
+                let _ = answer_connect(&mut respond, Err(ConnectError::Denied));
                 entry.refused(
                     ConnectError::Denied,
                     format!("{who} is not in the `reach` of [[publish]] `{name}` here"),
@@ -335,7 +335,7 @@ impl Publisher {
             }
         }
         let Target::Addr { host, port } = &publication.to else {
-            answer(&mut respond, Err(ConnectError::Gateway));
+            let _ = answer_connect(&mut respond, Err(ConnectError::Gateway));
             return;
         };
         let to = match host {
@@ -347,12 +347,12 @@ impl Publisher {
             Ok(Ok(tcp)) => tcp,
             Ok(Err(e)) => {
                 let class = ConnectError::of_connect(&e);
-                answer(&mut respond, Err(class));
+                let _ = answer_connect(&mut respond, Err(class));
                 entry.refused(class, format!("{to}: {e}"));
                 return;
             }
             Err(_) => {
-                answer(&mut respond, Err(ConnectError::TimedOut));
+                let _ = answer_connect(&mut respond, Err(ConnectError::TimedOut));
                 entry.refused(ConnectError::TimedOut, format!("{to}: no answer"));
                 return;
             }
@@ -368,7 +368,7 @@ impl Publisher {
                 .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
             let header = tunnel_proto::proxy_protocol::v2_header(source, destination);
             if let Err(e) = tokio::io::AsyncWriteExt::write_all(&mut tcp, &header).await {
-                answer(&mut respond, Err(ConnectError::Refused));
+                let _ = answer_connect(&mut respond, Err(ConnectError::Refused));
                 entry.refused(
                     ConnectError::Refused,
                     format!("{to}: writing the PROXY header: {e}"),
@@ -376,7 +376,7 @@ impl Publisher {
                 return;
             }
         }
-        let Some(send) = answer(&mut respond, Ok(())) else {
+        let Ok(Some(send)) = answer_connect(&mut respond, Ok(())) else {
             entry.finish(&Err(Abort::Refused(ConnectError::Gateway)));
             return;
         };
@@ -384,42 +384,4 @@ impl Publisher {
         let result = splice::splice(tcp, send, async { Ok(body) }, entry.stats(), health).await;
         entry.finish(&result);
     }
-}
-
-fn answer(
-    respond: &mut SendResponse<Bytes>,
-    outcome: Result<(), ConnectError>,
-) -> Option<h2::SendStream<Bytes>> {
-    let (status, error) = encode_outcome(outcome);
-    let mut response = Response::builder().status(status);
-    if let Some(error) = error {
-        response = response.header(ERROR_HEADER, error);
-    }
-    let response = response.body(()).ok()?;
-    let end = outcome.is_err();
-    let send = respond.send_response(response, end).ok()?;
-    (!end).then_some(send)
-}
-
-fn reply<T: Serialize>(respond: &mut SendResponse<Bytes>, status: StatusCode, value: &T) {
-    let json = serde_json::to_vec(value).unwrap_or_default();
-    let Ok(response) = Response::builder().status(status).body(()) else {
-        return;
-    };
-    if let Ok(mut send) = respond.send_response(response, false) {
-        let _ = send.send_data(Bytes::from(json), true);
-    }
-}
-
-async fn read_body(mut body: RecvStream) -> Result<Vec<u8>> {
-    let mut out = Vec::new();
-    while let Some(chunk) = body.data().await {
-        let chunk = chunk?;
-        let _ = body.flow_control().release_capacity(chunk.len());
-        if out.len() + chunk.len() > 64 * 1024 {
-            anyhow::bail!("answer too large");
-        }
-        out.extend_from_slice(&chunk);
-    }
-    Ok(out)
 }

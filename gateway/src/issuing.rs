@@ -16,14 +16,13 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Result, anyhow};
 use bytes::Bytes;
 use h2::RecvStream;
 use h2::server::SendResponse;
-use http::{Response, StatusCode};
+use http::StatusCode;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
-use serde::Serialize;
 use tracing::{debug, error, info};
 use tunnel_proto::enrolment::{
     EXTEND_CONTEXT, EnrolRequest, ExtendRequest, Issued, MAX_BODY, RefusalKind, Refused,
@@ -31,37 +30,12 @@ use tunnel_proto::enrolment::{
 };
 use tunnel_proto::token::Secret;
 use tunnel_transport::certs::{CertInfo, unix_now, utc};
+use tunnel_transport::messages::{read_body, reply_json};
 
 use crate::authority::request_key_digest;
 use crate::refusals::Kind;
 use crate::server::{Current, Gateway};
 use crate::state::{Denial, Presented};
-
-/// Reads a request body whole, refusing more than [`MAX_BODY`] bytes.
-async fn body(mut recv: RecvStream) -> Result<Vec<u8>> {
-    let mut out = Vec::new();
-    while let Some(chunk) = recv.data().await {
-        let chunk = chunk.context("reading the request")?;
-        let _ = recv.flow_control().release_capacity(chunk.len());
-        if out.len() + chunk.len() > MAX_BODY {
-            return Err(anyhow!("request larger than {MAX_BODY} bytes"));
-        }
-        out.extend_from_slice(&chunk);
-    }
-    Ok(out)
-}
-
-fn reply<T: Serialize>(respond: &mut SendResponse<Bytes>, status: StatusCode, value: &T) {
-    let json = serde_json::to_vec(value).unwrap_or_default();
-    let response = Response::builder()
-        .status(status)
-        .header("content-type", "application/json")
-        .body(());
-    let Ok(response) = response else { return };
-    if let Ok(mut send) = respond.send_response(response, false) {
-        let _ = send.send_data(Bytes::from(json), true);
-    }
-}
 
 fn refuse(respond: &mut SendResponse<Bytes>, denial: Denial) {
     let status = match denial.kind {
@@ -74,7 +48,7 @@ fn refuse(respond: &mut SendResponse<Bytes>, denial: Denial) {
             StatusCode::FORBIDDEN
         }
     };
-    reply(
+    reply_json(
         respond,
         status,
         &Refused {
@@ -101,7 +75,9 @@ fn internal(e: &anyhow::Error) -> Denial {
 }
 
 async fn parse<T: serde::de::DeserializeOwned>(recv: RecvStream) -> Result<T, Denial> {
-    let bytes = body(recv).await.map_err(|e| bad(format!("{e:#}")))?;
+    let bytes = read_body(recv, MAX_BODY)
+        .await
+        .map_err(|e| bad(format!("{e:#}")))?;
     serde_json::from_slice(&bytes).map_err(|e| bad(format!("not the expected request: {e}")))
 }
 
@@ -132,7 +108,7 @@ pub async fn enrol(
     mut respond: SendResponse<Bytes>,
 ) {
     match redeem(&gateway, peer, recv).await {
-        Ok(issued) => reply(&mut respond, StatusCode::OK, &issued),
+        Ok(issued) => reply_json(&mut respond, StatusCode::OK, &issued),
         Err(denial) => refuse(&mut respond, denial),
     }
 }
@@ -224,7 +200,7 @@ pub async fn renew(
     match renewal(&gateway, connection, &presented, recv).await {
         Ok(issued) => {
             info!(%peer, identity = %presented.identity, "renewed: certificate {} replaces {}, valid until {}{}", issued.serial, presented.serial, utc(issued.not_after), if presented.expired { " (recovered an expired certificate)" } else { "" });
-            reply(&mut respond, StatusCode::OK, &issued);
+            reply_json(&mut respond, StatusCode::OK, &issued);
         }
         Err(denial) => {
             gateway.refusals.report(
@@ -307,7 +283,7 @@ pub async fn extend(
         Ok(current) => {
             debug!(%peer, %identity, serial = %current.serial, "connection moved onto a renewed certificate");
             gateway.vouch(connection, current);
-            reply(&mut respond, StatusCode::OK, &serde_json::json!({}));
+            reply_json(&mut respond, StatusCode::OK, &serde_json::json!({}));
         }
         Err(denial) => {
             gateway.refusals.report(

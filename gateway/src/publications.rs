@@ -36,6 +36,7 @@ use tunnel_proto::reverse::{Accepted, CLIENT_HEADER, CONSUMER_HEADER, Offer, PUB
 use tunnel_transport::certs::CertInfo;
 use tunnel_transport::counted::Counted;
 use tunnel_transport::liveness::{self, Health, INITIAL_STREAM_WINDOW};
+use tunnel_transport::messages::read_body;
 use tunnel_transport::plumbing::{Shutdown, accept_until};
 use tunnel_transport::splice;
 
@@ -444,20 +445,6 @@ async fn carry_inbound(
 
 /// How long a publisher's agent has to say what it publishes.
 const OFFER_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Reads an answer's body whole, refusing more than `limit` bytes.
-async fn read_body(mut body: RecvStream, limit: usize) -> anyhow::Result<Vec<u8>> {
-    let mut out = Vec::new();
-    while let Some(chunk) = body.data().await {
-        let chunk = chunk?;
-        let _ = body.flow_control().release_capacity(chunk.len());
-        if out.len() + chunk.len() > limit {
-            anyhow::bail!("more than {limit} bytes");
-        }
-        out.extend_from_slice(&chunk);
-    }
-    Ok(out)
-}
 
 /// Asks a reverse connection's agent what it publishes and takes what the config
 /// allows; tells the agent the result.

@@ -36,18 +36,18 @@ use anyhow::{Context, Result};
 use bytes::Bytes;
 use h2::RecvStream;
 use h2::server::SendResponse;
-use http::{Method, Request, Response};
+use http::{Method, Request};
 use serde::Serialize;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 use tunnel_proto::config::GatewayConfig;
-use tunnel_proto::connect::{ERROR_HEADER, encode_outcome};
 use tunnel_proto::enrolment::{ENROL_PATH, EXTEND_PATH, RENEW_PATH};
 use tunnel_proto::{ConnectError, Target};
 use tunnel_transport::certs::{CertInfo, rfc3339, unix_now, utc};
 use tunnel_transport::liveness::{self, Health, INITIAL_STREAM_WINDOW};
+use tunnel_transport::messages::answer_connect;
 use tunnel_transport::plumbing::{Shutdown, accept_until};
 use tunnel_transport::splice::{self, Abort};
 use tunnel_transport::streams::{Side, StreamTable};
@@ -789,7 +789,7 @@ fn dispatch(
             gateway
                 .refusals
                 .report(identity, Kind::Stream(ConnectError::Denied), detail);
-            let _ = answer(&mut respond, Err(ConnectError::Denied));
+            let _ = answer_connect(&mut respond, Err(ConnectError::Denied));
         }
     }
 }
@@ -817,7 +817,7 @@ async fn stream(
         gateway
             .refusals
             .report(&identity, Kind::Stream(ConnectError::BadRequest), detail);
-        let _ = answer(&mut respond, Err(ConnectError::BadRequest));
+        let _ = answer_connect(&mut respond, Err(ConnectError::BadRequest));
         return;
     };
     let entry = gateway
@@ -873,11 +873,11 @@ async fn stream(
     // Held from before the answer, so a policy reload in between is not missed.
     let (_grant, withdrawn) = gateway.grants.enter(connection, &identity, &target, addr);
     if let Err(why) = gateway.policy().still_allows(&caller, &target, addr) {
-        let _ = answer(&mut respond, Err(ConnectError::Denied));
+        let _ = answer_connect(&mut respond, Err(ConnectError::Denied));
         entry.refused(ConnectError::Denied, why);
         return;
     }
-    let send = match answer(&mut respond, Ok(())) {
+    let send = match answer_connect(&mut respond, Ok(())) {
         Ok(Some(send)) => send,
         _ => {
             entry.finish(&Err(Abort::Refused(ConnectError::Gateway)));
@@ -924,7 +924,7 @@ async fn publication_stream(
             return refuse_stream(&gateway, &identity, &name, refusal, &mut respond, entry);
         }
     };
-    let send = match answer(&mut respond, Ok(())) {
+    let send = match answer_connect(&mut respond, Ok(())) {
         Ok(Some(send)) => send,
         _ => {
             entry.finish(&Err(Abort::Refused(ConnectError::Gateway)));
@@ -958,24 +958,6 @@ fn refuse_stream(
     gateway
         .refusals
         .report(identity, Kind::Stream(refusal.class), detail);
-    let _ = answer(respond, Err(refusal.class));
+    let _ = answer_connect(respond, Err(refusal.class));
     entry.refused(refusal.class, refusal.why);
-}
-
-/// Sends the CONNECT answer; on success returns the stream to send data on.
-fn answer(
-    respond: &mut SendResponse<Bytes>,
-    outcome: Result<(), ConnectError>,
-) -> Result<Option<h2::SendStream<Bytes>>> {
-    let (status, error) = encode_outcome(outcome);
-    let mut response = Response::builder().status(status);
-    if let Some(error) = error {
-        response = response.header(ERROR_HEADER, error);
-    }
-    let response = response.body(()).context("building the CONNECT answer")?;
-    let end_of_stream = outcome.is_err();
-    let send = respond
-        .send_response(response, end_of_stream)
-        .context("sending the CONNECT answer")?;
-    Ok((!end_of_stream).then_some(send))
 }

@@ -13,6 +13,7 @@
 //! - [`atomic_file`]: files replaced whole or not at all (credentials, state).
 //! - [`certs`]: what a certificate says about itself (names, dates), for both ends.
 //! - [`splice`]: one carried connection, both directions, faithful ends.
+//! - [`messages`]: CONNECT answers and small JSON bodies, both ways.
 //! - [`liveness`]: PING, RTT, and receive windows that follow bandwidth × delay.
 //! - [`streams`]: live and recently ended connections, for `status`.
 //! - [`control`]: the Unix socket that answers `status`.
@@ -27,6 +28,7 @@ pub mod control;
 pub mod counted;
 pub mod daemon;
 pub mod liveness;
+pub mod messages;
 pub mod plumbing;
 pub mod splice;
 pub mod streams;
