@@ -154,13 +154,7 @@ fn policy(gateway: &Gateway, path: &Path) {
         return;
     }
     gateway.set_policy(new);
-    let policy = gateway.policy();
-    let cut = gateway.grants.withdraw_where(|grant| {
-        policy
-            .still_allows(&gateway.caller(&grant.identity), &grant.target, grant.addr)
-            .err()
-            .map(|why| format!("the policy changed: {why}"))
-    });
+    let cut = recheck_streams(gateway, "the policy changed");
     info!(
         "{}: new policy in force; {cut} live streams it no longer allows were reset",
         path.display()
@@ -188,11 +182,17 @@ fn state(gateway: &Gateway) {
     }
     gateway.refresh_identities();
     // Groups may have changed with the identities: ask the policy again.
+    recheck_streams(gateway, "the identity's groups changed");
+}
+
+/// Asks the policy in force about every live stream and resets those it no longer
+/// allows, saying `what` changed; returns how many.
+fn recheck_streams(gateway: &Gateway, what: &str) -> usize {
     let policy = gateway.policy();
     gateway.grants.withdraw_where(|grant| {
         policy
             .still_allows(&gateway.caller(&grant.identity), &grant.target, grant.addr)
             .err()
-            .map(|why| format!("the identity's groups changed: {why}"))
-    });
+            .map(|why| format!("{what}: {why}"))
+    })
 }
