@@ -275,6 +275,26 @@ async fn answer(agent: &Arc<Agent>, access: &Access, mut stream: UnixStream) -> 
             };
             register(agent, &mut stream, request, socket).await
         }
+        Request::Listen { address } => {
+            let answer = match passed.pop() {
+                Some(socket) => crate::callbacks::listen(agent, address, socket, uid).await,
+                None => err(
+                    Refusal::Connect(ConnectError::BadRequest),
+                    "LISTEN must carry its socket",
+                ),
+            };
+            reply(&mut stream, answer).await
+        }
+        Request::Peer => {
+            let answer = match passed.pop() {
+                Some(socket) => agent.callbacks.peer(&socket),
+                None => err(
+                    Refusal::Connect(ConnectError::BadRequest),
+                    "PEER must carry the accepted socket",
+                ),
+            };
+            reply(&mut stream, answer).await
+        }
         Request::Verdict { source } => {
             let answer = match agent.registrations.kept_verdict(source, uid) {
                 Some(answer) => match until_hangup(&stream, await_verdict(answer)).await {
@@ -448,10 +468,18 @@ async fn register(
     };
     debug!(%source, destination = %target, gateway = %via, uid, ?delivery, "registered");
     drop(socket);
+    // The gateway's callback address is what the socket shows as its own, so that a
+    // program advertises an address the far side can reach.
+    let callback = agent
+        .publishers
+        .iter()
+        .find(|p| p.gateway() == via)
+        .and_then(|p| p.callback_offer())
+        .map(|o| o.address);
     let answer = agent
         .registrations
         .insert(source, target, via, uid, delivery);
-    reply(stream, Reply::Ok { listener }).await?;
+    reply(stream, Reply::Ok { listener, callback }).await?;
     if let Some(answer) = answer
         && let Some(error) = until_hangup(stream, await_verdict(answer)).await
     {

@@ -31,6 +31,7 @@
 //! - `status`: what `tunnel-agent status` shows, as one typed view.
 #![forbid(unsafe_code)]
 
+mod callbacks;
 mod carry;
 mod certificate;
 mod config_file;
@@ -148,6 +149,8 @@ pub struct Agent {
     pub renewals: Vec<Arc<renewal::Renewal>>,
     /// One for each gateway that this agent publishes services at.
     pub publishers: Vec<Arc<publish::Publisher>>,
+    /// Callback listeners held at gateways for programs here.
+    pub callbacks: Arc<callbacks::Callbacks>,
     pub streams: Arc<StreamTable>,
     pub forwards: Vec<ForwardView>,
     /// Says which local user owns the socket at the far end of an accepted connection.
@@ -288,10 +291,11 @@ fn env_lines(config: &AgentConfig) -> Result<String> {
     let library = library.canonicalize().unwrap_or(library);
     let q = |s: &str| paths::shell_quote(s);
     Ok(format!(
-        "export TUNNEL_AGENT={}\nexport TUNNEL_ROUTES={}\nexport TUNNEL_SYNTHETIC={}\nexport LD_PRELOAD={}\"${{LD_PRELOAD:+:$LD_PRELOAD}}\"\n",
+        "export TUNNEL_AGENT={}\nexport TUNNEL_ROUTES={}\nexport TUNNEL_SYNTHETIC={}\nexport TUNNEL_CALLBACKS={}\nexport LD_PRELOAD={}\"${{LD_PRELOAD:+:$LD_PRELOAD}}\"\n",
         q(&std::path::absolute(socket_path(config))?.to_string_lossy()),
         q(&config.route_table().to_string()),
         q(&paths::synthetic_env(config)),
+        q(&config.callback_ports()),
         q(&library.to_string_lossy()),
     ))
 }
@@ -331,6 +335,7 @@ async fn serve(config: AgentConfig, exit_with: Option<i32>) -> Result<()> {
         .map(|pool| renewal::Renewal::start(pool.clone()))
         .collect();
     let streams = StreamTable::new(Side::Agent);
+    let callbacks = Arc::new(callbacks::Callbacks::default());
     let publishers = pools
         .iter()
         .filter_map(|pool| {
@@ -340,8 +345,16 @@ async fn serve(config: AgentConfig, exit_with: Option<i32>) -> Result<()> {
                 .filter(|p| p.via == pool.peer.name)
                 .cloned()
                 .collect();
-            (!mine.is_empty())
-                .then(|| publish::Publisher::start(pool.clone(), mine, streams.clone(), &config))
+            let calls_back = config.callbacks.iter().any(|c| c.via == pool.peer.name);
+            (!mine.is_empty() || calls_back).then(|| {
+                publish::Publisher::start(
+                    pool.clone(),
+                    mine,
+                    callbacks.clone(),
+                    streams.clone(),
+                    &config,
+                )
+            })
         })
         .collect();
     let agent = Arc::new(Agent {
@@ -354,6 +367,7 @@ async fn serve(config: AgentConfig, exit_with: Option<i32>) -> Result<()> {
         pools,
         renewals,
         publishers,
+        callbacks,
         streams,
         socket_owners,
         started: Instant::now(),

@@ -154,6 +154,13 @@ pub struct Opened {
     pub _count: Counted,
 }
 
+/// A request's answer whose body stays open (see [`Pool::hold`]).
+pub struct Leased {
+    pub response: http::Response<h2::RecvStream>,
+    /// Counts the stream against its connection while held.
+    pub count: Counted,
+}
+
 #[derive(Serialize, serde::Deserialize)]
 pub struct SlotView {
     pub address: String,
@@ -497,6 +504,30 @@ impl Pool {
             .send(|server_name| crate::exchange::request(server_name, path))
             .await?;
         crate::exchange::answer(opened.response, opened.send, body).await
+    }
+
+    /// Sends a request with a body and returns the gateway's answer with its body still
+    /// open: a lease that lasts while the answer is held (a callback listener). The
+    /// stream is reset when the returned value is dropped.
+    pub async fn hold(&self, path: &str, body: Bytes) -> Result<Leased> {
+        self.valid_credential().await?;
+        let opened = self
+            .send(|server_name| crate::exchange::request(server_name, path))
+            .await?;
+        let Opened {
+            mut send,
+            response,
+            _count,
+            ..
+        } = opened;
+        send.reserve_capacity(body.len());
+        send.send_data(body, true)
+            .context("sending the request body")?;
+        let response = response.await.context("waiting for the gateway's answer")?;
+        Ok(Leased {
+            response,
+            count: _count,
+        })
     }
 
     /// Opens a stream with the request `build` makes (given the name of the gateway

@@ -39,7 +39,9 @@ use tunnel_transport::messages::{answer_connect, read_body, reply_json};
 use tunnel_transport::splice::{self, Abort};
 use tunnel_transport::streams::StreamTable;
 
+use crate::callbacks::Callbacks;
 use crate::pool::Pool;
+use tunnel_proto::callback::{CALLBACK_HEADER, CallbackOffer};
 
 const BACKOFF_FIRST: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
@@ -53,11 +55,21 @@ pub struct PublishView {
     pub error: Option<String>,
     pub published: Vec<String>,
     pub refused: Vec<(String, String)>,
+    /// The gateway's callback address and ports, when it carries callbacks.
+    #[serde(default)]
+    pub callbacks: Option<String>,
+    #[serde(default)]
+    pub callbacks_refused: Option<String>,
 }
 
 pub struct Publisher {
     pool: Arc<Pool>,
     publications: BTreeMap<String, Publication>,
+    /// Whether this agent has `[[callback]]` ports through this gateway.
+    carries_callbacks: bool,
+    /// The gateway's callback address and ports, once it accepted callbacks.
+    callback_offer: Mutex<Option<CallbackOffer>>,
+    callbacks: Arc<Callbacks>,
     resume: String,
     view: Mutex<PublishView>,
     streams: Arc<StreamTable>,
@@ -67,13 +79,16 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    /// Starts publishing `publications` through `pool`'s gateway.
+    /// Starts publishing `publications` through `pool`'s gateway, and carrying
+    /// callbacks when this agent has `[[callback]]` ports there.
     pub fn start(
         pool: Arc<Pool>,
         publications: Vec<Publication>,
+        callbacks: Arc<Callbacks>,
         streams: Arc<StreamTable>,
         config: &tunnel_proto::config::AgentConfig,
     ) -> Arc<Publisher> {
+        let carries_callbacks = config.callbacks.iter().any(|c| c.via == pool.peer.name);
         let resume = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
         let publisher = Arc::new(Publisher {
             view: Mutex::new(PublishView {
@@ -82,6 +97,9 @@ impl Publisher {
                 ..PublishView::default()
             }),
             pool,
+            carries_callbacks,
+            callback_offer: Mutex::default(),
+            callbacks,
             publications: publications
                 .into_iter()
                 .map(|p| (p.name.clone(), p))
@@ -93,6 +111,31 @@ impl Publisher {
         });
         tokio::spawn(publisher.clone().keep_published());
         publisher
+    }
+
+    pub fn gateway(&self) -> &str {
+        &self.pool.peer.name
+    }
+
+    /// The token that names this agent run's reverse connection at the gateway.
+    pub fn resume(&self) -> &str {
+        &self.resume
+    }
+
+    /// The gateway's callback address and ports, while the reverse connection that
+    /// carries callbacks is up.
+    pub fn callback_offer(&self) -> Option<CallbackOffer> {
+        self.callback_offer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set_callback_offer(&self, offer: Option<CallbackOffer>) {
+        *self
+            .callback_offer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = offer;
     }
 
     pub fn view(&self) -> PublishView {
@@ -149,10 +192,12 @@ impl Publisher {
                 Err(e) => format!("{e:#}"),
             };
             warn!(gateway = %gateway, "reverse connection to {}: {reason}", address.address);
+            self.set_callback_offer(None);
             self.update(|v| {
                 v.state = "down".into();
                 v.error = Some(reason);
                 v.published.clear();
+                v.callbacks = None;
             });
             let pause = backoff.mul_f64(0.5 + fastrand::f64() * 0.5);
             tokio::time::sleep(pause).await;
@@ -248,6 +293,7 @@ impl Publisher {
                 let offer = Offer {
                     resume: self.resume.clone(),
                     names: self.publications.keys().cloned().collect(),
+                    callbacks: self.carries_callbacks,
                 };
                 reply_json(&mut respond, StatusCode::OK, &offer);
             }
@@ -262,14 +308,49 @@ impl Publisher {
                         for (name, why) in &accepted.refused {
                             warn!(gateway = %gateway, "the gateway refused to publish `{name}`: {why}");
                         }
+                        if let Some(why) = &accepted.callbacks_refused {
+                            warn!(gateway = %gateway, "the gateway refused callbacks: {why}");
+                        }
+                        self.set_callback_offer(accepted.callbacks.clone());
                         self.update(|v| {
                             v.published = accepted.published;
                             v.refused = accepted.refused;
+                            v.callbacks = accepted
+                                .callbacks
+                                .map(|c| format!("{} ports {}", c.address, c.ports));
+                            v.callbacks_refused = accepted.callbacks_refused;
                         });
                     }
                     Err(e) => debug!("unreadable publication answer: {e:#}"),
                 }
                 let _ = respond.send_response(Response::new(()), true);
+            }
+            (Method::CONNECT, _) if request.headers().contains_key(CALLBACK_HEADER) => {
+                let header = |h: &str| {
+                    request
+                        .headers()
+                        .get(h)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string)
+                };
+                let port = header(CALLBACK_HEADER).and_then(|p| p.parse::<u16>().ok());
+                let client =
+                    header(CLIENT_HEADER).and_then(|c| c.parse::<std::net::SocketAddr>().ok());
+                let (Some(port), Some(client)) = (port, client) else {
+                    let _ = answer_connect(&mut respond, Err(ConnectError::BadRequest));
+                    return;
+                };
+                let body = request.into_body();
+                self.callbacks
+                    .inbound(
+                        self.gateway(),
+                        port,
+                        client,
+                        (body, respond),
+                        &self.streams,
+                        &health,
+                    )
+                    .await;
             }
             (Method::CONNECT, _) => self.inbound(request, respond, &health).await,
             _ => {

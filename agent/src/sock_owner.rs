@@ -17,7 +17,7 @@ use nix::sys::socket::{
     setsockopt, socket, sockopt,
 };
 use nix::sys::time::TimeVal;
-use tunnel_proto::sock_diag::{Owner, decode_answer, encode_query};
+use tunnel_proto::sock_diag::{Owner, decode_answer, decode_listener, encode_query};
 
 /// One netlink socket, shared by every listener of the agent.
 pub struct SocketOwners {
@@ -63,6 +63,34 @@ impl SocketOwners {
                 Ok(Owner::Uid(uid)) => return Ok(Some(uid)),
                 Ok(Owner::NoSuchSocket) => return Ok(None),
                 // A late answer to an earlier question that timed out: read on.
+                Err(tunnel_proto::sock_diag::DiagError::OtherSequence { .. }) => continue,
+                Err(e) => return Err(io::Error::other(e)),
+            }
+        }
+    }
+}
+
+impl SocketOwners {
+    /// The inode of the TCP socket listening at `local` (exactly that port), if any.
+    pub fn listener_inode(&self, local: SocketAddr) -> io::Result<Option<u32>> {
+        let unspecified = match local {
+            SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
+            SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], 0)),
+        };
+        let sequence = self.sequence.fetch_add(1, Ordering::Relaxed);
+        let query = encode_query(local, unspecified, sequence);
+        let netlink = self.netlink.lock().unwrap_or_else(PoisonError::into_inner);
+        sendto(
+            netlink.as_raw_fd(),
+            &query,
+            &NetlinkAddr::new(0, 0),
+            MsgFlags::empty(),
+        )?;
+        let mut answer = [0u8; 512];
+        loop {
+            let n = recv(netlink.as_raw_fd(), &mut answer, MsgFlags::empty())?;
+            match decode_listener(&answer[..n], sequence, &query) {
+                Ok(inode) => return Ok(inode),
                 Err(tunnel_proto::sock_diag::DiagError::OtherSequence { .. }) => continue,
                 Err(e) => return Err(io::Error::other(e)),
             }

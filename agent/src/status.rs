@@ -30,6 +30,9 @@ pub struct AgentStatus {
     /// Per gateway: the reverse connection and what it publishes.
     #[serde(default)]
     pub publications: Vec<crate::publish::PublishView>,
+    /// Callback listeners held at gateways for programs here.
+    #[serde(default)]
+    pub callbacks: Vec<crate::callbacks::CallbackView>,
 }
 
 /// One gateway: where it is, this agent's certificate for it, its connections.
@@ -77,6 +80,7 @@ pub fn view(agent: &Agent) -> AgentStatus {
         streams: agent.streams.live(),
         recent: agent.streams.recent(),
         publications: agent.publishers.iter().map(|p| p.view()).collect(),
+        callbacks: agent.callbacks.views(),
     }
 }
 
@@ -163,6 +167,27 @@ pub fn render(reply: &str) -> Result<String> {
         );
         for (name, why) in &p.refused {
             let _ = writeln!(out, "  REFUSED {name}: {why}");
+        }
+        if let Some(callbacks) = &p.callbacks {
+            let _ = writeln!(out, "  callbacks at {callbacks}");
+        }
+        if let Some(why) = &p.callbacks_refused {
+            let _ = writeln!(out, "  callbacks REFUSED: {why}");
+        }
+    }
+    if !status.callbacks.is_empty() {
+        let _ = writeln!(out, "\ncallback listeners: {}", status.callbacks.len());
+        for c in &status.callbacks {
+            let _ = writeln!(
+                out,
+                "  {:<22} via {} for uid {} -> {} ({} streams, {} accepted)",
+                c.public,
+                c.gateway,
+                c.uid,
+                c.program.as_deref().unwrap_or("(not bound yet)"),
+                c.streams,
+                c.accepted
+            );
         }
     }
     out.push_str(&tunnel_transport::streams::render(

@@ -27,6 +27,7 @@
 
 mod admission;
 mod authority;
+mod callbacks;
 mod enrolment;
 mod goaway;
 mod grants;

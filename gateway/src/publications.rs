@@ -46,7 +46,7 @@ use crate::server::Gateway;
 
 /// One agent connection that publishes a name.
 #[derive(Clone)]
-struct Publisher {
+pub struct Publisher {
     connection: u64,
     identity: String,
     peer: SocketAddr,
@@ -62,6 +62,9 @@ struct Publisher {
 #[derive(Default)]
 pub struct Publishers {
     live: Mutex<BTreeMap<String, Vec<Publisher>>>,
+    /// Reverse connections that carry callbacks, by (identity, resume token): the
+    /// latest connection of an agent run.
+    reverse: Mutex<BTreeMap<(String, String), Publisher>>,
 }
 
 /// A publication as status shows it.
@@ -153,8 +156,21 @@ impl Publishers {
         Ok(())
     }
 
+    /// The reverse connection of the agent run `resume` of `identity`, if it is up.
+    pub fn reverse_of(&self, identity: &str, resume: &str) -> Option<Publisher> {
+        self.reverse
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&(identity.to_string(), resume.to_string()))
+            .cloned()
+    }
+
     /// The connection ended: its leases go.
     pub fn remove_connection(&self, connection: u64) {
+        self.reverse
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|_, p| p.connection != connection);
         let mut live = self.lock();
         for holders in live.values_mut() {
             holders.retain(|p| p.connection != connection);
@@ -195,9 +211,8 @@ impl Publishers {
     }
 }
 
-/// Registers what a reverse connection offers; returns the names it holds, and the
-/// refused ones with why.
-#[allow(clippy::type_complexity)]
+/// Registers what a reverse connection offers: the names it holds, the refused ones
+/// with why, and its callbacks.
 pub fn accept_offer(
     gateway: &Gateway,
     caller: &Caller,
@@ -206,7 +221,7 @@ pub fn accept_offer(
     offer: &tunnel_proto::reverse::Offer,
     send: &SendRequest<Bytes>,
     health: &Arc<Health>,
-) -> (Vec<String>, Vec<(String, String)>) {
+) -> Accepted {
     let mut published = Vec::new();
     let mut refused = Vec::new();
     let rules = &gateway.config.publications;
@@ -242,7 +257,57 @@ pub fn accept_offer(
             }
         }
     }
-    (published, refused)
+    let (mut callbacks, mut callbacks_refused) = (None, None);
+    if offer.callbacks {
+        match &gateway.config.callbacks {
+            None => {
+                callbacks_refused = Some("this gateway has no [callbacks]".to_string());
+            }
+            Some(rule) if !names(&rule.for_, caller) => {
+                callbacks_refused = Some(format!(
+                    "{caller} is not in [callbacks] for = {:?}",
+                    rule.for_
+                ));
+            }
+            Some(rule) => {
+                gateway
+                    .publishers
+                    .reverse
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(
+                        (caller.identity.clone(), offer.resume.clone()),
+                        Publisher {
+                            connection,
+                            identity: caller.identity.clone(),
+                            peer,
+                            resume: offer.resume.clone(),
+                            send: send.clone(),
+                            streams: Arc::default(),
+                            since: Instant::now(),
+                            health: health.clone(),
+                        },
+                    );
+                callbacks = Some(tunnel_proto::callback::CallbackOffer {
+                    address: rule.address,
+                    ports: rule.ports,
+                });
+            }
+        }
+        if let Some(why) = &callbacks_refused {
+            gateway.refusals.report(
+                &caller.identity,
+                Kind::Stream(ConnectError::Denied),
+                format!("callbacks refused: {why}"),
+            );
+        }
+    }
+    Accepted {
+        published,
+        refused,
+        callbacks,
+        callbacks_refused,
+    }
 }
 
 /// Opens a stream to a publisher of `name` for a connection from `client` (and, by
@@ -264,14 +329,6 @@ pub async fn open(
     }
     let mut over = None;
     for publisher in candidates {
-        // A publisher's inbound streams count against its identity's stream limit.
-        let permit = match gateway.admission.stream(&publisher.identity) {
-            Ok(permit) => permit,
-            Err(limit) => {
-                over = Some(limit.to_string());
-                continue;
-            }
-        };
         let Ok(uri) = http::Uri::builder().authority(name).build() else {
             return Err(Refusal::new(
                 ConnectError::BadRequest,
@@ -288,63 +345,18 @@ pub async fn open(
         let Ok(request) = request.body(()) else {
             return Err(Refusal::new(ConnectError::Gateway, "building a request"));
         };
-        let count = Counted::enter(&publisher.streams);
-        let sent = match publisher.send.clone().ready().await {
-            Ok(mut ready) => ready.send_request(request, false),
-            Err(e) => Err(e),
-        };
-        let (response, send) = match sent {
-            Ok(sent) => sent,
-            Err(e) => {
+        let what = format!("the agent publishing `{name}`");
+        match open_on(gateway, &publisher, request, &what).await {
+            Attempt::Opened(opened) => return Ok(opened),
+            Attempt::Refused(refusal) => return Err(refusal),
+            Attempt::OverLimit(limit) => over = Some(limit),
+            Attempt::Gone => {
                 // Its connection is gone or going: the next publisher takes it.
-                debug!(name, publisher = %publisher.peer, "publisher unusable: {e}");
                 gateway
                     .publishers
                     .drop_publisher(name, publisher.connection);
-                continue;
             }
-        };
-        let answered = tokio::time::timeout(gateway.config.connect_timeout, response).await;
-        let response = match answered {
-            Ok(Ok(response)) => response,
-            Ok(Err(e)) => {
-                debug!(name, publisher = %publisher.peer, "publisher failed: {e}");
-                gateway
-                    .publishers
-                    .drop_publisher(name, publisher.connection);
-                continue;
-            }
-            Err(_) => {
-                return Err(Refusal::new(
-                    ConnectError::TimedOut,
-                    format!(
-                        "the agent publishing `{name}` ({}) did not answer within connect_timeout",
-                        publisher.identity
-                    ),
-                ));
-            }
-        };
-        let header = response
-            .headers()
-            .get(ERROR_HEADER)
-            .map(http::HeaderValue::as_bytes);
-        if let Err(class) = decode_outcome(response.status().as_u16(), header) {
-            return Err(Refusal::new(
-                class,
-                format!(
-                    "the agent publishing `{name}` ({}) could not connect to it: {class}",
-                    publisher.identity
-                ),
-            ));
         }
-        return Ok(Opened {
-            send,
-            recv: response.into_body(),
-            publisher: publisher.identity,
-            health: publisher.health.clone(),
-            _count: count,
-            _permit: permit,
-        });
     }
     Err(match over {
         Some(limit) => Refusal::new(
@@ -355,6 +367,82 @@ pub async fn open(
             ConnectError::Refused,
             format!("no agent publishing `{name}` could be reached"),
         ),
+    })
+}
+
+/// What became of one CONNECT sent over a reverse connection.
+pub enum Attempt {
+    Opened(Opened),
+    /// The agent answered with a failure, or not in time.
+    Refused(Refusal),
+    /// Its identity is at its stream limit (why).
+    OverLimit(String),
+    /// The reverse connection is gone or going.
+    Gone,
+}
+
+/// Sends `request` (a CONNECT) over `publisher`'s reverse connection and waits for the
+/// agent's answer; `what` names the agent in refusals. The stream counts against the
+/// publisher's identity's stream limit while it lives.
+pub async fn open_on(
+    gateway: &Gateway,
+    publisher: &Publisher,
+    request: Request<()>,
+    what: &str,
+) -> Attempt {
+    let permit = match gateway.admission.stream(&publisher.identity) {
+        Ok(permit) => permit,
+        Err(limit) => return Attempt::OverLimit(limit.to_string()),
+    };
+    let count = Counted::enter(&publisher.streams);
+    let sent = match publisher.send.clone().ready().await {
+        Ok(mut ready) => ready.send_request(request, false),
+        Err(e) => Err(e),
+    };
+    let (response, send) = match sent {
+        Ok(sent) => sent,
+        Err(e) => {
+            debug!(publisher = %publisher.peer, "reverse connection unusable: {e}");
+            return Attempt::Gone;
+        }
+    };
+    let answered = tokio::time::timeout(gateway.config.connect_timeout, response).await;
+    let response = match answered {
+        Ok(Ok(response)) => response,
+        Ok(Err(e)) => {
+            debug!(publisher = %publisher.peer, "reverse connection failed: {e}");
+            return Attempt::Gone;
+        }
+        Err(_) => {
+            return Attempt::Refused(Refusal::new(
+                ConnectError::TimedOut,
+                format!(
+                    "{what} ({}) did not answer within connect_timeout",
+                    publisher.identity
+                ),
+            ));
+        }
+    };
+    let header = response
+        .headers()
+        .get(ERROR_HEADER)
+        .map(http::HeaderValue::as_bytes);
+    if let Err(class) = decode_outcome(response.status().as_u16(), header) {
+        return Attempt::Refused(Refusal::new(
+            class,
+            format!(
+                "{what} ({}) could not connect to it: {class}",
+                publisher.identity
+            ),
+        ));
+    }
+    Attempt::Opened(Opened {
+        send,
+        recv: response.into_body(),
+        publisher: publisher.identity.clone(),
+        health: publisher.health.clone(),
+        _count: count,
+        _permit: permit,
     })
 }
 
@@ -455,7 +543,7 @@ async fn take_offer(
     connection: u64,
     peer: SocketAddr,
     health: &Arc<Health>,
-) -> anyhow::Result<Vec<String>> {
+) -> anyhow::Result<Accepted> {
     let request = Request::builder()
         .method(Method::GET)
         .uri(format!("https://gateway{PUBLICATIONS_PATH}"))
@@ -465,21 +553,17 @@ async fn take_offer(
     let body =
         tokio::time::timeout(OFFER_TIMEOUT, read_body(response.into_body(), 64 * 1024)).await??;
     let offer: Offer = serde_json::from_slice(&body)?;
-    let (published, refused) =
-        accept_offer(gateway, caller, connection, peer, &offer, send, health);
-    let accepted = serde_json::to_vec(&Accepted {
-        published: published.clone(),
-        refused,
-    })?;
+    let accepted = accept_offer(gateway, caller, connection, peer, &offer, send, health);
+    let json = serde_json::to_vec(&accepted)?;
     let request = Request::builder()
         .method(Method::POST)
         .uri(format!("https://gateway{PUBLICATIONS_PATH}"))
         .body(())?;
     let (response, mut body) = send.clone().ready().await?.send_request(request, false)?;
-    body.send_data(Bytes::from(accepted), true)?;
+    body.send_data(Bytes::from(json), true)?;
     // Dropping the answer's future would cancel the stream before the agent read it.
     tokio::time::timeout(OFFER_TIMEOUT, response).await??;
-    Ok(published)
+    Ok(accepted)
 }
 
 /// A reverse connection: the gateway is the HTTP/2 client. It holds the agent's
@@ -541,7 +625,9 @@ pub async fn serve_publisher(
             taken = &mut offered, if offer_pending => {
                 offer_pending = false;
                 match taken {
-                    Ok(names) if names.is_empty() => break "it publishes nothing the gateway allows".to_string(),
+                    Ok(accepted) if accepted.published.is_empty() && accepted.callbacks.is_none() => {
+                        break "it publishes nothing the gateway allows, and carries no callbacks".to_string();
+                    }
                     Ok(_) => {}
                     Err(e) => break format!("asking what it publishes: {e:#}"),
                 }

@@ -42,6 +42,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
+use tunnel_proto::callback::CALLBACKS_PATH;
 use tunnel_proto::config::GatewayConfig;
 use tunnel_proto::enrolment::{ENROL_PATH, EXTEND_PATH, RENEW_PATH};
 use tunnel_proto::{ConnectError, Target};
@@ -81,6 +82,7 @@ pub struct Gateway {
     groups: RwLock<BTreeMap<String, Vec<String>>>,
     pub grants: Arc<Grants>,
     pub publishers: Publishers,
+    pub callbacks: crate::callbacks::CallbackListeners,
     pub admission: Arc<Admission>,
     pub refusals: Refusals,
     pub streams: Arc<StreamTable>,
@@ -147,6 +149,7 @@ impl Gateway {
             groups: RwLock::default(),
             grants: Arc::default(),
             publishers: Publishers::default(),
+            callbacks: Default::default(),
             admission: Admission::new(&config),
             refusals: Refusals::new(config.log_summary_interval),
             config,
@@ -751,6 +754,15 @@ fn dispatch(
                 respond,
             ));
         }
+        (Role::Agent, &Method::POST, CALLBACKS_PATH, _) => {
+            tokio::spawn(crate::callbacks::listen(
+                gateway.clone(),
+                gateway.caller(identity),
+                peer,
+                request,
+                respond,
+            ));
+        }
         (Role::Enrolling, &Method::POST, ENROL_PATH, _) => {
             tokio::spawn(issuing::enrol(
                 gateway.clone(),
@@ -783,7 +795,7 @@ fn dispatch(
             let why = match role {
                 Role::Enrolling => "a client without a certificate may only enrol",
                 Role::Recovering => "an expired certificate may only be renewed",
-                Role::Agent => "not a CONNECT or a certificate request",
+                Role::Agent => "not a CONNECT, a certificate or a callback request",
             };
             let detail = format!("{method} {} refused from {peer}: {why}", request.uri());
             gateway

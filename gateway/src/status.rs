@@ -25,6 +25,9 @@ pub struct GatewayStatus {
     /// Names agents publish here now, with their publishers.
     #[serde(default)]
     pub publications: Vec<crate::publications::PublicationView>,
+    /// Callback listeners open here for agents' programs.
+    #[serde(default)]
+    pub callbacks: Vec<crate::callbacks::CallbackView>,
 }
 
 /// Connections waiting for their TLS handshake, and the caps.
@@ -61,6 +64,7 @@ pub fn view(gateway: &Gateway) -> GatewayStatus {
         streams: gateway.streams.live(),
         recent: gateway.streams.recent(),
         publications: gateway.publishers.views(),
+        callbacks: gateway.callbacks.views(config.callbacks.as_ref()),
     }
 }
 
@@ -102,6 +106,16 @@ pub fn render(reply: &str) -> Result<String> {
                 .map(|x| format!("{} from {} ({} streams)", x.identity, x.peer, x.streams))
                 .collect();
             let _ = writeln!(out, "  {:<20} {}", p.name, publishers.join("; "));
+        }
+    }
+    if !status.callbacks.is_empty() {
+        let _ = writeln!(out, "\ncallback listeners: {}", status.callbacks.len());
+        for c in &status.callbacks {
+            let _ = writeln!(
+                out,
+                "  {:<22} {} from {} ({} streams, {} accepted)",
+                c.listen, c.identity, c.agent, c.streams, c.accepted
+            );
         }
     }
     let h = &status.handshakes;

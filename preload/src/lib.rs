@@ -21,6 +21,10 @@
 //!  inside the send; a routed destination is connected as above first.
 //!  getpeername / getsockopt(SO_ERROR) (hooks/socket_state.rs): redirect answers for
 //!  the sockets it redirected (the original destination, the far side's answer).
+//!  bind / accept / accept4 / getsockname (hooks/listen.rs): callback answers for
+//!  listeners that live at the gateway (a `[[callback]]` port: the far peer, the
+//!  public address); redirect shows a redirected socket's own address as the
+//!  gateway's callback address.
 //!  getaddrinfo / gethostbyname* / getnameinfo (hooks/names.rs): names asks the agent
 //!  for a routed name's synthetic addresses; netdb builds the addrinfo list or the
 //!  hostent the program gets.
@@ -32,7 +36,7 @@
 //! were not there), `Failed` (an errno, or the resolver's own code). `unsafe` is
 //! allowed only at the C edge: `hooks`, `sys` (libc calls, socket addresses, errno),
 //! `netdb` (the C structures) and `fast_routes` (the pointer connect reads); `state`,
-//! `redirect`, `names`, `ip_routes`, `agent_client`, `guard` and `detour` are safe code.
+//! `redirect`, `callback`, `names`, `ip_routes`, `agent_client`, `guard` and `detour` are safe code.
 //!
 //! No threads and no long-lived file descriptors: programs close fds they do not own
 //! and fork without exec. A panic never crosses into C and never sends routed traffic
@@ -41,6 +45,7 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 mod agent_client;
+mod callback;
 mod detour;
 #[allow(unsafe_code)] // reads the one pointer connect checks
 mod fast_routes;

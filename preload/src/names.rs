@@ -233,6 +233,7 @@ mod tests {
             routes,
             agent: PathBuf::from("/nonexistent/agent.sock"),
             synthetic: Vec::new(),
+            callbacks: Vec::new(),
             debug: false,
             broken: broken.map(str::to_string),
         }

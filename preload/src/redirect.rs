@@ -158,6 +158,8 @@ struct Redirected {
     listener: SocketAddr,
     /// Where the program wanted to go.
     destination: SocketAddr,
+    /// The gateway's callback address: what `getsockname` shows as the socket's own.
+    callback: Option<IpAddr>,
     /// Whether the program still has to learn the gateway's answer.
     answer: Answer,
 }
@@ -306,9 +308,11 @@ fn redirect(state: &State, fd: c_int, destination: SocketAddr, route: Route) -> 
         }
         Err(AgentError::Garbled) => return fail(libc::ECONNREFUSED),
     };
-    let listener = match reply {
+    let (listener, callback) = match reply {
         // Only ever a loopback listener: anything else is not an agent of ours.
-        Reply::Ok { listener } if listener.ip().to_canonical().is_loopback() => listener,
+        Reply::Ok { listener, callback } if listener.ip().to_canonical().is_loopback() => {
+            (listener, callback)
+        }
         Reply::Err { refusal, message } => {
             state.trace(format_args!("{destination}: {refusal} {message}"));
             return fail(refusal.errno());
@@ -337,6 +341,7 @@ fn redirect(state: &State, fd: c_int, destination: SocketAddr, route: Route) -> 
             source,
             listener,
             destination,
+            callback,
             answer,
         },
     );
@@ -512,6 +517,33 @@ fn original_peer(fd: c_int) -> Detour<SocketAddr> {
         forget(fd);
         Detour::Bypass(Bypass::NotRedirected)
     }
+}
+
+/// `getsockname` on a redirected socket whose gateway has a callback address: that
+/// address (with the socket's own port), so that a program that advertises its own
+/// address (FTP's `PORT`) advertises one the far side reaches.
+pub fn own_name(fd: c_int) -> Detour<SocketAddr> {
+    if state().is_none_or(|s| s.callbacks.is_empty()) {
+        return Detour::Bypass(Bypass::NoRoutes);
+    }
+    catching(
+        || {
+            let Some(entry) = REDIRECTED.lock().get(&fd).copied() else {
+                return Detour::Bypass(Bypass::NotRedirected);
+            };
+            match entry.callback {
+                Some(ip) if is_same(fd, &entry) => {
+                    let ip = match (ip, entry.source) {
+                        (IpAddr::V4(v4), SocketAddr::V6(_)) => IpAddr::V6(v4.to_ipv6_mapped()),
+                        _ => ip,
+                    };
+                    Detour::Handled(SocketAddr::new(ip, entry.source.port()))
+                }
+                _ => Detour::Bypass(Bypass::NotRedirected),
+            }
+        },
+        Detour::Bypass(Bypass::Panicked),
+    )
 }
 
 #[cfg(test)]

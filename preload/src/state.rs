@@ -5,6 +5,8 @@
 //! - `TUNNEL_AGENT`: the agent's Unix socket.
 //! - `TUNNEL_SYNTHETIC`: the agent's synthetic address blocks (default 198.18.0.0/15
 //!   and fd7e:7e7e:7e7e::/64).
+//! - `TUNNEL_CALLBACKS`: the `[[callback]]` port ranges (a listener there lives at the
+//!   gateway; see `callback.rs`).
 //! - `TUNNEL_DEBUG`: when set, each decision is written to stderr.
 
 use std::io::Write;
@@ -23,6 +25,8 @@ pub struct State {
     pub ip_routes: IpRoutes,
     pub agent: PathBuf,
     pub synthetic: Vec<Pattern>,
+    /// Ports whose listeners live at the gateway; empty: binds are never looked at.
+    pub callbacks: Vec<tunnel_proto::callback::PortRange>,
     pub debug: bool,
     /// Set when the environment could not be read: every Internet connect is then
     /// refused, because nothing can tell which of them had to be routed.
@@ -109,6 +113,20 @@ fn read() -> Option<State> {
             broken.get_or_insert_with(|| format!("TUNNEL_SYNTHETIC: {e}"));
             Vec::new()
         });
+    let callbacks = std::env::var("TUNNEL_CALLBACKS")
+        .unwrap_or_default()
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(tunnel_proto::callback::PortRange::parse)
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap_or_else(|e| {
+            // Binds then go where they always went: nothing is carried that should not be.
+            let _ = writeln!(
+                std::io::stderr(),
+                "libtunnel_preload: TUNNEL_CALLBACKS: {e}; callbacks are off"
+            );
+            Vec::new()
+        });
     if let Some(problem) = &broken {
         // Not eprintln: it panics when stderr is a closed pipe.
         let _ = writeln!(
@@ -125,6 +143,7 @@ fn read() -> Option<State> {
         routes,
         agent,
         synthetic,
+        callbacks,
         debug,
         broken,
     })

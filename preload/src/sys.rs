@@ -54,6 +54,10 @@ pub static REAL_GETHOSTBYNAME2_R: RealFn = RealFn::new(c"gethostbyname2_r");
 pub static REAL_SENDTO: RealFn = RealFn::new(c"sendto");
 pub static REAL_SENDMSG: RealFn = RealFn::new(c"sendmsg");
 pub static REAL_SENDMMSG: RealFn = RealFn::new(c"sendmmsg");
+pub static REAL_BIND: RealFn = RealFn::new(c"bind");
+pub static REAL_GETSOCKNAME: RealFn = RealFn::new(c"getsockname");
+pub static REAL_ACCEPT: RealFn = RealFn::new(c"accept");
+pub static REAL_ACCEPT4: RealFn = RealFn::new(c"accept4");
 
 pub fn errno() -> c_int {
     // SAFETY: __errno_location always returns this thread's errno.
@@ -329,13 +333,20 @@ pub fn is_nonblocking(fd: c_int) -> bool {
     flags >= 0 && flags & libc::O_NONBLOCK != 0
 }
 
-/// The socket's local address.
+/// The socket's local address (the real getsockname: the hook may show another).
 pub fn local_addr(fd: c_int) -> Option<SocketAddr> {
+    type GetsocknameFn = unsafe extern "C" fn(c_int, *mut sockaddr, *mut socklen_t) -> c_int;
+    let f = REAL_GETSOCKNAME.address();
+    if f == 0 {
+        return None;
+    }
+    // SAFETY: libc's getsockname has this type.
+    let f: GetsocknameFn = unsafe { std::mem::transmute::<usize, GetsocknameFn>(f) };
     // SAFETY: all-zero is a valid sockaddr_storage.
     let mut storage: sockaddr_storage = unsafe { zeroed() };
     let mut len = size_of::<sockaddr_storage>() as socklen_t;
     // SAFETY: storage/len are valid out-parameters.
-    let rc = unsafe { libc::getsockname(fd, (&raw mut storage).cast(), &mut len) };
+    let rc = unsafe { f(fd, (&raw mut storage).cast(), &mut len) };
     // SAFETY: the kernel wrote len bytes of an address.
     (rc == 0)
         .then(|| unsafe { from_raw((&raw const storage).cast(), len) })
@@ -453,10 +464,18 @@ pub fn inode(fd: c_int) -> Option<u64> {
     (rc == 0).then_some(st.st_ino)
 }
 
-/// Binds `fd` to `addr`; returns the errno on failure.
+/// Binds `fd` to `addr` (the real bind: the hook may do otherwise); returns the errno
+/// on failure.
 pub fn bind(fd: c_int, addr: SocketAddr) -> Result<(), c_int> {
+    type BindFn = unsafe extern "C" fn(c_int, *const sockaddr, socklen_t) -> c_int;
+    let f = REAL_BIND.address();
+    if f == 0 {
+        return Err(libc::ENOSYS);
+    }
+    // SAFETY: libc's bind has this type.
+    let f: BindFn = unsafe { std::mem::transmute::<usize, BindFn>(f) };
     let (storage, len) = to_raw(addr);
     // SAFETY: storage holds len valid bytes.
-    let rc = unsafe { libc::bind(fd, (&raw const storage).cast(), len) };
+    let rc = unsafe { f(fd, (&raw const storage).cast(), len) };
     if rc == 0 { Ok(()) } else { Err(errno()) }
 }

@@ -19,6 +19,7 @@
 //! a string or byte slice, returns a typed error on bad input, and never panics.
 #![forbid(unsafe_code)]
 
+pub mod callback;
 pub mod config;
 pub mod connect;
 pub mod duration;

@@ -13,6 +13,14 @@
 //!     (a `later` registration's answer, asked for when the program checks a
 //!      non-blocking connect: it waits until the gateway has answered)
 //!
+//!   LISTEN <address>  (socket passed, not bound yet)
+//!                                  ◀──────  LISTENING <public address>
+//!     (a bind on a `[[callback]]` port, or on a gateway's callback address with port
+//!      0: the gateway listens there for the program; the agent keeps the socket until
+//!      it listens, then follows it, and ends the lease when it is gone)
+//!   PEER  (an accepted socket passed) ◀───  PEER <far peer> <public address>
+//!     (who connected to a callback listener at the gateway)
+//!
 //!   RESOLVE <name>                 ◀──────  ADDRS <ipv4> <ipv6>  (synthetic addresses)
 //!   NAME <ip>                      ◀──────  NAME <name>          (reverse of RESOLVE)
 //!   any request                    ◀──────  ERR <class> [message]
@@ -21,6 +29,10 @@
 //! `target` is the wire form of [`Target`]; for a synthetic address the agent puts the
 //! name back. `via` is `-` when the agent should choose (synthetic addresses).
 //! Every failure is a [`Refusal`], one word on the wire, with the errno a program sees.
+//!
+//! `OK` may carry a second word, the callback address of the registration's gateway:
+//! what `getsockname` shows on the redirected socket, so that a program advertises an
+//! address the far site can reach (FTP's `PORT`).
 //!
 //! Versions: this is version [`VERSION`]. `VERSION` asks the agent for its own; a
 //! request an agent does not know gets `ERR unsupported`, so a newer library can tell
@@ -32,6 +44,7 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use crate::callback::ListenRefusal;
 use crate::connect::ConnectError;
 use crate::target::{Target, is_valid_name, is_valid_service_name};
 
@@ -39,8 +52,8 @@ use crate::target::{Target, is_valid_name, is_valid_service_name};
 pub const VERSION: u32 = 1;
 
 /// The requests of this version, by their first word.
-const KNOWN_REQUESTS: [&str; 6] = [
-    "REGISTER", "VERDICT", "RESOLVE", "NAME", "STATUS", "VERSION",
+const KNOWN_REQUESTS: [&str; 8] = [
+    "REGISTER", "VERDICT", "RESOLVE", "NAME", "STATUS", "VERSION", "LISTEN", "PEER",
 ];
 
 /// How long the agent may take to answer anything but a verdict.
@@ -68,6 +81,8 @@ pub enum Refusal {
     Unknown,
     /// The request is not one this agent knows (a newer library).
     Unsupported,
+    /// A callback listener the gateway did not open.
+    Listen(ListenRefusal),
 }
 
 impl Refusal {
@@ -84,6 +99,7 @@ impl Refusal {
     pub fn as_str(self) -> &'static str {
         match self {
             Refusal::Connect(e) => e.as_str(),
+            Refusal::Listen(e) => e.as_str(),
             Refusal::Unavailable => "unavailable",
             Refusal::Forbidden => "forbidden",
             Refusal::Busy => "busy",
@@ -96,6 +112,7 @@ impl Refusal {
     pub fn parse(word: &str) -> Option<Refusal> {
         ConnectError::parse(word)
             .map(Refusal::Connect)
+            .or_else(|| ListenRefusal::parse(word).map(Refusal::Listen))
             .or_else(|| Refusal::LOCAL.into_iter().find(|r| r.as_str() == word))
     }
 
@@ -106,6 +123,7 @@ impl Refusal {
         const ECONNREFUSED: i32 = 111;
         match self {
             Refusal::Connect(e) => e.errno(),
+            Refusal::Listen(e) => e.errno(),
             Refusal::Unavailable
             | Refusal::Forbidden
             | Refusal::Busy
@@ -184,13 +202,31 @@ pub enum Request {
     Name {
         ip: IpAddr,
     },
+    /// A callback listener at the gateway for the socket passed with it; `address` is
+    /// what the program asked to bind.
+    Listen {
+        address: SocketAddr,
+    },
+    /// Who connected to the callback listener whose accepted socket is passed with it.
+    Peer,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply {
-    /// Registered: connect the program's socket to this listener.
+    /// Registered: connect the program's socket to this listener. `callback`: the
+    /// gateway's callback address, when it has one for this agent.
     Ok {
         listener: SocketAddr,
+        callback: Option<IpAddr>,
+    },
+    /// The callback listener is open at the gateway, at this address.
+    Listening {
+        public: SocketAddr,
+    },
+    /// An accepted callback connection: who connected, and where.
+    Peer {
+        far: SocketAddr,
+        public: SocketAddr,
     },
     /// The gateway's answer for a registered connection: `None` is success.
     Verdict {
@@ -265,6 +301,10 @@ impl Request {
             ["NAME", ip] => Request::Name {
                 ip: ip.parse().map_err(|_| bad())?,
             },
+            ["LISTEN", address] => Request::Listen {
+                address: address.parse().map_err(|_| bad())?,
+            },
+            ["PEER"] => Request::Peer,
             ["STATUS"] => Request::Status,
             ["VERSION"] => Request::Version,
             [verb, ..] if !KNOWN_REQUESTS.contains(verb) => {
@@ -297,6 +337,8 @@ impl fmt::Display for Request {
             Request::Verdict { source } => writeln!(f, "VERDICT {source}"),
             Request::Resolve { name } => writeln!(f, "RESOLVE {name}"),
             Request::Name { ip } => writeln!(f, "NAME {ip}"),
+            Request::Listen { address } => writeln!(f, "LISTEN {address}"),
+            Request::Peer => writeln!(f, "PEER"),
             Request::Status => writeln!(f, "STATUS"),
             Request::Version => writeln!(f, "VERSION"),
         }
@@ -311,9 +353,26 @@ impl Reply {
         let bad = || LocalError::Malformed(text.chars().take(80).collect());
         let (head, rest) = text.split_once(' ').unwrap_or((text, ""));
         let reply = match head {
-            "OK" => Reply::Ok {
-                listener: rest.parse().map_err(|_| bad())?,
+            "OK" => {
+                let (listener, callback) = match rest.split_once(' ') {
+                    Some((l, c)) => (l, Some(c.parse().map_err(|_| bad())?)),
+                    None => (rest, None),
+                };
+                Reply::Ok {
+                    listener: listener.parse().map_err(|_| bad())?,
+                    callback,
+                }
+            }
+            "LISTENING" => Reply::Listening {
+                public: rest.parse().map_err(|_| bad())?,
             },
+            "PEER" => {
+                let (far, public) = rest.split_once(' ').ok_or_else(bad)?;
+                Reply::Peer {
+                    far: far.parse().map_err(|_| bad())?,
+                    public: public.parse().map_err(|_| bad())?,
+                }
+            }
             "VERDICT" if rest == "ok" => Reply::Verdict { error: None },
             "VERDICT" => Reply::Verdict {
                 error: Some(Refusal::parse(rest).ok_or_else(bad)?),
@@ -351,7 +410,16 @@ impl Reply {
 impl fmt::Display for Reply {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Reply::Ok { listener } => writeln!(f, "OK {listener}"),
+            Reply::Ok {
+                listener,
+                callback: None,
+            } => writeln!(f, "OK {listener}"),
+            Reply::Ok {
+                listener,
+                callback: Some(ip),
+            } => writeln!(f, "OK {listener} {ip}"),
+            Reply::Listening { public } => writeln!(f, "LISTENING {public}"),
+            Reply::Peer { far, public } => writeln!(f, "PEER {far} {public}"),
             Reply::Verdict { error: None } => writeln!(f, "VERDICT ok"),
             Reply::Verdict { error: Some(r) } => writeln!(f, "VERDICT {r}"),
             Reply::Addrs { v4, v6 } => writeln!(f, "ADDRS {v4} {v6}"),
@@ -382,6 +450,7 @@ mod tests {
         let all = ConnectError::ALL
             .into_iter()
             .map(Refusal::Connect)
+            .chain(ListenRefusal::ALL.into_iter().map(Refusal::Listen))
             .chain(Refusal::LOCAL);
         for refusal in all {
             assert_eq!(Refusal::parse(refusal.as_str()), Some(refusal));
@@ -407,9 +476,53 @@ mod tests {
         assert_eq!(Request::decode(wire.as_bytes()), Ok(Some((r, wire.len()))));
         assert!(Request::decode(b"REGISTER x y z w\n").is_err());
         assert!(matches!(
-            Request::decode(b"LISTEN 127.0.0.1:5000\n"),
-            Err(LocalError::Unsupported(verb)) if verb == "LISTEN"
+            Request::decode(b"SHUTDOWN 127.0.0.1:5000\n"),
+            Err(LocalError::Unsupported(verb)) if verb == "SHUTDOWN"
         ));
         assert!(Request::decode(&[b'a'; MAX_LINE + 2]).is_err());
+    }
+
+    #[test]
+    fn callback_messages_round_trip() {
+        for reply in [
+            Reply::Ok {
+                listener: "127.0.0.1:1".parse().unwrap(),
+                callback: Some("203.0.113.7".parse().unwrap()),
+            },
+            Reply::Ok {
+                listener: "[::1]:1".parse().unwrap(),
+                callback: None,
+            },
+            Reply::Listening {
+                public: "203.0.113.7:50010".parse().unwrap(),
+            },
+            Reply::Peer {
+                far: "10.1.2.3:20".parse().unwrap(),
+                public: "203.0.113.7:50010".parse().unwrap(),
+            },
+            Reply::Err {
+                refusal: Refusal::Listen(ListenRefusal::InUse),
+                message: "port 50010 is in use".into(),
+            },
+        ] {
+            let wire = reply.encode();
+            assert_eq!(
+                Reply::decode(wire.as_bytes()),
+                Ok(Some((reply, wire.len())))
+            );
+        }
+        for request in [
+            Request::Listen {
+                address: "0.0.0.0:50010".parse().unwrap(),
+            },
+            Request::Peer,
+        ] {
+            let wire = request.encode();
+            assert_eq!(
+                Request::decode(wire.as_bytes()),
+                Ok(Some((request, wire.len())))
+            );
+        }
+        assert_eq!(Refusal::Listen(ListenRefusal::InUse).errno(), 98);
     }
 }

@@ -37,6 +37,10 @@ pub struct Offer {
     pub resume: String,
     /// Names, lower case.
     pub names: Vec<String>,
+    /// Whether this connection also carries callbacks (`[[callback]]` through this
+    /// gateway): the connections that reach its programs' listeners at the gateway.
+    #[serde(default)]
+    pub callbacks: bool,
 }
 
 /// The gateway's answer about each offered name.
@@ -46,4 +50,10 @@ pub struct Accepted {
     pub published: Vec<String>,
     /// Refused, with why.
     pub refused: Vec<(String, String)>,
+    /// Callbacks, when offered and allowed: the gateway's callback address and ports.
+    #[serde(default)]
+    pub callbacks: Option<crate::callback::CallbackOffer>,
+    /// Callbacks offered but refused, with why.
+    #[serde(default)]
+    pub callbacks_refused: Option<String>,
 }

@@ -150,6 +150,51 @@ pub fn decode_answer(
     }
 }
 
+/// TCP state of a listening socket.
+const LISTEN: u8 = 10;
+
+/// Reads the kernel's answer to a question about a *listener*: `query` from
+/// [`encode_query`] with the listener's address as `local` and an unspecified `remote`
+/// (`0.0.0.0:0`), which the kernel's lookup answers with the listener on that port.
+/// `Some(inode)` for a listening socket on exactly the asked port, else `None`.
+pub fn decode_listener(
+    buf: &[u8],
+    sequence: u32,
+    query: &[u8; QUERY_LEN],
+) -> Result<Option<u32>, DiagError> {
+    let truncated = || DiagError::Truncated(buf.len());
+    let length = u32_at(buf, 0).ok_or_else(truncated)? as usize;
+    if length < NLMSG_HEADER_LEN || length > buf.len() {
+        return Err(truncated());
+    }
+    let kind = u16_at(buf, 4).ok_or_else(truncated)?;
+    let got = u32_at(buf, 8).ok_or_else(truncated)?;
+    if got != sequence {
+        return Err(DiagError::OtherSequence {
+            got,
+            asked: sequence,
+        });
+    }
+    let body = &buf[NLMSG_HEADER_LEN..length];
+    match kind {
+        NLMSG_ERROR => {
+            let errno = u32_at(body, 0).ok_or_else(truncated)? as i32;
+            match errno.checked_neg() {
+                Some(ENOENT) => Ok(None),
+                Some(e) => Err(DiagError::Refused(e)),
+                None => Err(DiagError::Refused(errno)),
+            }
+        }
+        SOCK_DIAG_BY_FAMILY => {
+            let inode = u32_at(body, UID_OFFSET + 4).ok_or_else(truncated)?;
+            let state = *body.get(1).ok_or_else(truncated)?;
+            let port = body.get(4..6).ok_or_else(truncated)?;
+            Ok((state == LISTEN && port == &query[24..26]).then_some(inode))
+        }
+        other => Err(DiagError::UnexpectedType(other)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,6 +261,21 @@ mod tests {
             decode_answer(&answer(SOCK_DIAG_BY_FAMILY, 5, &listener), 5, &q),
             Ok(Owner::NoSuchSocket)
         );
+        let mut with_inode = listener.clone();
+        with_inode[UID_OFFSET + 4..UID_OFFSET + 8].copy_from_slice(&77u32.to_ne_bytes());
+        assert_eq!(
+            decode_listener(&answer(SOCK_DIAG_BY_FAMILY, 5, &with_inode), 5, &q),
+            Ok(Some(77))
+        );
+        assert_eq!(
+            decode_listener(&answer(SOCK_DIAG_BY_FAMILY, 5, &body), 5, &q),
+            Ok(None)
+        );
+        assert_eq!(
+            decode_listener(&answer(NLMSG_ERROR, 5, &enoent), 5, &q),
+            Ok(None)
+        );
+        assert!(decode_listener(&answer(SOCK_DIAG_BY_FAMILY, 5, &body[..10]), 5, &q).is_err());
         let mut time_wait = body.clone();
         time_wait[1] = 6;
         assert_eq!(

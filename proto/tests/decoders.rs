@@ -149,13 +149,26 @@ mod local_protocol {
             Just(Refusal::PoolFull),
             Just(Refusal::Unknown),
             Just(Refusal::Unsupported),
+            Just(Refusal::Listen(
+                tunnel_proto::callback::ListenRefusal::InUse
+            )),
         ]
     }
 
     fn reply() -> impl Strategy<Value = Reply> {
         prop_oneof![
-            (ip(), any::<u16>()).prop_map(|(ip, p)| Reply::Ok {
-                listener: std::net::SocketAddr::new(ip, p)
+            (ip(), any::<u16>(), proptest::option::of(ip())).prop_map(|(ip, p, callback)| {
+                Reply::Ok {
+                    listener: std::net::SocketAddr::new(ip, p),
+                    callback,
+                }
+            }),
+            (ip(), any::<u16>()).prop_map(|(ip, p)| Reply::Listening {
+                public: std::net::SocketAddr::new(ip, p)
+            }),
+            (ip(), ip(), any::<u16>()).prop_map(|(a, b, p)| Reply::Peer {
+                far: std::net::SocketAddr::new(a, p),
+                public: std::net::SocketAddr::new(b, p),
             }),
             proptest::option::of(refusal()).prop_map(|error| Reply::Verdict { error }),
             (ip(), ip()).prop_map(|(v4, v6)| Reply::Addrs { v4, v6 }),

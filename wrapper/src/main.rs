@@ -75,9 +75,9 @@ fn run(args: Args) -> Result<Never> {
     config
         .add_command_line_routes(&args.route)
         .map_err(anyhow::Error::msg)?;
-    if config.routes.is_empty() {
+    if config.routes.is_empty() && config.callbacks.is_empty() {
         eprintln!(
-            "tunnel-run: warning: {} has no [[route]] and no --route was given: nothing will go through the tunnel",
+            "tunnel-run: warning: {} has no [[route]] or [[callback]] and no --route was given: nothing will go through the tunnel",
             config_path.display()
         );
     }
@@ -122,6 +122,7 @@ fn run(args: Args) -> Result<Never> {
         .env("TUNNEL_ROUTES", config.route_table().to_string())
         .env("TUNNEL_AGENT", &socket)
         .env("TUNNEL_SYNTHETIC", paths::synthetic_env(&config))
+        .env("TUNNEL_CALLBACKS", config.callback_ports())
         .exec();
     bail!("cannot run `{}`: {error}", args.command[0])
 }

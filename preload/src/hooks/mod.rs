@@ -8,6 +8,8 @@
 //!   `sendmmsg` with `MSG_FASTOPEN`);
 //! - [`socket_state`]: what a program asks of a redirected socket afterwards
 //!   (`getpeername`, `getsockopt(SO_ERROR)`);
+//! - [`listen`]: listeners that live at the gateway (`bind`, `accept`, `accept4`,
+//!   `getsockname`);
 //! - [`names`]: the resolver (`getaddrinfo`, `getnameinfo`, `gethostbyname*`).
 //!
 //! [`Detour`]: crate::detour::Detour
@@ -33,6 +35,7 @@ macro_rules! call_real {
 }
 
 mod connect;
+mod listen;
 mod names;
 mod socket_state;
 

@@ -24,7 +24,10 @@ pub unsafe extern "C" fn getpeername(fd: c_int, addr: *mut sockaddr, len: *mut s
     let detour = match guard {
         None => Detour::Bypass(Bypass::Reentrant),
         Some(_) if addr.is_null() || len.is_null() => Detour::Bypass(Bypass::Unusable),
-        Some(_) => redirect::peer_name(fd),
+        Some(_) => match redirect::peer_name(fd) {
+            Detour::Bypass(_) => crate::callback::peer_name(fd),
+            redirected => redirected,
+        },
     };
     match detour {
         Detour::Bypass(_) => real(addr, len),

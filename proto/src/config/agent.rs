@@ -57,6 +57,14 @@ struct AgentFile {
     forward: Vec<ForwardEntry>,
     #[serde(default)]
     publish: Vec<PublishEntry>,
+    #[serde(default)]
+    callback: Vec<CallbackEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+struct CallbackEntry {
+    via: Option<String>,
+    ports: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -126,6 +134,14 @@ pub struct AgentConfig {
     pub routes: Vec<Route>,
     pub forwards: Vec<Forward>,
     pub publications: Vec<Publication>,
+    pub callbacks: Vec<CallbackRange>,
+}
+
+/// Ports on which a program's listeners live at a gateway instead (`[[callback]]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CallbackRange {
+    pub via: String,
+    pub ports: crate::callback::PortRange,
 }
 
 /// A service reachable from this agent, offered at a gateway (`[[publish]]`): the
@@ -516,6 +532,29 @@ impl AgentConfig {
             }
         }
 
+        let mut callbacks: Vec<CallbackRange> = Vec::new();
+        for (i, c) in raw.callback.iter().enumerate() {
+            let key = format!("callback[{i}]");
+            let via = via(&mut problems, format!("{key}.via"), &c.via);
+            match crate::callback::PortRange::parse(&c.ports) {
+                Ok(ports) => {
+                    if let Some(other) =
+                        callbacks.iter().find(|o| o.ports.overlap(&ports).is_some())
+                    {
+                        problems.add(
+                            format!("{key}.ports"),
+                            format!(
+                                "{ports} overlaps {} (through `{}`): a port's listeners live at one gateway",
+                                other.ports, other.via
+                            ),
+                        );
+                    }
+                    callbacks.push(CallbackRange { via, ports });
+                }
+                Err(e) => problems.add(format!("{key}.ports"), e),
+            }
+        }
+
         let synthetic_ipv4 = synthetic_net(
             &mut problems,
             "synthetic_ipv4",
@@ -552,8 +591,19 @@ impl AgentConfig {
             routes,
             forwards,
             publications,
+            callbacks,
         };
         problems.finish(file, config)
+    }
+
+    /// The `[[callback]]` port ranges, as the preload reads them (`TUNNEL_CALLBACKS`):
+    /// comma-separated, empty when there are none.
+    pub fn callback_ports(&self) -> String {
+        self.callbacks
+            .iter()
+            .map(|c| c.ports.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     pub fn gateway(&self, name: &str) -> Option<&GatewayPeer> {

@@ -63,6 +63,17 @@ struct GatewayFile {
     hosts: BTreeMap<String, Vec<String>>,
     #[serde(default)]
     publish: BTreeMap<String, PublishEntry>,
+    callbacks: Option<CallbacksEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+struct CallbacksEntry {
+    address: String,
+    ports: String,
+    #[serde(rename = "for")]
+    for_: Vec<String>,
+    bind: Option<String>,
+    max_per_identity: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -131,7 +142,26 @@ pub struct GatewayConfig {
     pub hosts: BTreeMap<String, Vec<std::net::IpAddr>>,
     /// Names agents may publish here (`[publish.NAME]`), by lower-case name.
     pub publications: BTreeMap<String, PublishRule>,
+    /// Listeners agents may open here for their programs (`[callbacks]`).
+    pub callbacks: Option<CallbackRule>,
 }
+
+/// Where and for whom the gateway opens callback listeners.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CallbackRule {
+    /// The gateway's address as the far site sees it: what programs advertise.
+    pub address: std::net::IpAddr,
+    /// Where the listeners are bound (default: `address`).
+    pub bind: std::net::IpAddr,
+    pub ports: crate::callback::PortRange,
+    /// Identities or `group:NAME` (or `*`) whose agents may open them.
+    pub for_: Vec<String>,
+    /// Listeners one identity may hold at once.
+    pub max_per_identity: u32,
+}
+
+/// Callback listeners one identity may hold at once, unless `max_per_identity` says.
+pub const DEFAULT_CALLBACKS_PER_IDENTITY: i64 = 64;
 
 /// Who may publish a name, who may reach it, and where the gateway offers it.
 #[derive(Debug, Clone, PartialEq)]
@@ -337,6 +367,56 @@ impl GatewayConfig {
             );
         }
 
+        let callbacks = raw.callbacks.as_ref().and_then(|c| {
+            let ip = |problems: &mut Problems, field: &str, text: &str| {
+                text.trim()
+                    .parse::<std::net::IpAddr>()
+                    .map_err(|_| {
+                        problems.add(
+                            format!("callbacks.{field}"),
+                            format!("`{text}` is not an IP address, e.g. \"203.0.113.7\""),
+                        )
+                    })
+                    .ok()
+            };
+            let address = ip(&mut problems, "address", &c.address);
+            let bind = match &c.bind {
+                Some(b) => ip(&mut problems, "bind", b),
+                None => address,
+            };
+            let ports = crate::callback::PortRange::parse(&c.ports)
+                .map_err(|e| problems.add("callbacks.ports", e))
+                .ok();
+            for w in &c.for_ {
+                let named = w.strip_prefix("group:").unwrap_or(w);
+                if w != "*" && !is_valid_identity(named) {
+                    problems.add(
+                        "callbacks.for",
+                        format!("`{w}` is not an identity, group:NAME or \"*\""),
+                    );
+                }
+            }
+            if c.for_.is_empty() {
+                problems.add(
+                    "callbacks.for",
+                    "empty: name the identities whose programs may listen here, e.g. [\"alice\", \"group:grid\"]",
+                );
+            }
+            let max_per_identity = count(
+                &mut problems,
+                "callbacks.max_per_identity",
+                c.max_per_identity,
+                DEFAULT_CALLBACKS_PER_IDENTITY,
+            );
+            Some(CallbackRule {
+                address: address?,
+                bind: bind?,
+                ports: ports?,
+                for_: c.for_.clone(),
+                max_per_identity,
+            })
+        });
+
         let mut allow = Vec::new();
         for (i, a) in raw.allow.iter().enumerate() {
             let key = format!("allow[{i}]");
@@ -481,6 +561,7 @@ impl GatewayConfig {
             services,
             hosts,
             publications,
+            callbacks,
         };
         problems.finish(file, config)
     }

@@ -1,6 +1,7 @@
 //! End-to-end tests: real gateway and agent binaries, real TLS, real clients, loopback.
 
 mod agent_death;
+mod callbacks;
 mod connect_answers;
 mod diagnostics;
 mod errors;

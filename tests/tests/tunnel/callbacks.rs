@@ -1,0 +1,173 @@
+//! Callbacks through `listen()`: a program under tunnel-run that binds a port of a
+//! `[[callback]]` range gets its listener at the gateway; connections there reach the
+//! program's own accept() with the real peer, and its getsockname shows the address
+//! the far side reaches.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tunnel_tests::*;
+
+/// A program that binds `port` on every address, says what getsockname shows, tries a
+/// second bind of the same port, then answers `connections` connections with what
+/// getpeername says of each.
+const LISTENER: &str = r#"
+import socket, sys, errno
+port, connections = int(sys.argv[1]), int(sys.argv[2])
+s = socket.socket()
+s.bind(("0.0.0.0", port))
+s.listen(16)
+host, got = s.getsockname()
+second = socket.socket()
+try:
+    second.bind(("0.0.0.0", port))
+    again = "bound"
+except OSError as e:
+    again = errno.errorcode.get(e.errno, str(e.errno))
+print(f"LISTENING {host} {got} {again}", flush=True)
+for _ in range(connections):
+    c, peer = s.accept()
+    line = c.makefile("rb").readline().decode().strip()
+    c.sendall(f"{line} from {peer[0]}:{peer[1]} seen as {c.getpeername()[0]}\n".encode())
+    c.close()
+print("DONE", flush=True)
+"#;
+
+fn callback_rules(address: &str, ports: &str, for_: &str) -> String {
+    format!("\n[callbacks]\naddress = \"{address}\"\nports = \"{ports}\"\nfor = [{for_}]\n")
+}
+
+fn callback_table(ports: &str) -> String {
+    format!("[[callback]]\nvia = \"site-b\"\nports = \"{ports}\"\n")
+}
+
+fn agent_for(
+    site: &Site,
+    gw_dir: &std::path::Path,
+    gateway: &Gateway,
+    identity: &str,
+    body: &str,
+) -> Agent {
+    let creds = site.issue(gw_dir, identity, &format!("{identity}-creds"));
+    let table = gateway_table("site-b", gateway.addr, &creds, identity);
+    Agent::start(&site.path(identity), &format!("{table}{body}"), true).expect("agent")
+}
+
+/// Waits until the agent's reverse connection carries callbacks.
+fn wait_callbacks(agent: &Agent) {
+    wait_for(Duration::from_secs(15), "callbacks to be accepted", || {
+        let status = agent.status().ok()?;
+        status["publications"]
+            .as_array()?
+            .iter()
+            .any(|p| p["callbacks"].is_string())
+            .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.daemon.log_text()));
+}
+
+fn ask(addr: SocketAddr, line: &str) -> std::io::Result<String> {
+    let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+    conn.set_read_timeout(Some(Duration::from_secs(1)))?;
+    conn.write_all(format!("{line}\n").as_bytes())?;
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer)?;
+    if answer.is_empty() {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(answer.trim().to_string())
+}
+
+#[test]
+fn a_program_listening_on_a_callback_port_is_reached_at_the_gateway() {
+    require("python3", "python3");
+    let port = free_port();
+    let ports = port.to_string();
+    let site = Site::new();
+    let (gw_dir, gateway) =
+        gateway_with(&site, "", &callback_rules("127.0.0.1", &ports, "\"alice\""));
+    let alice = agent_for(&site, &gw_dir, &gateway, "alice", &callback_table(&ports));
+    wait_callbacks(&alice);
+
+    let mut program = Command::new(bin("tunnel-run"))
+        .arg("--config")
+        .arg(&alice.config)
+        .args(["--", "/usr/bin/python3", "-c", LISTENER, &ports, "3"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("tunnel-run");
+    let mut out = BufReader::new(program.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("LISTENING line");
+    // getsockname shows the gateway's callback address; the same port again is taken.
+    assert_eq!(
+        line.trim(),
+        format!("LISTENING 127.0.0.1 {port} EADDRINUSE"),
+        "{}",
+        alice.daemon.log_text()
+    );
+    let status = gateway.status().expect("gateway status");
+    assert_eq!(
+        status["callbacks"].as_array().map(Vec::len),
+        Some(1),
+        "{status}"
+    );
+
+    let public: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    for i in 0..3 {
+        let mut local =
+            TcpStream::connect_timeout(&public, Duration::from_secs(5)).expect("connect");
+        let me = local.local_addr().expect("local");
+        local
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        local
+            .write_all(format!("hello {i}\n").as_bytes())
+            .expect("send");
+        let mut answer = String::new();
+        local.read_to_string(&mut answer).expect("answer");
+        // accept() and getpeername show the peer that connected at the gateway.
+        assert_eq!(
+            answer.trim(),
+            format!("hello {i} from {} seen as {}", me, me.ip()),
+            "{}",
+            alice.daemon.log_text()
+        );
+    }
+    line.clear();
+    out.read_line(&mut line).expect("DONE");
+    assert_eq!(line.trim(), "DONE");
+    assert!(program.wait().expect("exit").success());
+
+    // The program is gone: so is the listener at the gateway, within 2 s.
+    let gone = Instant::now();
+    wait_for(
+        Duration::from_secs(2),
+        "the gateway's listener to close",
+        || ask(public, "anyone?").is_err().then_some(()),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", alice.daemon.log_text()));
+    assert!(gone.elapsed() < Duration::from_secs(2));
+
+    // bob is not in [callbacks] for: his program's bind fails, and nothing listens.
+    let bob = agent_for(&site, &gw_dir, &gateway, "bob", &callback_table(&ports));
+    let tried = run_ok(
+        Command::new(bin("tunnel-run"))
+            .arg("--config")
+            .arg(&bob.config)
+            .args([
+                "--",
+                "/usr/bin/python3",
+                "-c",
+                "import socket, sys, errno\ns = socket.socket()\ntry:\n    s.bind(('0.0.0.0', int(sys.argv[1])))\n    print('bound')\nexcept OSError as e:\n    print(errno.errorcode[e.errno])\n",
+                &ports,
+            ]),
+    );
+    assert_ne!(
+        tried.trim(),
+        "bound",
+        "bob's program listened at the gateway"
+    );
+}
