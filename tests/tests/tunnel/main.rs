@@ -9,6 +9,7 @@ mod forward;
 mod hostile;
 mod identity;
 mod inside_out;
+mod inside_out_sites;
 mod local_leg;
 mod namespaces;
 mod preload;
