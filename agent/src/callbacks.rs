@@ -172,6 +172,74 @@ fn gateway_for(agent: &Agent, asked: SocketAddr) -> Result<(String, CallbackOffe
     }
 }
 
+/// Where a lease is asked for: the gateway's pool, this agent run's resume token, and
+/// the `[[callback]]` range.
+struct Asking {
+    pool: Arc<crate::pool::Pool>,
+    resume: String,
+    ports: tunnel_proto::callback::PortRange,
+}
+
+/// A lease the gateway granted: the answer's body stays open while it lasts.
+struct Held {
+    body: RecvStream,
+    _count: tunnel_transport::counted::Counted,
+}
+
+impl Held {
+    /// Returns when the gateway ends the lease (its listener went: the connection was
+    /// lost, or the gateway stopped). It sends nothing more on it.
+    async fn ended(&mut self) {
+        while let Some(chunk) = self.body.data().await {
+            if chunk.is_err() {
+                break;
+            }
+        }
+    }
+}
+
+/// Asks the gateway for a listener on `port` (0: any of the range).
+async fn ask_gateway(asking: &Asking, port: u16) -> Result<(Listening, Held), Reply> {
+    let gateway = &asking.pool.peer.name;
+    let request = ListenRequest {
+        resume: asking.resume.clone(),
+        port,
+        ports: asking.ports,
+    };
+    let body = Bytes::from(serde_json::to_vec(&request).unwrap_or_default());
+    let leased = match asking.pool.hold(CALLBACKS_PATH, body).await {
+        Ok(leased) => leased,
+        Err(e) => return Err(err(Refusal::Unavailable, format!("{e:#}"))),
+    };
+    let crate::pool::Leased { response, count } = leased;
+    if response.status() != StatusCode::OK {
+        let class = response
+            .headers()
+            .get(ERROR_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(ListenRefusal::parse)
+            .unwrap_or(ListenRefusal::NotAvailable);
+        return Err(err(
+            Refusal::Listen(class),
+            format!("the gateway `{gateway}` refused port {port}: {class}"),
+        ));
+    }
+    let (_, mut body) = response.into_parts();
+    match first_message::<Listening>(&mut body).await {
+        Some(listening) => Ok((
+            listening,
+            Held {
+                body,
+                _count: count,
+            },
+        )),
+        None => Err(err(
+            Refusal::Unavailable,
+            "the gateway's answer was unreadable",
+        )),
+    }
+}
+
 /// `LISTEN`: opens the program's listener at its gateway and keeps the lease while the
 /// program's socket lives.
 pub async fn listen(agent: &Arc<Agent>, asked: SocketAddr, socket: PassedFd, uid: u32) -> Reply {
@@ -191,36 +259,14 @@ pub async fn listen(agent: &Arc<Agent>, asked: SocketAddr, socket: PassedFd, uid
     ) else {
         return err(Refusal::Unavailable, format!("no gateway `{via}`"));
     };
-    let request = ListenRequest {
+    let asking = Asking {
+        pool: pool.clone(),
         resume: publisher.resume().to_string(),
-        port: asked.port(),
         ports: offer.ports,
     };
-    let body = Bytes::from(serde_json::to_vec(&request).unwrap_or_default());
-    let leased = match pool.hold(CALLBACKS_PATH, body).await {
-        Ok(leased) => leased,
-        Err(e) => return err(Refusal::Unavailable, format!("{e:#}")),
-    };
-    let crate::pool::Leased { response, count } = leased;
-    let status = response.status();
-    if status != StatusCode::OK {
-        let class = response
-            .headers()
-            .get(ERROR_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(ListenRefusal::parse)
-            .unwrap_or(ListenRefusal::NotAvailable);
-        return err(
-            Refusal::Listen(class),
-            format!("the gateway `{via}` refused port {}: {class}", asked.port()),
-        );
-    }
-    let (_, mut body) = response.into_parts();
-    let listening = match first_message::<Listening>(&mut body).await {
-        Some(l) => l,
-        None => {
-            return err(Refusal::Unavailable, "the gateway's answer was unreadable");
-        }
+    let (listening, held) = match ask_gateway(&asking, asked.port()).await {
+        Ok(granted) => granted,
+        Err(reply) => return reply,
     };
     let public = SocketAddr::new(listening.address, listening.port);
     let lease = Arc::new(Lease {
@@ -238,16 +284,15 @@ pub async fn listen(agent: &Arc<Agent>, asked: SocketAddr, socket: PassedFd, uid
     info!(gateway = %via, uid, "callback listener at {public} for a program");
     let agent = agent.clone();
     tokio::spawn(async move {
-        let ended = keep(&agent, &lease, socket, &mut body).await;
+        // Dropping the lease (at the end of keep) resets its stream: the gateway
+        // closes the port.
+        let ended = keep(&agent, &lease, &asking, socket, held).await;
         {
             let mut leases = lock(&agent.callbacks.leases);
             if leases.get(&key).is_some_and(|l| Arc::ptr_eq(l, &lease)) {
                 leases.remove(&key);
             }
         }
-        // Dropping the body resets the stream: the gateway closes the port.
-        drop(body);
-        drop(count);
         info!(gateway = %lease.gateway, "callback listener at {} closed: {ended}", lease.public);
     });
     Reply::Listening { public }
@@ -273,18 +318,16 @@ async fn first_message<T: serde::de::DeserializeOwned>(body: &mut RecvStream) ->
     within.await.ok().flatten()
 }
 
-/// Keeps a lease while the program's socket lives; returns why it ended.
-async fn keep(agent: &Agent, lease: &Lease, socket: PassedFd, body: &mut RecvStream) -> String {
-    let gone = async {
-        // The gateway sends nothing more on the lease: its end means the listener
-        // went (the connection was lost, or the gateway stopped).
-        while let Some(chunk) = body.data().await {
-            if chunk.is_err() {
-                break;
-            }
-        }
-    };
-    tokio::pin!(gone);
+/// Keeps a lease while the program's socket lives (asking for the same port again when
+/// the gateway's listener went with a lost connection); returns why it ended.
+async fn keep(
+    agent: &Agent,
+    lease: &Lease,
+    asking: &Asking,
+    socket: PassedFd,
+    held: Held,
+) -> String {
+    let mut held = held;
     // Until it listens, the socket held here says where it is bound.
     let started = Instant::now();
     let inode = socket.inode().ok();
@@ -303,24 +346,64 @@ async fn keep(agent: &Agent, lease: &Lease, socket: PassedFd, body: &mut RecvStr
             return format!("the program did not listen within {LISTEN_GRACE:?}");
         }
         tokio::select! {
-            () = &mut gone => return "the gateway ended the lease".into(),
+            () = held.ended() => match lease_again(lease, asking, || true).await {
+                Ok(again) => held = again,
+                Err(why) => return why,
+            },
             () = tokio::time::sleep(Duration::from_millis(50)) => {}
         }
     };
     drop(socket);
     lease.listened.store(true, Ordering::Relaxed);
+    let still_listening = || match agent.socket_owners.listener_inode(listening) {
+        Ok(found) => found == inode,
+        Err(e) => {
+            warn!("looking for the program's listener at {listening}: {e}");
+            true
+        }
+    };
     loop {
         tokio::select! {
-            () = &mut gone => return "the gateway ended the lease".into(),
+            () = held.ended() => match lease_again(lease, asking, still_listening).await {
+                Ok(again) => held = again,
+                Err(why) => return why,
+            },
             () = tokio::time::sleep(FOLLOW_EVERY) => {}
         }
-        match agent.socket_owners.listener_inode(listening) {
-            Ok(found) if found == inode => {}
-            Ok(_) => return "the program closed its listener".into(),
-            Err(e) => {
-                warn!("looking for the program's listener at {listening}: {e}");
-            }
+        if !still_listening() {
+            return "the program closed its listener".into();
         }
+    }
+}
+
+/// After the gateway's listener went with a lost connection: asks for the same port
+/// again, with back-off, while `wanted` says the program still listens.
+async fn lease_again(
+    lease: &Lease,
+    asking: &Asking,
+    wanted: impl Fn() -> bool,
+) -> Result<Held, String> {
+    let port = lease.public.port();
+    warn!(gateway = %lease.gateway, "callback listener at {}: the gateway's listener went; asking for it again", lease.public);
+    let mut pause = Duration::from_millis(200);
+    loop {
+        if !wanted() {
+            return Err("the program closed its listener".into());
+        }
+        match ask_gateway(asking, port).await {
+            Ok((listening, held)) if listening.port == port => {
+                info!(gateway = %lease.gateway, "callback listener at {} open again", lease.public);
+                return Ok(held);
+            }
+            Ok(_) => return Err("the gateway gave another port".into()),
+            Err(Reply::Err {
+                refusal: Refusal::Listen(ListenRefusal::InUse | ListenRefusal::Denied),
+                message,
+            }) => return Err(format!("asked again: {message}")),
+            Err(_) => {}
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(5));
     }
 }
 

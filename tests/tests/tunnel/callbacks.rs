@@ -171,3 +171,44 @@ fn a_program_listening_on_a_callback_port_is_reached_at_the_gateway() {
         "bob's program listened at the gateway"
     );
 }
+
+/// The gateway restarts under a listening program: its listener is asked for again and
+/// the far side reaches the program on the same port once the agent is back.
+#[test]
+fn a_callback_listener_is_back_after_the_gateway_restarts() {
+    require("python3", "python3");
+    let port = free_port();
+    let ports = port.to_string();
+    let site = Site::new();
+    let (gw_dir, mut gateway) =
+        gateway_with(&site, "", &callback_rules("127.0.0.1", &ports, "\"alice\""));
+    gateway.pin_port().expect("pin port");
+    let alice = agent_for(&site, &gw_dir, &gateway, "alice", &callback_table(&ports));
+    wait_callbacks(&alice);
+    let mut program = Command::new(bin("tunnel-run"))
+        .arg("--config")
+        .arg(&alice.config)
+        .args(["--", "/usr/bin/python3", "-c", LISTENER, &ports, "2"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("tunnel-run");
+    let mut out = BufReader::new(program.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("LISTENING line");
+    assert!(line.starts_with("LISTENING 127.0.0.1"), "{line}");
+    let public: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    assert!(ask(public, "before").is_ok_and(|a| a.starts_with("before from")));
+
+    gateway.daemon.kill();
+    let gateway = Gateway::run(&gw_dir).expect("the gateway again");
+    let answer = wait_for(Duration::from_secs(20), "the listener to be back", || {
+        ask(public, "after").ok()
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", alice.daemon.log_text()));
+    assert!(answer.starts_with("after from"), "{answer}");
+    line.clear();
+    out.read_line(&mut line).expect("DONE");
+    assert_eq!(line.trim(), "DONE");
+    assert!(program.wait().expect("exit").success());
+    drop(gateway);
+}
