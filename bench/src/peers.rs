@@ -315,7 +315,8 @@ fn ssh_tunnel(prefix: &str, wan: Wan<'_>, forward: Forward) -> Result<Procs, Pee
         OsStr::new(&spec),
         OsStr::new(&login),
     ]);
-    procs.start_listening("ssh", &ssh, args, port)?;
+    let remote = matches!(forward, Forward::Remote { .. });
+    procs.start_until_listening("ssh", &ssh, args, port, remote)?;
     Ok(procs)
 }
 
@@ -366,7 +367,9 @@ struct Running {
 impl Running {
     /// Waits (bounded) until the process listens on 127.0.0.1:`port`; if it exits or
     /// never does, says so.
-    fn await_listener(&mut self, port: u16) -> Result<(), String> {
+    /// Waits until the process listens on 127.0.0.1:`port`; with `owned_elsewhere`, until
+    /// any process does (`ssh -R`: the port is sshd's, not the client's).
+    fn await_listener(&mut self, port: u16, owned_elsewhere: bool) -> Result<(), String> {
         let name = self.name;
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
@@ -379,7 +382,8 @@ impl Running {
                 Err(e) => return Err(format!("waiting for {name}: {e}")),
                 Ok(None) => {}
             }
-            match listens(self.child.id(), port) {
+            let owner = (!owned_elsewhere).then(|| self.child.id());
+            match listens(owner, port) {
                 Ok(true) => return Ok(()),
                 Ok(false) if Instant::now() < deadline => thread::sleep(POLL),
                 Ok(false) => {
@@ -486,9 +490,26 @@ impl Procs {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
+        self.start_until_listening(name, program, args, port, false)
+    }
+
+    /// As [`Procs::start_listening`]; with `owned_elsewhere`, the listener may be any
+    /// process's (an `ssh -R` port is opened by the sshd it logged into).
+    fn start_until_listening<I, S>(
+        &mut self,
+        name: &'static str,
+        program: &Program,
+        args: I,
+        port: u16,
+        owned_elsewhere: bool,
+    ) -> Result<(), PeerError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
         let (child, log) = self.spawn(program, name, args)?;
         let mut started = Running { name, child, log };
-        let outcome = started.await_listener(port);
+        let outcome = started.await_listener(port, owned_elsewhere);
         // Kept for killing (on drop) whether or not it came up.
         self.running.push(started);
         outcome.map_err(|why| PeerError::Failed(format!("{why}{}", self.logs())))
@@ -540,7 +561,7 @@ fn has_children(pid: u32) -> bool {
 /// (ssh -L, socat, stunnel) would reach the destination server as a stray client. The
 /// socket's owner is checked too, so another program that grabbed the port in the
 /// moment between [`free_port`] and our process binding it is not mistaken for ours.
-fn listens(pid: u32, port: u16) -> io::Result<bool> {
+fn listens(pid: Option<u32>, port: u16) -> io::Result<bool> {
     const LISTEN: &str = "0A";
     let mut inodes = Vec::new();
     // The kernel lists listening sockets before all others (it walks the listening hash,
@@ -570,6 +591,9 @@ fn listens(pid: u32, port: u16) -> io::Result<bool> {
     if inodes.is_empty() {
         return Ok(false);
     }
+    let Some(pid) = pid else {
+        return Ok(true);
+    };
     let fds = match fs::read_dir(format!("/proc/{pid}/fd")) {
         Ok(fds) => fds,
         // Not allowed to look (hardened /proc): the listener is there, trust it is ours.

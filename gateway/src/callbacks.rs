@@ -362,7 +362,8 @@ async fn carry(
         return;
     };
     let what = format!("the agent listening on callback port {port}");
-    let opened = match open_on(gateway, &reverse, request, &what).await {
+    let early = &mut crate::publications::Early::from(&tcp);
+    let opened = match open_on(gateway, &reverse, request, &what, early).await {
         Attempt::Opened(opened) => opened,
         Attempt::Refused(refusal) => {
             entry.refused(refusal.class, refusal.why);

@@ -26,7 +26,7 @@ use h2::client::SendRequest;
 use h2::{RecvStream, SendStream};
 use http::{Method, Request};
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 use tunnel_proto::ConnectError;
@@ -319,6 +319,7 @@ pub async fn open(
     name: &str,
     client: SocketAddr,
     consumer: Option<&str>,
+    early: &mut Early<'_>,
 ) -> Result<Opened, Refusal> {
     let candidates = gateway.publishers.candidates(name);
     if candidates.is_empty() {
@@ -346,7 +347,7 @@ pub async fn open(
             return Err(Refusal::new(ConnectError::Gateway, "building a request"));
         };
         let what = format!("the agent publishing `{name}`");
-        match open_on(gateway, &publisher, request, &what).await {
+        match open_on(gateway, &publisher, request, &what, early).await {
             Attempt::Opened(opened) => return Ok(opened),
             Attempt::Refused(refusal) => return Err(refusal),
             Attempt::OverLimit(limit) => over = Some(limit),
@@ -370,6 +371,79 @@ pub async fn open(
     })
 }
 
+/// The first bytes of a connection that arrived at the gateway's side, sent right
+/// behind the CONNECT instead of after its answer (a round trip less before the
+/// service sees the client's request), and kept, so that the next publisher gets them
+/// too when this one turns out to be gone. At most [`EARLY_MAX`] bytes; the rest
+/// waits for the answer.
+pub struct Early<'a> {
+    tcp: Option<&'a TcpStream>,
+    sent: bytes::BytesMut,
+    done: bool,
+}
+
+/// The most a connection sends before its publisher answered.
+const EARLY_MAX: usize = 64 * 1024;
+
+impl<'a> Early<'a> {
+    /// Nothing to send early (a stream from a consumer agent, relayed as a whole).
+    pub fn none() -> Early<'static> {
+        Early {
+            tcp: None,
+            sent: bytes::BytesMut::new(),
+            done: true,
+        }
+    }
+
+    /// The bytes `tcp` sends while its publisher is asked.
+    pub fn from(tcp: &'a TcpStream) -> Early<'a> {
+        Early {
+            tcp: Some(tcp),
+            sent: bytes::BytesMut::new(),
+            done: false,
+        }
+    }
+
+    /// What was read so far, for a new stream.
+    fn so_far(&self) -> Option<Bytes> {
+        (!self.sent.is_empty()).then(|| Bytes::copy_from_slice(&self.sent))
+    }
+
+    /// Waits for the client's next bytes (never returns once there is nothing more to
+    /// take early: at the end of its stream, an error, or the cap).
+    async fn more(&mut self) -> Bytes {
+        let Some(tcp) = self.tcp.filter(|_| !self.done) else {
+            return std::future::pending().await;
+        };
+        loop {
+            if tcp.readable().await.is_err() {
+                self.done = true;
+                return std::future::pending().await;
+            }
+            let mut chunk = vec![0u8; EARLY_MAX - self.sent.len()];
+            match tcp.try_read(&mut chunk) {
+                // The end of its stream: the splice meets it next.
+                Ok(0) => {
+                    self.done = true;
+                    return std::future::pending().await;
+                }
+                Ok(n) => {
+                    chunk.truncate(n);
+                    self.sent.extend_from_slice(&chunk);
+                    self.done = self.sent.len() >= EARLY_MAX;
+                    return Bytes::from(chunk);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                // An error: the splice meets it next.
+                Err(_) => {
+                    self.done = true;
+                    return std::future::pending().await;
+                }
+            }
+        }
+    }
+}
+
 /// What became of one CONNECT sent over a reverse connection.
 pub enum Attempt {
     Opened(Opened),
@@ -389,6 +463,7 @@ pub async fn open_on(
     publisher: &Publisher,
     request: Request<()>,
     what: &str,
+    early: &mut Early<'_>,
 ) -> Attempt {
     let permit = match gateway.admission.stream(&publisher.identity) {
         Ok(permit) => permit,
@@ -399,14 +474,30 @@ pub async fn open_on(
         Ok(mut ready) => ready.send_request(request, false),
         Err(e) => Err(e),
     };
-    let (response, send) = match sent {
+    let (response, mut send) = match sent {
         Ok(sent) => sent,
         Err(e) => {
             debug!(publisher = %publisher.peer, "reverse connection unusable: {e}");
             return Attempt::Gone;
         }
     };
-    let answered = tokio::time::timeout(gateway.config.connect_timeout, response).await;
+    // The client's first bytes go right behind the CONNECT; the agent writes them to
+    // the service once its connect succeeded.
+    if let Some(first) = early.so_far() {
+        let _ = send.send_data(first, false);
+    }
+    let answered = tokio::time::timeout(gateway.config.connect_timeout, async {
+        tokio::pin!(response);
+        loop {
+            tokio::select! {
+                answer = &mut response => break answer,
+                more = early.more() => {
+                    let _ = send.send_data(more, false);
+                }
+            }
+        }
+    })
+    .await;
     let response = match answered {
         Ok(Ok(response)) => response,
         Ok(Err(e)) => {
@@ -510,7 +601,7 @@ async fn carry_inbound(
     let entry = gateway
         .streams
         .register(format!("{name} (from {client})"), "-".into());
-    let opened = match open(&gateway, &name, client, None).await {
+    let opened = match open(&gateway, &name, client, None, &mut Early::from(&tcp)).await {
         Ok(opened) => opened,
         Err(refusal) => {
             gateway.refusals.report(
@@ -689,5 +780,12 @@ pub async fn reach_by_name(
             format!("{caller} is not in the `reach` of [publish.{name}]"),
         ));
     }
-    open(gateway, name, client, Some(&caller.identity)).await
+    open(
+        gateway,
+        name,
+        client,
+        Some(&caller.identity),
+        &mut Early::none(),
+    )
+    .await
 }
