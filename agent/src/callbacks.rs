@@ -50,8 +50,9 @@ const FOLLOW_EVERY: Duration = Duration::from_millis(500);
 const CONNECT_PATIENCE: Duration = Duration::from_secs(2);
 
 /// The callback listeners this agent holds at its gateways.
-#[derive(Default)]
 pub struct Callbacks {
+    /// Says whose a local socket is, and whether a program's listener is still there.
+    owners: Arc<crate::sock_owner::SocketOwners>,
     leases: Mutex<BTreeMap<(String, u16), Arc<Lease>>>,
     /// This agent's end of each connection it made to a program's listener → (the far
     /// peer at the gateway's side, the public address it connected to).
@@ -66,6 +67,8 @@ struct Lease {
     /// Set once the program's socket was seen listening: a refused connect then means
     /// it is gone, not that it is not listening yet.
     listened: std::sync::atomic::AtomicBool,
+    /// The program's socket (its inode), once known.
+    inode: Mutex<Option<u32>>,
     uid: u32,
     since: Instant,
     streams: Arc<AtomicUsize>,
@@ -96,6 +99,14 @@ fn err(refusal: Refusal, message: impl Into<String>) -> Reply {
 }
 
 impl Callbacks {
+    pub fn new(owners: Arc<crate::sock_owner::SocketOwners>) -> Callbacks {
+        Callbacks {
+            owners,
+            leases: Mutex::default(),
+            peers: Mutex::default(),
+        }
+    }
+
     pub fn views(&self) -> Vec<CallbackView> {
         lock(&self.leases)
             .values()
@@ -274,6 +285,7 @@ pub async fn listen(agent: &Arc<Agent>, asked: SocketAddr, socket: PassedFd, uid
         public,
         program: Mutex::default(),
         listened: std::sync::atomic::AtomicBool::new(false),
+        inode: Mutex::default(),
         uid,
         since: Instant::now(),
         streams: Arc::default(),
@@ -331,6 +343,7 @@ async fn keep(
     // Until it listens, the socket held here says where it is bound.
     let started = Instant::now();
     let inode = socket.inode().ok();
+    *lock(&lease.inode) = inode;
     let listening = loop {
         if let Ok(local) = socket.local_addr()
             && local.port() != 0
@@ -451,7 +464,7 @@ impl Callbacks {
         let (tcp, ours) = loop {
             let program = *lock(&lease.program);
             let attempt = match program {
-                Some(program) => self.connect(program, client, lease.public).await,
+                Some(program) => self.connect(&lease, program, client).await,
                 None => Err(std::io::ErrorKind::ConnectionRefused.into()),
             };
             match attempt {
@@ -483,13 +496,24 @@ impl Callbacks {
     }
 
     /// Connects to the program's listener from a loopback address noted first, so the
-    /// program's `PEER` question can be answered the moment it accepts.
+    /// program's `PEER` question can be answered the moment it accepts. Only the
+    /// program's own socket gets the connection: its listener must still be the one
+    /// the lease was made for, and the socket that took the connection must be its
+    /// user's (another user who binds the port once the program closed it gets
+    /// nothing).
     async fn connect(
         &self,
+        lease: &Lease,
         program: SocketAddr,
         client: SocketAddr,
-        public: SocketAddr,
     ) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
+        let refused = || std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        if lease.listened.load(Ordering::Relaxed) {
+            let now = self.owners.listener_inode(program)?;
+            if now.is_none() || now != *lock(&lease.inode) {
+                return Err(refused());
+            }
+        }
         let socket = match program {
             SocketAddr::V4(_) => TcpSocket::new_v4()?,
             SocketAddr::V6(_) => TcpSocket::new_v6()?,
@@ -500,13 +524,44 @@ impl Callbacks {
         };
         socket.bind(SocketAddr::new(loopback, 0))?;
         let ours = socket.local_addr()?;
-        lock(&self.peers).insert(ours, (client, public));
-        match socket.connect(program).await {
+        lock(&self.peers).insert(ours, (client, lease.public));
+        let connected = match socket.connect(program).await {
+            Ok(tcp) => match self.owned_by(program, ours, lease.uid).await {
+                Ok(()) => Ok(tcp),
+                Err(e) => {
+                    splice::reset(tcp);
+                    Err(e)
+                }
+            },
+            Err(e) => Err(e),
+        };
+        match connected {
             Ok(tcp) => Ok((tcp, ours)),
             Err(e) => {
                 lock(&self.peers).remove(&ours);
                 Err(e)
             }
         }
+    }
+
+    /// Checks that the socket at the program's end of `tcp` belongs to `uid`.
+    async fn owned_by(
+        &self,
+        program: SocketAddr,
+        ours: SocketAddr,
+        uid: u32,
+    ) -> std::io::Result<()> {
+        // The kernel may take a moment to turn the handshake into the accepted socket.
+        for _ in 0..20 {
+            match self.owners.uid_of_peer(program, ours)? {
+                Some(owner) if owner == uid => return Ok(()),
+                Some(owner) => {
+                    warn!(%program, owner, expected = uid, "a callback connection was taken by another user's socket: reset");
+                    return Err(std::io::ErrorKind::ConnectionRefused.into());
+                }
+                None => tokio::time::sleep(Duration::from_millis(1)).await,
+            }
+        }
+        Err(std::io::ErrorKind::ConnectionRefused.into())
     }
 }

@@ -154,7 +154,7 @@ pub struct Agent {
     pub streams: Arc<StreamTable>,
     pub forwards: Vec<ForwardView>,
     /// Says which local user owns the socket at the far end of an accepted connection.
-    pub socket_owners: sock_owner::SocketOwners,
+    pub socket_owners: Arc<sock_owner::SocketOwners>,
     pub started: Instant,
 }
 
@@ -335,7 +335,8 @@ async fn serve(config: AgentConfig, exit_with: Option<i32>) -> Result<()> {
         .map(|pool| renewal::Renewal::start(pool.clone()))
         .collect();
     let streams = StreamTable::new(Side::Agent);
-    let callbacks = Arc::new(callbacks::Callbacks::default());
+    let socket_owners = Arc::new(socket_owners);
+    let callbacks = Arc::new(callbacks::Callbacks::new(socket_owners.clone()));
     let publishers = pools
         .iter()
         .filter_map(|pool| {

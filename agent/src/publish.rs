@@ -326,16 +326,9 @@ impl Publisher {
                 let _ = respond.send_response(Response::new(()), true);
             }
             (Method::CONNECT, _) if request.headers().contains_key(CALLBACK_HEADER) => {
-                let header = |h: &str| {
-                    request
-                        .headers()
-                        .get(h)
-                        .and_then(|v| v.to_str().ok())
-                        .map(str::to_string)
-                };
-                let port = header(CALLBACK_HEADER).and_then(|p| p.parse::<u16>().ok());
-                let client =
-                    header(CLIENT_HEADER).and_then(|c| c.parse::<std::net::SocketAddr>().ok());
+                let port = header(&request, CALLBACK_HEADER).and_then(|p| p.parse::<u16>().ok());
+                let client = header(&request, CLIENT_HEADER)
+                    .and_then(|c| c.parse::<std::net::SocketAddr>().ok());
                 let (Some(port), Some(client)) = (port, client) else {
                     let _ = answer_connect(&mut respond, Err(ConnectError::BadRequest));
                     return;
@@ -378,15 +371,8 @@ impl Publisher {
             .authority()
             .map(|a| a.host().to_ascii_lowercase())
             .unwrap_or_default();
-        let header = |h: &str| {
-            request
-                .headers()
-                .get(h)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string)
-        };
-        let client = header(CLIENT_HEADER).unwrap_or_else(|| "?".into());
-        let consumer = header(CONSUMER_HEADER);
+        let client = header(&request, CLIENT_HEADER).unwrap_or_else(|| "?".into());
+        let consumer = header(&request, CONSUMER_HEADER);
         let entry = self.streams.register(
             format!("{name} (published, from {client})"),
             consumer.clone().unwrap_or_else(|| "-".into()),
@@ -465,4 +451,13 @@ impl Publisher {
         let result = splice::splice(tcp, send, async { Ok(body) }, entry.stats(), health).await;
         entry.finish(&result);
     }
+}
+
+/// A request header's value as text, if it has one.
+fn header(request: &Request<RecvStream>, name: &str) -> Option<String> {
+    request
+        .headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
 }

@@ -17,7 +17,9 @@ use nix::sys::socket::{
     setsockopt, socket, sockopt,
 };
 use nix::sys::time::TimeVal;
-use tunnel_proto::sock_diag::{Owner, decode_answer, decode_listener, encode_query};
+use tunnel_proto::sock_diag::{
+    DiagError, Owner, QUERY_LEN, decode_answer, decode_listener, encode_query,
+};
 
 /// One netlink socket, shared by every listener of the agent.
 pub struct SocketOwners {
@@ -47,38 +49,32 @@ impl SocketOwners {
     /// address (it closed already, or the connection came from another host).
     pub fn uid_of_peer(&self, peer: SocketAddr, ours: SocketAddr) -> io::Result<Option<u32>> {
         let (peer, ours) = same_family(peer, ours);
-        let sequence = self.sequence.fetch_add(1, Ordering::Relaxed);
-        let query = encode_query(peer, ours, sequence);
-        let netlink = self.netlink.lock().unwrap_or_else(PoisonError::into_inner);
-        sendto(
-            netlink.as_raw_fd(),
-            &query,
-            &NetlinkAddr::new(0, 0),
-            MsgFlags::empty(),
-        )?;
-        let mut answer = [0u8; 512];
-        loop {
-            let n = recv(netlink.as_raw_fd(), &mut answer, MsgFlags::empty())?;
-            match decode_answer(&answer[..n], sequence, &query) {
-                Ok(Owner::Uid(uid)) => return Ok(Some(uid)),
-                Ok(Owner::NoSuchSocket) => return Ok(None),
-                // A late answer to an earlier question that timed out: read on.
-                Err(tunnel_proto::sock_diag::DiagError::OtherSequence { .. }) => continue,
-                Err(e) => return Err(io::Error::other(e)),
-            }
-        }
+        let owner = self.ask(peer, ours, decode_answer)?;
+        Ok(match owner {
+            Owner::Uid(uid) => Some(uid),
+            Owner::NoSuchSocket => None,
+        })
     }
-}
 
-impl SocketOwners {
     /// The inode of the TCP socket listening at `local` (exactly that port), if any.
     pub fn listener_inode(&self, local: SocketAddr) -> io::Result<Option<u32>> {
         let unspecified = match local {
             SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
             SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], 0)),
         };
+        self.ask(local, unspecified, decode_listener)
+    }
+
+    /// One question about the socket at `local` connected to `remote`, and its answer
+    /// read by `decode`.
+    fn ask<T>(
+        &self,
+        local: SocketAddr,
+        remote: SocketAddr,
+        decode: impl Fn(&[u8], u32, &[u8; QUERY_LEN]) -> Result<T, DiagError>,
+    ) -> io::Result<T> {
         let sequence = self.sequence.fetch_add(1, Ordering::Relaxed);
-        let query = encode_query(local, unspecified, sequence);
+        let query = encode_query(local, remote, sequence);
         let netlink = self.netlink.lock().unwrap_or_else(PoisonError::into_inner);
         sendto(
             netlink.as_raw_fd(),
@@ -89,9 +85,10 @@ impl SocketOwners {
         let mut answer = [0u8; 512];
         loop {
             let n = recv(netlink.as_raw_fd(), &mut answer, MsgFlags::empty())?;
-            match decode_listener(&answer[..n], sequence, &query) {
-                Ok(inode) => return Ok(inode),
-                Err(tunnel_proto::sock_diag::DiagError::OtherSequence { .. }) => continue,
+            match decode(&answer[..n], sequence, &query) {
+                Ok(found) => return Ok(found),
+                // A late answer to an earlier question that timed out: read on.
+                Err(DiagError::OtherSequence { .. }) => continue,
                 Err(e) => return Err(io::Error::other(e)),
             }
         }

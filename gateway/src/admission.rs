@@ -161,6 +161,13 @@ impl Admission {
         self.take(identity, Held::Stream)
     }
 
+    /// A place for one more stream that arrives for `identity` from outside (to its
+    /// publications and callback listeners): a budget of its own, of the same size, so
+    /// that connections from strangers never crowd out the identity's own streams.
+    pub fn inbound_stream(self: &Arc<Self>, identity: &str) -> Result<IdentityPermit, OverLimit> {
+        self.take(&format!("{identity} (inbound)"), Held::Stream)
+    }
+
     fn take(self: &Arc<Self>, identity: &str, held: Held) -> Result<IdentityPermit, OverLimit> {
         let mut identities = lock(&self.identities);
         // Limits are at least 1, so an entry made here is never over them and never

@@ -123,6 +123,16 @@ pub async fn listen(
     request: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
 ) {
+    // Who asks is checked before a byte of the body is read.
+    if let Err(Refused(class, why)) = permitted(&gateway, &caller) {
+        gateway.refusals.report(
+            &caller.identity,
+            Kind::Stream(ConnectError::Denied),
+            format!("callback listener refused: {why}"),
+        );
+        refuse(&mut respond, class);
+        return;
+    }
     let body = read_body(request.into_body(), 4096).await;
     let asked = body
         .ok()
@@ -204,14 +214,8 @@ pub async fn listen(
     info!(identity = %caller, %agent, "callback listener on {} closed: {ended}", SocketAddr::new(rule.address, port));
 }
 
-/// Checks a lease request and binds its listener: the port asked for, or a free one
-/// of both ranges for port 0.
-async fn open_listener(
-    gateway: &Gateway,
-    caller: &Caller,
-    agent: SocketAddr,
-    asked: &ListenRequest,
-) -> Result<(TcpListener, u16), Refused> {
+/// The gateway's `[callbacks]`, when `caller` may open listeners.
+fn permitted<'a>(gateway: &'a Gateway, caller: &Caller) -> Result<&'a CallbackRule, Refused> {
     let Some(rule) = &gateway.config.callbacks else {
         return Err(Refused(
             ListenRefusal::NotAvailable,
@@ -224,6 +228,18 @@ async fn open_listener(
             format!("{caller} is not in [callbacks] for = {:?}", rule.for_),
         ));
     }
+    Ok(rule)
+}
+
+/// Checks a lease request and binds its listener: the port asked for, or a free one
+/// of both ranges for port 0.
+async fn open_listener(
+    gateway: &Gateway,
+    caller: &Caller,
+    agent: SocketAddr,
+    asked: &ListenRequest,
+) -> Result<(TcpListener, u16), Refused> {
+    let rule = permitted(gateway, caller)?;
     if gateway
         .publishers
         .reverse_of(&caller.identity, &asked.resume)
@@ -258,10 +274,10 @@ async fn open_listener(
     };
     let mut last = None;
     for port in candidates {
-        // Held under the lock from the check to the insert: two leases never race
-        // for one port, and the identity's count stays exact.
+        // The port is taken in the table before it is bound (under one lock with the
+        // identity's count): two leases never race for one port, nor past the limit.
         {
-            let table = gateway.callbacks.lock();
+            let mut table = gateway.callbacks.lock();
             if table.contains_key(&port) {
                 last = Some(format!("port {port} is held by another callback listener"));
                 continue;
@@ -278,29 +294,25 @@ async fn open_listener(
                     ),
                 ));
             }
+            table.insert(
+                port,
+                Lease {
+                    identity: caller.identity.clone(),
+                    agent,
+                    since: Instant::now(),
+                    streams: Arc::default(),
+                    accepted: Arc::default(),
+                },
+            );
         }
         match TcpListener::bind(SocketAddr::new(rule.bind, port)).await {
-            Ok(listener) => {
-                let mut table = gateway.callbacks.lock();
-                if table.contains_key(&port) {
+            Ok(listener) => return Ok((listener, port)),
+            Err(e) => {
+                gateway.callbacks.lock().remove(&port);
+                if e.kind() == std::io::ErrorKind::AddrInUse {
+                    last = Some(format!("port {port} is in use at the gateway"));
                     continue;
                 }
-                table.insert(
-                    port,
-                    Lease {
-                        identity: caller.identity.clone(),
-                        agent,
-                        since: Instant::now(),
-                        streams: Arc::default(),
-                        accepted: Arc::default(),
-                    },
-                );
-                return Ok((listener, port));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-                last = Some(format!("port {port} is in use at the gateway"));
-            }
-            Err(e) => {
                 return Err(Refused(
                     ListenRefusal::NotAvailable,
                     format!(
@@ -355,7 +367,10 @@ async fn carry(
         .method(Method::CONNECT)
         .uri(CALLBACK_AUTHORITY)
         .header(CALLBACK_HEADER, port.to_string())
-        .header(CLIENT_HEADER, client.to_string())
+        .header(
+            CLIENT_HEADER,
+            crate::publications::plain(client).to_string(),
+        )
         .body(());
     let Ok(request) = request else {
         splice::reset(tcp);
@@ -387,4 +402,35 @@ async fn carry(
     let (recv, health) = (opened.recv, opened.health);
     let result = splice::splice(tcp, opened.send, async { Ok(recv) }, entry.stats(), &health).await;
     entry.finish(&result);
+}
+
+/// A warning when callback ports lie in the kernel's range for outgoing connections
+/// (`ip_local_port_range`) without being reserved (`ip_local_reserved_ports`): any
+/// outgoing connection of this host may hold one of them for a while, and a program
+/// that asks for it then gets `EADDRINUSE`.
+pub fn ephemeral_overlap(ports: PortRange) -> Option<String> {
+    let read = |name: &str| std::fs::read_to_string(format!("/proc/sys/net/ipv4/{name}")).ok();
+    let range = read("ip_local_port_range")?;
+    let mut bounds = range
+        .split_whitespace()
+        .filter_map(|p| p.parse::<u16>().ok());
+    let ephemeral = PortRange {
+        first: bounds.next()?,
+        last: bounds.next()?,
+    };
+    let overlap = ports.overlap(&ephemeral)?;
+    let reserved: Vec<PortRange> = read("ip_local_reserved_ports")
+        .unwrap_or_default()
+        .trim()
+        .split(',')
+        .filter_map(|r| PortRange::parse(r).ok())
+        .collect();
+    let all_reserved = overlap
+        .ports()
+        .all(|port| reserved.iter().any(|r| r.contains(port)));
+    (!all_reserved).then(|| {
+        format!(
+            "[callbacks] ports {ports} overlap this host's ports for outgoing connections ({ephemeral}, net.ipv4.ip_local_port_range): an outgoing connection may hold one and a program then gets EADDRINUSE for it; choose ports outside that range, or reserve them: sysctl -w net.ipv4.ip_local_reserved_ports={overlap}"
+        )
+    })
 }

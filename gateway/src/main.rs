@@ -370,6 +370,11 @@ async fn serve(
         reload_now.clone(),
     ));
 
+    if let Some(rule) = &gateway.config.callbacks
+        && let Some(warning) = callbacks::ephemeral_overlap(rule.ports)
+    {
+        warn!("{warning}");
+    }
     let (stop, stopping) = Shutdown::new();
     for (name, listener) in publications::bind_listeners(&gateway).await? {
         tokio::spawn(publications::serve_listener(

@@ -211,6 +211,9 @@ impl Publishers {
     }
 }
 
+/// The most names one reverse connection may offer.
+const MAX_NAMES_OFFERED: usize = 256;
+
 /// Registers what a reverse connection offers: the names it holds, the refused ones
 /// with why, and its callbacks.
 pub fn accept_offer(
@@ -225,8 +228,21 @@ pub fn accept_offer(
     let mut published = Vec::new();
     let mut refused = Vec::new();
     let rules = &gateway.config.publications;
-    for name in &offer.names {
-        let name = name.to_ascii_lowercase();
+    let offered: std::collections::BTreeSet<String> =
+        offer.names.iter().map(|n| n.to_ascii_lowercase()).collect();
+    if offered.len() > MAX_NAMES_OFFERED {
+        let why = format!(
+            "{} names offered at once; at most {MAX_NAMES_OFFERED} are taken",
+            offered.len()
+        );
+        gateway.refusals.report(
+            &caller.identity,
+            Kind::Stream(ConnectError::Denied),
+            format!("publications refused: {why}"),
+        );
+        refused.push(("*".to_string(), why));
+    }
+    for name in offered.into_iter().take(MAX_NAMES_OFFERED) {
         let outcome = match rules.get(&name) {
             None => Err(format!(
                 "there is no [publish.{name}] in the gateway's config"
@@ -339,7 +355,7 @@ pub async fn open(
         let mut request = Request::builder()
             .method(Method::CONNECT)
             .uri(uri)
-            .header(CLIENT_HEADER, client.to_string());
+            .header(CLIENT_HEADER, plain(client).to_string());
         if let Some(consumer) = consumer {
             request = request.header(CONSUMER_HEADER, consumer);
         }
@@ -444,6 +460,12 @@ impl<'a> Early<'a> {
     }
 }
 
+/// `address` with an IPv4-mapped IPv6 address (what a dual-stack listener sees of an
+/// IPv4 peer) as plain IPv4: the form an IPv4 program expects of its peer.
+pub fn plain(address: SocketAddr) -> SocketAddr {
+    SocketAddr::new(address.ip().to_canonical(), address.port())
+}
+
 /// What became of one CONNECT sent over a reverse connection.
 pub enum Attempt {
     Opened(Opened),
@@ -465,7 +487,7 @@ pub async fn open_on(
     what: &str,
     early: &mut Early<'_>,
 ) -> Attempt {
-    let permit = match gateway.admission.stream(&publisher.identity) {
+    let permit = match gateway.admission.inbound_stream(&publisher.identity) {
         Ok(permit) => permit,
         Err(limit) => return Attempt::OverLimit(limit.to_string()),
     };

@@ -139,6 +139,13 @@ fn listen_at_gateway(state: &State, fd: c_int, asked: SocketAddr) -> Result<(), 
             return Err(Errno(libc::EADDRNOTAVAIL));
         }
     };
+    let Some(shown) = in_family(public, asked) else {
+        // An IPv6 callback address for an IPv4 socket: nothing it could advertise.
+        state.trace(format_args!(
+            "bind {asked}: the gateway's callback address {public} is IPv6"
+        ));
+        return Err(Errno(libc::EADDRNOTAVAIL));
+    };
     let loopback: &[IpAddr] = match asked {
         SocketAddr::V4(_) => &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
         SocketAddr::V6(_) => &[
@@ -154,7 +161,7 @@ fn listen_at_gateway(state: &State, fd: c_int, asked: SocketAddr) -> Result<(), 
                     fd,
                     Entry {
                         inode,
-                        public: in_family(public, asked),
+                        public: shown,
                         far: None,
                     },
                 );
@@ -169,13 +176,20 @@ fn listen_at_gateway(state: &State, fd: c_int, asked: SocketAddr) -> Result<(), 
     Err(Errno(last))
 }
 
-/// `addr` in the family of `like` (an IPv4 address in mapped form for an IPv6 socket).
-fn in_family(addr: SocketAddr, like: SocketAddr) -> SocketAddr {
+/// `addr` in the family of `like` (an IPv4 address in mapped form for an IPv6 socket,
+/// a mapped one as plain IPv4 for an IPv4 socket); `None` for an IPv6 address an IPv4
+/// socket cannot show.
+fn in_family(addr: SocketAddr, like: SocketAddr) -> Option<SocketAddr> {
     match (addr, like) {
-        (SocketAddr::V4(v4), SocketAddr::V6(_)) => {
-            SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
-        }
-        _ => addr,
+        (SocketAddr::V4(v4), SocketAddr::V6(_)) => Some(SocketAddr::new(
+            IpAddr::V6(v4.ip().to_ipv6_mapped()),
+            v4.port(),
+        )),
+        (SocketAddr::V6(v6), SocketAddr::V4(_)) => v6
+            .ip()
+            .to_ipv4_mapped()
+            .map(|v4| SocketAddr::new(IpAddr::V4(v4), v6.port())),
+        _ => Some(addr),
     }
 }
 
@@ -198,12 +212,13 @@ fn accepted_checked(state: &State, listener: c_int, accepted: c_int) -> Option<S
         _ => return None,
     };
     let local = sys::local_addr(accepted).unwrap_or(public);
-    let far = in_family(far, local);
+    // A peer the socket's family cannot show stays the kernel's (the agent's address).
+    let far = in_family(far, local)?;
     record(
         accepted,
         Entry {
             inode,
-            public: in_family(public, local),
+            public: in_family(public, local).unwrap_or(public),
             far: Some(far),
         },
     );

@@ -105,63 +105,18 @@ const NOT_A_CONNECTING_SOCKET: [u8; 4] = [
     12, // NEW_SYN_RECV
 ];
 
-/// Reads the kernel's answer to `query` (from [`encode_query`]), numbered `sequence`.
-/// Only a socket with exactly the ports asked about, in a state a connecting socket
-/// has, names an owner; anything else is [`Owner::NoSuchSocket`].
-pub fn decode_answer(
-    buf: &[u8],
-    sequence: u32,
-    query: &[u8; QUERY_LEN],
-) -> Result<Owner, DiagError> {
-    let truncated = || DiagError::Truncated(buf.len());
-    let length = u32_at(buf, 0).ok_or_else(truncated)? as usize;
-    if length < NLMSG_HEADER_LEN || length > buf.len() {
-        return Err(truncated());
-    }
-    let kind = u16_at(buf, 4).ok_or_else(truncated)?;
-    let got = u32_at(buf, 8).ok_or_else(truncated)?;
-    if got != sequence {
-        return Err(DiagError::OtherSequence {
-            got,
-            asked: sequence,
-        });
-    }
-    let body = &buf[NLMSG_HEADER_LEN..length];
-    match kind {
-        NLMSG_ERROR => {
-            let errno = u32_at(body, 0).ok_or_else(truncated)? as i32;
-            match errno.checked_neg() {
-                Some(ENOENT) => Ok(Owner::NoSuchSocket),
-                Some(e) => Err(DiagError::Refused(e)),
-                None => Err(DiagError::Refused(errno)),
-            }
-        }
-        SOCK_DIAG_BY_FAMILY => {
-            let uid = u32_at(body, UID_OFFSET).ok_or_else(truncated)?;
-            let state = *body.get(1).ok_or_else(truncated)?;
-            let ports = body.get(4..8).ok_or_else(truncated)?;
-            let asked_ports = &query[24..28];
-            if NOT_A_CONNECTING_SOCKET.contains(&state) || ports != asked_ports {
-                return Ok(Owner::NoSuchSocket);
-            }
-            Ok(Owner::Uid(uid))
-        }
-        other => Err(DiagError::UnexpectedType(other)),
-    }
+/// One socket the kernel described: the fields of `inet_diag_msg` asked about.
+struct Described {
+    state: u8,
+    /// Source and destination port, in network order, as the query carries them.
+    ports: [u8; 4],
+    uid: u32,
+    inode: u32,
 }
 
-/// TCP state of a listening socket.
-const LISTEN: u8 = 10;
-
-/// Reads the kernel's answer to a question about a *listener*: `query` from
-/// [`encode_query`] with the listener's address as `local` and an unspecified `remote`
-/// (`0.0.0.0:0`), which the kernel's lookup answers with the listener on that port.
-/// `Some(inode)` for a listening socket on exactly the asked port, else `None`.
-pub fn decode_listener(
-    buf: &[u8],
-    sequence: u32,
-    query: &[u8; QUERY_LEN],
-) -> Result<Option<u32>, DiagError> {
+/// Reads one answer numbered `sequence`: `None` for "no such socket" (ENOENT), the
+/// socket's description otherwise.
+fn read_answer(buf: &[u8], sequence: u32) -> Result<Option<Described>, DiagError> {
     let truncated = || DiagError::Truncated(buf.len());
     let length = u32_at(buf, 0).ok_or_else(truncated)? as usize;
     if length < NLMSG_HEADER_LEN || length > buf.len() {
@@ -186,13 +141,52 @@ pub fn decode_listener(
             }
         }
         SOCK_DIAG_BY_FAMILY => {
-            let inode = u32_at(body, UID_OFFSET + 4).ok_or_else(truncated)?;
-            let state = *body.get(1).ok_or_else(truncated)?;
-            let port = body.get(4..6).ok_or_else(truncated)?;
-            Ok((state == LISTEN && port == &query[24..26]).then_some(inode))
+            let ports = body.get(4..8).ok_or_else(truncated)?;
+            Ok(Some(Described {
+                state: *body.get(1).ok_or_else(truncated)?,
+                ports: ports.try_into().map_err(|_| truncated())?,
+                uid: u32_at(body, UID_OFFSET).ok_or_else(truncated)?,
+                inode: u32_at(body, UID_OFFSET + 4).ok_or_else(truncated)?,
+            }))
         }
         other => Err(DiagError::UnexpectedType(other)),
     }
+}
+
+/// Reads the kernel's answer to `query` (from [`encode_query`]), numbered `sequence`.
+/// Only a socket with exactly the ports asked about, in a state a connecting socket
+/// has, names an owner; anything else is [`Owner::NoSuchSocket`].
+pub fn decode_answer(
+    buf: &[u8],
+    sequence: u32,
+    query: &[u8; QUERY_LEN],
+) -> Result<Owner, DiagError> {
+    Ok(match read_answer(buf, sequence)? {
+        Some(socket)
+            if !NOT_A_CONNECTING_SOCKET.contains(&socket.state)
+                && socket.ports == query[24..28] =>
+        {
+            Owner::Uid(socket.uid)
+        }
+        _ => Owner::NoSuchSocket,
+    })
+}
+
+/// TCP state of a listening socket.
+const LISTEN: u8 = 10;
+
+/// Reads the kernel's answer to a question about a *listener*: `query` from
+/// [`encode_query`] with the listener's address as `local` and an unspecified `remote`
+/// (`0.0.0.0:0`), which the kernel's lookup answers with the listener on that port.
+/// `Some(inode)` for a listening socket on exactly the asked port, else `None`.
+pub fn decode_listener(
+    buf: &[u8],
+    sequence: u32,
+    query: &[u8; QUERY_LEN],
+) -> Result<Option<u32>, DiagError> {
+    Ok(read_answer(buf, sequence)?
+        .filter(|socket| socket.state == LISTEN && socket.ports[..2] == query[24..26])
+        .map(|socket| socket.inode))
 }
 
 #[cfg(test)]

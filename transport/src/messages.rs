@@ -44,17 +44,26 @@ pub fn reply_json<T: Serialize>(respond: &mut SendResponse<Bytes>, status: Statu
     }
 }
 
-/// Reads a body whole, giving the window back as it goes, and refusing more than
-/// `limit` bytes.
+/// How long a whole message body may take to arrive: a peer that opens requests and
+/// never finishes them holds nothing for longer.
+pub const BODY_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Reads a body whole within [`BODY_WITHIN`], giving the window back as it goes, and
+/// refusing more than `limit` bytes.
 pub async fn read_body(mut body: RecvStream, limit: usize) -> Result<Bytes> {
-    let mut out = bytes::BytesMut::new();
-    while let Some(chunk) = body.data().await {
-        let chunk = chunk.context("reading the body")?;
-        let _ = body.flow_control().release_capacity(chunk.len());
-        if out.len() + chunk.len() > limit {
-            bail!("the body is longer than {limit} bytes");
+    let read = async {
+        let mut out = bytes::BytesMut::new();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.context("reading the body")?;
+            let _ = body.flow_control().release_capacity(chunk.len());
+            if out.len() + chunk.len() > limit {
+                bail!("the body is longer than {limit} bytes");
+            }
+            out.extend_from_slice(&chunk);
         }
-        out.extend_from_slice(&chunk);
-    }
-    Ok(out.freeze())
+        Ok(out.freeze())
+    };
+    tokio::time::timeout(BODY_WITHIN, read)
+        .await
+        .map_err(|_| anyhow::anyhow!("the body did not arrive whole within {BODY_WITHIN:?}"))?
 }

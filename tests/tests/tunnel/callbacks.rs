@@ -212,3 +212,87 @@ fn a_callback_listener_is_back_after_the_gateway_restarts() {
     assert!(program.wait().expect("exit").success());
     drop(gateway);
 }
+
+/// Listens on the callback port, says so, closes the listener when told, says so, and
+/// stays.
+const CLOSER: &str = r#"
+import socket, sys, time
+s = socket.socket()
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.listen(16)
+print("LISTENING", flush=True)
+sys.stdin.readline()
+s.close()
+print("CLOSED", flush=True)
+time.sleep(20)
+"#;
+
+/// Another local user binds the program's loopback port the moment the program closed
+/// its listener: connections that arrive at the gateway meanwhile never reach it.
+#[test]
+fn another_user_who_binds_a_closed_callback_listeners_port_gets_nothing() {
+    if needs_root("another_user_who_binds_a_closed_callback_listeners_port_gets_nothing") {
+        return;
+    }
+    require("python3", "python3");
+    require("setpriv", "util-linux");
+    let port = free_port();
+    let ports = port.to_string();
+    let site = Site::new();
+    let (gw_dir, gateway) =
+        gateway_with(&site, "", &callback_rules("127.0.0.1", &ports, "\"alice\""));
+    let alice = agent_for(&site, &gw_dir, &gateway, "alice", &callback_table(&ports));
+    wait_callbacks(&alice);
+    let mut program = Command::new(bin("tunnel-run"))
+        .arg("--config")
+        .arg(&alice.config)
+        .args(["--", "/usr/bin/python3", "-c", CLOSER, &ports])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("tunnel-run");
+    let mut out = BufReader::new(program.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("LISTENING");
+    // Where the program's socket really is: the agent's status says.
+    let loopback = wait_for(Duration::from_secs(5), "the program's listener", || {
+        let status = alice.status().ok()?;
+        status["callbacks"][0]["program"]
+            .as_str()
+            .map(str::to_string)
+    })
+    .expect("program address");
+    let loopback_port = loopback.rsplit(':').next().expect("port").to_string();
+    let thief = "import socket, sys\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\nwhile True:\n    try:\n        s.bind(('127.0.0.1', int(sys.argv[1])))\n        break\n    except OSError:\n        pass\ns.listen(16)\nprint('bound', flush=True)\ns.settimeout(3)\ntry:\n    c, _ = s.accept()\n    c.settimeout(2)\n    print('STOLEN', c.recv(100), flush=True)\nexcept OSError:\n    print('nothing', flush=True)\n";
+    let mut thief = Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+        .args(["/usr/bin/python3", "-c", thief, &loopback_port])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("thief");
+    let mut thief_out = BufReader::new(thief.stdout.take().expect("stdout"));
+    program
+        .stdin
+        .as_mut()
+        .expect("stdin")
+        .write_all(b"close\n")
+        .expect("tell the program");
+    line.clear();
+    out.read_line(&mut line).expect("CLOSED");
+    let mut said = String::new();
+    thief_out.read_line(&mut said).expect("thief bound");
+    assert_eq!(said.trim(), "bound");
+    let public: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    if let Ok(mut far) = TcpStream::connect_timeout(&public, Duration::from_secs(2)) {
+        let _ = far.write_all(b"SECRET-FROM-FAR\n");
+        let _ = far.set_read_timeout(Some(Duration::from_secs(3)));
+        let mut answer = Vec::new();
+        let _ = far.read_to_end(&mut answer);
+    }
+    said.clear();
+    thief_out.read_line(&mut said).expect("thief's verdict");
+    assert_eq!(said.trim(), "nothing", "{}", alice.daemon.log_text());
+    let _ = thief.wait();
+    let _ = program.kill();
+    let _ = program.wait();
+}

@@ -467,17 +467,22 @@ fn an_exclusive_name_refuses_a_second_publisher_but_not_its_holder_coming_back()
 
 /// A publisher's inbound streams count against its identity's stream limit.
 #[test]
-fn a_publishers_inbound_streams_count_against_its_identity_limit() {
+fn a_publishers_inbound_streams_have_a_limit_of_their_own() {
     let service = echo("alice's site");
     let site = Site::new();
-    let (gw_dir, mut gateway) = gateway_with(&site, "max_streams_per_identity = 2\n", RULES);
+    let rules = format!("{RULES}{}", allow_alice(&[&service.to_string()]));
+    let (gw_dir, mut gateway) = gateway_with(&site, "max_streams_per_identity = 2\n", &rules);
     let port = offered_at(&mut gateway, "echo");
     let alice = agent_for(
         &site,
         &gw_dir,
         &gateway,
         "alice",
-        &publish_table("echo", service),
+        &format!(
+            "{}{}",
+            publish_table("echo", service),
+            forward_table(&service.to_string())
+        ),
     );
     wait_published(&alice, "echo");
     let held: Vec<std::net::TcpStream> = (0..2)
@@ -492,6 +497,11 @@ fn a_publishers_inbound_streams_count_against_its_identity_limit() {
         })
         .collect();
     assert!(talk(port).is_err(), "a third stream passed a limit of two");
+    // Connections from outside never crowd out alice's own streams.
+    assert_eq!(
+        talk(alice.forwards[0]).expect("alice's own stream"),
+        "hello from alice's site"
+    );
     drop(held);
     wait_for(
         Duration::from_secs(5),
