@@ -168,17 +168,26 @@ fn gateway_for(agent: &Agent, asked: SocketAddr) -> Result<(String, CallbackOffe
             format!("{asked} is not a callback port or address of this agent"),
         ));
     };
-    match offer_of(&via) {
-        Some(offer) => Ok((
+    let refused = agent
+        .publishers
+        .iter()
+        .find(|p| p.gateway() == via)
+        .and_then(|p| p.view().callbacks_refused);
+    match (offer_of(&via), refused) {
+        (Some(offer), _) => Ok((
             via,
             CallbackOffer {
                 address: offer.address,
                 ports,
             },
         )),
-        None => Err(err(
+        (None, Some(why)) => Err(err(
+            Refusal::Listen(ListenRefusal::Denied),
+            format!("the gateway `{via}` refused callbacks: {why}"),
+        )),
+        (None, None) => Err(err(
             Refusal::Listen(ListenRefusal::NoReverse),
-            format!("the reverse connection to `{via}` is not up, or it refused callbacks"),
+            format!("the reverse connection to `{via}` is not up"),
         )),
     }
 }
@@ -232,7 +241,7 @@ async fn ask_gateway(asking: &Asking, port: u16) -> Result<(Listening, Held), Re
             .unwrap_or(ListenRefusal::NotAvailable);
         return Err(err(
             Refusal::Listen(class),
-            format!("the gateway `{gateway}` refused port {port}: {class}"),
+            format!("the gateway `{gateway}` refused port {port} (see its log for why)",),
         ));
     }
     let (_, mut body) = response.into_parts();

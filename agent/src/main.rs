@@ -326,6 +326,7 @@ async fn serve(config: AgentConfig, exit_with: Option<i32>) -> Result<()> {
     let listeners = redirect::Listeners::bind().await?;
     let access = local::Access::new(config.group.as_deref())?;
     let local_listener = tunnel_transport::control::bind_shared(&socket, access.group()).await?;
+    let socket_inode = tunnel_transport::control::socket_inode(&socket);
     let socket_owners = sock_owner::SocketOwners::open()
         .context("opening a NETLINK_SOCK_DIAG socket (to tell whose a local connection is)")?;
     let drain_timeout = config.drain_timeout;
@@ -427,7 +428,7 @@ async fn serve(config: AgentConfig, exit_with: Option<i32>) -> Result<()> {
     for acceptor in acceptors {
         let _ = acceptor.await;
     }
-    let _ = std::fs::remove_file(&socket);
+    tunnel_transport::control::remove_if_ours(&socket, socket_inode);
     if drain && agent.streams.live_count() > 0 {
         info!(
             "draining: {} streams in flight may finish within {:.0} s; no new ones are taken",

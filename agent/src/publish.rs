@@ -67,6 +67,8 @@ pub struct Publisher {
     publications: BTreeMap<String, Publication>,
     /// Whether this agent has `[[callback]]` ports through this gateway.
     carries_callbacks: bool,
+    /// Those ports.
+    callback_ranges: Vec<tunnel_proto::callback::PortRange>,
     /// The gateway's callback address and ports, once it accepted callbacks.
     callback_offer: Mutex<Option<CallbackOffer>>,
     callbacks: Arc<Callbacks>,
@@ -88,7 +90,13 @@ impl Publisher {
         streams: Arc<StreamTable>,
         config: &tunnel_proto::config::AgentConfig,
     ) -> Arc<Publisher> {
-        let carries_callbacks = config.callbacks.iter().any(|c| c.via == pool.peer.name);
+        let callback_ranges: Vec<_> = config
+            .callbacks
+            .iter()
+            .filter(|c| c.via == pool.peer.name)
+            .map(|c| c.ports)
+            .collect();
+        let carries_callbacks = !callback_ranges.is_empty();
         let resume = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
         let publisher = Arc::new(Publisher {
             view: Mutex::new(PublishView {
@@ -98,6 +106,7 @@ impl Publisher {
             }),
             pool,
             carries_callbacks,
+            callback_ranges,
             callback_offer: Mutex::default(),
             callbacks,
             publications: publications
@@ -310,6 +319,13 @@ impl Publisher {
                         }
                         if let Some(why) = &accepted.callbacks_refused {
                             warn!(gateway = %gateway, "the gateway refused callbacks: {why}");
+                        }
+                        if let Some(offer) = &accepted.callbacks {
+                            for mine in self.callback_ranges.iter() {
+                                if mine.overlap(&offer.ports) != Some(*mine) {
+                                    warn!(gateway = %gateway, "[[callback]] ports {mine} are not all among the gateway's callback ports {}: a program's bind on the others fails with EADDRNOTAVAIL", offer.ports);
+                                }
+                            }
                         }
                         self.set_callback_offer(accepted.callbacks.clone());
                         self.update(|v| {

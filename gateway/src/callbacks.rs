@@ -41,9 +41,20 @@ use crate::refusals::Kind;
 use crate::server::Gateway;
 
 /// The callback listeners open now, by port.
-#[derive(Default)]
 pub struct CallbackListeners {
     open: Mutex<BTreeMap<u16, Lease>>,
+    /// Set when the gateway stops: every listener closes at once (a lease would
+    /// otherwise keep its connection, and the drain, open).
+    closing: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for CallbackListeners {
+    fn default() -> Self {
+        CallbackListeners {
+            open: Mutex::default(),
+            closing: tokio::sync::watch::Sender::new(false),
+        }
+    }
 }
 
 struct Lease {
@@ -78,6 +89,11 @@ impl Drop for Held<'_> {
 }
 
 impl CallbackListeners {
+    /// Closes every callback listener and refuses new ones (the gateway is stopping).
+    pub fn close_all(&self) {
+        self.closing.send_replace(true);
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u16, Lease>> {
         self.open.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -184,8 +200,12 @@ pub async fn listen(
         };
         (entry.streams.clone(), entry.accepted.clone())
     };
+    let mut closing = gateway.callbacks.closing.subscribe();
     let ended = loop {
         tokio::select! {
+            () = async {
+                let _ = closing.wait_for(|closing| *closing).await;
+            } => break "the gateway is stopping".to_string(),
             incoming = listener.accept() => match incoming {
                 Ok((tcp, client)) => {
                     accepted.fetch_add(1, Ordering::Relaxed);
@@ -216,6 +236,12 @@ pub async fn listen(
 
 /// The gateway's `[callbacks]`, when `caller` may open listeners.
 fn permitted<'a>(gateway: &'a Gateway, caller: &Caller) -> Result<&'a CallbackRule, Refused> {
+    if *gateway.callbacks.closing.borrow() {
+        return Err(Refused(
+            ListenRefusal::NotAvailable,
+            "the gateway is stopping".into(),
+        ));
+    }
     let Some(rule) = &gateway.config.callbacks else {
         return Err(Refused(
             ListenRefusal::NotAvailable,
@@ -433,4 +459,20 @@ pub fn ephemeral_overlap(ports: PortRange) -> Option<String> {
             "[callbacks] ports {ports} overlap this host's ports for outgoing connections ({ephemeral}, net.ipv4.ip_local_port_range): an outgoing connection may hold one and a program then gets EADDRINUSE for it; choose ports outside that range, or reserve them: sysctl -w net.ipv4.ip_local_reserved_ports={overlap}"
         )
     })
+}
+
+/// Fails when the callback listeners could not be bound where `[callbacks]` says: an
+/// address that is not this host's (a NAT's public address needs `bind`).
+pub fn check_bind(rule: &CallbackRule) -> anyhow::Result<()> {
+    match std::net::TcpListener::bind(SocketAddr::new(rule.bind, 0)) {
+        Ok(_) => Ok(()),
+        Err(e) if rule.bind == rule.address => Err(anyhow::anyhow!(
+            "[callbacks] address {} cannot be listened on here ({e}): when it is not an address of this host (a NAT's public address), add bind = \"0.0.0.0\" or this host's own address",
+            rule.address
+        )),
+        Err(e) => Err(anyhow::anyhow!(
+            "[callbacks] bind {} cannot be listened on here ({e}): give an address of this host, or \"0.0.0.0\"",
+            rule.bind
+        )),
+    }
 }

@@ -361,6 +361,7 @@ async fn serve(
         gateway.config.recovery_window,
     )?;
     let control = tunnel_transport::control::bind(&gateway.config.control).await?;
+    let control_inode = tunnel_transport::control::socket_inode(&gateway.config.control);
     let summaries = gateway.clone();
     tokio::spawn(async move { summaries.refusals.run().await });
     let reload_now = Arc::new(tokio::sync::Notify::new());
@@ -370,10 +371,17 @@ async fn serve(
         reload_now.clone(),
     ));
 
-    if let Some(rule) = &gateway.config.callbacks
-        && let Some(warning) = callbacks::ephemeral_overlap(rule.ports)
-    {
-        warn!("{warning}");
+    if let Some(rule) = &gateway.config.callbacks {
+        callbacks::check_bind(rule)?;
+        if let Some(warning) = callbacks::ephemeral_overlap(rule.ports) {
+            warn!("{warning}");
+        }
+        info!(
+            "callback listeners on {} ports {} for {}",
+            rule.address,
+            rule.ports,
+            rule.for_.join(", ")
+        );
     }
     let (stop, stopping) = Shutdown::new();
     for (name, listener) in publications::bind_listeners(&gateway).await? {
@@ -421,6 +429,7 @@ async fn serve(
         drain.as_secs_f64()
     );
     stop.fire();
+    gateway.callbacks.close_all();
     match tokio::time::timeout(drain, &mut server).await {
         Ok(()) => info!("drained; exiting"),
         Err(_) => warn!(
@@ -428,6 +437,6 @@ async fn serve(
             gateway.streams.live_count()
         ),
     }
-    let _ = std::fs::remove_file(&gateway.config.control);
+    tunnel_transport::control::remove_if_ours(&gateway.config.control, control_inode);
     Ok(())
 }

@@ -136,6 +136,8 @@ fn policy(gateway: &Gateway, path: &Path) {
             "log_summary_interval",
             config.log_summary_interval != old.log_summary_interval,
         ),
+        ("[publish.*]", config.publications != old.publications),
+        ("[callbacks]", config.callbacks != old.callbacks),
     ];
     let changed: Vec<&str> = settings
         .iter()

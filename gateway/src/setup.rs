@@ -99,6 +99,21 @@ key = "gateway-key.pem"
 #
 # [service.pg]              # clients reach it by the name "pg"
 # target = "db.site-b.internal:5432"
+#
+# Inside-out: a service an agent publishes from its own site (its [[publish]])...
+#
+# [publish.lab-db]
+# by = ["alice"]             # identities or group:NAME that may publish it
+# reach = ["bob"]            # whose agents may reach it by name
+# listen = "0.0.0.0:15432"   # optional: a port at this site...
+# from = ["10.20.0.0/16"]    # ...and the sources admitted there
+#
+# ...and listeners that programs under the tunnel open here (their agent's [[callback]]):
+#
+# [callbacks]
+# address = "203.0.113.7"    # this gateway's address as the far site sees it
+# ports = "62000-62100"      # outside net.ipv4.ip_local_port_range, or reserved
+# for = ["alice"]
 "#
     );
     write_new(&config_path, &config, false)?;

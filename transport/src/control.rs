@@ -139,6 +139,20 @@ fn warn_if_closed_to(dir: &Path, group: &SharedWith) {
     }
 }
 
+/// The inode of the socket file at `path`, to tell later whether it is still ours.
+pub fn socket_inode(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).ok().map(|m| m.ino())
+}
+
+/// Removes the socket file at `path` if it is still the one with `inode`: a daemon
+/// started meanwhile in this one's place (during its drain) keeps its socket.
+pub fn remove_if_ours(path: &Path, inode: Option<u64>) {
+    if inode.is_some() && socket_inode(path) == inode {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
 /// Serves commands until `shutdown` fires.
 pub async fn serve(listener: UnixListener, handler: Handler, shutdown: Shutdown) {
     accept_until(
@@ -182,4 +196,28 @@ pub async fn query(path: &Path, command: &str) -> Result<String> {
         .await
         .context("the daemon did not answer within 10 s")??;
     Ok(reply)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_socket_put_in_our_place_is_not_removed() {
+        let dir = std::env::temp_dir().join(format!("control-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("daemon.sock");
+        let ours = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let inode = socket_inode(&path);
+        // A daemon started during our drain binds the path anew.
+        std::fs::remove_file(&path).unwrap();
+        let theirs = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        remove_if_ours(&path, inode);
+        assert!(path.exists(), "the successor's socket was removed");
+        let successor = socket_inode(&path);
+        remove_if_ours(&path, successor);
+        assert!(!path.exists());
+        drop((ours, theirs));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

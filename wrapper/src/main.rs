@@ -28,8 +28,10 @@ use crate::elf::Executable;
 ///
 /// Routes come from agent.toml ([[route]]) and from --route. An agent already running
 /// on the config's socket is used; otherwise one is started for the lifetime of the
-/// command. Statically linked and Go programs cannot be preloaded: use a [[forward]]
-/// port for those.
+/// command. With [[callback]] ports in agent.toml, a listener the program opens on one
+/// of them (or on the gateway's callback address with port 0) lives at the gateway, so
+/// that the far site can connect back (active FTP, GridFTP data channels). Statically
+/// linked and Go programs cannot be preloaded: use a [[forward]] port for those.
 #[derive(Parser, Debug)]
 #[command(version, about, long_about)]
 struct Args {

@@ -153,6 +153,17 @@ fn a_program_listening_on_a_callback_port_is_reached_at_the_gateway() {
 
     // bob is not in [callbacks] for: his program's bind fails, and nothing listens.
     let bob = agent_for(&site, &gw_dir, &gateway, "bob", &callback_table(&ports));
+    wait_for(
+        Duration::from_secs(15),
+        "bob's callbacks to be refused",
+        || {
+            let status = bob.status().ok()?;
+            status["publications"][0]["callbacks_refused"]
+                .as_str()
+                .map(|_| ())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", bob.daemon.log_text()));
     let tried = run_ok(
         Command::new(bin("tunnel-run"))
             .arg("--config")
@@ -172,8 +183,9 @@ fn a_program_listening_on_a_callback_port_is_reached_at_the_gateway() {
     );
 }
 
-/// The gateway restarts under a listening program: its listener is asked for again and
-/// the far side reaches the program on the same port once the agent is back.
+/// The gateway restarts under a listening program: it stops at once (a lease does not
+/// hold its drain open), its listener is asked for again, and the far side reaches the
+/// program on the same port once the agent is back.
 #[test]
 fn a_callback_listener_is_back_after_the_gateway_restarts() {
     require("python3", "python3");
@@ -199,7 +211,13 @@ fn a_callback_listener_is_back_after_the_gateway_restarts() {
     let public: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
     assert!(ask(public, "before").is_ok_and(|a| a.starts_with("before from")));
 
-    gateway.daemon.kill();
+    // The drain would give streams 30 s; the lease is not one and ends at once.
+    gateway.daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    let code = gateway
+        .daemon
+        .wait_exit(Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}\n{}", gateway.daemon.log_text()));
+    assert_eq!(code, Some(0), "{}", gateway.daemon.log_text());
     let gateway = Gateway::run(&gw_dir).expect("the gateway again");
     let answer = wait_for(Duration::from_secs(20), "the listener to be back", || {
         ask(public, "after").ok()
@@ -295,4 +313,28 @@ fn another_user_who_binds_a_closed_callback_listeners_port_gets_nothing() {
     let _ = thief.wait();
     let _ = program.kill();
     let _ = program.wait();
+}
+
+/// A callback address that is not the gateway host's (a NAT's) needs `bind`: the
+/// gateway says so at start instead of refusing every program later.
+#[test]
+fn a_callback_address_the_gateway_cannot_listen_on_is_named_at_start() {
+    let site = Site::new();
+    let dir = site.init_gateway("gateway");
+    let config = dir.join("gateway.toml");
+    let mut text = std::fs::read_to_string(&config).expect("gateway.toml");
+    text.push_str(&callback_rules("203.0.113.7", "50000-50100", "\"alice\""));
+    std::fs::write(&config, text).expect("gateway.toml");
+    let (code, _, err) = output_within(
+        Command::new(bin("tunnel-gateway"))
+            .args(["run", "--config"])
+            .arg(&config),
+        Duration::from_secs(20),
+    );
+    assert_ne!(code, Some(0));
+    assert!(
+        err.contains("[callbacks] address 203.0.113.7 cannot be listened on here")
+            && err.contains("bind = \"0.0.0.0\""),
+        "{err}"
+    );
 }
