@@ -122,7 +122,8 @@ enum Command {
     },
     /// Show a running agent's gateways, connections and streams.
     Status {
-        /// Config file of the agent to ask (it names the control socket).
+        /// Config file of the agent to ask (it names the control socket); without one
+        /// and with no config at the default place, the socket's default place is asked.
         #[arg(long)]
         config: Option<PathBuf>,
         /// Print JSON instead of text.
@@ -257,7 +258,24 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let socket = match socket {
                 Some(socket) => socket,
-                None => socket_path(&load_config(&config_path(config))?),
+                None => {
+                    let path = config_path(config.clone());
+                    // No config file at its default place: the agent's socket is at its
+                    // default place too (an agent started by tunnel-run, or with --socket
+                    // defaults), so ask there rather than fail on the missing file.
+                    if config.is_none()
+                        && std::env::var_os("TUNNEL_CONFIG").is_none()
+                        && !path.exists()
+                    {
+                        paths::agent_socket(
+                            None,
+                            std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from),
+                            nix::unistd::getuid().as_raw(),
+                        )
+                    } else {
+                        socket_path(&load_config(&path)?)
+                    }
+                }
             };
             let reply =
                 tunnel_transport::daemon::runtime()?.block_on(tunnel_transport::control::query(

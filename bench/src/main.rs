@@ -430,9 +430,25 @@ fn measure_all(
                 values.entry(name.to_string()).or_default().push(value);
             }
         }
-        eprintln!("  {figure}: {values:?}");
+        eprintln!("  {figure} ({unit}): {}", progress_line(&values));
         report.add_rounds(figure, unit, *better, values);
     }
+}
+
+/// One figure's rounds as a progress line: `direct 23081.6, tunnel-run 5965.2 / 6011.0`
+/// (rounds separated by `/`, a failed round as `failed`).
+fn progress_line(values: &BTreeMap<String, Vec<Option<f64>>>) -> String {
+    values
+        .iter()
+        .map(|(path, rounds)| {
+            let rounds: Vec<String> = rounds
+                .iter()
+                .map(|v| v.map_or_else(|| "failed".to_string(), |v| format!("{v:.1}")))
+                .collect();
+            format!("{path} {}", rounds.join(" / "))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn run(quick: bool, json: Option<&Path>, only: &[String]) -> Result<()> {
@@ -612,4 +628,20 @@ fn run(quick: bool, json: Option<&Path>, only: &[String]) -> Result<()> {
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod progress_tests {
+    use super::*;
+
+    #[test]
+    fn progress_lines_show_numbers_not_debug_values() {
+        let mut values = BTreeMap::new();
+        values.insert("direct".to_string(), vec![Some(23081.56)]);
+        values.insert("tunnel-run".to_string(), vec![Some(5965.21), None]);
+        assert_eq!(
+            progress_line(&values),
+            "direct 23081.6, tunnel-run 5965.2 / failed"
+        );
+    }
 }

@@ -75,7 +75,8 @@ enum Command {
         /// The gateway's name, as agents will address it (goes into its certificate).
         #[arg(long, default_value = "localhost")]
         name: String,
-        /// Address and port to listen on.
+        /// Address and port to listen on; the default listens on every address of
+        /// this host (IPv4), port 7443.
         #[arg(long, default_value = "0.0.0.0:7443")]
         listen: String,
         /// Another DNS name or address for the gateway's certificate (repeatable).
@@ -247,6 +248,7 @@ fn run(cli: Cli) -> Result<()> {
                 "wrote the CA, the gateway certificate and {}",
                 config.display()
             );
+            println!("{}", setup::listening_on(&listen));
             println!(
                 "next: add [[allow]] rules to it, start it, then enrol each agent with a token:"
             );

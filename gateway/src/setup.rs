@@ -122,6 +122,18 @@ key = "gateway-key.pem"
     Ok(config_path)
 }
 
+/// What `init` says of the address the gateway will listen on: every address of this
+/// host, for an unspecified one, so nobody is surprised by a port open on all of them.
+pub fn listening_on(listen: &str) -> String {
+    match listen.parse::<SocketAddr>() {
+        Ok(addr) if addr.ip().is_unspecified() => format!(
+            "it listens on every address of this host, port {} (listen = \"{addr}\"; give --listen ADDRESS:PORT, or edit listen, for one address only)",
+            addr.port()
+        ),
+        _ => format!("it listens on {listen}"),
+    }
+}
+
 pub struct IssuedFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -344,6 +356,16 @@ pub fn issue_report(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn init_says_when_it_listens_on_every_address() {
+        assert!(
+            listening_on("0.0.0.0:7443")
+                .starts_with("it listens on every address of this host, port 7443")
+        );
+        assert!(listening_on("[::]:7443").contains("every address"));
+        assert_eq!(listening_on("10.0.0.1:7443"), "it listens on 10.0.0.1:7443");
+    }
 
     fn names(list: &[&str]) -> Vec<String> {
         list.iter().map(|n| n.to_string()).collect()

@@ -558,3 +558,47 @@ fn issue_for_a_gateway_on_every_address_gives_its_name_or_asks_for_the_host() {
         "{printed}"
     );
 }
+
+/// `tunnel-agent status` with no config anywhere asks the agent at the socket's
+/// default place ($XDG_RUNTIME_DIR/tunnel/agent.sock), instead of failing on the
+/// missing file.
+#[test]
+fn status_without_a_config_asks_the_socket_at_its_default_place() {
+    let site = Site::new();
+    let gw_dir = site.init_gateway("gateway");
+    let gateway = Gateway::start(&gw_dir, "").expect("gateway");
+    let creds = site.issue(&gw_dir, "alice", "alice-creds");
+    let runtime = site.path("runtime");
+    std::fs::create_dir_all(&runtime).expect("runtime dir");
+    std::fs::set_permissions(
+        &runtime,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .expect("mode");
+    let config = site.path("agent.toml");
+    std::fs::write(
+        &config,
+        gateway_table("site-b", gateway.addr, &creds, "alice"),
+    )
+    .expect("agent.toml");
+    let mut command = std::process::Command::new(bin("tunnel-agent"));
+    command
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("XDG_RUNTIME_DIR", &runtime);
+    let mut agent = Daemon::spawn("agent", command, site.path("agent.log")).expect("agent");
+    agent
+        .wait_log("agent ready", Duration::from_secs(20))
+        .expect("agent up");
+    let empty = site.path("no-config-here");
+    std::fs::create_dir_all(&empty).expect("dir");
+    let out = run_ok(
+        std::process::Command::new(bin("tunnel-agent"))
+            .arg("status")
+            .env("XDG_RUNTIME_DIR", &runtime)
+            .env("XDG_CONFIG_HOME", &empty)
+            .env("HOME", &empty)
+            .env_remove("TUNNEL_CONFIG"),
+    );
+    assert!(out.contains("site-b"), "{out}");
+}
