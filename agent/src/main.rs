@@ -127,8 +127,12 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
         /// Print JSON instead of text.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "watch")]
         json: bool,
+        /// Redraw once a second, with rates per stream and per gateway, round trips
+        /// and recent failures; q or Ctrl-C quits.
+        #[arg(long)]
+        watch: bool,
         /// Ask the agent on this socket (one started with `run --socket`); no config
         /// is read then.
         #[arg(long)]
@@ -254,6 +258,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Status {
             config,
             json,
+            watch,
             socket,
         } => {
             let socket = match socket {
@@ -277,11 +282,23 @@ fn run(cli: Cli) -> Result<()> {
                     }
                 }
             };
-            let reply =
-                tunnel_transport::daemon::runtime()?.block_on(tunnel_transport::control::query(
+            let runtime = tunnel_transport::daemon::runtime()?;
+            let request = tunnel_proto::local::Request::Status.encode();
+            let mut fetch = || {
+                runtime.block_on(tunnel_transport::control::query(
                     &socket,
-                    tunnel_proto::local::Request::Status.encode().trim_end(),
-                ))?;
+                    request.trim_end(),
+                ))
+            };
+            if watch {
+                return tunnel_transport::watch::run(&mut tunnel_transport::watch::Source {
+                    title: "tunnel-agent status",
+                    fetch: &mut fetch,
+                    render: &status::render,
+                    links: &status::links,
+                });
+            }
+            let reply = fetch()?;
             if json {
                 tunnel_transport::daemon::print_out(&format!("{reply}\n"))?;
             } else {

@@ -88,6 +88,25 @@ pub fn json(agent: &Agent) -> String {
     serde_json::to_string(&view(agent)).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
 }
 
+/// Each gateway connection with its round-trip time, for `status --watch`.
+pub fn links(status: &serde_json::Value) -> Vec<(String, Option<f64>)> {
+    let mut out = Vec::new();
+    for g in status["gateways"].as_array().into_iter().flatten() {
+        for c in g["connections"].as_array().into_iter().flatten() {
+            out.push((
+                format!(
+                    "{} {} {}",
+                    g["name"].as_str().unwrap_or("?"),
+                    c["address"].as_str().unwrap_or("?"),
+                    c["state"].as_str().unwrap_or("?")
+                ),
+                c["rtt_ms"].as_f64(),
+            ));
+        }
+    }
+    out
+}
+
 pub fn render(reply: &str) -> Result<String> {
     let status: AgentStatus = serde_json::from_str(reply)
         .context("the agent's status answer is not what this version reads")?;

@@ -170,8 +170,12 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
         /// Print JSON instead of text.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "watch")]
         json: bool,
+        /// Redraw once a second, with rates per stream and per identity, round trips
+        /// and recent failures; q or Ctrl-C quits.
+        #[arg(long)]
+        watch: bool,
     },
 }
 
@@ -331,10 +335,24 @@ fn run(cli: Cli) -> Result<()> {
             tunnel_transport::daemon::print_out(&enrolment::identities(&state_dir, json)?)?;
             Ok(())
         }
-        Command::Status { config, json } => {
+        Command::Status {
+            config,
+            json,
+            watch,
+        } => {
             let config = load_config(&config_path(config))?;
-            let reply = tunnel_transport::daemon::runtime()?
-                .block_on(tunnel_transport::control::query(&config.control, "status"))?;
+            let runtime = tunnel_transport::daemon::runtime()?;
+            let mut fetch =
+                || runtime.block_on(tunnel_transport::control::query(&config.control, "status"));
+            if watch {
+                return tunnel_transport::watch::run(&mut tunnel_transport::watch::Source {
+                    title: "tunnel-gateway status",
+                    fetch: &mut fetch,
+                    render: &status::render,
+                    links: &status::links,
+                });
+            }
+            let reply = fetch()?;
             if json {
                 tunnel_transport::daemon::print_out(&format!("{reply}\n"))?;
             } else {

@@ -72,6 +72,25 @@ pub fn json(gateway: &Gateway) -> String {
     serde_json::to_string(&view(gateway)).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
 }
 
+/// Each agent connection with its round-trip time, for `status --watch`.
+pub fn links(status: &serde_json::Value) -> Vec<(String, Option<f64>)> {
+    status["connections"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            (
+                format!(
+                    "{} {}",
+                    c["identity"].as_str().unwrap_or("?"),
+                    c["peer"].as_str().unwrap_or("?")
+                ),
+                c["rtt_ms"].as_f64(),
+            )
+        })
+        .collect()
+}
+
 pub fn render(reply: &str) -> Result<String> {
     let status: GatewayStatus = serde_json::from_str(reply)
         .context("the gateway's status answer is not what this version reads")?;

@@ -17,6 +17,7 @@
 //! - [`liveness`]: PING, RTT, and receive windows that follow bandwidth × delay.
 //! - [`streams`]: live and recently ended connections, for `status`.
 //! - [`control`]: the Unix socket that answers `status`.
+//! - [`watch`]: `status --watch`, redrawn once a second with rates.
 //! - [`plumbing`]: one shutdown handle and one accept loop for every listener.
 //! - [`counted`]: one drop guard for "how many now" counters.
 //! - [`daemon`]: logging, the runtime, and telling systemd the daemon is ready.
@@ -33,6 +34,7 @@ pub mod plumbing;
 pub mod splice;
 pub mod streams;
 pub mod tls;
+pub mod watch;
 
 /// Sets TCP_NODELAY: carried protocols are often request/response, and the tunnel
 /// batches on its own. Socket buffer sizes are left to the kernel's autotuning.

@@ -15,4 +15,5 @@ mod namespaces;
 mod preload;
 mod resilience;
 mod transfer;
+mod watch;
 mod wrapper;
