@@ -25,13 +25,16 @@ pub const EVERY: Duration = Duration::from_secs(1);
 /// Failures shown.
 const FAILURES_SHOWN: usize = 8;
 
+/// A daemon's connections, each named with its round-trip time (ms), from its status.
+pub type Links = dyn Fn(&Value) -> Vec<(String, Option<f64>)>;
+
 /// What one daemon's watch needs: its status, as JSON; the status as text; and its
 /// connections with their round-trip times.
 pub struct Source<'a> {
     pub title: &'a str,
     pub fetch: &'a mut dyn FnMut() -> Result<String>,
     pub render: &'a dyn Fn(&str) -> Result<String>,
-    pub links: &'a dyn Fn(&Value) -> Vec<(String, Option<f64>)>,
+    pub links: &'a Links,
 }
 
 /// One stream's byte counts at one moment.
