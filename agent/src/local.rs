@@ -240,6 +240,16 @@ async fn answer(agent: &Arc<Agent>, access: &Access, mut stream: UnixStream) -> 
             Ok(())
         }
         Request::Version => reply(&mut stream, Reply::Version { version: VERSION }).await,
+        Request::Services => {
+            let answer = crate::discovery::services(agent).await;
+            stream.write_all(answer.as_bytes()).await?;
+            Ok(())
+        }
+        Request::Explain { via, target } => {
+            let answer = crate::discovery::explain(agent, &via, target).await;
+            stream.write_all(answer.as_bytes()).await?;
+            Ok(())
+        }
         Request::Resolve { name } => {
             // The preload asks only for names its routes select, which may include
             // routes given to `tunnel-run --route` that this agent's config lacks.

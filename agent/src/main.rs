@@ -36,6 +36,7 @@ mod carry;
 mod certificate;
 mod config_file;
 mod credential;
+mod discovery;
 mod enroll;
 mod exchange;
 mod fake_dns;
@@ -120,6 +121,19 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         token_file: Option<PathBuf>,
     },
+    /// List, per gateway, the named services and publications this agent's identity
+    /// may reach, as each gateway's policy says (asks the running agent).
+    Services {
+        /// Config file of the agent to ask (it names the control socket).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Ask the agent on this socket (one started with `run --socket`).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
     /// Show a running agent's gateways, connections and streams.
     Status {
         /// Config file of the agent to ask (it names the control socket); without one
@@ -190,6 +204,24 @@ fn load_config(path: &Path) -> Result<AgentConfig> {
 }
 
 /// The agent's Unix socket: from the config, else in the user's runtime directory.
+/// The socket of the running agent that `status` or `services` asks: `--socket`, else
+/// the config's; with no config file anywhere, the socket's default place (an agent
+/// started with the defaults), rather than a failure on the missing file.
+fn asked_socket(config: Option<PathBuf>, socket: Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(socket) = socket {
+        return Ok(socket);
+    }
+    let path = config_path(config.clone());
+    if config.is_none() && std::env::var_os("TUNNEL_CONFIG").is_none() && !path.exists() {
+        return Ok(paths::agent_socket(
+            None,
+            std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from),
+            nix::unistd::getuid().as_raw(),
+        ));
+    }
+    Ok(socket_path(&load_config(&path)?))
+}
+
 fn socket_path(config: &AgentConfig) -> PathBuf {
     paths::agent_socket(
         config.control.as_deref(),
@@ -255,33 +287,31 @@ fn run(cli: Cli) -> Result<()> {
             tunnel_transport::daemon::print_out(&env_lines(&config)?)?;
             Ok(())
         }
+        Command::Services {
+            config,
+            json,
+            socket,
+        } => {
+            let socket = asked_socket(config, socket)?;
+            let reply =
+                tunnel_transport::daemon::runtime()?.block_on(tunnel_transport::control::query(
+                    &socket,
+                    tunnel_proto::local::Request::Services.encode().trim_end(),
+                ))?;
+            if json {
+                tunnel_transport::daemon::print_out(&format!("{reply}\n"))?;
+            } else {
+                tunnel_transport::daemon::print_out(&status::render_services(&reply)?)?;
+            }
+            Ok(())
+        }
         Command::Status {
             config,
             json,
             watch,
             socket,
         } => {
-            let socket = match socket {
-                Some(socket) => socket,
-                None => {
-                    let path = config_path(config.clone());
-                    // No config file at its default place: the agent's socket is at its
-                    // default place too (an agent started by tunnel-run, or with --socket
-                    // defaults), so ask there rather than fail on the missing file.
-                    if config.is_none()
-                        && std::env::var_os("TUNNEL_CONFIG").is_none()
-                        && !path.exists()
-                    {
-                        paths::agent_socket(
-                            None,
-                            std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from),
-                            nix::unistd::getuid().as_raw(),
-                        )
-                    } else {
-                        socket_path(&load_config(&path)?)
-                    }
-                }
-            };
+            let socket = asked_socket(config, socket)?;
             let runtime = tunnel_transport::daemon::runtime()?;
             let request = tunnel_proto::local::Request::Status.encode();
             let mut fetch = || {

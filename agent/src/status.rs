@@ -88,6 +88,47 @@ pub fn json(agent: &Agent) -> String {
     serde_json::to_string(&view(agent)).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
 }
 
+/// `tunnel-agent services` as text.
+pub fn render_services(reply: &str) -> Result<String> {
+    let all: Vec<crate::discovery::GatewayReach> = serde_json::from_str(reply)
+        .context("the agent's services answer is not what this version reads")?;
+    let mut out = String::new();
+    for g in &all {
+        let Some(reach) = &g.reach else {
+            let _ = writeln!(
+                out,
+                "gateway {}: not asked: {}",
+                g.gateway,
+                g.error.as_deref().unwrap_or("no answer")
+            );
+            continue;
+        };
+        let _ = writeln!(out, "gateway {} (as {}):", g.gateway, reach.identity);
+        if reach.services.is_empty() && reach.publications.is_empty() {
+            let _ = writeln!(
+                out,
+                "  nothing by name (destinations by address or host name may still be allowed: tunnel-run --explain DEST)"
+            );
+        }
+        for s in &reach.services {
+            let _ = writeln!(out, "  service     {:<20} -> {}", s.name, s.target);
+        }
+        for p in &reach.publications {
+            let _ = writeln!(
+                out,
+                "  publication {:<20} {}",
+                p.name,
+                if p.published {
+                    "published now"
+                } else {
+                    "no agent publishes it now"
+                }
+            );
+        }
+    }
+    Ok(out)
+}
+
 /// Each gateway connection with its round-trip time, for `status --watch`.
 pub fn links(status: &serde_json::Value) -> Vec<(String, Option<f64>)> {
     let mut out = Vec::new();

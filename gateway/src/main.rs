@@ -28,6 +28,7 @@
 mod admission;
 mod authority;
 mod callbacks;
+mod discovery;
 mod enrolment;
 mod goaway;
 mod grants;

@@ -101,6 +101,20 @@ impl Policy {
         self.rules.iter().filter(move |r| identity.named_by(r))
     }
 
+    /// The named services `identity` may reach, with where each goes.
+    pub fn services_for(&self, identity: &Caller) -> Vec<(String, String)> {
+        self.services
+            .iter()
+            .filter(|(name, _)| {
+                self.rules_for(identity).any(|r| {
+                    r.to.iter()
+                        .any(|t| matches!(t, AllowTo::Service(s) if s == *name))
+                })
+            })
+            .map(|(name, service)| (name.clone(), service.target.to_string()))
+            .collect()
+    }
+
     /// Whether a stream already connected to `addr` for `target` is still allowed:
     /// asked of a new policy for every live stream, without resolving anything again.
     pub fn still_allows(

@@ -44,6 +44,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 use tunnel_proto::callback::CALLBACKS_PATH;
 use tunnel_proto::config::GatewayConfig;
+use tunnel_proto::discovery::{EXPLAIN_PATH, SERVICES_PATH};
 use tunnel_proto::enrolment::{ENROL_PATH, EXTEND_PATH, RENEW_PATH};
 use tunnel_proto::{ConnectError, Target};
 use tunnel_transport::certs::{CertInfo, rfc3339, unix_now, utc};
@@ -754,6 +755,17 @@ fn dispatch(
                 respond,
             ));
         }
+        (Role::Agent, &Method::POST, SERVICES_PATH, _) => {
+            crate::discovery::services(gateway, &gateway.caller(identity), respond);
+        }
+        (Role::Agent, &Method::POST, EXPLAIN_PATH, _) => {
+            tokio::spawn(crate::discovery::explain(
+                gateway.clone(),
+                gateway.caller(identity),
+                request.into_body(),
+                respond,
+            ));
+        }
         (Role::Agent, &Method::POST, CALLBACKS_PATH, _) => {
             tokio::spawn(crate::callbacks::listen(
                 gateway.clone(),
@@ -795,7 +807,9 @@ fn dispatch(
             let why = match role {
                 Role::Enrolling => "a client without a certificate may only enrol",
                 Role::Recovering => "an expired certificate may only be renewed",
-                Role::Agent => "not a CONNECT, a certificate or a callback request",
+                Role::Agent => {
+                    "not a CONNECT, nor a certificate, callback, services or explain request"
+                }
             };
             let detail = format!("{method} {} refused from {peer}: {why}", request.uri());
             gateway

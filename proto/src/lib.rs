@@ -22,6 +22,7 @@
 pub mod callback;
 pub mod config;
 pub mod connect;
+pub mod discovery;
 pub mod duration;
 pub mod enrolment;
 pub mod local;

@@ -38,7 +38,9 @@
 //! request an agent does not know gets `ERR unsupported`, so a newer library can tell
 //! an older agent apart and fall back, and new requests are new words.
 //!
-//! `STATUS` answers with the agent's status as JSON (not a line), then closes.
+//! `STATUS` answers with the agent's status as JSON (not a line), then closes; so do
+//! `SERVICES` (per gateway, what this agent's identity may reach by name) and
+//! `EXPLAIN <gateway> <target>` (that gateway's policy answer for the target).
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -52,8 +54,9 @@ use crate::target::{Target, is_valid_name, is_valid_service_name};
 pub const VERSION: u32 = 1;
 
 /// The requests of this version, by their first word.
-const KNOWN_REQUESTS: [&str; 8] = [
-    "REGISTER", "VERDICT", "RESOLVE", "NAME", "STATUS", "VERSION", "LISTEN", "PEER",
+const KNOWN_REQUESTS: [&str; 10] = [
+    "REGISTER", "VERDICT", "RESOLVE", "NAME", "STATUS", "VERSION", "LISTEN", "PEER", "SERVICES",
+    "EXPLAIN",
 ];
 
 /// How long the agent may take to answer anything but a verdict.
@@ -209,6 +212,13 @@ pub enum Request {
     },
     /// Who connected to the callback listener whose accepted socket is passed with it.
     Peer,
+    /// What this agent's identity may reach by name, per gateway (JSON).
+    Services,
+    /// A gateway's policy answer for `target` (JSON).
+    Explain {
+        via: String,
+        target: Target,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -305,6 +315,11 @@ impl Request {
                 address: address.parse().map_err(|_| bad())?,
             },
             ["PEER"] => Request::Peer,
+            ["SERVICES"] => Request::Services,
+            ["EXPLAIN", via, target] if is_valid_service_name(via) => Request::Explain {
+                via: via.to_string(),
+                target: Target::parse(target).map_err(|_| bad())?,
+            },
             ["STATUS"] => Request::Status,
             ["VERSION"] => Request::Version,
             [verb, ..] if !KNOWN_REQUESTS.contains(verb) => {
@@ -339,6 +354,8 @@ impl fmt::Display for Request {
             Request::Name { ip } => writeln!(f, "NAME {ip}"),
             Request::Listen { address } => writeln!(f, "LISTEN {address}"),
             Request::Peer => writeln!(f, "PEER"),
+            Request::Services => writeln!(f, "SERVICES"),
+            Request::Explain { via, target } => writeln!(f, "EXPLAIN {via} {target}"),
             Request::Status => writeln!(f, "STATUS"),
             Request::Version => writeln!(f, "VERSION"),
         }
@@ -516,6 +533,11 @@ mod tests {
                 address: "0.0.0.0:50010".parse().unwrap(),
             },
             Request::Peer,
+            Request::Services,
+            Request::Explain {
+                via: "site-b".into(),
+                target: Target::parse("db.site-b.internal:5432").unwrap(),
+            },
         ] {
             let wire = request.encode();
             assert_eq!(

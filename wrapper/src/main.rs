@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 mod elf;
+mod explain;
 
 use std::io::{Read, Write};
 use std::os::unix::fs::DirBuilderExt;
@@ -41,8 +42,14 @@ struct Args {
     /// Another route, PATTERN=GATEWAY (e.g. '10.20.0.0/16=site-b'); tried before the config's.
     #[arg(long, value_name = "PATTERN=GATEWAY")]
     route: Vec<String>,
+    /// Say for each destination (host:port, address:port, or a service name) which
+    /// route takes it and through which gateway, and that gateway's policy answer for
+    /// your identity (asked without connecting to the destination), or that it goes
+    /// direct; then exit. No program is run.
+    #[arg(long, value_name = "DEST", num_args = 1..)]
+    explain: Vec<String>,
     /// The program and its arguments.
-    #[arg(last = true, required = true, value_name = "CMD")]
+    #[arg(last = true, required_unless_present = "explain", value_name = "CMD")]
     command: Vec<String>,
 }
 
@@ -77,7 +84,7 @@ fn run(args: Args) -> Result<Never> {
     config
         .add_command_line_routes(&args.route)
         .map_err(anyhow::Error::msg)?;
-    if config.routes.is_empty() && config.callbacks.is_empty() {
+    if config.routes.is_empty() && config.callbacks.is_empty() && args.explain.is_empty() {
         eprintln!(
             "tunnel-run: warning: {} has no [[route]] or [[callback]] and no --route was given: nothing will go through the tunnel",
             config_path.display()
@@ -101,18 +108,25 @@ fn run(args: Args) -> Result<Never> {
         })?;
     let library = library.canonicalize().unwrap_or(library);
 
-    warn_if_unpreloadable(&args.command[0]);
-
     let socket = std::path::absolute(paths::agent_socket(
         config.control.as_deref(),
         var("XDG_RUNTIME_DIR"),
         nix::unistd::getuid().as_raw(),
     ))?;
-    let socket = if agent_answers(&socket)? {
-        socket
-    } else {
-        start_agent(&bin_dir, &config_path, &args.route)?
+    let agent = || -> Result<PathBuf> {
+        if agent_answers(&socket)? {
+            Ok(socket.clone())
+        } else {
+            start_agent(&bin_dir, &config_path, &args.route)
+        }
     };
+    if !args.explain.is_empty() {
+        explain::explain(&config, &args.explain, agent)?;
+        std::process::exit(0);
+    }
+
+    warn_if_unpreloadable(&args.command[0]);
+    let socket = agent()?;
 
     let preload = match std::env::var("LD_PRELOAD") {
         Ok(existing) if !existing.is_empty() => format!("{}:{existing}", library.display()),

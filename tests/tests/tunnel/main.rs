@@ -4,6 +4,7 @@ mod agent_death;
 mod callbacks;
 mod connect_answers;
 mod diagnostics;
+mod discovery;
 mod errors;
 mod forward;
 mod hostile;
