@@ -750,3 +750,17 @@ pub fn compile_c(site: &Site, name: &str, source: &str, flags: &[&str]) -> PathB
     );
     program
 }
+
+/// Waits until the agent's reverse connection carries callbacks (its gateway accepted
+/// them).
+pub fn wait_callbacks(agent: &Agent) {
+    wait_for(Duration::from_secs(15), "callbacks to be accepted", || {
+        let status = agent.status().ok()?;
+        status["publications"]
+            .as_array()?
+            .iter()
+            .any(|p| p["callbacks"].is_string())
+            .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.daemon.log_text()));
+}

@@ -5,7 +5,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Command, Stdio};
+use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tunnel_tests::*;
@@ -55,17 +55,26 @@ fn agent_for(
     Agent::start(&site.path(identity), &format!("{table}{body}"), true).expect("agent")
 }
 
-/// Waits until the agent's reverse connection carries callbacks.
-fn wait_callbacks(agent: &Agent) {
-    wait_for(Duration::from_secs(15), "callbacks to be accepted", || {
-        let status = agent.status().ok()?;
-        status["publications"]
-            .as_array()?
-            .iter()
-            .any(|p| p["callbacks"].is_string())
-            .then_some(())
-    })
-    .unwrap_or_else(|e| panic!("{e}\n{}", agent.daemon.log_text()));
+/// A python program under tunnel-run with `config`, its stdout read line by line (and
+/// its stdin piped); returns it with its first line.
+fn program(
+    config: &std::path::Path,
+    script: &str,
+    args: &[&str],
+) -> (Child, BufReader<ChildStdout>, String) {
+    let mut child = Command::new(bin("tunnel-run"))
+        .arg("--config")
+        .arg(config)
+        .args(["--", "/usr/bin/python3", "-c", script])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("tunnel-run");
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("the program's first line");
+    (child, out, line)
 }
 
 fn ask(addr: SocketAddr, line: &str) -> std::io::Result<String> {
@@ -91,16 +100,7 @@ fn a_program_listening_on_a_callback_port_is_reached_at_the_gateway() {
     let alice = agent_for(&site, &gw_dir, &gateway, "alice", &callback_table(&ports));
     wait_callbacks(&alice);
 
-    let mut program = Command::new(bin("tunnel-run"))
-        .arg("--config")
-        .arg(&alice.config)
-        .args(["--", "/usr/bin/python3", "-c", LISTENER, &ports, "3"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("tunnel-run");
-    let mut out = BufReader::new(program.stdout.take().expect("stdout"));
-    let mut line = String::new();
-    out.read_line(&mut line).expect("LISTENING line");
+    let (mut program, mut out, mut line) = program(&alice.config, LISTENER, &[&ports, "3"]);
     // getsockname shows the gateway's callback address; the same port again is taken.
     assert_eq!(
         line.trim(),
@@ -197,16 +197,7 @@ fn a_callback_listener_is_back_after_the_gateway_restarts() {
     gateway.pin_port().expect("pin port");
     let alice = agent_for(&site, &gw_dir, &gateway, "alice", &callback_table(&ports));
     wait_callbacks(&alice);
-    let mut program = Command::new(bin("tunnel-run"))
-        .arg("--config")
-        .arg(&alice.config)
-        .args(["--", "/usr/bin/python3", "-c", LISTENER, &ports, "2"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("tunnel-run");
-    let mut out = BufReader::new(program.stdout.take().expect("stdout"));
-    let mut line = String::new();
-    out.read_line(&mut line).expect("LISTENING line");
+    let (mut program, mut out, mut line) = program(&alice.config, LISTENER, &[&ports, "2"]);
     assert!(line.starts_with("LISTENING 127.0.0.1"), "{line}");
     let public: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
     assert!(ask(public, "before").is_ok_and(|a| a.starts_with("before from")));
@@ -261,17 +252,7 @@ fn another_user_who_binds_a_closed_callback_listeners_port_gets_nothing() {
         gateway_with(&site, "", &callback_rules("127.0.0.1", &ports, "\"alice\""));
     let alice = agent_for(&site, &gw_dir, &gateway, "alice", &callback_table(&ports));
     wait_callbacks(&alice);
-    let mut program = Command::new(bin("tunnel-run"))
-        .arg("--config")
-        .arg(&alice.config)
-        .args(["--", "/usr/bin/python3", "-c", CLOSER, &ports])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("tunnel-run");
-    let mut out = BufReader::new(program.stdout.take().expect("stdout"));
-    let mut line = String::new();
-    out.read_line(&mut line).expect("LISTENING");
+    let (mut program, mut out, mut line) = program(&alice.config, CLOSER, &[&ports]);
     // Where the program's socket really is: the agent's status says.
     let loopback = wait_for(Duration::from_secs(5), "the program's listener", || {
         let status = alice.status().ok()?;

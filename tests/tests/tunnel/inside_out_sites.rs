@@ -82,17 +82,19 @@ fn callback_agent_body() -> String {
     )
 }
 
-/// Waits until the agent's reverse connection carries callbacks.
-fn wait_callbacks(agent: &Agent) {
-    wait_for(Duration::from_secs(15), "callbacks to be accepted", || {
-        let status = agent.status().ok()?;
-        status["publications"]
-            .as_array()?
-            .iter()
-            .any(|p| p["callbacks"].is_string())
-            .then_some(())
-    })
-    .unwrap_or_else(|e| panic!("{e}\n{}", agent.daemon.log_text()));
+/// The gateway with `[callbacks]`, and alice's agent at the client site with
+/// `[[callback]]` ports, once its callbacks are accepted.
+fn calling_back(site: &Site, topology: &Topology) -> (Gateway, Agent) {
+    let (gw_dir, gateway) = gateway(site, topology, &callbacks_rules());
+    let alice = agent(
+        site,
+        &gw_dir,
+        &gateway,
+        ("alice", &topology.client, GATEWAY_IP),
+        &callback_agent_body(),
+    );
+    wait_callbacks(&alice);
+    (gateway, alice)
 }
 
 /// `tunnel-run` with `config`, in namespace `ns`.
@@ -165,15 +167,7 @@ fn active_ftp_through_a_callback_listener_is_byte_exact() {
     })
     .expect("vsftpd up");
 
-    let (gw_dir, gateway) = gateway(&site, &topology, &callbacks_rules());
-    let alice = agent(
-        &site,
-        &gw_dir,
-        &gateway,
-        ("alice", &topology.client, GATEWAY_IP),
-        &callback_agent_body(),
-    );
-    wait_callbacks(&alice);
+    let (gateway, alice) = calling_back(&site, &topology);
 
     // Without the tunnel the client site cannot reach the remote site at all.
     let (code, _, _) = output_within(
@@ -320,15 +314,7 @@ fn a_program_gets_eight_concurrent_connections_back_on_a_port_it_bound() {
         .wait_log("taken", Duration::from_secs(10))
         .expect("port taken");
 
-    let (gw_dir, gateway) = gateway(&site, &topology, &callbacks_rules());
-    let alice = agent(
-        &site,
-        &gw_dir,
-        &gateway,
-        ("alice", &topology.client, GATEWAY_IP),
-        &callback_agent_body(),
-    );
-    wait_callbacks(&alice);
+    let (gateway, alice) = calling_back(&site, &topology);
     let out = stdout_within(
         tunnel_run(&topology.client, &alice.config)
             .args(["python3", "-c", CALLER, REMOTE_IP, "50000", "50100", "8"]),
