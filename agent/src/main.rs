@@ -42,6 +42,7 @@ mod exchange;
 mod fake_dns;
 mod forward;
 mod local;
+mod metrics;
 mod passed_fd;
 mod pin;
 mod pool;
@@ -449,6 +450,15 @@ async fn serve(config: AgentConfig, exit_with: Option<i32>) -> Result<()> {
             listener,
             forward,
             allowed,
+            accepting.clone(),
+        )));
+    }
+    if let Some(address) = agent.config.metrics {
+        let listener = tunnel_transport::metrics::bind(address).await?;
+        let for_metrics = agent.clone();
+        acceptors.push(tokio::spawn(tunnel_transport::metrics::serve(
+            listener,
+            std::sync::Arc::new(move || metrics::render(&for_metrics)),
             accepting.clone(),
         )));
     }

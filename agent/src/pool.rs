@@ -69,7 +69,7 @@ pub struct Pool {
     demand: Notify,
     /// Connections lost or dials failed, ever: a waiting stream gives up once every
     /// slot has failed again since it began to wait.
-    failures: AtomicU64,
+    pub failures: AtomicU64,
     connect_timeout: Duration,
 }
 

@@ -33,6 +33,7 @@ mod enrolment;
 mod goaway;
 mod grants;
 mod issuing;
+mod metrics;
 mod outbound;
 mod policy;
 mod publications;
@@ -410,6 +411,15 @@ async fn serve(
             gateway.clone(),
             name,
             listener,
+            stopping.clone(),
+        ));
+    }
+    if let Some(address) = gateway.config.metrics {
+        let listener = tunnel_transport::metrics::bind(address).await?;
+        let for_metrics = gateway.clone();
+        tokio::spawn(tunnel_transport::metrics::serve(
+            listener,
+            Arc::new(move || metrics::render(&for_metrics)),
             stopping.clone(),
         ));
     }

@@ -95,6 +95,7 @@ fn policy(gateway: &Gateway, path: &Path) {
         ),
         ("state_dir", config.state_dir != old.state_dir),
         ("control", config.control != old.control),
+        ("metrics", config.metrics != old.metrics),
         ("cert_ttl", config.cert_ttl != old.cert_ttl),
         (
             "recovery_window",

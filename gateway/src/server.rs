@@ -164,6 +164,13 @@ impl Gateway {
         Ok(gateway)
     }
 
+    /// Agent connections taken since start (each got a connection number).
+    pub fn connections_accepted(&self) -> u64 {
+        self.next_connection
+            .load(Ordering::Relaxed)
+            .saturating_sub(1)
+    }
+
     pub fn policy(&self) -> Arc<Policy> {
         self.policy
             .read()

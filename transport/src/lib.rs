@@ -17,6 +17,7 @@
 //! - [`liveness`]: PING, RTT, and receive windows that follow bandwidth × delay.
 //! - [`streams`]: live and recently ended connections, for `status`.
 //! - [`control`]: the Unix socket that answers `status`.
+//! - [`metrics`]: `GET /metrics` for Prometheus, for both daemons.
 //! - [`watch`]: `status --watch`, redrawn once a second with rates.
 //! - [`plumbing`]: one shutdown handle and one accept loop for every listener.
 //! - [`counted`]: one drop guard for "how many now" counters.
@@ -30,6 +31,7 @@ pub mod counted;
 pub mod daemon;
 pub mod liveness;
 pub mod messages;
+pub mod metrics;
 pub mod plumbing;
 pub mod splice;
 pub mod streams;

@@ -29,6 +29,41 @@ pub struct StreamTable {
     next_id: AtomicU64,
     live: Mutex<BTreeMap<u64, Live>>,
     recent: Mutex<VecDeque<Ended>>,
+    /// Counts since start, per peer, for the metrics: ended streams only (the live
+    /// ones are added when asked).
+    totals: Mutex<BTreeMap<String, PeerTotals>>,
+}
+
+/// What one peer's streams did since start (see [`StreamTable::totals`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PeerTotals {
+    /// Streams opened, by destination class.
+    pub opened: BTreeMap<&'static str, u64>,
+    /// Streams live now, by destination class.
+    pub active: BTreeMap<&'static str, u64>,
+    /// Ended streams, by outcome (`closed`, or the failure class).
+    pub outcomes: BTreeMap<String, u64>,
+    pub bytes_to_destination: u64,
+    pub bytes_from_destination: u64,
+}
+
+/// The kind of destination a stream's description names, for metrics: a bounded set.
+pub fn destination_class(destination: &str) -> &'static str {
+    if destination.starts_with("callback ") {
+        "callback"
+    } else if destination.contains(" (published") || destination.contains(" (from ") {
+        "publication"
+    } else {
+        match tunnel_proto::Target::parse(destination) {
+            Ok(tunnel_proto::Target::Addr {
+                host: tunnel_proto::Host::Ip(_),
+                ..
+            }) => "address",
+            Ok(tunnel_proto::Target::Addr { .. }) => "name",
+            Ok(tunnel_proto::Target::Service(_)) => "service",
+            Err(_) => "other",
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -86,12 +121,34 @@ impl StreamTable {
             next_id: AtomicU64::new(1),
             live: Mutex::default(),
             recent: Mutex::default(),
+            totals: Mutex::default(),
         })
+    }
+
+    /// Each peer's totals since start, live streams included.
+    pub fn totals(&self) -> BTreeMap<String, PeerTotals> {
+        let mut totals = lock(&self.totals).clone();
+        for l in lock(&self.live).values() {
+            let (to, from) = self.directions(&l.stats);
+            let t = totals.entry(l.peer.clone()).or_default();
+            *t.active
+                .entry(destination_class(&l.destination))
+                .or_default() += 1;
+            t.bytes_to_destination += to;
+            t.bytes_from_destination += from;
+        }
+        totals
     }
 
     pub fn register(self: &Arc<Self>, destination: String, peer: String) -> Registered {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let stats = Arc::new(StreamStats::default());
+        *lock(&self.totals)
+            .entry(peer.clone())
+            .or_default()
+            .opened
+            .entry(destination_class(&destination))
+            .or_default() += 1;
         lock(&self.live).insert(
             id,
             Live {
@@ -148,6 +205,13 @@ impl StreamTable {
             return;
         };
         let (to, from) = self.directions(&l.stats);
+        {
+            let mut totals = lock(&self.totals);
+            let t = totals.entry(l.peer.clone()).or_default();
+            *t.outcomes.entry(outcome.to_string()).or_default() += 1;
+            t.bytes_to_destination += to;
+            t.bytes_from_destination += from;
+        }
         let mut recent = lock(&self.recent);
         if recent.len() == RECENT {
             recent.pop_front();

@@ -42,6 +42,7 @@ use crate::target::{Host, Target};
 #[derive(Debug, Deserialize)]
 struct AgentFile {
     control: Option<String>,
+    metrics: Option<String>,
     group: Option<String>,
     synthetic_ipv4: Option<String>,
     synthetic_ipv6: Option<String>,
@@ -119,6 +120,8 @@ pub struct AgentConfig {
     pub control: Option<PathBuf>,
     /// A group whose members may use the agent besides its own user.
     pub group: Option<String>,
+    /// Where Prometheus scrapes `/metrics`; `None`: no metrics.
+    pub metrics: Option<SocketAddr>,
     /// Synthetic addresses handed out for routed names.
     pub synthetic_ipv4: ipnet::Ipv4Net,
     pub synthetic_ipv6: ipnet::Ipv6Net,
@@ -578,8 +581,19 @@ impl AgentConfig {
         if let Some(group) = raw.group.as_ref().filter(|g| !is_local_account_name(g)) {
             problems.add("group", format!("`{group}` is not a group name"));
         }
+        let metrics = raw.metrics.as_ref().and_then(|m| {
+            m.parse::<SocketAddr>()
+                .map_err(|_| {
+                    problems.add(
+                        "metrics",
+                        format!("`{m}` is not ADDRESS:PORT, e.g. \"127.0.0.1:9464\""),
+                    )
+                })
+                .ok()
+        });
         let config = AgentConfig {
             control: raw.control.as_deref().map(|c| resolve(&base, c)),
+            metrics,
             group: raw.group.clone(),
             synthetic_ipv4: synthetic_ipv4.unwrap_or_default(),
             synthetic_ipv6: synthetic_ipv6.unwrap_or_default(),

@@ -41,6 +41,7 @@ struct GatewayFile {
     cert: String,
     key: String,
     control: Option<String>,
+    metrics: Option<String>,
     connect_timeout: Option<f64>,
     drain_timeout: Option<f64>,
     ping_interval: Option<f64>,
@@ -107,6 +108,8 @@ pub struct GatewayConfig {
     pub key: PathBuf,
     /// The control socket (`status`); defaults to `gateway.sock` beside the config.
     pub control: PathBuf,
+    /// Where Prometheus scrapes `/metrics`; `None`: no metrics.
+    pub metrics: Option<SocketAddr>,
     /// Time allowed for an outbound connect to a destination.
     pub connect_timeout: Duration,
     /// On SIGTERM, streams in flight get this long to finish.
@@ -499,8 +502,19 @@ impl GatewayConfig {
             );
         }
 
+        let metrics = raw.metrics.as_ref().and_then(|m| {
+            m.parse::<SocketAddr>()
+                .map_err(|_| {
+                    problems.add(
+                        "metrics",
+                        format!("`{m}` is not ADDRESS:PORT, e.g. \"127.0.0.1:9464\""),
+                    )
+                })
+                .ok()
+        });
         let config = GatewayConfig {
             listen,
+            metrics,
             ca: resolve(&base, &raw.ca),
             ca_key: resolve(&base, &raw.ca_key),
             cert: resolve(&base, &raw.cert),

@@ -12,6 +12,7 @@ mod identity;
 mod inside_out;
 mod inside_out_sites;
 mod local_leg;
+mod metrics;
 mod namespaces;
 mod preload;
 mod resilience;
