@@ -16,6 +16,7 @@ mod metrics;
 mod namespaces;
 mod preload;
 mod resilience;
+mod slurm;
 mod transfer;
 mod watch;
 mod wrapper;
