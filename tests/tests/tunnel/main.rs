@@ -15,6 +15,7 @@ mod local_leg;
 mod metrics;
 mod namespaces;
 mod preload;
+mod release;
 mod resilience;
 mod slurm;
 mod transfer;
