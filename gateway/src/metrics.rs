@@ -22,21 +22,18 @@ pub fn render(gateway: &Gateway) -> String {
         page.sample(name, &[("kind", &kind)], n as f64);
     }
 
-    let name = "tunnel_gateway_connections_accepted_total";
-    page.family(
-        name,
+    page.single(
+        "tunnel_gateway_connections_accepted_total",
         "counter",
         "Agent connections that completed their TLS handshake and were taken.",
+        gateway.connections_accepted() as f64,
     );
-    page.sample(name, &[], gateway.connections_accepted() as f64);
-
-    let name = "tunnel_gateway_handshakes_waiting";
-    page.family(
-        name,
+    page.single(
+        "tunnel_gateway_handshakes_waiting",
         "gauge",
         "Connections waiting for their TLS handshake.",
+        gateway.admission.handshakes_waiting() as f64,
     );
-    page.sample(name, &[], gateway.admission.handshakes_waiting() as f64);
 
     let (count, rtts, soonest) = {
         let connections = gateway
@@ -59,13 +56,12 @@ pub fn render(gateway: &Gateway) -> String {
             .min();
         (connections.len(), rtts, soonest)
     };
-    let name = "tunnel_gateway_agent_connections";
-    page.family(
-        name,
+    page.single(
+        "tunnel_gateway_agent_connections",
         "gauge",
         "Agent connections open now (reverse ones included).",
+        count as f64,
     );
-    page.sample(name, &[], count as f64);
 
     let name = "tunnel_gateway_connection_rtt_seconds";
     page.family(
@@ -90,25 +86,23 @@ pub fn render(gateway: &Gateway) -> String {
         page.sample(name, &[], (deadline - now) as f64);
     }
 
-    let name = "tunnel_gateway_publications";
-    page.family(name, "gauge", "Names published by at least one agent now.");
     let published = gateway
         .publishers
         .views()
         .iter()
         .filter(|p| !p.publishers.is_empty())
         .count();
-    page.sample(name, &[], published as f64);
+    page.single(
+        "tunnel_gateway_publications",
+        "gauge",
+        "Names published by at least one agent now.",
+        published as f64,
+    );
 
-    let name = "tunnel_gateway_callback_listeners";
-    page.family(
-        name,
+    page.single(
+        "tunnel_gateway_callback_listeners",
         "gauge",
         "Callback listeners open for agents' programs now.",
-    );
-    page.sample(
-        name,
-        &[],
         gateway
             .callbacks
             .views(gateway.config.callbacks.as_ref())

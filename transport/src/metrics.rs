@@ -47,6 +47,12 @@ impl Exposition {
         let _ = writeln!(self.out, "# TYPE {name} {kind}");
     }
 
+    /// A family of one unlabelled sample.
+    pub fn single(&mut self, name: &str, kind: &str, help: &str, value: f64) {
+        self.family(name, kind, help);
+        self.sample(name, &[], value);
+    }
+
     /// One sample of the current family.
     pub fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
         self.out.push_str(name);

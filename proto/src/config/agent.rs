@@ -581,16 +581,7 @@ impl AgentConfig {
         if let Some(group) = raw.group.as_ref().filter(|g| !is_local_account_name(g)) {
             problems.add("group", format!("`{group}` is not a group name"));
         }
-        let metrics = raw.metrics.as_ref().and_then(|m| {
-            m.parse::<SocketAddr>()
-                .map_err(|_| {
-                    problems.add(
-                        "metrics",
-                        format!("`{m}` is not ADDRESS:PORT, e.g. \"127.0.0.1:9464\""),
-                    )
-                })
-                .ok()
-        });
+        let metrics = super::socket_address(&mut problems, "metrics", raw.metrics.as_ref());
         let config = AgentConfig {
             control: raw.control.as_deref().map(|c| resolve(&base, c)),
             metrics,

@@ -502,16 +502,7 @@ impl GatewayConfig {
             );
         }
 
-        let metrics = raw.metrics.as_ref().and_then(|m| {
-            m.parse::<SocketAddr>()
-                .map_err(|_| {
-                    problems.add(
-                        "metrics",
-                        format!("`{m}` is not ADDRESS:PORT, e.g. \"127.0.0.1:9464\""),
-                    )
-                })
-                .ok()
-        });
+        let metrics = super::socket_address(&mut problems, "metrics", raw.metrics.as_ref());
         let config = GatewayConfig {
             listen,
             metrics,

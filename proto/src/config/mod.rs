@@ -133,6 +133,25 @@ fn base_dir(file: &Path) -> PathBuf {
 }
 
 /// Seconds from the file, checked: positive, finite, at most a day.
+/// An optional `ADDRESS:PORT` setting (`metrics`), checked.
+fn socket_address(
+    problems: &mut Problems,
+    key: &str,
+    value: Option<&String>,
+) -> Option<std::net::SocketAddr> {
+    let text = value?;
+    match text.parse() {
+        Ok(address) => Some(address),
+        Err(_) => {
+            problems.add(
+                key,
+                format!("`{text}` is not ADDRESS:PORT, e.g. \"127.0.0.1:9464\""),
+            );
+            None
+        }
+    }
+}
+
 fn seconds(problems: &mut Problems, key: &str, value: Option<f64>, default: f64) -> Duration {
     let v = value.unwrap_or(default);
     if !(v.is_finite() && v > 0.0 && v <= 86_400.0) {
