@@ -104,7 +104,7 @@ pub fn render_services(reply: &str) -> Result<String> {
             continue;
         };
         let _ = writeln!(out, "gateway {} (as {}):", g.gateway, reach.identity);
-        if reach.services.is_empty() && reach.publications.is_empty() {
+        if reach.services.is_empty() && reach.publications.is_empty() && reach.callbacks.is_none() {
             let _ = writeln!(
                 out,
                 "  nothing by name (destinations by address or host name may still be allowed: tunnel-run --explain DEST)"
@@ -112,6 +112,13 @@ pub fn render_services(reply: &str) -> Result<String> {
         }
         for s in &reach.services {
             let _ = writeln!(out, "  service     {:<20} -> {}", s.name, s.target);
+        }
+        if let Some(c) = &reach.callbacks {
+            let _ = writeln!(
+                out,
+                "  callbacks   ports {} at {} (listeners your programs open on them live at the gateway)",
+                c.ports, c.address
+            );
         }
         for p in &reach.publications {
             let _ = writeln!(

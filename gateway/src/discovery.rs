@@ -41,10 +41,20 @@ pub fn services(gateway: &Gateway, caller: &Caller, mut respond: SendResponse<By
             published: live.contains(name),
         })
         .collect();
+    let callbacks = gateway
+        .config
+        .callbacks
+        .as_ref()
+        .filter(|rule| names(&rule.for_, caller))
+        .map(|rule| tunnel_proto::callback::CallbackOffer {
+            address: rule.address,
+            ports: rule.ports,
+        });
     let reach = Reach {
         identity: caller.identity.clone(),
         services,
         publications,
+        callbacks,
     };
     reply_json(&mut respond, StatusCode::OK, &reach);
 }

@@ -20,6 +20,10 @@ pub struct Reach {
     pub identity: String,
     pub services: Vec<ServiceReach>,
     pub publications: Vec<PublicationReach>,
+    /// The gateway's callback address and ports, when this identity's programs may
+    /// open listeners there.
+    #[serde(default)]
+    pub callbacks: Option<crate::callback::CallbackOffer>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

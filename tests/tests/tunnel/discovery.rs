@@ -8,8 +8,9 @@ use tunnel_tests::*;
 #[test]
 fn services_and_explain_answer_from_the_gateways_policy() {
     let echo = echo_server("127.0.0.1").to_string();
+    let port = free_port();
     let rules = format!(
-        "{}\n[service.pg]\ntarget = \"{echo}\"\n\n[service.secret]\ntarget = \"{echo}\"\n\n[publish.lab-db]\nby = [\"carol\"]\nreach = [\"alice\"]\n",
+        "{}\n[service.pg]\ntarget = \"{echo}\"\n\n[service.secret]\ntarget = \"{echo}\"\n\n[publish.lab-db]\nby = [\"carol\"]\nreach = [\"alice\"]\n\n[callbacks]\naddress = \"127.0.0.1\"\nports = \"{port}\"\nfor = [\"alice\"]\n",
         allow_alice(&["pg", &echo])
     );
     let agent_toml = route_table(&[&echo, "127.0.0.2:9", "*.site-b.internal"]);
@@ -28,6 +29,10 @@ fn services_and_explain_answer_from_the_gateways_policy() {
     assert!(
         !services.contains("secret"),
         "a service alice may not reach: {services}"
+    );
+    assert!(
+        services.contains(&format!("callbacks   ports {port} at 127.0.0.1")),
+        "{services}"
     );
     assert!(
         services.contains("publication lab-db") && services.contains("no agent publishes it now"),
