@@ -179,7 +179,7 @@ fn listen_at_gateway(state: &State, fd: c_int, asked: SocketAddr) -> Result<(), 
 /// `addr` in the family of `like` (an IPv4 address in mapped form for an IPv6 socket,
 /// a mapped one as plain IPv4 for an IPv4 socket); `None` for an IPv6 address an IPv4
 /// socket cannot show.
-fn in_family(addr: SocketAddr, like: SocketAddr) -> Option<SocketAddr> {
+pub fn in_family(addr: SocketAddr, like: SocketAddr) -> Option<SocketAddr> {
     match (addr, like) {
         (SocketAddr::V4(v4), SocketAddr::V6(_)) => Some(SocketAddr::new(
             IpAddr::V6(v4.ip().to_ipv6_mapped()),

@@ -531,16 +531,17 @@ pub fn own_name(fd: c_int) -> Detour<SocketAddr> {
             let Some(entry) = REDIRECTED.lock().get(&fd).copied() else {
                 return Detour::Bypass(Bypass::NotRedirected);
             };
-            match entry.callback {
-                Some(ip) if is_same(fd, &entry) => {
-                    let ip = match (ip, entry.source) {
-                        (IpAddr::V4(v4), SocketAddr::V6(_)) => IpAddr::V6(v4.to_ipv6_mapped()),
-                        _ => ip,
-                    };
-                    Detour::Handled(SocketAddr::new(ip, entry.source.port()))
-                }
-                _ => Detour::Bypass(Bypass::NotRedirected),
-            }
+            // In the socket's own family (an address it cannot show stays the kernel's).
+            let shown = entry
+                .callback
+                .filter(|_| is_same(fd, &entry))
+                .and_then(|ip| {
+                    crate::callback::in_family(
+                        SocketAddr::new(ip, entry.source.port()),
+                        entry.source,
+                    )
+                });
+            shown.map_or(Detour::Bypass(Bypass::NotRedirected), Detour::Handled)
         },
         Detour::Bypass(Bypass::Panicked),
     )
