@@ -14,6 +14,7 @@ mod inside_out_sites;
 mod local_leg;
 mod metrics;
 mod namespaces;
+mod package;
 mod preload;
 mod release;
 mod resilience;
