@@ -349,7 +349,7 @@ fn env_lines(config: &AgentConfig) -> Result<String> {
         .find(|p| p.exists())
         .with_context(|| {
             format!(
-                "{} is not installed beside {} or in ../lib",
+                "{} is not installed beside {}, in ../lib or in ../lib/tunnel",
                 paths::PRELOAD_LIBRARY,
                 exe.display()
             )

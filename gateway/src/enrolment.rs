@@ -71,7 +71,7 @@ pub fn token(
         }
         addresses.to_vec()
     };
-    let state = State::open(&config.state_dir)?;
+    let state = State::open_for_admin(&config.state_dir)?;
     let now = unix_now();
     let (record, secret) = state.create_token(identity, groups, ttl, renew_for, now)?;
     let token = EnrolmentToken {
@@ -111,7 +111,7 @@ pub fn token(
 }
 
 pub fn revoke(state_dir: &Path, identity: Option<&str>, serial: Option<&str>) -> Result<String> {
-    let state = State::open(state_dir)?;
+    let state = State::open_for_admin(state_dir)?;
     let known = state.identities()?;
     match (identity, serial) {
         (Some(identity), None) => {
@@ -239,7 +239,7 @@ fn identity_view(r: &IdentityRecord, revocations: &Revocations) -> IdentityView 
 }
 
 pub fn identities(state_dir: &Path, json: bool) -> Result<String> {
-    let state = State::open(state_dir)?;
+    let state = State::open_for_admin(state_dir)?;
     let revocations = state.revocations()?;
     let now = unix_now();
     let listing = Listing {

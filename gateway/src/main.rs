@@ -90,7 +90,7 @@ enum Command {
         /// The identity (the name allow rules use).
         #[arg(long)]
         identity: String,
-        /// The gateway directory made by `init` [default: $XDG_CONFIG_HOME/tunnel/gateway].
+        /// The gateway directory made by `init` [default: as for `run`].
         #[arg(long, conflicts_with = "config")]
         dir: Option<PathBuf>,
         /// The gateway's config file (to find the CA) instead of --dir.
@@ -128,7 +128,7 @@ enum Command {
         /// [default: from gateway.toml's listen and the gateway's certificate].
         #[arg(long = "address")]
         addresses: Vec<String>,
-        /// The gateway directory made by `init` [default: $XDG_CONFIG_HOME/tunnel/gateway].
+        /// The gateway directory made by `init` [default: as for `run`].
         #[arg(long, conflicts_with = "config")]
         dir: Option<PathBuf>,
         /// The gateway's config file instead of --dir.
@@ -145,8 +145,10 @@ enum Command {
         /// Revoke one certificate, by its serial (hex, as `identities` shows it).
         #[arg(long)]
         serial: Option<String>,
+        /// The gateway directory made by `init` [default: as for `run`].
         #[arg(long, conflicts_with = "config")]
         dir: Option<PathBuf>,
+        /// The gateway's config file instead of --dir.
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -155,14 +157,17 @@ enum Command {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// The gateway directory made by `init` [default: as for `run`].
         #[arg(long, conflicts_with = "config")]
         dir: Option<PathBuf>,
+        /// The gateway's config file instead of --dir.
         #[arg(long)]
         config: Option<PathBuf>,
     },
     /// Run the gateway in the foreground (SIGTERM: drain, then exit).
     Run {
-        /// Config file [default: $TUNNEL_GATEWAY_CONFIG, else $XDG_CONFIG_HOME/tunnel/gateway/gateway.toml].
+        /// Config file [default: $TUNNEL_GATEWAY_CONFIG, else $XDG_CONFIG_HOME/tunnel/gateway/gateway.toml,
+        /// else /etc/tunnel/gateway/gateway.toml when that one is missing].
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -190,10 +195,22 @@ fn gateway_config_path(config: Option<PathBuf>, dir: Option<PathBuf>) -> PathBuf
     }
 }
 
+/// The system gateway's config (the Debian package's, and the systemd unit's).
+const SYSTEM_CONFIG: &str = "/etc/tunnel/gateway/gateway.toml";
+
+/// `--config`, else `$TUNNEL_GATEWAY_CONFIG`, else the user's own gateway.toml, else
+/// the system gateway's when the user has none.
 fn config_path(explicit: Option<PathBuf>) -> PathBuf {
     explicit
         .or_else(|| std::env::var_os("TUNNEL_GATEWAY_CONFIG").map(PathBuf::from))
-        .unwrap_or_else(|| setup::default_dir().join("gateway.toml"))
+        .unwrap_or_else(|| {
+            let own = setup::default_dir().join("gateway.toml");
+            if !own.exists() && Path::new(SYSTEM_CONFIG).exists() {
+                PathBuf::from(SYSTEM_CONFIG)
+            } else {
+                own
+            }
+        })
 }
 
 /// The state directory and control socket of the gateway configured in `path`, also

@@ -17,7 +17,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -163,31 +163,37 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>> {
 
 fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     let bytes = serde_json::to_vec_pretty(value).context("encoding state")?;
-    tunnel_transport::atomic_file::write(path, &bytes, 0o600)?;
-    give_to_directory_owner(path)
+    tunnel_transport::atomic_file::write(path, &bytes, 0o600)
 }
 
-/// When root writes into a state directory that belongs to the gateway's own user
-/// (`tunnel-gateway token` run as root beside a gateway running as a system user), the
-/// new file goes to that user, or the gateway could not read it.
-fn give_to_directory_owner(path: &Path) -> Result<()> {
+/// For the administrator's commands (`token`, `revoke`, `identities`): when root works
+/// on a state directory that belongs to the gateway's own user (a system service), the
+/// command goes on as that user, so what it writes is the service's and it never
+/// follows a link the service's user put there with root's rights.
+fn become_owner_of(dir: &Path) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
     if !nix::unistd::geteuid().is_root() {
         return Ok(());
     }
-    let Some(dir) = path.parent() else {
-        return Ok(());
+    let owner = match fs::metadata(dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
     };
-    let owner = fs::metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
     if owner.uid() == 0 {
         return Ok(());
     }
-    nix::unistd::chown(
-        path,
-        Some(nix::unistd::Uid::from_raw(owner.uid())),
-        Some(nix::unistd::Gid::from_raw(owner.gid())),
-    )
-    .with_context(|| format!("giving {} to the state directory's owner", path.display()))
+    let uid = nix::unistd::Uid::from_raw(owner.uid());
+    let gid = nix::unistd::Gid::from_raw(owner.gid());
+    nix::unistd::setgroups(&[gid])
+        .and_then(|()| nix::unistd::setresgid(gid, gid, gid))
+        .and_then(|()| nix::unistd::setresuid(uid, uid, uid))
+        .with_context(|| {
+            format!(
+                "becoming uid {uid} (the owner of {}) to work on it",
+                dir.display()
+            )
+        })
 }
 
 /// A name usable as a file name here: identities and token ids are checked where they
@@ -202,6 +208,13 @@ fn file_safe(name: &str) -> bool {
 }
 
 impl State {
+    /// [`State::open`] for the administrator's commands: run by root on a state
+    /// directory of the gateway's own user, the rest of the command runs as that user.
+    pub fn open_for_admin(dir: &Path) -> Result<State> {
+        become_owner_of(dir)?;
+        State::open(dir)
+    }
+
     /// Opens `dir`, creating it (mode 0700) with its subdirectories if needed.
     pub fn open(dir: &Path) -> Result<State> {
         for sub in ["", "tokens", "identities"] {
@@ -213,9 +226,6 @@ impl State {
                 .with_context(|| {
                     format!("creating {} (state_dir in gateway.toml)", path.display())
                 })?;
-            if !sub.is_empty() {
-                give_to_directory_owner(&path)?;
-            }
         }
         Ok(State {
             dir: dir.to_path_buf(),
@@ -229,9 +239,9 @@ impl State {
             .create(true)
             .truncate(false)
             .write(true)
+            .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
             .open(&path)
             .with_context(|| format!("opening {}", path.display()))?;
-        give_to_directory_owner(&path)?;
         Flock::lock(file, FlockArg::LockExclusive)
             .map_err(|(_, e)| anyhow::anyhow!("locking {}: {e}", path.display()))
     }

@@ -184,12 +184,25 @@ async fn answer(stream: UnixStream, handler: Handler) -> Result<()> {
 
 /// Sends `command` to the daemon at `path` and returns its answer.
 pub async fn query(path: &Path, command: &str) -> Result<String> {
-    let mut stream = UnixStream::connect(path).await.with_context(|| {
-        format!(
-            "no daemon answers on {} (is it running? is this its control socket?)",
-            path.display()
-        )
-    })?;
+    let mut stream = match UnixStream::connect(path).await {
+        Ok(stream) => stream,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Err(e).with_context(|| {
+                format!(
+                    "{} is the daemon's control socket, which only its own user and root may use: run this as root (sudo) or as that user",
+                    path.display()
+                )
+            });
+        }
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!(
+                    "no daemon answers on {} (is it running? is this its control socket?)",
+                    path.display()
+                )
+            });
+        }
+    };
     stream.write_all(format!("{command}\n").as_bytes()).await?;
     let mut reply = String::new();
     tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut reply))

@@ -31,8 +31,22 @@ use crate::elf::Executable;
 /// on the config's socket is used; otherwise one is started for the lifetime of the
 /// command. With [[callback]] ports in agent.toml, a listener the program opens on one
 /// of them (or on the gateway's callback address with port 0) lives at the gateway, so
-/// that the far site can connect back (active FTP, GridFTP data channels). Statically
-/// linked and Go programs cannot be preloaded: use a [[forward]] port for those.
+/// that the far site can connect back (active FTP, GridFTP data channels).
+///
+/// Statically linked and Go programs make their own system calls, which LD_PRELOAD
+/// cannot see: tunnel-run supervises those (and any program, with --seccomp) with
+/// seccomp user notification instead. Their connects stop until tunnel-run has
+/// decided: a routed one is connected through the agent by tunnel-run itself, and
+/// returns the far side's answer; the rest continue untouched. tunnel-run stays
+/// until the program and every process it left behind have ended, passes on SIGTERM,
+/// SIGHUP, SIGUSR1, SIGUSR2 and SIGALRM, and exits as the program did.
+///
+/// Under the supervisor the program runs with no_new_privs: setuid and setcap
+/// programs it starts (sudo, su, ping on some systems, newgrp) get no privileges from
+/// their bits. io_uring is refused (io_uring_setup fails with ENOSYS and programs fall
+/// back to ordinary system calls), since a connect made through it would pass
+/// unseen; --allow-io-uring permits it. A tunnel-run inside a supervised program
+/// leaves it to the outer supervisor.
 #[derive(Parser, Debug)]
 #[command(version, about, long_about)]
 struct Args {
@@ -48,6 +62,18 @@ struct Args {
     /// direct; then exit. No program is run.
     #[arg(long, value_name = "DEST", num_args = 1..)]
     explain: Vec<String>,
+    /// Supervise the program with seccomp even if LD_PRELOAD could reach it (the
+    /// default for statically linked and Go programs only).
+    #[arg(long, conflicts_with = "no_seccomp")]
+    seccomp: bool,
+    /// Never supervise: statically linked and Go programs then connect directly,
+    /// outside the tunnel (tunnel-run warns).
+    #[arg(long)]
+    no_seccomp: bool,
+    /// Let a supervised program use io_uring (its connects through io_uring would not
+    /// go through the tunnel).
+    #[arg(long)]
+    allow_io_uring: bool,
     /// The program and its arguments.
     #[arg(last = true, required_unless_present = "explain", value_name = "CMD")]
     command: Vec<String>,
@@ -101,7 +127,7 @@ fn run(args: Args) -> Result<Never> {
         .find(|p| p.exists())
         .with_context(|| {
             format!(
-                "{} is not beside {} or in ../lib: reinstall tunnel",
+                "{} is not beside {}, in ../lib or in ../lib/tunnel: reinstall tunnel",
                 paths::PRELOAD_LIBRARY,
                 exe.display()
             )
@@ -113,34 +139,135 @@ fn run(args: Args) -> Result<Never> {
         var("XDG_RUNTIME_DIR"),
         nix::unistd::getuid().as_raw(),
     ))?;
-    let agent = || -> Result<PathBuf> {
+    let agent = || -> Result<(PathBuf, Option<u32>)> {
         if agent_answers(&socket)? {
-            Ok(socket.clone())
+            Ok((socket.clone(), None))
         } else {
             start_agent(&bin_dir, &config_path, &args.route)
         }
     };
     if !args.explain.is_empty() {
-        explain::explain(&config, &args.explain, agent)?;
+        explain::explain(&config, &args.explain, || agent().map(|(s, _)| s))?;
         std::process::exit(0);
     }
 
-    warn_if_unpreloadable(&args.command[0]);
-    let socket = agent()?;
+    let kind = executable_kind(&args.command[0]);
+    let supervised = match supervision(&args, kind) {
+        Supervision::Supervise => true,
+        Supervision::Outer => {
+            if debug() {
+                eprintln!(
+                    "tunnel-run: the program runs under a supervisor already (pid {}): it carries this one's connects",
+                    std::env::var(tunnel_supervisor::SUPERVISED_ENV).unwrap_or_default()
+                );
+            }
+            false
+        }
+        Supervision::Preload => {
+            warn_if_unpreloadable(&args.command[0], kind);
+            false
+        }
+    };
+    if supervised {
+        tunnel_supervisor::check_machine()?;
+    }
+    let (socket, started) = agent()?;
 
     let preload = match std::env::var("LD_PRELOAD") {
         Ok(existing) if !existing.is_empty() => format!("{}:{existing}", library.display()),
         _ => library.display().to_string(),
     };
-    let error = Command::new(&args.command[0])
+    let mut command = Command::new(&args.command[0]);
+    command
         .args(&args.command[1..])
         .env("LD_PRELOAD", preload)
         .env("TUNNEL_ROUTES", config.route_table().to_string())
         .env("TUNNEL_AGENT", &socket)
         .env("TUNNEL_SYNTHETIC", paths::synthetic_env(&config))
-        .env("TUNNEL_CALLBACKS", config.callback_ports())
-        .exec();
+        .env("TUNNEL_CALLBACKS", config.callback_ports());
+    if supervised {
+        let plan = supervision_plan(&config, &socket, &args, started)?;
+        tunnel_supervisor::run(command, plan)?.propagate();
+    }
+    let error = command.exec();
     bail!("cannot run `{}`: {error}", args.command[0])
+}
+
+fn debug() -> bool {
+    std::env::var_os("TUNNEL_DEBUG").is_some_and(|v| !v.is_empty() && v != "0")
+}
+
+/// Who carries the program's connects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Supervision {
+    /// The preload library (dynamically linked programs).
+    Preload,
+    /// This tunnel-run's seccomp supervisor.
+    Supervise,
+    /// The supervisor of an outer tunnel-run, which this process runs under already.
+    Outer,
+}
+
+fn supervision(args: &Args, kind: Option<Executable>) -> Supervision {
+    if args.no_seccomp {
+        return Supervision::Preload;
+    }
+    let wanted = args.seccomp || matches!(kind, Some(Executable::Static) | Some(Executable::Go));
+    if wanted && under_supervisor() {
+        Supervision::Outer
+    } else if wanted {
+        Supervision::Supervise
+    } else {
+        Supervision::Preload
+    }
+}
+
+/// True when this process runs under an outer tunnel-run's supervisor: its variable
+/// is set and a seccomp filter is on this process (a variable alone, exported by hand,
+/// is not enough).
+fn under_supervisor() -> bool {
+    if std::env::var_os(tunnel_supervisor::SUPERVISED_ENV).is_none() {
+        return false;
+    }
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
+        status
+            .lines()
+            .any(|l| l.strip_prefix("Seccomp:").is_some_and(|v| v.trim() == "2"))
+    })
+}
+
+fn supervision_plan(
+    config: &AgentConfig,
+    socket: &Path,
+    args: &Args,
+    started: Option<u32>,
+) -> Result<tunnel_supervisor::Plan> {
+    let agent = tunnel_supervisor::agent_socket(socket);
+    let agent_listeners = agent.loopback_listeners().with_context(|| {
+        format!(
+            "asking the agent at {} for its loopback listeners",
+            socket.display()
+        )
+    })?;
+    let synthetic = paths::synthetic_env(config)
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(tunnel_proto::pattern::Pattern::parse)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("the synthetic address blocks: {e}"))?;
+    Ok(tunnel_supervisor::Plan {
+        routes: tunnel_supervisor::Routes {
+            table: config.route_table(),
+            synthetic,
+            agent_listeners,
+        },
+        agent,
+        rules: tunnel_supervisor::Rules {
+            refuse_io_uring: !args.allow_io_uring,
+        },
+        trace: debug(),
+        not_waited_for: started.into_iter().collect(),
+    })
 }
 
 /// True when an agent answers on `socket`; an error when something answers there that
@@ -172,7 +299,7 @@ fn agent_answers(socket: &Path) -> Result<bool> {
 
 /// Starts an agent for the lifetime of this process (which becomes the command), on a
 /// socket of its own; returns that socket.
-fn start_agent(bin_dir: &Path, config: &Path, routes: &[String]) -> Result<PathBuf> {
+fn start_agent(bin_dir: &Path, config: &Path, routes: &[String]) -> Result<(PathBuf, Option<u32>)> {
     let agent = bin_dir.join("tunnel-agent");
     let pid = std::process::id();
     let base = std::env::var_os("XDG_RUNTIME_DIR")
@@ -220,7 +347,7 @@ fn start_agent(bin_dir: &Path, config: &Path, routes: &[String]) -> Result<PathB
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(10) {
         if agent_answers(&socket)? {
-            return Ok(socket);
+            return Ok((socket, Some(child.id())));
         }
         if let Ok(Some(status)) = child.try_wait() {
             let log = std::fs::read_to_string(&log_path).unwrap_or_default();
@@ -236,8 +363,8 @@ fn start_agent(bin_dir: &Path, config: &Path, routes: &[String]) -> Result<PathB
     )
 }
 
-/// Says so when LD_PRELOAD cannot reach the program.
-fn warn_if_unpreloadable(program: &str) {
+/// The program's executable, found as exec would find it, read for its kind.
+fn executable_kind(program: &str) -> Option<Executable> {
     let path = if program.contains('/') {
         Some(PathBuf::from(program))
     } else {
@@ -247,18 +374,20 @@ fn warn_if_unpreloadable(program: &str) {
                 .find(|p| p.is_file())
         })
     };
-    let Some(bytes) = path.as_ref().and_then(|p| std::fs::read(p).ok()) else {
-        return;
-    };
-    let why = match elf::classify(&bytes) {
-        Executable::Static => "is statically linked",
-        Executable::Go => "is a Go program (it makes its own system calls)",
-        Executable::Dynamic | Executable::Other => return,
+    let bytes = std::fs::read(path?).ok()?;
+    Some(elf::classify(&bytes))
+}
+
+/// Says so when LD_PRELOAD cannot reach a program that is not supervised (--no-seccomp).
+fn warn_if_unpreloadable(program: &str, kind: Option<Executable>) {
+    let why = match kind {
+        Some(Executable::Static) => "is statically linked",
+        Some(Executable::Go) => "is a Go program (it makes its own system calls)",
+        _ => return,
     };
     eprintln!(
-        "tunnel-run: warning: {} {why}, so LD_PRELOAD cannot see its connections and they \
-         will NOT go through the tunnel. Give it a [[forward]] port in agent.toml \
-         (listen = \"127.0.0.1:PORT\", to = \"HOST:PORT\") and point it there instead.",
-        path.map_or_else(|| program.to_string(), |p| p.display().to_string())
+        "tunnel-run: warning: {program} {why} and --no-seccomp was given, so its connections \
+         will NOT go through the tunnel. Leave out --no-seccomp, or give it a [[forward]] \
+         port in agent.toml (listen = \"127.0.0.1:PORT\", to = \"HOST:PORT\")."
     );
 }

@@ -19,6 +19,7 @@ mod preload;
 mod release;
 mod resilience;
 mod slurm;
+mod supervisor;
 mod transfer;
 mod watch;
 mod wrapper;

@@ -58,6 +58,8 @@ impl Drop for Installed {
             .env("DEBIAN_FRONTEND", "noninteractive")
             .output();
         let _ = std::fs::remove_dir_all("/run/tunnel-gateway");
+        // It was not there when the test began (checked first).
+        let _ = std::fs::remove_dir_all("/etc/tunnel");
         if !self.user_was_there && user_exists("tunnel-gateway") {
             let _ = Command::new("userdel").arg("tunnel-gateway").output();
             let _ = Command::new("groupdel").arg("tunnel-gateway").output();
@@ -128,7 +130,7 @@ fn the_debian_packages_install_verify_run_the_demo_and_purge() {
         "/usr/bin/tunnel-agent",
         "/usr/bin/tunnel-run",
         "/usr/bin/tunnel-gateway",
-        "/usr/lib/libtunnel_preload.so",
+        "/usr/lib/tunnel/libtunnel_preload.so",
         "/usr/lib/systemd/user/tunnel-agent.service",
         "/usr/lib/systemd/system/tunnel-gateway.service",
         "/etc/default/tunnel-agent",
@@ -217,17 +219,56 @@ fn the_debian_packages_install_verify_run_the_demo_and_purge() {
         status.contains("gateway listening on 0.0.0.0:7443"),
         "{status}"
     );
-    // A token written by root lands in the service's state directory, readable by it.
-    stdout_within(
+    // The service's user cannot make root's commands write or chown through a link in
+    // the state directory: run as root there, they go on as the service's user.
+    let victim = site.path("victim");
+    std::fs::write(&victim, "root's\n").expect("victim");
+    run_ok(
+        Command::new("setpriv")
+            .args([
+                "--reuid=tunnel-gateway",
+                "--regid=tunnel-gateway",
+                "--init-groups",
+                "ln",
+                "-s",
+            ])
+            .arg(&victim)
+            .arg("/var/lib/tunnel-gateway/.lock"),
+    );
+    let (_, _, _) = output_within(
         Command::new("/usr/bin/tunnel-gateway").args([
             "token",
-            "--dir",
-            "/etc/tunnel/gateway",
             "--identity",
             "packaged",
             "--address",
             "127.0.0.1:7443",
         ]),
+        LIMIT,
+    );
+    {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(&victim).expect("victim");
+        assert_eq!(meta.uid(), 0, "root's file was given to the service's user");
+        assert_eq!(
+            std::fs::read_to_string(&victim).expect("victim"),
+            "root's\n"
+        );
+    }
+    std::fs::remove_file("/var/lib/tunnel-gateway/.lock").expect("remove the link");
+    // A token written by root lands in the service's state directory, as the service's
+    // user; `token` finds the system gateway without --dir when root has none of its own.
+    stdout_within(
+        Command::new("/usr/bin/tunnel-gateway")
+            .env("HOME", site.path("home"))
+            .env_remove("XDG_CONFIG_HOME")
+            .env_remove("TUNNEL_GATEWAY_CONFIG")
+            .args([
+                "token",
+                "--identity",
+                "packaged",
+                "--address",
+                "127.0.0.1:7443",
+            ]),
         LIMIT,
     );
     let identities = stdout_within(
@@ -239,6 +280,18 @@ fn the_debian_packages_install_verify_run_the_demo_and_purge() {
         LIMIT,
     );
     assert!(identities.contains("packaged"), "{identities}");
+    let tokens = std::fs::read_dir("/var/lib/tunnel-gateway/tokens").expect("tokens");
+    for token in tokens {
+        use std::os::unix::fs::MetadataExt;
+        let token = token.expect("token");
+        let uid = std::fs::metadata(token.path()).expect("token").uid();
+        assert_ne!(
+            uid,
+            0,
+            "{} is root's, not the service's",
+            token.path().display()
+        );
+    }
     gateway.signal(nix::sys::signal::Signal::SIGTERM);
     assert_eq!(
         gateway.wait_exit(Duration::from_secs(20)).expect("exit"),
@@ -273,7 +326,7 @@ fn the_debian_packages_install_verify_run_the_demo_and_purge() {
         "/usr/bin/tunnel-agent",
         "/usr/bin/tunnel-run",
         "/usr/bin/tunnel-gateway",
-        "/usr/lib/libtunnel_preload.so",
+        "/usr/lib/tunnel/libtunnel_preload.so",
         "/usr/lib/systemd/system/tunnel-gateway.service",
         "/etc/default/tunnel-gateway",
         "/etc/tunnel",
@@ -284,5 +337,25 @@ fn the_debian_packages_install_verify_run_the_demo_and_purge() {
             "{file} is still there after purge"
         );
     }
+
+    // A gateway the administrator made before installing is left alone, by install and
+    // by purge.
+    run_ok(Command::new("/usr/bin/tunnel-gateway").args([
+        "init",
+        "--dir",
+        "/etc/tunnel/gateway",
+        "--name",
+        "own.example.org",
+    ]));
+    let own_ca = std::fs::read("/etc/tunnel/gateway/ca-key.pem").expect("own CA");
+    let said = apt_get(&install, &out);
+    assert!(said.contains("was not made by this package"), "{said}");
+    apt_get(&purge, &out);
+    assert_eq!(
+        std::fs::read("/etc/tunnel/gateway/ca-key.pem")
+            .expect("the administrator's CA after purge"),
+        own_ca
+    );
+    std::fs::remove_dir_all("/etc/tunnel").expect("remove the administrator's gateway");
     drop(guard);
 }

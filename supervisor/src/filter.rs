@@ -1,0 +1,151 @@
+//! The seccomp filter the supervised program runs under, as classic BPF: which system
+//! calls stop for the supervisor's answer, which fail at once, and the rest, which run
+//! untouched and never leave the kernel.
+
+/// The filter and the flags it is installed with.
+#[derive(Debug, Clone)]
+pub struct Filter {
+    pub instructions: Vec<libc::sock_filter>,
+    pub flags: libc::c_ulong,
+}
+
+/// What the filter does with the supervised program's system calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rules {
+    /// `io_uring_setup` fails with ENOSYS (the program falls back to ordinary system
+    /// calls): a connect made through io_uring would not pass the filter.
+    pub refuse_io_uring: bool,
+}
+
+/// x86-64's audit architecture (`AUDIT_ARCH_X86_64`).
+const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+/// System call numbers at or above this are the x32 ABI's.
+const X32_SYSCALL_BIT: u32 = 0x4000_0000;
+
+const BPF_LD_W_ABS: u16 = 0x20;
+const BPF_JEQ_K: u16 = 0x15;
+const BPF_JGE_K: u16 = 0x35;
+const BPF_RET_K: u16 = 0x06;
+
+/// Offsets in `struct seccomp_data`.
+const OFFSET_NR: u32 = 0;
+const OFFSET_ARCH: u32 = 4;
+
+/// The system calls that stop for the supervisor.
+pub const NOTIFIED: [i64; 1] = [libc::SYS_connect];
+
+fn statement(code: u16, k: u32) -> libc::sock_filter {
+    libc::sock_filter {
+        code,
+        jt: 0,
+        jf: 0,
+        k,
+    }
+}
+
+fn jump(code: u16, k: u32, jt: u8, jf: u8) -> libc::sock_filter {
+    libc::sock_filter { code, jt, jf, k }
+}
+
+impl Rules {
+    /// The filter for these rules. Other architectures' and the x32 ABI's system calls
+    /// kill the process: their numbers mean other calls, which this filter cannot tell
+    /// apart, and a connect through them would pass unseen.
+    pub fn filter(self) -> Filter {
+        let mut program = vec![
+            statement(BPF_LD_W_ABS, OFFSET_ARCH),
+            jump(BPF_JEQ_K, AUDIT_ARCH_X86_64, 1, 0),
+            statement(BPF_RET_K, libc::SECCOMP_RET_KILL_PROCESS),
+            statement(BPF_LD_W_ABS, OFFSET_NR),
+            jump(BPF_JGE_K, X32_SYSCALL_BIT, 0, 1),
+            statement(BPF_RET_K, libc::SECCOMP_RET_KILL_PROCESS),
+        ];
+        let mut on = |nr: i64, action: u32| {
+            program.push(jump(BPF_JEQ_K, nr as u32, 0, 1));
+            program.push(statement(BPF_RET_K, action));
+        };
+        for nr in NOTIFIED {
+            on(nr, libc::SECCOMP_RET_USER_NOTIF);
+        }
+        if self.refuse_io_uring {
+            on(
+                libc::SYS_io_uring_setup,
+                libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32,
+            );
+        }
+        program.push(statement(BPF_RET_K, libc::SECCOMP_RET_ALLOW));
+        Filter {
+            instructions: program,
+            // A notified call is not interrupted by ordinary signals once the supervisor
+            // has read it (Go's SIGURG preemption arrives every ~10 ms): it waits for our
+            // answer, and only a fatal signal ends it.
+            flags: libc::SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs the filter on one system call, as the kernel would.
+    fn run(filter: &Filter, arch: u32, nr: u32) -> u32 {
+        let mut pc = 0usize;
+        let mut accumulator = 0u32;
+        loop {
+            let i = filter.instructions[pc];
+            match i.code {
+                BPF_LD_W_ABS => {
+                    accumulator = if i.k == OFFSET_ARCH { arch } else { nr };
+                    pc += 1;
+                }
+                BPF_JEQ_K => pc += 1 + usize::from(if accumulator == i.k { i.jt } else { i.jf }),
+                BPF_JGE_K => pc += 1 + usize::from(if accumulator >= i.k { i.jt } else { i.jf }),
+                BPF_RET_K => return i.k,
+                other => panic!("unexpected instruction {other:#x}"),
+            }
+        }
+    }
+
+    #[test]
+    fn connect_stops_io_uring_fails_the_rest_runs() {
+        let filter = Rules {
+            refuse_io_uring: true,
+        }
+        .filter();
+        let x86_64 = AUDIT_ARCH_X86_64;
+        assert_eq!(
+            run(&filter, x86_64, libc::SYS_connect as u32),
+            libc::SECCOMP_RET_USER_NOTIF
+        );
+        assert_eq!(
+            run(&filter, x86_64, libc::SYS_io_uring_setup as u32),
+            libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32
+        );
+        for nr in [
+            libc::SYS_read,
+            libc::SYS_write,
+            libc::SYS_sendto,
+            libc::SYS_socket,
+        ] {
+            assert_eq!(run(&filter, x86_64, nr as u32), libc::SECCOMP_RET_ALLOW);
+        }
+        // i386's socketcall and the x32 ABI's connect.
+        assert_eq!(
+            run(&filter, 0x4000_0003, 102),
+            libc::SECCOMP_RET_KILL_PROCESS
+        );
+        assert_eq!(
+            run(&filter, x86_64, X32_SYSCALL_BIT | 42),
+            libc::SECCOMP_RET_KILL_PROCESS
+        );
+        let allowed = Rules {
+            refuse_io_uring: false,
+        }
+        .filter();
+        assert_eq!(
+            run(&allowed, x86_64, libc::SYS_io_uring_setup as u32),
+            libc::SECCOMP_RET_ALLOW
+        );
+    }
+}

@@ -1,0 +1,212 @@
+//! The kernel's edge: installing the filter in the child between fork and exec, the
+//! seccomp notification ioctls, and taking a program's file descriptor with
+//! `pidfd_getfd`. Every `unsafe` of the supervisor is here; the rest is safe code.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+use crate::filter::Filter;
+
+/// One system call the filter handed to us, stopped until we answer it.
+#[derive(Debug, Clone, Copy)]
+pub struct Notification {
+    /// Names this call in the answer; valid until answered or the caller dies.
+    pub id: u64,
+    /// The calling thread (its id in our pid namespace).
+    pub tid: i32,
+    pub nr: i64,
+    pub args: [u64; 6],
+}
+
+/// What the stopped call does once answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// The kernel runs the call as the program made it.
+    Continue,
+    /// The call returns this value (what we did in its place).
+    Return(i64),
+    /// The call fails with this errno.
+    Fail(i32),
+}
+
+/// Makes `command`'s child, after fork and before exec, forbid itself new privileges,
+/// install `filter` with a notification listener, and send the listener over
+/// `channel` (one end of a socket pair). Only system calls run there: no allocation,
+/// no lock, as after a fork in a threaded process nothing else is safe. A kernel that
+/// refuses the filter makes `spawn` fail with its errno.
+pub fn install_in_child(command: &mut Command, filter: Filter, channel: OwnedFd) {
+    let flags = libc::SECCOMP_FILTER_FLAG_NEW_LISTENER | filter.flags;
+    let instructions = filter.instructions;
+    // SAFETY: the closure runs in the forked child before exec. It only makes system
+    // calls (prctl, seccomp, sendmsg, close) on memory that was allocated before the
+    // fork (`instructions`, the channel) or lives on its own stack; it allocates
+    // nothing and takes no lock.
+    unsafe {
+        command.pre_exec(move || {
+            let program = libc::sock_fprog {
+                len: instructions.len() as u16,
+                filter: instructions.as_ptr() as *mut libc::sock_filter,
+            };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let listener = libc::syscall(
+                libc::SYS_seccomp,
+                libc::SECCOMP_SET_MODE_FILTER,
+                flags,
+                &program as *const libc::sock_fprog,
+            );
+            if listener < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let sent = send_fd_raw(channel.as_raw_fd(), listener as RawFd);
+            libc::close(listener as RawFd);
+            if sent < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// `sendmsg` of one byte with `fd` as SCM_RIGHTS, built on the stack (the child's
+/// side of [`install_in_child`]).
+///
+/// # Safety
+/// Only system calls on the stack's memory; callable between fork and exec.
+unsafe fn send_fd_raw(channel: RawFd, fd: RawFd) -> isize {
+    // Room for one cmsghdr with one int, aligned for cmsghdr.
+    let mut space = [0u64; 4];
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // SAFETY: every pointer names a local of this frame, alive for the call; the
+    // control buffer is larger than CMSG_SPACE(sizeof(int)) and aligned as u64.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = space.as_mut_ptr().cast();
+        msg.msg_controllen = libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) as usize;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        if cmsg.is_null() {
+            return -1;
+        }
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
+        libc::sendmsg(channel, &msg, 0)
+    }
+}
+
+/// Waits for the next notification. `ENOENT`: the caller died before we read it.
+pub fn receive(listener: BorrowedFd<'_>) -> io::Result<Notification> {
+    // SAFETY: seccomp_notif is plain data; the kernel wants it zeroed.
+    let mut raw: libc::seccomp_notif = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: `raw` is a live, writable seccomp_notif of the size the request names.
+        let rc = unsafe {
+            libc::ioctl(
+                listener.as_raw_fd(),
+                libc::SECCOMP_IOCTL_NOTIF_RECV as _,
+                &mut raw as *mut libc::seccomp_notif,
+            )
+        };
+        if rc == 0 {
+            return Ok(Notification {
+                id: raw.id,
+                tid: raw.pid as i32,
+                nr: i64::from(raw.data.nr),
+                args: raw.data.args,
+            });
+        }
+        let error = io::Error::last_os_error();
+        if error.raw_os_error() != Some(libc::EINTR) {
+            return Err(error);
+        }
+    }
+}
+
+/// Answers notification `id`. `ENOENT`: the caller is gone (killed, or the call was
+/// interrupted before we read it).
+pub fn answer(listener: BorrowedFd<'_>, id: u64, answer: Answer) -> io::Result<()> {
+    let (val, error, flags) = match answer {
+        Answer::Continue => (0, 0, libc::SECCOMP_USER_NOTIF_FLAG_CONTINUE as u32),
+        Answer::Return(value) => (value, 0, 0),
+        Answer::Fail(errno) => (0, -errno, 0),
+    };
+    let mut response = libc::seccomp_notif_resp {
+        id,
+        val,
+        error,
+        flags,
+    };
+    // SAFETY: `response` is a live seccomp_notif_resp, the size the request names.
+    let rc = unsafe {
+        libc::ioctl(
+            listener.as_raw_fd(),
+            libc::SECCOMP_IOCTL_NOTIF_SEND as _,
+            &mut response as *mut libc::seccomp_notif_resp,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// True while notification `id` still waits for its answer: what we read of the
+/// caller before this was read from the process that made the call.
+pub fn still_waiting(listener: BorrowedFd<'_>, id: u64) -> bool {
+    let mut id = id;
+    // SAFETY: the request reads one u64, which `id` is.
+    unsafe {
+        libc::ioctl(
+            listener.as_raw_fd(),
+            libc::SECCOMP_IOCTL_NOTIF_ID_VALID as _,
+            &mut id as *mut u64,
+        ) == 0
+    }
+}
+
+/// A pidfd for process `pid`.
+pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: a system call with integer arguments.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    owned(fd)
+}
+
+/// A duplicate of file descriptor `fd` of the process behind `pidfd`, in this process.
+pub fn pidfd_getfd(pidfd: BorrowedFd<'_>, fd: i32) -> io::Result<OwnedFd> {
+    // SAFETY: a system call with integer arguments.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    owned(fd)
+}
+
+fn owned(fd: libc::c_long) -> io::Result<OwnedFd> {
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just gave us this descriptor, and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Ends this process the way the program ended: by `signal`, with its default action
+/// (a core dump too, for the signals that make one), else with 128 + its number.
+pub fn die_of(signal: nix::sys::signal::Signal) -> ! {
+    use nix::sys::signal::{SigHandler, SigSet};
+    // SAFETY: SIG_DFL installs no handler of ours; nothing runs on the signal.
+    let _ = unsafe { nix::sys::signal::signal(signal, SigHandler::SigDfl) };
+    let mut set = SigSet::empty();
+    set.add(signal);
+    let _ = set.thread_unblock();
+    let _ = nix::sys::signal::raise(signal);
+    std::process::exit(128 + signal as i32)
+}
