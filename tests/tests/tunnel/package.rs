@@ -340,7 +340,7 @@ fn the_debian_packages_install_verify_run_the_demo_and_purge() {
 
     // A gateway the administrator made before installing is left alone, by install and
     // by purge.
-    run_ok(Command::new("/usr/bin/tunnel-gateway").args([
+    run_ok(Command::new(bin("tunnel-gateway")).args([
         "init",
         "--dir",
         "/etc/tunnel/gateway",
