@@ -23,6 +23,7 @@ pub mod callback;
 pub mod config;
 pub mod connect;
 pub mod discovery;
+pub mod dns;
 pub mod duration;
 pub mod enrolment;
 pub mod local;

@@ -8,13 +8,15 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::Duration;
 
-use nix::sys::socket::{SockaddrIn, SockaddrIn6, SockaddrStorage, sockopt};
+use nix::sys::socket::{SockaddrIn, SockaddrIn6, sockopt};
 use tunnel_proto::Target;
 use tunnel_proto::local::{Reply, Request, VerdictDelivery};
 use tunnel_proto::pattern::Pattern;
 use tunnel_proto::routes::{ConnectMode, RouteTable};
 
 use crate::agent::AgentSocket;
+use crate::program::{self, Redirect, Redirects};
+use crate::resolver::Resolver;
 use crate::sys::Answer;
 
 /// The destination of a `connect`, as read from the program's memory.
@@ -86,7 +88,13 @@ pub struct Routes {
 }
 
 impl Routes {
-    pub fn decide(&self, destination: SocketAddr) -> Decision {
+    /// Where a connection to `destination` goes. `name_of` gives the name a synthetic
+    /// address was handed out for in this job, whose route then decides.
+    pub fn decide(
+        &self,
+        destination: SocketAddr,
+        name_of: impl Fn(IpAddr) -> Option<String>,
+    ) -> Decision {
         let ip = destination.ip().to_canonical();
         let port = destination.port();
         let canonical = SocketAddr::new(ip, port);
@@ -98,9 +106,10 @@ impl Routes {
             return Decision::Direct;
         }
         if self.synthetic.iter().any(|p| p.matches_ip(ip, port)) {
+            let route = name_of(ip).and_then(|name| self.table.route_name(&name, port));
             return Decision::Tunnel {
-                via: None,
-                connect: ConnectMode::default(),
+                via: route.map(|r| r.via.clone()),
+                connect: route.map(|r| r.connect).unwrap_or_default(),
             };
         }
         match self.table.route_ip(ip, port) {
@@ -131,6 +140,7 @@ fn failed(errno: i32, why: impl Into<String>) -> Failed {
 /// `destination`: what the program's connect returns.
 pub fn redirect(
     agent: &AgentSocket,
+    redirects: &Redirects,
     socket: &OwnedFd,
     destination: SocketAddr,
     via: Option<String>,
@@ -142,7 +152,7 @@ pub fn redirect(
         // A datagram "connect" only sets a default peer: nothing to carry.
         return Ok(Answer::Continue);
     }
-    if peer_of(socket).is_some() {
+    if program::peer_addr(socket).is_some() {
         // Connected already (or connecting): the kernel answers EISCONN or EALREADY
         // for this socket without sending anything anywhere.
         return Ok(Answer::Continue);
@@ -184,6 +194,16 @@ pub fn redirect(
         }
     };
     connect_locally(socket, listener)?;
+    if let Some(inode) = program::inode(socket) {
+        redirects.insert(
+            inode,
+            Redirect {
+                shown: destination,
+                real: listener,
+                resolver: false,
+            },
+        );
+    }
     let connected = if nonblocking {
         // A non-blocking connect's answer: in progress; the socket is writable at once
         // and SO_ERROR is 0, as for a connection that has just been made.
@@ -213,27 +233,6 @@ pub fn redirect(
     }
 }
 
-fn local_addr(socket: &OwnedFd) -> Option<SocketAddr> {
-    let storage: SockaddrStorage =
-        nix::sys::socket::getsockname(std::os::fd::AsRawFd::as_raw_fd(socket)).ok()?;
-    to_std(&storage)
-}
-
-fn peer_of(socket: &OwnedFd) -> Option<SocketAddr> {
-    let storage: SockaddrStorage =
-        nix::sys::socket::getpeername(std::os::fd::AsRawFd::as_raw_fd(socket)).ok()?;
-    to_std(&storage)
-}
-
-fn to_std(storage: &SockaddrStorage) -> Option<SocketAddr> {
-    if let Some(v4) = storage.as_sockaddr_in() {
-        return Some(SocketAddr::V4(SocketAddrV4::from(*v4)));
-    }
-    storage
-        .as_sockaddr_in6()
-        .map(|v6| SocketAddr::V6(SocketAddrV6::from(*v6)))
-}
-
 fn bind(socket: &OwnedFd, address: SocketAddr) -> nix::Result<()> {
     let fd = std::os::fd::AsRawFd::as_raw_fd(socket);
     match address {
@@ -245,7 +244,7 @@ fn bind(socket: &OwnedFd, address: SocketAddr) -> nix::Result<()> {
 /// The socket's own address, giving it a loopback one first if it has none (the
 /// agent matches the connection that arrives by it).
 fn source_address(socket: &OwnedFd, destination: SocketAddr) -> Result<SocketAddr, Failed> {
-    if let Some(local) = local_addr(socket).filter(|a| a.port() != 0) {
+    if let Some(local) = program::local_addr(socket).filter(|a| a.port() != 0) {
         return Ok(local);
     }
     let candidates: &[IpAddr] = match destination {
@@ -263,7 +262,7 @@ fn source_address(socket: &OwnedFd, destination: SocketAddr) -> Result<SocketAdd
     for ip in candidates {
         match bind(socket, SocketAddr::new(*ip, 0)) {
             Ok(()) => {
-                return local_addr(socket)
+                return program::local_addr(socket)
                     .ok_or_else(|| failed(libc::EBADF, "no address after bind"));
             }
             Err(e) => last = e as i32,
@@ -272,8 +271,46 @@ fn source_address(socket: &OwnedFd, destination: SocketAddr) -> Result<SocketAdd
     Err(failed(last, "cannot bind a loopback source address"))
 }
 
-/// Connects the program's socket to the agent's listener, waiting for a non-blocking
-/// one to finish (the agent is on loopback: at once).
+/// A resolver's UDP socket meant for `nameserver`: connected to the stub instead,
+/// where the program's queries are answered (a `connect` of a UDP socket sends
+/// nothing; the kernel now takes datagrams from the stub only).
+pub fn redirect_resolver(
+    resolver: &Resolver,
+    redirects: &Redirects,
+    socket: &OwnedFd,
+    nameserver: SocketAddr,
+) -> Result<Answer, Failed> {
+    let stub = resolver.stub_for(program::is_ipv6(socket));
+    connect_locally(socket, stub)?;
+    note_resolver(resolver, redirects, socket, nameserver, stub);
+    Ok(Answer::Return(0))
+}
+
+/// Notes a resolver socket of the program that asked `nameserver` and talks to `stub`.
+pub fn note_resolver(
+    resolver: &Resolver,
+    redirects: &Redirects,
+    socket: &OwnedFd,
+    nameserver: SocketAddr,
+    stub: SocketAddr,
+) {
+    if let Some(local) = program::local_addr(socket) {
+        resolver.note(local, nameserver);
+    }
+    if let Some(inode) = program::inode(socket) {
+        redirects.insert(
+            inode,
+            Redirect {
+                shown: nameserver,
+                real: stub,
+                resolver: true,
+            },
+        );
+    }
+}
+
+/// Connects the program's socket to the agent's listener (or the resolver stub),
+/// waiting for a non-blocking one to finish (both are on loopback: at once).
 fn connect_locally(socket: &OwnedFd, listener: SocketAddr) -> Result<(), Failed> {
     let fd = std::os::fd::AsRawFd::as_raw_fd(socket);
     let result = match listener {
@@ -352,26 +389,26 @@ mod tests {
             agent_listeners: vec!["127.0.0.1:4000".parse().unwrap()],
         };
         assert_eq!(
-            routes.decide("127.0.0.1:4000".parse().unwrap()),
+            routes.decide("127.0.0.1:4000".parse().unwrap(), |_| None),
             Decision::Direct
         );
         assert_eq!(
-            routes.decide("[::ffff:127.0.0.1]:4000".parse().unwrap()),
+            routes.decide("[::ffff:127.0.0.1]:4000".parse().unwrap(), |_| None),
             Decision::Direct
         );
         assert!(matches!(
-            routes.decide("127.0.0.1:4001".parse().unwrap()),
+            routes.decide("127.0.0.1:4001".parse().unwrap(), |_| None),
             Decision::Tunnel { via: Some(v), .. } if v == "b"
         ));
         assert_eq!(
-            routes.decide("198.18.0.7:80".parse().unwrap()),
+            routes.decide("198.18.0.7:80".parse().unwrap(), |_| None),
             Decision::Tunnel {
                 via: None,
                 connect: ConnectMode::default()
             }
         );
         assert_eq!(
-            routes.decide("10.21.0.1:80".parse().unwrap()),
+            routes.decide("10.21.0.1:80".parse().unwrap(), |_| None),
             Decision::Direct
         );
     }

@@ -31,8 +31,19 @@ const BPF_RET_K: u16 = 0x06;
 const OFFSET_NR: u32 = 0;
 const OFFSET_ARCH: u32 = 4;
 
-/// The system calls that stop for the supervisor.
-pub const NOTIFIED: [i64; 1] = [libc::SYS_connect];
+/// The system calls that always stop for the supervisor: `connect` (the routes) and
+/// `getpeername` (a redirected socket shows the peer the program asked for).
+pub const NOTIFIED: [i64; 2] = [libc::SYS_connect, libc::SYS_getpeername];
+
+/// The system calls that stop only when their argument 4, an address, is given: a
+/// `sendto` with a destination (a resolver's query to its nameserver) and a `recvfrom`
+/// that asks who sent (the resolver checks its answer came from the nameserver). Plain
+/// sends and receives on connected sockets, the data path, never stop.
+pub const NOTIFIED_WITH_ADDRESS: [i64; 2] = [libc::SYS_sendto, libc::SYS_recvfrom];
+
+/// Offsets of argument 4's two 32-bit halves in `struct seccomp_data` (little-endian).
+const OFFSET_ARG4_LOW: u32 = 16 + 4 * 8;
+const OFFSET_ARG4_HIGH: u32 = OFFSET_ARG4_LOW + 4;
 
 fn statement(code: u16, k: u32) -> libc::sock_filter {
     libc::sock_filter {
@@ -60,15 +71,27 @@ impl Rules {
             jump(BPF_JGE_K, X32_SYSCALL_BIT, 0, 1),
             statement(BPF_RET_K, libc::SECCOMP_RET_KILL_PROCESS),
         ];
-        let mut on = |nr: i64, action: u32| {
+        let on = |program: &mut Vec<libc::sock_filter>, nr: i64, action: u32| {
             program.push(jump(BPF_JEQ_K, nr as u32, 0, 1));
             program.push(statement(BPF_RET_K, action));
         };
         for nr in NOTIFIED {
-            on(nr, libc::SECCOMP_RET_USER_NOTIF);
+            on(&mut program, nr, libc::SECCOMP_RET_USER_NOTIF);
+        }
+        for nr in NOTIFIED_WITH_ADDRESS {
+            program.extend([
+                jump(BPF_JEQ_K, nr as u32, 0, 6),
+                statement(BPF_LD_W_ABS, OFFSET_ARG4_LOW),
+                jump(BPF_JEQ_K, 0, 0, 3),
+                statement(BPF_LD_W_ABS, OFFSET_ARG4_HIGH),
+                jump(BPF_JEQ_K, 0, 0, 1),
+                statement(BPF_RET_K, libc::SECCOMP_RET_ALLOW),
+                statement(BPF_RET_K, libc::SECCOMP_RET_USER_NOTIF),
+            ]);
         }
         if self.refuse_io_uring {
             on(
+                &mut program,
                 libc::SYS_io_uring_setup,
                 libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32,
             );
@@ -90,13 +113,23 @@ mod tests {
 
     /// Runs the filter on one system call, as the kernel would.
     fn run(filter: &Filter, arch: u32, nr: u32) -> u32 {
+        run_with(filter, arch, nr, 0)
+    }
+
+    fn run_with(filter: &Filter, arch: u32, nr: u32, arg4: u64) -> u32 {
         let mut pc = 0usize;
         let mut accumulator = 0u32;
         loop {
             let i = filter.instructions[pc];
             match i.code {
                 BPF_LD_W_ABS => {
-                    accumulator = if i.k == OFFSET_ARCH { arch } else { nr };
+                    accumulator = match i.k {
+                        OFFSET_ARCH => arch,
+                        OFFSET_NR => nr,
+                        OFFSET_ARG4_LOW => arg4 as u32,
+                        OFFSET_ARG4_HIGH => (arg4 >> 32) as u32,
+                        other => panic!("unexpected load at {other}"),
+                    };
                     pc += 1;
                 }
                 BPF_JEQ_K => pc += 1 + usize::from(if accumulator == i.k { i.jt } else { i.jf }),
@@ -129,6 +162,23 @@ mod tests {
             libc::SYS_socket,
         ] {
             assert_eq!(run(&filter, x86_64, nr as u32), libc::SECCOMP_RET_ALLOW);
+        }
+        assert_eq!(
+            run(&filter, x86_64, libc::SYS_getpeername as u32),
+            libc::SECCOMP_RET_USER_NOTIF
+        );
+        // sendto and recvfrom stop only with an address, in either half of the pointer.
+        for nr in [libc::SYS_sendto, libc::SYS_recvfrom] {
+            assert_eq!(
+                run_with(&filter, x86_64, nr as u32, 0),
+                libc::SECCOMP_RET_ALLOW
+            );
+            for address in [0x7ffd_1234_5678u64, 0x1000, 0x7fff_0000_0000] {
+                assert_eq!(
+                    run_with(&filter, x86_64, nr as u32, address),
+                    libc::SECCOMP_RET_USER_NOTIF
+                );
+            }
         }
         // i386's socketcall and the x32 ABI's connect.
         assert_eq!(

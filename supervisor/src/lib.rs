@@ -21,6 +21,8 @@
 mod agent;
 mod connect;
 mod filter;
+mod program;
+mod resolver;
 mod supervise;
 mod sys;
 

@@ -3,7 +3,8 @@
 //! supervisor is their subreaper), and say how the program ended.
 
 use std::io::IoSliceMut;
-use std::os::fd::{AsFd, OwnedFd};
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,8 +16,13 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
 use crate::agent::AgentSocket;
-use crate::connect::{Decision, Destination, Routes, parse_sockaddr, redirect};
+use crate::connect::{
+    Decision, Destination, Failed, Routes, note_resolver, parse_sockaddr, redirect,
+    redirect_resolver,
+};
 use crate::filter::Rules;
+use crate::program::{self, Redirects};
+use crate::resolver::Resolver;
 use crate::sys::{self, Answer, Notification};
 
 /// What the supervisor needs to know.
@@ -30,6 +36,9 @@ pub struct Plan {
     /// Children of ours that are not the program's (an agent started for it): not
     /// waited for.
     pub not_waited_for: Vec<u32>,
+    /// Answer the program's own DNS queries (static and Go resolvers) in the resolver
+    /// stub: routed names get synthetic addresses.
+    pub resolve_names: bool,
 }
 
 /// How the program ended.
@@ -58,10 +67,18 @@ struct Shared {
     listener: OwnedFd,
     routes: Routes,
     agent: AgentSocket,
+    redirects: Redirects,
+    /// The resolver stub for programs' own DNS queries; `None` when names are left
+    /// to the program.
+    resolver: Option<Arc<Resolver>>,
     trace: bool,
 }
 
 impl Shared {
+    fn name_of(&self, ip: std::net::IpAddr) -> Option<String> {
+        self.resolver.as_ref().and_then(|r| r.name_of(ip))
+    }
+
     fn trace(&self, what: std::fmt::Arguments<'_>) {
         if self.trace {
             eprintln!("tunnel-run: supervisor: {what}");
@@ -91,6 +108,14 @@ pub fn check_machine() -> Result<()> {
 /// it have ended.
 pub fn run(mut command: Command, plan: Plan) -> Result<Exit> {
     check_machine()?;
+    let resolver = if plan.resolve_names {
+        Some(
+            Resolver::start(plan.routes.table.clone(), plan.agent.clone(), plan.trace)
+                .context("starting the resolver stub on loopback")?,
+        )
+    } else {
+        None
+    };
     nix::sys::prctl::set_child_subreaper(true).context("becoming the program's subreaper")?;
     let mut blocked = SigSet::empty();
     for s in PASSED_ON.iter().chain(SWALLOWED.iter()) {
@@ -120,6 +145,8 @@ pub fn run(mut command: Command, plan: Plan) -> Result<Exit> {
         listener,
         routes: plan.routes,
         agent: plan.agent,
+        redirects: Redirects::default(),
+        resolver,
         trace: plan.trace,
     });
     std::thread::Builder::new()
@@ -240,6 +267,9 @@ fn answer_notifications(shared: &Arc<Shared>) {
         };
         match notification.nr {
             libc::SYS_connect => on_connect(shared, notification),
+            libc::SYS_sendto => on_sendto(shared, notification),
+            libc::SYS_recvfrom => on_recvfrom(shared, notification),
+            libc::SYS_getpeername => on_getpeername(shared, notification),
             _ => answer(shared, &notification, Answer::Continue),
         }
     }
@@ -250,49 +280,19 @@ fn answer(shared: &Shared, notification: &Notification, answer: Answer) {
     let _ = sys::answer(shared.listener.as_fd(), notification.id, answer);
 }
 
-/// A `connect`: read its address once; a destination no route selects continues as
-/// the program made it, a routed one is redirected on a thread of its own (it waits
-/// for the gateway's answer).
-fn on_connect(shared: &Arc<Shared>, n: Notification) {
-    let length = (n.args[2] as usize).min(128);
-    let mut bytes = vec![0u8; length];
-    let read = nix::sys::uio::process_vm_readv(
-        Pid::from_raw(n.tid),
-        &mut [IoSliceMut::new(&mut bytes)],
-        &[nix::sys::uio::RemoteIoVec {
-            base: n.args[1] as usize,
-            len: length,
-        }],
-    );
-    // What we read is the call's only if the call still waits: the thread could have
-    // died and its id been reused.
-    if !sys::still_waiting(shared.listener.as_fd(), n.id) {
-        return;
-    }
-    let destination = match read {
-        Ok(got) if got == length => parse_sockaddr(&bytes),
-        // A bad pointer: the kernel's own connect says EFAULT.
-        Err(nix::errno::Errno::EFAULT) | Ok(_) => Destination::Malformed,
-        Err(e) => {
-            eprintln!(
-                "tunnel-run: supervisor: cannot read the address of a connect in process {} ({e}): refused",
-                n.tid
-            );
-            return answer(shared, &n, Answer::Fail(libc::ECONNREFUSED));
-        }
-    };
-    let Destination::Internet(destination) = destination else {
-        return answer(shared, &n, Answer::Continue);
-    };
-    let Decision::Tunnel { via, connect } = shared.routes.decide(destination) else {
-        return answer(shared, &n, Answer::Continue);
-    };
+/// Answers `n` with what `work` decides, on a thread of its own: it may wait (for the
+/// gateway's verdict, a nameserver, a datagram).
+fn in_worker(
+    shared: &Arc<Shared>,
+    n: Notification,
+    work: impl FnOnce(&Shared, &Notification) -> Answer + Send + 'static,
+) {
     let worker = shared.clone();
     let started = std::thread::Builder::new()
-        .name("connect".into())
+        .name("notified".into())
         .stack_size(256 * 1024)
         .spawn(move || {
-            let result = redirect_in_place(&worker, &n, destination, via, connect);
+            let result = work(&worker, &n);
             answer(&worker, &n, result);
         });
     if started.is_err() {
@@ -300,19 +300,85 @@ fn on_connect(shared: &Arc<Shared>, n: Notification) {
     }
 }
 
-/// Takes the program's socket and redirects it; what the program's connect returns.
-fn redirect_in_place(
+/// Reads the `struct sockaddr` of `length` bytes at `address` in the caller, once; the
+/// destination is the call's only if the call still waits (the thread could have died
+/// and its id been reused). `None`: the call is gone, nothing to answer.
+fn destination_of(
     shared: &Shared,
     n: &Notification,
-    destination: std::net::SocketAddr,
-    via: Option<String>,
-    connect: tunnel_proto::routes::ConnectMode,
-) -> Answer {
-    let socket = match take_socket(shared, n) {
-        Ok(socket) => socket,
-        Err(answer) => return answer,
+    address: u64,
+    length: u64,
+) -> Option<Destination> {
+    let read = program::read(n.tid, address, (length as usize).min(128));
+    if !sys::still_waiting(shared.listener.as_fd(), n.id) {
+        return None;
+    }
+    Some(match read {
+        Ok(bytes) => parse_sockaddr(&bytes),
+        // A bad pointer: the kernel's own call says EFAULT.
+        Err(_) => Destination::Malformed,
+    })
+}
+
+/// A `connect`: a destination no route selects continues as the program made it; a
+/// routed one is redirected; a resolver's UDP socket meant for a nameserver (port 53)
+/// goes to the resolver stub.
+fn on_connect(shared: &Arc<Shared>, n: Notification) {
+    let Some(destination) = destination_of(shared, &n, n.args[1], n.args[2]) else {
+        return;
     };
-    match redirect(&shared.agent, &socket, destination, via, connect) {
+    let Destination::Internet(destination) = destination else {
+        return answer(shared, &n, Answer::Continue);
+    };
+    if destination.port() == 53 && shared.resolver.is_some() {
+        return in_worker(shared, n, move |shared, n| {
+            let socket = match take_socket(shared, n) {
+                Ok(socket) => socket,
+                Err(answer) => return answer,
+            };
+            if is_datagram(&socket)
+                && let Some(resolver) = &shared.resolver
+            {
+                return finish(
+                    shared,
+                    destination,
+                    redirect_resolver(resolver, &shared.redirects, &socket, destination),
+                );
+            }
+            route_stream(shared, &socket, destination)
+        });
+    }
+    let decision = shared.routes.decide(destination, |ip| shared.name_of(ip));
+    let Decision::Tunnel { .. } = decision else {
+        return answer(shared, &n, Answer::Continue);
+    };
+    in_worker(shared, n, move |shared, n| match take_socket(shared, n) {
+        Ok(socket) => route_stream(shared, &socket, destination),
+        Err(answer) => answer,
+    })
+}
+
+/// A connect of the program's `socket` to `destination`, by the routes.
+fn route_stream(shared: &Shared, socket: &OwnedFd, destination: SocketAddr) -> Answer {
+    match shared.routes.decide(destination, |ip| shared.name_of(ip)) {
+        Decision::Direct => Answer::Continue,
+        Decision::Tunnel { via, connect } => finish(
+            shared,
+            destination,
+            redirect(
+                &shared.agent,
+                &shared.redirects,
+                socket,
+                destination,
+                via,
+                connect,
+            ),
+        ),
+    }
+}
+
+fn finish(shared: &Shared, destination: SocketAddr, result: Result<Answer, Failed>) -> Answer {
+    match result {
         Ok(answer) => {
             shared.trace(format_args!("{destination}: redirected ({answer:?})"));
             answer
@@ -325,6 +391,135 @@ fn redirect_in_place(
             Answer::Fail(failed.errno)
         }
     }
+}
+
+fn is_datagram(socket: &OwnedFd) -> bool {
+    nix::sys::socket::getsockopt(socket, nix::sys::socket::sockopt::SockType)
+        .is_ok_and(|t| t == nix::sys::socket::SockType::Datagram)
+}
+
+/// A `sendto` with a destination: a query to a nameserver (UDP, port 53) goes to the
+/// resolver stub from the program's own socket; everything else continues.
+fn on_sendto(shared: &Arc<Shared>, n: Notification) {
+    if shared.resolver.is_none() {
+        return answer(shared, &n, Answer::Continue);
+    }
+    let Some(destination) = destination_of(shared, &n, n.args[4], n.args[5]) else {
+        return;
+    };
+    let nameserver = match destination {
+        Destination::Internet(d) if d.port() == 53 => d,
+        _ => return answer(shared, &n, Answer::Continue),
+    };
+    in_worker(shared, n, move |shared, n| {
+        let Some(resolver) = &shared.resolver else {
+            return Answer::Continue;
+        };
+        let socket = match take_socket(shared, n) {
+            Ok(socket) => socket,
+            Err(answer) => return answer,
+        };
+        if !is_datagram(&socket) {
+            return Answer::Continue;
+        }
+        let Ok(query) = program::read(n.tid, n.args[1], (n.args[2] as usize).min(65_535)) else {
+            return Answer::Fail(libc::EFAULT);
+        };
+        let stub = resolver.stub_for(program::is_ipv6(&socket));
+        let flags = nix::sys::socket::MsgFlags::from_bits_truncate(n.args[3] as i32);
+        let sent = match stub {
+            SocketAddr::V4(v4) => nix::sys::socket::sendto(
+                socket.as_raw_fd(),
+                &query,
+                &nix::sys::socket::SockaddrIn::from(v4),
+                flags,
+            ),
+            SocketAddr::V6(v6) => nix::sys::socket::sendto(
+                socket.as_raw_fd(),
+                &query,
+                &nix::sys::socket::SockaddrIn6::from(v6),
+                flags,
+            ),
+        };
+        match sent {
+            Ok(bytes) => {
+                note_resolver(resolver, &shared.redirects, &socket, nameserver, stub);
+                shared.trace(format_args!("query to {nameserver}: to the resolver stub"));
+                Answer::Return(bytes as i64)
+            }
+            Err(e) => Answer::Fail(e as i32),
+        }
+    });
+}
+
+/// A `recvfrom` that asks who sent: on a resolver socket we redirected, done here so
+/// that an answer from the stub shows as from the nameserver the program asked; on any
+/// other socket it continues.
+fn on_recvfrom(shared: &Arc<Shared>, n: Notification) {
+    let Some(socket) = take_socket_quietly(shared, &n) else {
+        return answer(shared, &n, Answer::Continue);
+    };
+    let Some(redirect) = shared.redirects.of(&socket).filter(|r| r.resolver) else {
+        return answer(shared, &n, Answer::Continue);
+    };
+    in_worker(shared, n, move |shared, n| {
+        let mut buffer = vec![0u8; (n.args[2] as usize).min(65_535)];
+        let flags = nix::sys::socket::MsgFlags::from_bits_truncate(n.args[3] as i32);
+        let received = nix::sys::socket::recvmsg::<nix::sys::socket::SockaddrStorage>(
+            socket.as_raw_fd(),
+            &mut [std::io::IoSliceMut::new(&mut buffer)],
+            None,
+            flags,
+        )
+        .map(|m| (m.bytes, m.address.as_ref().and_then(program::to_std)));
+        let (bytes, from) = match received {
+            Ok(got) => got,
+            Err(e) => return Answer::Fail(e as i32),
+        };
+        let from = match (from, &shared.resolver) {
+            (Some(f), Some(resolver)) if resolver.is_stub(f) => Some(redirect.shown),
+            (other, _) => other,
+        };
+        let copied = bytes.min(buffer.len());
+        if program::write(n.tid, n.args[1], &buffer[..copied]).is_err() {
+            return Answer::Fail(libc::EFAULT);
+        }
+        if let Some(from) = from {
+            let sockaddr = program::encode_sockaddr(from, program::is_ipv6(&socket));
+            if program::write_sockaddr(n.tid, n.args[4], n.args[5], &sockaddr).is_err() {
+                return Answer::Fail(libc::EFAULT);
+            }
+        }
+        Answer::Return(bytes as i64)
+    });
+}
+
+/// `getpeername` of a socket we redirected: the peer the program asked for (Go fills
+/// its connections' RemoteAddr from it); any other socket's is the kernel's.
+fn on_getpeername(shared: &Arc<Shared>, n: Notification) {
+    let Some(socket) = take_socket_quietly(shared, &n) else {
+        return answer(shared, &n, Answer::Continue);
+    };
+    let Some(redirect) = shared.redirects.of(&socket) else {
+        return answer(shared, &n, Answer::Continue);
+    };
+    let sockaddr = program::encode_sockaddr(redirect.shown, program::is_ipv6(&socket));
+    let result = match program::write_sockaddr(n.tid, n.args[1], n.args[2], &sockaddr) {
+        Ok(()) => Answer::Return(0),
+        Err(_) => Answer::Fail(libc::EFAULT),
+    };
+    answer(shared, &n, result);
+}
+
+/// Our duplicate of the socket a notified call is for, or nothing (the call then
+/// continues as the program made it).
+fn take_socket_quietly(shared: &Shared, n: &Notification) -> Option<OwnedFd> {
+    let process = thread_group_of(n.tid)?;
+    let pidfd = sys::pidfd_open(process).ok()?;
+    if !sys::still_waiting(shared.listener.as_fd(), n.id) {
+        return None;
+    }
+    sys::pidfd_getfd(pidfd.as_fd(), n.args[0] as i32).ok()
 }
 
 /// Our duplicate of the socket the notified connect is for.

@@ -267,6 +267,7 @@ fn supervision_plan(
         },
         trace: debug(),
         not_waited_for: started.into_iter().collect(),
+        resolve_names: true,
     })
 }
 
