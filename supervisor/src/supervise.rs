@@ -360,6 +360,13 @@ fn on_connect(shared: &Arc<Shared>, n: Notification) {
 
 /// A connect of the program's `socket` to `destination`, by the routes.
 fn route_stream(shared: &Shared, socket: &OwnedFd, destination: SocketAddr) -> Answer {
+    // The same connect again (a call restarted after a signal, a program asking once
+    // more): the socket is connected already, to the agent for this destination.
+    if shared.redirects.of(socket).is_some_and(|r| {
+        !r.resolver && program::canonical(r.shown) == program::canonical(destination)
+    }) {
+        return Answer::Return(0);
+    }
     match shared.routes.decide(destination, |ip| shared.name_of(ip)) {
         Decision::Direct => Answer::Continue,
         Decision::Tunnel { via, connect } => finish(

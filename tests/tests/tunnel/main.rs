@@ -7,6 +7,7 @@ mod diagnostics;
 mod discovery;
 mod errors;
 mod forward;
+mod go_programs;
 mod hostile;
 mod identity;
 mod inside_out;

@@ -26,6 +26,9 @@ const PROGRAM: &str = r#"
 #include <sys/syscall.h>
 #include <unistd.h>
 
+static struct sockaddr_storage last;
+static socklen_t last_len;
+
 static int open_to(const char *host, const char *port, int nonblocking, int *rc, int *err) {
     struct addrinfo hints = {0}, *res;
     hints.ai_family = AF_UNSPEC;
@@ -34,6 +37,8 @@ static int open_to(const char *host, const char *port, int nonblocking, int *rc,
     int e = getaddrinfo(host, port, &hints, &res);
     if (e != 0) { printf("getaddrinfo %s\n", gai_strerror(e)); exit(2); }
     int fd = socket(res->ai_family, SOCK_STREAM | (nonblocking ? SOCK_NONBLOCK : 0), 0);
+    memcpy(&last, res->ai_addr, res->ai_addrlen);
+    last_len = res->ai_addrlen;
     *rc = connect(fd, res->ai_addr, res->ai_addrlen);
     *err = *rc == 0 ? 0 : errno;
     freeaddrinfo(res);
@@ -67,6 +72,9 @@ int main(int argc, char **argv) {
         getsockopt(fd, SOL_SOCKET, SO_ERROR, &so, &len);
         printf("so_error %d\n", so);
         if (so != 0) return 0;
+        /* Asking again, as programs that poll a connect do: connected. */
+        int again = connect(fd, (struct sockaddr *)&last, last_len);
+        printf("again %s\n", again == 0 || errno == EISCONN ? "connected" : strerror(errno));
         fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
         echo(fd, "nonblocking");
     } else if (!strcmp(mode, "daemon")) {
@@ -160,7 +168,7 @@ fn a_static_programs_routed_connects_get_the_far_sides_real_answers() {
     assert_eq!(
         out,
         format!(
-            "rc -1 errno {}\nso_error 0\necho nonblocking\n",
+            "rc -1 errno {}\nso_error 0\nagain connected\necho nonblocking\n",
             nix::libc::EINPROGRESS
         ),
         "{err}"
