@@ -92,10 +92,16 @@ pub fn check_machine() -> Result<()> {
     let scope = std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope")
         .ok()
         .and_then(|s| s.trim().parse::<u32>().ok());
-    let root = nix::unistd::geteuid().is_root();
+    yama_allows(scope, nix::unistd::geteuid().is_root())
+}
+
+/// Whether Yama's ptrace scope lets us take the program's sockets (`pidfd_getfd` asks
+/// for ptrace access): scope 1 lets an ancestor, which the supervisor is (its
+/// subreaper too); 2 only root; 3 nobody.
+fn yama_allows(scope: Option<u32>, root: bool) -> Result<()> {
     match scope {
         Some(3) => bail!(
-            "kernel.yama.ptrace_scope is 3: no process may take another's file descriptors (pidfd_getfd), which the supervisor needs; it cannot run on this machine until the scope is lowered at boot"
+            "kernel.yama.ptrace_scope is 3: no process may take another's file descriptors (pidfd_getfd), which the supervisor needs; it cannot run on this machine until the scope is lowered (it can only be changed at boot)"
         ),
         Some(2) if !root => bail!(
             "kernel.yama.ptrace_scope is 2: only root may take another process's file descriptors (pidfd_getfd), which the supervisor needs; ask the administrator for scope 1 (sysctl kernel.yama.ptrace_scope=1), or use a [[forward]] port"
@@ -108,6 +114,14 @@ pub fn check_machine() -> Result<()> {
 /// it have ended.
 pub fn run(mut command: Command, plan: Plan) -> Result<Exit> {
     check_machine()?;
+    let mut blocked = SigSet::empty();
+    for s in PASSED_ON.iter().chain(SWALLOWED.iter()) {
+        blocked.add(*s);
+    }
+    // Blocked here, in the main thread before any other of ours starts, so every
+    // thread has them blocked and the signal thread alone takes them; the program
+    // starts with an empty mask (set between fork and exec).
+    blocked.thread_block().context("blocking signals")?;
     let resolver = if plan.resolve_names {
         Some(
             Resolver::start(plan.routes.table.clone(), plan.agent.clone(), plan.trace)
@@ -117,14 +131,6 @@ pub fn run(mut command: Command, plan: Plan) -> Result<Exit> {
         None
     };
     nix::sys::prctl::set_child_subreaper(true).context("becoming the program's subreaper")?;
-    let mut blocked = SigSet::empty();
-    for s in PASSED_ON.iter().chain(SWALLOWED.iter()) {
-        blocked.add(*s);
-    }
-    // Blocked here, in the main thread before any other starts, so every thread of
-    // ours has them blocked and the signal thread alone takes them; the program starts
-    // with an empty mask (std's spawn resets it).
-    blocked.thread_block().context("blocking signals")?;
 
     let (ours, theirs) = nix::sys::socket::socketpair(
         AddressFamily::Unix,
@@ -558,4 +564,26 @@ fn thread_group_of(tid: i32) -> Option<i32> {
         .trim()
         .parse()
         .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ptrace_scope_that_forbids_taking_sockets_is_named() {
+        for (scope, root) in [
+            (None, false),
+            (Some(0), false),
+            (Some(1), false),
+            (Some(2), true),
+        ] {
+            assert!(yama_allows(scope, root).is_ok(), "{scope:?} {root}");
+        }
+        for (scope, root) in [(Some(2), false), (Some(3), true), (Some(3), false)] {
+            let e = yama_allows(scope, root).expect_err("refused").to_string();
+            assert!(e.contains("kernel.yama.ptrace_scope"), "{e}");
+            assert!(e.contains("pidfd_getfd"), "{e}");
+        }
+    }
 }

@@ -41,7 +41,7 @@ pub fn install_in_child(command: &mut Command, filter: Filter, channel: OwnedFd)
     let flags = libc::SECCOMP_FILTER_FLAG_NEW_LISTENER | filter.flags;
     let instructions = filter.instructions;
     // SAFETY: the closure runs in the forked child before exec. It only makes system
-    // calls (prctl, seccomp, sendmsg, close) on memory that was allocated before the
+    // calls (sigprocmask, prctl, seccomp, sendmsg, close) on memory that was allocated before the
     // fork (`instructions`, the channel) or lives on its own stack; it allocates
     // nothing and takes no lock.
     unsafe {
@@ -50,6 +50,13 @@ pub fn install_in_child(command: &mut Command, filter: Filter, channel: OwnedFd)
                 len: instructions.len() as u16,
                 filter: instructions.as_ptr() as *mut libc::sock_filter,
             };
+            // The program starts with no signal blocked: the supervisor blocks the ones
+            // it passes on, and a mask is inherited across fork and exec.
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            if libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut()) != 0 {
+                return Err(io::Error::last_os_error());
+            }
             if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
                 return Err(io::Error::last_os_error());
             }

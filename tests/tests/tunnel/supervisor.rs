@@ -19,6 +19,7 @@ const PROGRAM: &str = r#"
 #include <fcntl.h>
 #include <netdb.h>
 #include <poll.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -97,6 +98,11 @@ int main(int argc, char **argv) {
         printf("io_uring_setup %ld errno %d\n", r, r < 0 ? errno : 0);
     } else if (!strcmp(mode, "exit")) {
         return atoi(argv[2]);
+    } else if (!strcmp(mode, "signal")) {
+        raise(atoi(argv[2]));
+    } else if (!strcmp(mode, "sleep")) {
+        printf("sleeping\n");
+        sleep(30);
     }
     return 0;
 }
@@ -196,6 +202,49 @@ fn a_static_programs_routed_connects_get_the_far_sides_real_answers() {
     // back to ordinary system calls the filter sees.
     let (code, _, _) = run_static(&tunnel, &program, &["exit", "7"]);
     assert_eq!(code, Some(7));
+    let status = Command::new(bin("tunnel-run"))
+        .arg("--config")
+        .arg(&tunnel.agent.config)
+        .arg("--")
+        .arg(&program)
+        .args(["signal", "15"])
+        .status()
+        .expect("tunnel-run");
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(15),
+        "{status:?}"
+    );
+    // SIGTERM to tunnel-run reaches the program, which ends of it, as tunnel-run then.
+    let mut sleeper = Command::new(bin("tunnel-run"))
+        .arg("--config")
+        .arg(&tunnel.agent.config)
+        .arg("--")
+        .arg(&program)
+        .arg("sleep")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("tunnel-run");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(sleeper.stdout.take().expect("stdout")),
+        &mut line,
+    )
+    .expect("sleeping");
+    assert_eq!(line, "sleeping\n");
+    let started = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(sleeper.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("kill");
+    let status = sleeper.wait().expect("wait");
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(15),
+        "{status:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
     let (_, out, err) = run_static(&tunnel, &program, &["uring"]);
     assert_eq!(
         out,

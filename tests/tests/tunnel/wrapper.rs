@@ -86,7 +86,7 @@ fn tunnel_run_execs_so_status_and_signals_are_the_programs() {
 }
 
 #[test]
-fn tunnel_run_says_when_a_static_program_cannot_be_preloaded() {
+fn tunnel_run_supervises_a_static_program_and_warns_only_when_told_not_to() {
     let tunnel = Tunnel::start_routed(&allow_alice(&["127.0.0.2/32"]), &[], &["127.0.0.2/32"])
         .expect("tunnel");
     let program = compile_c(
@@ -95,9 +95,23 @@ fn tunnel_run_says_when_a_static_program_cannot_be_preloaded() {
         "int main(void) { return 0; }\n",
         &["-static"],
     );
+    // Supervised (the default for static programs): nothing to warn about.
     let (code, _, err) = output_within(&mut tunnel.run(program.to_str().expect("path")), LIMIT);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(!err.contains("warning"), "{err}");
+    // --no-seccomp: its connections would go direct, and tunnel-run says so.
+    let (code, _, err) = output_within(
+        Command::new(bin("tunnel-run"))
+            .arg("--config")
+            .arg(&tunnel.agent.config)
+            .arg("--no-seccomp")
+            .arg("--")
+            .arg(&program),
+        LIMIT,
+    );
     assert_eq!(code, Some(0));
     assert!(err.contains("statically linked"), "{err}");
+    assert!(err.contains("NOT go through the tunnel"), "{err}");
     assert!(err.contains("[[forward]]"), "{err}");
     // A normal dynamic program gets no such warning.
     let (_, _, err) = output_within(tunnel.run("sh").args(["-c", "true"]), LIMIT);
