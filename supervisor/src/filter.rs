@@ -26,6 +26,7 @@ const BPF_LD_W_ABS: u16 = 0x20;
 const BPF_JEQ_K: u16 = 0x15;
 const BPF_JGE_K: u16 = 0x35;
 const BPF_RET_K: u16 = 0x06;
+const BPF_JSET_K: u16 = 0x45;
 
 /// Offsets in `struct seccomp_data`.
 const OFFSET_NR: u32 = 0;
@@ -40,6 +41,10 @@ pub const NOTIFIED: [i64; 2] = [libc::SYS_connect, libc::SYS_getpeername];
 /// that asks who sent (the resolver checks its answer came from the nameserver). Plain
 /// sends and receives on connected sockets, the data path, never stop.
 pub const NOTIFIED_WITH_ADDRESS: [i64; 2] = [libc::SYS_sendto, libc::SYS_recvfrom];
+
+/// `sendmsg` stops only with `MSG_FASTOPEN` in its flags (argument 2): a TCP Fast Open
+/// connect inside a send.
+const OFFSET_ARG2_LOW: u32 = 16 + 2 * 8;
 
 /// Offsets of argument 4's two 32-bit halves in `struct seccomp_data` (little-endian).
 const OFFSET_ARG4_LOW: u32 = 16 + 4 * 8;
@@ -89,6 +94,13 @@ impl Rules {
                 statement(BPF_RET_K, libc::SECCOMP_RET_USER_NOTIF),
             ]);
         }
+        program.extend([
+            jump(BPF_JEQ_K, libc::SYS_sendmsg as u32, 0, 4),
+            statement(BPF_LD_W_ABS, OFFSET_ARG2_LOW),
+            jump(BPF_JSET_K, libc::MSG_FASTOPEN as u32, 0, 1),
+            statement(BPF_RET_K, libc::SECCOMP_RET_USER_NOTIF),
+            statement(BPF_RET_K, libc::SECCOMP_RET_ALLOW),
+        ]);
         if self.refuse_io_uring {
             on(
                 &mut program,
@@ -117,6 +129,10 @@ mod tests {
     }
 
     fn run_with(filter: &Filter, arch: u32, nr: u32, arg4: u64) -> u32 {
+        run_args(filter, arch, nr, 0, arg4)
+    }
+
+    fn run_args(filter: &Filter, arch: u32, nr: u32, arg2: u64, arg4: u64) -> u32 {
         let mut pc = 0usize;
         let mut accumulator = 0u32;
         loop {
@@ -126,6 +142,7 @@ mod tests {
                     accumulator = match i.k {
                         OFFSET_ARCH => arch,
                         OFFSET_NR => nr,
+                        OFFSET_ARG2_LOW => arg2 as u32,
                         OFFSET_ARG4_LOW => arg4 as u32,
                         OFFSET_ARG4_HIGH => (arg4 >> 32) as u32,
                         other => panic!("unexpected load at {other}"),
@@ -134,6 +151,9 @@ mod tests {
                 }
                 BPF_JEQ_K => pc += 1 + usize::from(if accumulator == i.k { i.jt } else { i.jf }),
                 BPF_JGE_K => pc += 1 + usize::from(if accumulator >= i.k { i.jt } else { i.jf }),
+                BPF_JSET_K => {
+                    pc += 1 + usize::from(if accumulator & i.k != 0 { i.jt } else { i.jf })
+                }
                 BPF_RET_K => return i.k,
                 other => panic!("unexpected instruction {other:#x}"),
             }
@@ -165,6 +185,20 @@ mod tests {
         }
         assert_eq!(
             run(&filter, x86_64, libc::SYS_getpeername as u32),
+            libc::SECCOMP_RET_USER_NOTIF
+        );
+        // sendmsg stops only for a Fast Open connect.
+        let sendmsg = libc::SYS_sendmsg as u32;
+        assert_eq!(
+            run_args(&filter, x86_64, sendmsg, 0, 0),
+            libc::SECCOMP_RET_ALLOW
+        );
+        assert_eq!(
+            run_args(&filter, x86_64, sendmsg, libc::MSG_NOSIGNAL as u64, 0),
+            libc::SECCOMP_RET_ALLOW
+        );
+        assert_eq!(
+            run_args(&filter, x86_64, sendmsg, libc::MSG_FASTOPEN as u64, 0),
             libc::SECCOMP_RET_USER_NOTIF
         );
         // sendto and recvfrom stop only with an address, in either half of the pointer.

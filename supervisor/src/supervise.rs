@@ -274,6 +274,7 @@ fn answer_notifications(shared: &Arc<Shared>) {
         match notification.nr {
             libc::SYS_connect => on_connect(shared, notification),
             libc::SYS_sendto => on_sendto(shared, notification),
+            libc::SYS_sendmsg => on_sendmsg(shared, notification),
             libc::SYS_recvfrom => on_recvfrom(shared, notification),
             libc::SYS_getpeername => on_getpeername(shared, notification),
             _ => answer(shared, &notification, Answer::Continue),
@@ -411,15 +412,106 @@ fn is_datagram(socket: &OwnedFd) -> bool {
         .is_ok_and(|t| t == nix::sys::socket::SockType::Datagram)
 }
 
-/// A `sendto` with a destination: a query to a nameserver (UDP, port 53) goes to the
-/// resolver stub from the program's own socket; everything else continues.
-fn on_sendto(shared: &Arc<Shared>, n: Notification) {
-    if shared.resolver.is_none() {
+/// A TCP Fast Open connect inside a send (`MSG_FASTOPEN`) to a routed destination:
+/// connected through the agent as by `connect`, then `data` sent on that connection.
+fn fast_open(
+    shared: &Shared,
+    socket: &OwnedFd,
+    destination: SocketAddr,
+    data: &[u8],
+    flags: i32,
+) -> Answer {
+    match route_stream(shared, socket, destination) {
+        Answer::Return(0) | Answer::Fail(libc::EINPROGRESS) => {
+            let flags = nix::sys::socket::MsgFlags::from_bits_truncate(flags & !libc::MSG_FASTOPEN);
+            match nix::sys::socket::send(socket.as_raw_fd(), data, flags) {
+                Ok(sent) => Answer::Return(sent as i64),
+                Err(nix::errno::Errno::EAGAIN) => Answer::Fail(libc::EINPROGRESS),
+                Err(e) => Answer::Fail(e as i32),
+            }
+        }
+        other => other,
+    }
+}
+
+/// True when `destination` is one the routes send through the tunnel.
+fn is_routed(shared: &Shared, destination: SocketAddr) -> bool {
+    matches!(
+        shared.routes.decide(destination, |ip| shared.name_of(ip)),
+        Decision::Tunnel { .. }
+    )
+}
+
+/// A `sendmsg` with `MSG_FASTOPEN` (the filter stops no other): a routed destination
+/// is connected through the tunnel first, as by `connect`.
+fn on_sendmsg(shared: &Arc<Shared>, n: Notification) {
+    // struct msghdr: msg_name, msg_namelen, msg_iov, msg_iovlen, ...
+    let header = program::read(n.tid, n.args[1], 32);
+    let Ok(header) = header else {
+        return answer(shared, &n, Answer::Continue);
+    };
+    let word = |at: usize| u64::from_ne_bytes(header[at..at + 8].try_into().unwrap_or([0; 8]));
+    let (name, name_len, iov, iov_len) = (word(0), word(8) & 0xffff_ffff, word(16), word(24));
+    let Some(destination) = destination_of(shared, &n, name, name_len) else {
+        return;
+    };
+    let Destination::Internet(destination) = destination else {
+        return answer(shared, &n, Answer::Continue);
+    };
+    if !is_routed(shared, destination) {
         return answer(shared, &n, Answer::Continue);
     }
+    in_worker(shared, n, move |shared, n| {
+        let socket = match take_socket(shared, n) {
+            Ok(socket) => socket,
+            Err(answer) => return answer,
+        };
+        let mut data = Vec::new();
+        let Ok(vectors) = program::read(n.tid, iov, (iov_len as usize).min(64) * 16) else {
+            return Answer::Fail(libc::EFAULT);
+        };
+        for vector in vectors.chunks_exact(16) {
+            let base = u64::from_ne_bytes(vector[..8].try_into().unwrap_or([0; 8]));
+            let len = u64::from_ne_bytes(vector[8..].try_into().unwrap_or([0; 8])) as usize;
+            let room = 65_536usize.saturating_sub(data.len());
+            match program::read(n.tid, base, len.min(room)) {
+                Ok(bytes) => data.extend_from_slice(&bytes),
+                Err(_) => return Answer::Fail(libc::EFAULT),
+            }
+        }
+        fast_open(shared, &socket, destination, &data, n.args[2] as i32)
+    });
+}
+
+/// A `sendto` with a destination: a query to a nameserver (UDP, port 53) goes to the
+/// resolver stub from the program's own socket; a Fast Open connect to a routed
+/// destination goes through the tunnel; everything else continues.
+fn on_sendto(shared: &Arc<Shared>, n: Notification) {
     let Some(destination) = destination_of(shared, &n, n.args[4], n.args[5]) else {
         return;
     };
+    let flags = n.args[3] as i32;
+    if flags & libc::MSG_FASTOPEN != 0
+        && let Destination::Internet(destination) = destination
+        && is_routed(shared, destination)
+    {
+        return in_worker(shared, n, move |shared, n| {
+            let socket = match take_socket(shared, n) {
+                Ok(socket) => socket,
+                Err(answer) => return answer,
+            };
+            if is_datagram(&socket) {
+                return Answer::Continue;
+            }
+            match program::read(n.tid, n.args[1], (n.args[2] as usize).min(65_536)) {
+                Ok(data) => fast_open(shared, &socket, destination, &data, flags),
+                Err(_) => Answer::Fail(libc::EFAULT),
+            }
+        });
+    }
+    if shared.resolver.is_none() {
+        return answer(shared, &n, Answer::Continue);
+    }
     let nameserver = match destination {
         Destination::Internet(d) if d.port() == 53 => d,
         _ => return answer(shared, &n, Answer::Continue),

@@ -25,6 +25,7 @@ const PROGRAM: &str = r#"
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 static struct sockaddr_storage last;
@@ -100,6 +101,30 @@ int main(int argc, char **argv) {
         return atoi(argv[2]);
     } else if (!strcmp(mode, "signal")) {
         raise(atoi(argv[2]));
+    } else if (!strcmp(mode, "fastopen") || !strcmp(mode, "fastopenmsg")) {
+        /* A TCP Fast Open connect inside the first send, by sendto or by sendmsg. */
+        struct addrinfo hints = {0}, *res;
+        hints.ai_socktype = SOCK_STREAM;
+        hints.ai_flags = AI_NUMERICHOST;
+        getaddrinfo(argv[2], argv[3], &hints, &res);
+        int fd = socket(res->ai_family, SOCK_STREAM, 0);
+        char word[] = "fastopen\n";
+        ssize_t sent;
+        if (!strcmp(mode, "fastopen")) {
+            sent = sendto(fd, word, 9, MSG_FASTOPEN, res->ai_addr, res->ai_addrlen);
+        } else {
+            struct iovec iov = { word, 9 };
+            struct msghdr msg = {0};
+            msg.msg_name = res->ai_addr;
+            msg.msg_namelen = res->ai_addrlen;
+            msg.msg_iov = &iov;
+            msg.msg_iovlen = 1;
+            sent = sendmsg(fd, &msg, MSG_FASTOPEN);
+        }
+        if (sent != 9) { printf("sent %zd errno %d\n", sent, errno); return 0; }
+        char buf[64] = {0};
+        read(fd, buf, sizeof buf - 1);
+        printf("echo %s", buf);
     } else if (!strcmp(mode, "sleep")) {
         printf("sleeping\n");
         sleep(30);
@@ -186,6 +211,15 @@ fn a_static_programs_routed_connects_get_the_far_sides_real_answers() {
         format!("rc -1 errno {}\n", nix::libc::ECONNREFUSED),
         "{err}"
     );
+
+    // TCP Fast Open sends, by sendto and by sendmsg: through the tunnel too.
+    let (host, port) = host_port(echo);
+    for mode in ["fastopen", "fastopenmsg"] {
+        let before = tunnel.streams_seen();
+        let (_, out, err) = run_static(&tunnel, &program, &[mode, &host, &port]);
+        assert_eq!(out, "echo fastopen\n", "{mode}: {err}");
+        assert_eq!(tunnel.streams_seen(), before + 1, "{mode} went direct");
+    }
 
     // Not routed: direct and untouched.
     let before = tunnel.streams_seen();
