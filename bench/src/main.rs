@@ -17,6 +17,7 @@ mod peers;
 mod procs;
 mod relay;
 mod report;
+mod supervised;
 mod tunnel;
 mod workload;
 
@@ -615,6 +616,8 @@ fn run(quick: bool, json: Option<&Path>, only: &[String]) -> Result<()> {
 
     eprintln!("preload and memory");
     measure::preload(&bins, &mut report)?;
+    eprintln!("seccomp supervisor");
+    supervised::measure(&bins, &mut report, plan.loopback_rounds.max(3))?;
     measure::idle_memory(&bins, plan.idle_streams, &mut report)?;
     measure::budgets(
         &mut report,

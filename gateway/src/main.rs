@@ -319,6 +319,7 @@ fn run(cli: Cli) -> Result<()> {
             config,
         } => {
             let path = gateway_config_path(config, dir);
+            state::become_owner_of(&path)?;
             let config = load_config(&path)?;
             let token = enrolment::token(
                 &config, &path, &identity, &groups, ttl, renew_for, &addresses,
@@ -334,6 +335,7 @@ fn run(cli: Cli) -> Result<()> {
             config,
         } => {
             let path = gateway_config_path(config, dir);
+            state::become_owner_of(&path)?;
             let (state_dir, control) = state_places(&path)?;
             let said = enrolment::revoke(&state_dir, identity.as_deref(), serial.as_deref())?;
             let running = tunnel_transport::daemon::runtime()?
@@ -350,6 +352,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Identities { json, dir, config } => {
             let path = gateway_config_path(config, dir);
+            state::become_owner_of(&path)?;
             let (state_dir, _) = state_places(&path)?;
             tunnel_transport::daemon::print_out(&enrolment::identities(&state_dir, json)?)?;
             Ok(())

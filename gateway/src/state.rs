@@ -167,10 +167,11 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
 }
 
 /// For the administrator's commands (`token`, `revoke`, `identities`): when root works
-/// on a state directory that belongs to the gateway's own user (a system service), the
-/// command goes on as that user, so what it writes is the service's and it never
-/// follows a link the service's user put there with root's rights.
-fn become_owner_of(dir: &Path) -> Result<()> {
+/// on a file or directory that belongs to another user (the gateway's own state
+/// directory of a system service, a gateway.toml someone else wrote), the command goes
+/// on as that user, so what it writes is theirs and it never follows a link or a path
+/// they control with root's rights.
+pub fn become_owner_of(dir: &Path) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
     if !nix::unistd::geteuid().is_root() {
         return Ok(());

@@ -34,14 +34,14 @@ pub fn agent_socket(control: Option<&Path>, xdg_runtime_dir: Option<PathBuf>, ui
     })
 }
 
-/// Where the preload library may be, for binaries in `bin_dir`: beside them (a build
-/// tree), in `../lib` (an install under a prefix), or in `../lib/tunnel` (the Debian
-/// package: a private directory, as it is no shared library to link against).
+/// Where the preload library may be, for binaries in `bin_dir`, in this order: beside
+/// them (a build tree), in `../lib/tunnel` (the Debian package: a private directory, as
+/// it is no shared library to link against), or in `../lib` (an install under a prefix).
 pub fn preload_candidates(bin_dir: &Path) -> [PathBuf; 3] {
     [
         bin_dir.join(PRELOAD_LIBRARY),
-        bin_dir.join("../lib").join(PRELOAD_LIBRARY),
         bin_dir.join("../lib/tunnel").join(PRELOAD_LIBRARY),
+        bin_dir.join("../lib").join(PRELOAD_LIBRARY),
     ]
 }
 

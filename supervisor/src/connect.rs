@@ -233,14 +233,6 @@ pub fn redirect(
     }
 }
 
-fn bind(socket: &OwnedFd, address: SocketAddr) -> nix::Result<()> {
-    let fd = std::os::fd::AsRawFd::as_raw_fd(socket);
-    match address {
-        SocketAddr::V4(v4) => nix::sys::socket::bind(fd, &SockaddrIn::from(v4)),
-        SocketAddr::V6(v6) => nix::sys::socket::bind(fd, &SockaddrIn6::from(v6)),
-    }
-}
-
 /// The socket's own address, giving it a loopback one first if it has none (the
 /// agent matches the connection that arrives by it).
 fn source_address(socket: &OwnedFd, destination: SocketAddr) -> Result<SocketAddr, Failed> {
@@ -260,7 +252,7 @@ fn source_address(socket: &OwnedFd, destination: SocketAddr) -> Result<SocketAdd
     };
     let mut last = libc::EADDRNOTAVAIL;
     for ip in candidates {
-        match bind(socket, SocketAddr::new(*ip, 0)) {
+        match program::bind(socket, SocketAddr::new(*ip, 0)) {
             Ok(()) => {
                 return program::local_addr(socket)
                     .ok_or_else(|| failed(libc::EBADF, "no address after bind"));
@@ -271,19 +263,45 @@ fn source_address(socket: &OwnedFd, destination: SocketAddr) -> Result<SocketAdd
     Err(failed(last, "cannot bind a loopback source address"))
 }
 
-/// A resolver's UDP socket meant for `nameserver`: connected to the stub instead,
-/// where the program's queries are answered (a `connect` of a UDP socket sends
-/// nothing; the kernel now takes datagrams from the stub only).
+/// A resolver's socket meant for `nameserver`: connected to the stub instead, where
+/// the program's queries are answered (UDP: a `connect` sends nothing, and the kernel
+/// now takes datagrams from the stub only; TCP: the stub's DNS-over-TCP listener).
 pub fn redirect_resolver(
     resolver: &Resolver,
     redirects: &Redirects,
     socket: &OwnedFd,
     nameserver: SocketAddr,
 ) -> Result<Answer, Failed> {
-    let stub = resolver.stub_for(program::is_ipv6(socket));
-    connect_locally(socket, stub)?;
+    let stream = nix::sys::socket::getsockopt(socket, sockopt::SockType)
+        .is_ok_and(|t| t == nix::sys::socket::SockType::Stream);
+    let ipv6 = program::is_ipv6(socket);
+    let stub = resolver.stub_for(ipv6, stream);
+    // Bound first (as the connect would bind it), so that the stub knows this socket
+    // before its first query, or its connection, arrives.
+    bind_any(socket, ipv6);
     note_resolver(resolver, redirects, socket, nameserver, stub);
-    Ok(Answer::Return(0))
+    connect_locally(socket, stub)?;
+    let nonblocking = nix::fcntl::fcntl(socket, nix::fcntl::FcntlArg::F_GETFL)
+        .is_ok_and(|flags| flags & libc::O_NONBLOCK != 0);
+    Ok(if stream && nonblocking {
+        Answer::Fail(libc::EINPROGRESS)
+    } else {
+        Answer::Return(0)
+    })
+}
+
+/// Binds a socket that has no port yet to the wildcard address of its family, port 0,
+/// as a send or connect would.
+pub fn bind_any(socket: &OwnedFd, ipv6: bool) {
+    if program::local_addr(socket).is_some_and(|a| a.port() != 0) {
+        return;
+    }
+    let any: SocketAddr = if ipv6 {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    let _ = program::bind(socket, any);
 }
 
 /// Notes a resolver socket of the program that asked `nameserver` and talks to `stub`.

@@ -45,6 +45,8 @@ pub const NOTIFIED_WITH_ADDRESS: [i64; 2] = [libc::SYS_sendto, libc::SYS_recvfro
 /// `sendmsg` stops only with `MSG_FASTOPEN` in its flags (argument 2): a TCP Fast Open
 /// connect inside a send.
 const OFFSET_ARG2_LOW: u32 = 16 + 2 * 8;
+/// `sendmmsg`'s flags are argument 3.
+const OFFSET_ARG3_LOW: u32 = 16 + 3 * 8;
 
 /// Offsets of argument 4's two 32-bit halves in `struct seccomp_data` (little-endian).
 const OFFSET_ARG4_LOW: u32 = 16 + 4 * 8;
@@ -101,6 +103,15 @@ impl Rules {
             statement(BPF_RET_K, libc::SECCOMP_RET_USER_NOTIF),
             statement(BPF_RET_K, libc::SECCOMP_RET_ALLOW),
         ]);
+        // Fast Open connects inside sendmmsg: refused (EOPNOTSUPP), as one call could
+        // connect several sockets; programs send the first message with sendmsg.
+        program.extend([
+            jump(BPF_JEQ_K, libc::SYS_sendmmsg as u32, 0, 4),
+            statement(BPF_LD_W_ABS, OFFSET_ARG3_LOW),
+            jump(BPF_JSET_K, libc::MSG_FASTOPEN as u32, 0, 1),
+            statement(BPF_RET_K, libc::SECCOMP_RET_ERRNO | libc::EOPNOTSUPP as u32),
+            statement(BPF_RET_K, libc::SECCOMP_RET_ALLOW),
+        ]);
         if self.refuse_io_uring {
             on(
                 &mut program,
@@ -142,7 +153,7 @@ mod tests {
                     accumulator = match i.k {
                         OFFSET_ARCH => arch,
                         OFFSET_NR => nr,
-                        OFFSET_ARG2_LOW => arg2 as u32,
+                        OFFSET_ARG2_LOW | OFFSET_ARG3_LOW => arg2 as u32,
                         OFFSET_ARG4_LOW => arg4 as u32,
                         OFFSET_ARG4_HIGH => (arg4 >> 32) as u32,
                         other => panic!("unexpected load at {other}"),
@@ -200,6 +211,15 @@ mod tests {
         assert_eq!(
             run_args(&filter, x86_64, sendmsg, libc::MSG_FASTOPEN as u64, 0),
             libc::SECCOMP_RET_USER_NOTIF
+        );
+        let sendmmsg = libc::SYS_sendmmsg as u32;
+        assert_eq!(
+            run_args(&filter, x86_64, sendmmsg, 0, 0),
+            libc::SECCOMP_RET_ALLOW
+        );
+        assert_eq!(
+            run_args(&filter, x86_64, sendmmsg, libc::MSG_FASTOPEN as u64, 0),
+            libc::SECCOMP_RET_ERRNO | libc::EOPNOTSUPP as u32
         );
         // sendto and recvfrom stop only with an address, in either half of the pointer.
         for nr in [libc::SYS_sendto, libc::SYS_recvfrom] {

@@ -88,6 +88,15 @@ pub fn write_sockaddr(tid: i32, address: u64, length: u64, sockaddr: &[u8]) -> n
     write(tid, length, &(sockaddr.len() as u32).to_ne_bytes())
 }
 
+/// Binds `socket` to `address`.
+pub fn bind(socket: &OwnedFd, address: SocketAddr) -> nix::Result<()> {
+    let fd = socket.as_raw_fd();
+    match address {
+        SocketAddr::V4(v4) => nix::sys::socket::bind(fd, &nix::sys::socket::SockaddrIn::from(v4)),
+        SocketAddr::V6(v6) => nix::sys::socket::bind(fd, &nix::sys::socket::SockaddrIn6::from(v6)),
+    }
+}
+
 pub fn inode(socket: &OwnedFd) -> Option<u64> {
     nix::sys::stat::fstat(socket).ok().map(|s| s.st_ino)
 }

@@ -1,18 +1,23 @@
 //! The resolver stub of supervised programs. A static or Go program's resolver sends
-//! its queries over UDP to the nameserver of /etc/resolv.conf itself; the supervisor
-//! sends them here instead. A name the routes select gets the agent's synthetic
-//! address (`RESOLVE`, the same mapping every process of the job gets), so that its
-//! connect is carried by name and the far site resolves it; any other query goes to
-//! the nameserver the program asked, and its answer comes back as it was. Answers
-//! reach the program from this stub's address; the supervisor shows them as from the
-//! nameserver (`recvfrom`), as resolvers check.
+//! its queries over UDP (or TCP) to the nameserver of /etc/resolv.conf itself; the
+//! supervisor sends them here instead. A name the routes select gets the agent's
+//! synthetic address (`RESOLVE`, the same mapping every process of the job gets), so
+//! that its connect is carried by name and the far site resolves it; any other query
+//! goes to the nameserver the program asked, and its answer comes back as it was.
+//! Answers reach the program from this stub's address; the supervisor shows them as
+//! from the nameserver (`recvfrom`), as resolvers check.
+//!
+//! Only sockets the supervisor sent here are answered: the stub listens on loopback,
+//! where other users' programs could reach it too.
 //!
 //! The stub lives in `tunnel-run`, beside the routes the program runs with (including
 //! `--route`), which the agent may not have.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -26,18 +31,38 @@ use crate::agent::AgentSocket;
 const FORWARD_WITHIN: Duration = Duration::from_secs(5);
 /// Largest datagram taken (EDNS answers can exceed 512 bytes).
 const MAX_DATAGRAM: usize = 65_535;
+/// Queries answered at once, at most; more are dropped (the resolver asks again).
+const MAX_BUSY: usize = 128;
 
 pub struct Resolver {
     v4: UdpSocket,
     v6: Option<UdpSocket>,
-    /// For each program socket that asked (by its address), the nameserver it asked.
-    asked: Mutex<HashMap<SocketAddr, SocketAddr>>,
+    /// The same, for DNS over TCP (a truncated answer, `options use-vc`).
+    tcp_v4: TcpListener,
+    tcp_v6: Option<TcpListener>,
+    busy: AtomicUsize,
+    /// For each program socket that asked (by its port: a socket bound to the wildcard
+    /// address sends from a loopback one), the nameserver it asked.
+    asked: Mutex<HashMap<u16, SocketAddr>>,
     /// The synthetic addresses handed out, with their names: a connect to one is
     /// routed by the name's route.
     handed_out: Mutex<HashMap<IpAddr, String>>,
     table: RouteTable,
     agent: AgentSocket,
     trace: bool,
+}
+
+/// `v4`'s address, or `v6`'s for an IPv6 socket (the IPv4 one in mapped form when
+/// there is no ::1).
+fn for_family(v4: Option<SocketAddr>, v6: Option<SocketAddr>, ipv6_socket: bool) -> SocketAddr {
+    let v4 = v4.unwrap_or(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
+    match (v6, ipv6_socket) {
+        (Some(v6), true) => v6,
+        (None, true) => {
+            SocketAddr::new(IpAddr::V6(Ipv4Addr::LOCALHOST.to_ipv6_mapped()), v4.port())
+        }
+        (_, false) => v4,
+    }
 }
 
 impl Resolver {
@@ -47,48 +72,60 @@ impl Resolver {
         agent: AgentSocket,
         trace: bool,
     ) -> std::io::Result<Arc<Resolver>> {
-        let v4 = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
-        let v6 = UdpSocket::bind((Ipv6Addr::LOCALHOST, 0)).ok();
         let resolver = Arc::new(Resolver {
-            v4,
-            v6,
+            v4: UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?,
+            v6: UdpSocket::bind((Ipv6Addr::LOCALHOST, 0)).ok(),
+            tcp_v4: TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?,
+            tcp_v6: TcpListener::bind((Ipv6Addr::LOCALHOST, 0)).ok(),
+            busy: AtomicUsize::new(0),
             asked: Mutex::default(),
             handed_out: Mutex::default(),
             table,
             agent,
             trace,
         });
-        let sockets: Vec<UdpSocket> = [Some(&resolver.v4), resolver.v6.as_ref()]
+        for socket in [Some(&resolver.v4), resolver.v6.as_ref()]
             .into_iter()
             .flatten()
-            .filter_map(|s| s.try_clone().ok())
-            .collect();
-        for socket in sockets {
+        {
+            let socket = socket.try_clone()?;
             let serving = resolver.clone();
             std::thread::Builder::new()
                 .name("resolver".into())
                 .spawn(move || serving.serve(&socket))?;
         }
+        for listener in [Some(&resolver.tcp_v4), resolver.tcp_v6.as_ref()]
+            .into_iter()
+            .flatten()
+        {
+            let listener = listener.try_clone()?;
+            let serving = resolver.clone();
+            std::thread::Builder::new()
+                .name("resolver-tcp".into())
+                .spawn(move || serving.serve_tcp(&listener))?;
+        }
         Ok(resolver)
     }
 
-    /// Where a program socket of this family sends what it meant for a nameserver.
-    pub fn stub_for(&self, ipv6_socket: bool) -> SocketAddr {
-        let v4 = self
-            .v4
-            .local_addr()
-            .unwrap_or(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
-        match (&self.v6, ipv6_socket) {
-            (Some(v6), true) => v6.local_addr().unwrap_or(v4),
-            // An IPv6 socket without ::1: the IPv4 stub in mapped form.
-            (None, true) => {
-                SocketAddr::new(IpAddr::V6(Ipv4Addr::LOCALHOST.to_ipv6_mapped()), v4.port())
-            }
-            (_, false) => v4,
+    /// Where a program socket of this family and kind sends what it meant for a
+    /// nameserver.
+    pub fn stub_for(&self, ipv6_socket: bool, stream: bool) -> SocketAddr {
+        if stream {
+            for_family(
+                self.tcp_v4.local_addr().ok(),
+                self.tcp_v6.as_ref().and_then(|l| l.local_addr().ok()),
+                ipv6_socket,
+            )
+        } else {
+            for_family(
+                self.v4.local_addr().ok(),
+                self.v6.as_ref().and_then(|s| s.local_addr().ok()),
+                ipv6_socket,
+            )
         }
     }
 
-    /// True for the stub's own addresses.
+    /// True for the stub's own (UDP) addresses.
     pub fn is_stub(&self, address: SocketAddr) -> bool {
         let address = crate::program::canonical(address);
         [Some(&self.v4), self.v6.as_ref()]
@@ -104,12 +141,37 @@ impl Resolver {
         if asked.len() > 65_536 {
             asked.clear();
         }
-        asked.insert(crate::program::canonical(program), nameserver);
+        asked.insert(program.port(), nameserver);
     }
 
     /// The name a synthetic address was handed out for, in this job.
     pub fn name_of(&self, ip: IpAddr) -> Option<String> {
         self.handed_out.lock().get(&ip.to_canonical()).cloned()
+    }
+
+    /// True when `from` is a socket the supervisor sent here: queries from anyone else
+    /// (another user's program on this machine) are dropped, not answered.
+    fn expects(&self, from: SocketAddr) -> bool {
+        from.ip().to_canonical().is_loopback() && self.asked.lock().contains_key(&from.port())
+    }
+
+    /// Runs `work` on a thread of its own, unless [`MAX_BUSY`] are busy already.
+    fn spawn_bounded(self: &Arc<Self>, work: impl FnOnce(&Resolver) + Send + 'static) {
+        if self.busy.fetch_add(1, Ordering::AcqRel) >= MAX_BUSY {
+            self.busy.fetch_sub(1, Ordering::AcqRel);
+            return;
+        }
+        let resolver = self.clone();
+        let started = std::thread::Builder::new()
+            .name("query".into())
+            .stack_size(256 * 1024)
+            .spawn(move || {
+                work(&resolver);
+                resolver.busy.fetch_sub(1, Ordering::AcqRel);
+            });
+        if started.is_err() {
+            self.busy.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 
     fn serve(self: &Arc<Self>, socket: &UdpSocket) {
@@ -118,19 +180,58 @@ impl Resolver {
             let Ok((n, from)) = socket.recv_from(&mut buffer) else {
                 continue;
             };
+            if !self.expects(from) {
+                continue;
+            }
             let query = buffer[..n].to_vec();
             let Ok(reply_socket) = socket.try_clone() else {
                 continue;
             };
-            let resolver = self.clone();
-            let _ = std::thread::Builder::new()
-                .name("query".into())
-                .stack_size(256 * 1024)
-                .spawn(move || {
-                    if let Some(answer) = resolver.answer(&query, from) {
-                        let _ = reply_socket.send_to(&answer, from);
-                    }
-                });
+            self.spawn_bounded(move |resolver| {
+                if let Some(answer) = resolver.answer(&query, from) {
+                    let _ = reply_socket.send_to(&answer, from);
+                }
+            });
+        }
+    }
+
+    /// DNS over TCP: each message with its two-byte length, as many as the program
+    /// sends on the connection.
+    fn serve_tcp(self: &Arc<Self>, listener: &TcpListener) {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let Ok(from) = stream.peer_addr() else {
+                continue;
+            };
+            if !self.expects(from) {
+                continue;
+            }
+            self.spawn_bounded(move |resolver| resolver.answer_tcp(stream, from));
+        }
+    }
+
+    fn answer_tcp(&self, mut stream: TcpStream, from: SocketAddr) {
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+        loop {
+            let mut length = [0u8; 2];
+            if stream.read_exact(&mut length).is_err() {
+                return;
+            }
+            let mut query = vec![0u8; usize::from(u16::from_be_bytes(length))];
+            if stream.read_exact(&mut query).is_err() {
+                return;
+            }
+            let Some(answer) = self.answer(&query, from) else {
+                return;
+            };
+            let Ok(length) = u16::try_from(answer.len()) else {
+                return;
+            };
+            if stream.write_all(&length.to_be_bytes()).is_err()
+                || stream.write_all(&answer).is_err()
+            {
+                return;
+            }
         }
     }
 
@@ -141,7 +242,7 @@ impl Resolver {
         {
             return Some(self.synthetic(query, &question));
         }
-        let nameserver = *self.asked.lock().get(&crate::program::canonical(from))?;
+        let nameserver = *self.asked.lock().get(&from.port())?;
         self.forward(query, nameserver)
     }
 

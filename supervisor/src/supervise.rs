@@ -2,22 +2,22 @@
 //! system calls, pass signals on, reap it and every descendant that outlives it (the
 //! supervisor is their subreaper), and say how the program ended.
 
-use std::io::IoSliceMut;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::process::Command;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use nix::sys::signal::{SigSet, Signal};
-use nix::sys::socket::{AddressFamily, ControlMessageOwned, MsgFlags, SockFlag, SockType};
+use nix::sys::socket::{AddressFamily, SockFlag, SockType};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
 use crate::agent::AgentSocket;
 use crate::connect::{
-    Decision, Destination, Failed, Routes, note_resolver, parse_sockaddr, redirect,
+    Decision, Destination, Failed, Routes, bind_any, note_resolver, parse_sockaddr, redirect,
     redirect_resolver,
 };
 use crate::filter::Rules;
@@ -140,12 +140,23 @@ pub fn run(mut command: Command, plan: Plan) -> Result<Exit> {
     )
     .context("making the socket pair the filter's listener comes over")?;
     command.env(SUPERVISED_ENV, std::process::id().to_string());
+    let program_name = command.get_program().to_string_lossy().into_owned();
     sys::install_in_child(&mut command, plan.rules.filter(), theirs);
     let child = command.spawn().map_err(|e| spawn_error(&command, e))?;
     drop(command);
     let main = Pid::from_raw(child.id() as i32);
-    let listener = receive_listener(&ours).context("receiving the filter's listener")?;
+    let main_pidfd = sys::pidfd_open(main.as_raw()).context("opening a pidfd for the program")?;
+    let listener = sys::receive_fd(&ours).context("receiving the filter's listener")?;
     drop(ours);
+    // Each routed connect in flight holds a few descriptors here; the program keeps
+    // the limit it was started with.
+    raise_descriptor_limit();
+    let job = Arc::new(Job {
+        main,
+        main_pidfd,
+        main_done: AtomicBool::new(false),
+        not_waited_for: plan.not_waited_for.clone(),
+    });
 
     let shared = Arc::new(Shared {
         listener,
@@ -164,9 +175,31 @@ pub fn run(mut command: Command, plan: Plan) -> Result<Exit> {
         .context("starting the notification thread")?;
     std::thread::Builder::new()
         .name("signals".into())
-        .spawn(move || pass_signals_on(blocked, main))
+        .spawn({
+            let job = job.clone();
+            move || pass_signals_on(blocked, &job)
+        })
         .context("starting the signal thread")?;
-    Ok(reap(main, &plan.not_waited_for))
+    Ok(reap(&job, &program_name))
+}
+
+/// The program and what is left of its job.
+struct Job {
+    main: Pid,
+    /// Signals go through it, never to a process that took the number after the
+    /// program was reaped.
+    main_pidfd: OwnedFd,
+    main_done: AtomicBool,
+    not_waited_for: Vec<u32>,
+}
+
+fn raise_descriptor_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+    {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
 }
 
 fn spawn_error(command: &Command, e: std::io::Error) -> anyhow::Error {
@@ -182,43 +215,33 @@ fn spawn_error(command: &Command, e: std::io::Error) -> anyhow::Error {
     }
 }
 
-fn receive_listener(ours: &OwnedFd) -> Result<OwnedFd> {
-    use std::os::fd::AsRawFd;
-    let mut byte = [0u8; 1];
-    let mut space = nix::cmsg_space!(std::os::fd::RawFd);
-    let mut iov = [IoSliceMut::new(&mut byte)];
-    let message = nix::sys::socket::recvmsg::<()>(
-        ours.as_raw_fd(),
-        &mut iov,
-        Some(&mut space),
-        MsgFlags::MSG_CMSG_CLOEXEC,
-    )?;
-    for cmsg in message.cmsgs()? {
-        if let ControlMessageOwned::ScmRights(fds) = cmsg
-            && let Some(fd) = fds.first()
-        {
-            use std::os::fd::FromRawFd;
-            #[allow(unsafe_code)]
-            // SAFETY: SCM_RIGHTS just installed this descriptor in our table; nothing else owns it.
-            return Ok(unsafe { OwnedFd::from_raw_fd(*fd) });
-        }
-    }
-    bail!("the program's side sent no listener")
-}
-
-/// Passes signals sent to the supervisor on to the program.
-fn pass_signals_on(blocked: SigSet, main: Pid) {
+/// Passes signals sent to the supervisor on to the program; once it has ended, the
+/// ones that end a job (SIGINT, SIGTERM, SIGHUP, SIGQUIT) go to the processes it left
+/// behind, which would otherwise keep tunnel-run waiting.
+fn pass_signals_on(blocked: SigSet, job: &Job) {
     while let Ok(signal) = blocked.wait() {
-        if PASSED_ON.contains(&signal) {
-            let _ = nix::sys::signal::kill(main, signal);
+        if !job.main_done.load(AtomicOrdering::Acquire) {
+            if PASSED_ON.contains(&signal) {
+                let _ = sys::pidfd_send_signal(job.main_pidfd.as_fd(), signal as i32);
+            }
+            continue;
+        }
+        if matches!(
+            signal,
+            Signal::SIGINT | Signal::SIGTERM | Signal::SIGHUP | Signal::SIGQUIT
+        ) {
+            for pid in left_behind(&job.not_waited_for) {
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), signal);
+            }
         }
     }
 }
 
 /// Reaps children until the program has ended and no descendant of it is left (the
 /// ones orphaned are ours, as subreaper); returns how the program ended.
-fn reap(main: Pid, not_waited_for: &[u32]) -> Exit {
+fn reap(job: &Job, program: &str) -> Exit {
     let mut exit = None;
+    let mut said = false;
     loop {
         let flags = if exit.is_some() {
             Some(WaitPidFlag::WNOHANG)
@@ -226,13 +249,27 @@ fn reap(main: Pid, not_waited_for: &[u32]) -> Exit {
             None
         };
         match waitpid(Pid::from_raw(-1), flags) {
-            Ok(WaitStatus::Exited(pid, code)) if pid == main => exit = Some(Exit::Code(code)),
-            Ok(WaitStatus::Signaled(pid, signal, _)) if pid == main => {
-                exit = Some(Exit::Signal(signal))
+            Ok(WaitStatus::Exited(pid, code)) if pid == job.main => {
+                job.main_done.store(true, AtomicOrdering::Release);
+                exit = Some(Exit::Code(code));
+            }
+            Ok(WaitStatus::Signaled(pid, signal, _)) if pid == job.main => {
+                job.main_done.store(true, AtomicOrdering::Release);
+                exit = Some(Exit::Signal(signal));
             }
             Ok(WaitStatus::StillAlive) => {
-                if !descendants_left(not_waited_for) {
+                let left = left_behind(&job.not_waited_for);
+                if left.is_empty() {
                     break;
+                }
+                if !said {
+                    said = true;
+                    let pids: Vec<String> = left.iter().map(u32::to_string).collect();
+                    eprintln!(
+                        "tunnel-run: `{program}` has ended; waiting for the {} process(es) it left behind (pid {}), which stay supervised until they end (Ctrl-C or SIGTERM ends them)",
+                        left.len(),
+                        pids.join(", ")
+                    );
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -244,16 +281,18 @@ fn reap(main: Pid, not_waited_for: &[u32]) -> Exit {
     exit.unwrap_or(Exit::Code(0))
 }
 
-/// True while a child of ours other than `not_waited_for` lives.
-fn descendants_left(not_waited_for: &[u32]) -> bool {
+/// Our children other than `not_waited_for`: what the program left behind once it
+/// has ended (orphans come to us, the subreaper).
+fn left_behind(not_waited_for: &[u32]) -> Vec<u32> {
     let me = std::process::id();
     let Ok(entries) = std::fs::read_dir("/proc") else {
-        return false;
+        return Vec::new();
     };
     entries
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| !not_waited_for.contains(pid))
-        .any(|pid| parent_of(pid) == Some(me))
+        .filter(|pid| parent_of(*pid) == Some(me))
+        .collect()
 }
 
 fn parent_of(pid: u32) -> Option<u32> {
@@ -307,35 +346,63 @@ fn in_worker(
     }
 }
 
-/// Reads the `struct sockaddr` of `length` bytes at `address` in the caller, once; the
-/// destination is the call's only if the call still waits (the thread could have died
-/// and its id been reused). `None`: the call is gone, nothing to answer.
-fn destination_of(
+/// The longest `struct sockaddr` the kernel takes (`sizeof(struct sockaddr_storage)`).
+const MAX_SOCKADDR: i32 = 128;
+
+/// Reads the `struct sockaddr` at `address`, of the length the kernel would read (an
+/// `int`, at most 128 bytes), once. `Ok(None)`: the call is gone (its thread died and
+/// its id may be reused), nothing to answer. `Err`: the call's answer, when the kernel's
+/// own call would fail (EINVAL, EFAULT) or the program cannot be read, in which case it
+/// is refused: never let through unseen.
+fn sockaddr_of(
     shared: &Shared,
     n: &Notification,
     address: u64,
     length: u64,
-) -> Option<Destination> {
-    let read = program::read(n.tid, address, (length as usize).min(128));
-    if !sys::still_waiting(shared.listener.as_fd(), n.id) {
-        return None;
+) -> Result<Option<Vec<u8>>, Answer> {
+    let length = length as u32 as i32;
+    if !(0..=MAX_SOCKADDR).contains(&length) {
+        return Err(Answer::Fail(libc::EINVAL));
     }
-    Some(match read {
-        Ok(bytes) => parse_sockaddr(&bytes),
-        // A bad pointer: the kernel's own call says EFAULT.
-        Err(_) => Destination::Malformed,
-    })
+    let read = program::read(n.tid, address, length as usize);
+    if !sys::still_waiting(shared.listener.as_fd(), n.id) {
+        return Ok(None);
+    }
+    match read {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(nix::errno::Errno::EFAULT) => Err(Answer::Fail(libc::EFAULT)),
+        Err(e) => {
+            unreadable(n.tid, e);
+            Err(Answer::Fail(libc::ECONNREFUSED))
+        }
+    }
 }
 
-/// A `connect`: a destination no route selects continues as the program made it; a
-/// routed one is redirected; a resolver's UDP socket meant for a nameserver (port 53)
-/// goes to the resolver stub.
+/// Says once that a process of the job cannot be read (not dumpable: it called
+/// prctl(PR_SET_DUMPABLE, 0), or its executable is not readable by this user), so its
+/// connects are refused.
+fn unreadable(tid: i32, e: nix::errno::Errno) {
+    static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        eprintln!(
+            "tunnel-run: supervisor: cannot read process {tid}'s memory ({e}): it is not dumpable (prctl PR_SET_DUMPABLE 0, or an executable this user may not read), so the supervisor cannot see where it connects; its connects are refused, not sent direct"
+        );
+    }
+}
+
+/// A `connect`, with its address read once: a routed destination is redirected; a
+/// resolver's socket meant for a nameserver (port 53) goes to the resolver stub; any
+/// other connect is made by us on the program's socket with the address as read, so
+/// that the kernel never reads the program's memory again (a thread could change it).
 fn on_connect(shared: &Arc<Shared>, n: Notification) {
-    let Some(destination) = destination_of(shared, &n, n.args[1], n.args[2]) else {
-        return;
+    let bytes = match sockaddr_of(shared, &n, n.args[1], n.args[2]) {
+        Ok(Some(bytes)) => bytes,
+        Ok(None) => return,
+        Err(refusal) => return answer(shared, &n, refusal),
     };
-    let Destination::Internet(destination) = destination else {
-        return answer(shared, &n, Answer::Continue);
+    let destination = match parse_sockaddr(&bytes) {
+        Destination::Internet(d) => d,
+        Destination::Other | Destination::Malformed => return connect_as_read(shared, n, bytes),
     };
     if destination.port() == 53 && shared.resolver.is_some() {
         return in_worker(shared, n, move |shared, n| {
@@ -343,30 +410,61 @@ fn on_connect(shared: &Arc<Shared>, n: Notification) {
                 Ok(socket) => socket,
                 Err(answer) => return answer,
             };
-            if is_datagram(&socket)
-                && let Some(resolver) = &shared.resolver
+            if let Some(resolver) = &shared.resolver
+                && is_datagram_or_stream(&socket)
             {
                 return finish(
                     shared,
+                    n,
                     destination,
                     redirect_resolver(resolver, &shared.redirects, &socket, destination),
                 );
             }
-            route_stream(shared, &socket, destination)
+            route_stream(shared, n, &socket, destination, &bytes)
         });
     }
     let decision = shared.routes.decide(destination, |ip| shared.name_of(ip));
     let Decision::Tunnel { .. } = decision else {
-        return answer(shared, &n, Answer::Continue);
+        shared.trace(format_args!("pid {}: {destination}: direct", n.tid));
+        return connect_as_read(shared, n, bytes);
     };
     in_worker(shared, n, move |shared, n| match take_socket(shared, n) {
-        Ok(socket) => route_stream(shared, &socket, destination),
+        Ok(socket) => route_stream(shared, n, &socket, destination, &bytes),
         Err(answer) => answer,
     })
 }
 
-/// A connect of the program's `socket` to `destination`, by the routes.
-fn route_stream(shared: &Shared, socket: &OwnedFd, destination: SocketAddr) -> Answer {
+/// The program's connect, made by us on its socket with the address as read: at once
+/// for a non-blocking socket, on a worker for a blocking one (it may wait long).
+fn connect_as_read(shared: &Arc<Shared>, n: Notification, bytes: Vec<u8>) {
+    let socket = match take_socket(shared, &n) {
+        Ok(socket) => socket,
+        Err(refusal) => return answer(shared, &n, refusal),
+    };
+    let nonblocking = nix::fcntl::fcntl(&socket, nix::fcntl::FcntlArg::F_GETFL)
+        .is_ok_and(|flags| flags & libc::O_NONBLOCK != 0);
+    if nonblocking {
+        return answer(shared, &n, connect_now(&socket, &bytes));
+    }
+    in_worker(shared, n, move |_, _| connect_now(&socket, &bytes))
+}
+
+fn connect_now(socket: &OwnedFd, bytes: &[u8]) -> Answer {
+    match sys::connect_raw(socket.as_fd(), bytes) {
+        Ok(()) => Answer::Return(0),
+        Err(e) => Answer::Fail(e.raw_os_error().unwrap_or(libc::ECONNREFUSED)),
+    }
+}
+
+/// A connect of the program's `socket` to `destination` (read as `bytes`), by the
+/// routes.
+fn route_stream(
+    shared: &Shared,
+    n: &Notification,
+    socket: &OwnedFd,
+    destination: SocketAddr,
+    bytes: &[u8],
+) -> Answer {
     // The same connect again (a call restarted after a signal, a program asking once
     // more): the socket is connected already, to the agent for this destination.
     if shared.redirects.of(socket).is_some_and(|r| {
@@ -375,9 +473,13 @@ fn route_stream(shared: &Shared, socket: &OwnedFd, destination: SocketAddr) -> A
         return Answer::Return(0);
     }
     match shared.routes.decide(destination, |ip| shared.name_of(ip)) {
-        Decision::Direct => Answer::Continue,
+        Decision::Direct => {
+            shared.trace(format_args!("pid {}: {destination}: direct", n.tid));
+            connect_now(socket, bytes)
+        }
         Decision::Tunnel { via, connect } => finish(
             shared,
+            n,
             destination,
             redirect(
                 &shared.agent,
@@ -391,37 +493,71 @@ fn route_stream(shared: &Shared, socket: &OwnedFd, destination: SocketAddr) -> A
     }
 }
 
-fn finish(shared: &Shared, destination: SocketAddr, result: Result<Answer, Failed>) -> Answer {
+fn finish(
+    shared: &Shared,
+    n: &Notification,
+    destination: SocketAddr,
+    result: Result<Answer, Failed>,
+) -> Answer {
     match result {
         Ok(answer) => {
-            shared.trace(format_args!("{destination}: redirected ({answer:?})"));
+            let how = match answer {
+                Answer::Fail(libc::EINPROGRESS) => "redirected (non-blocking: in progress)",
+                Answer::Continue => "not a stream: direct",
+                _ => "redirected",
+            };
+            shared.trace(format_args!("pid {}: {destination}: {how}", n.tid));
             answer
         }
         Err(failed) => {
             shared.trace(format_args!(
-                "{destination}: {} (errno {})",
-                failed.why, failed.errno
+                "pid {}: {destination}: refused: {} ({})",
+                n.tid,
+                failed.why,
+                std::io::Error::from_raw_os_error(failed.errno)
             ));
             Answer::Fail(failed.errno)
         }
     }
 }
 
-fn is_datagram(socket: &OwnedFd) -> bool {
-    nix::sys::socket::getsockopt(socket, nix::sys::socket::sockopt::SockType)
-        .is_ok_and(|t| t == nix::sys::socket::SockType::Datagram)
+fn socket_type(socket: &OwnedFd) -> Option<nix::sys::socket::SockType> {
+    nix::sys::socket::getsockopt(socket, nix::sys::socket::sockopt::SockType).ok()
 }
 
-/// A TCP Fast Open connect inside a send (`MSG_FASTOPEN`) to a routed destination:
-/// connected through the agent as by `connect`, then `data` sent on that connection.
+fn is_datagram(socket: &OwnedFd) -> bool {
+    socket_type(socket) == Some(nix::sys::socket::SockType::Datagram)
+}
+
+fn is_datagram_or_stream(socket: &OwnedFd) -> bool {
+    matches!(
+        socket_type(socket),
+        Some(nix::sys::socket::SockType::Datagram | nix::sys::socket::SockType::Stream)
+    )
+}
+
+/// A TCP Fast Open connect inside a send (`MSG_FASTOPEN`): to a routed destination,
+/// connected through the agent as by `connect`, then `data` sent on that connection;
+/// to any other, sent by us with the address as read.
 fn fast_open(
     shared: &Shared,
+    n: &Notification,
     socket: &OwnedFd,
-    destination: SocketAddr,
+    bytes: &[u8],
     data: &[u8],
     flags: i32,
 ) -> Answer {
-    match route_stream(shared, socket, destination) {
+    let routed = match parse_sockaddr(bytes) {
+        Destination::Internet(d) if is_routed(shared, d) => Some(d),
+        _ => None,
+    };
+    let Some(destination) = routed else {
+        return match sys::sendto_raw(socket.as_fd(), data, flags, bytes) {
+            Ok(sent) => Answer::Return(sent as i64),
+            Err(e) => Answer::Fail(e.raw_os_error().unwrap_or(libc::EIO)),
+        };
+    };
+    match route_stream(shared, n, socket, destination, bytes) {
         Answer::Return(0) | Answer::Fail(libc::EINPROGRESS) => {
             let flags = nix::sys::socket::MsgFlags::from_bits_truncate(flags & !libc::MSG_FASTOPEN);
             match nix::sys::socket::send(socket.as_raw_fd(), data, flags) {
@@ -442,78 +578,83 @@ fn is_routed(shared: &Shared, destination: SocketAddr) -> bool {
     )
 }
 
-/// A `sendmsg` with `MSG_FASTOPEN` (the filter stops no other): a routed destination
-/// is connected through the tunnel first, as by `connect`.
+/// Reads the data of `iovcnt` iovecs at `iov` (at most 64 KiB, as a Fast Open send
+/// carries at most a window's worth in any case).
+fn gather(tid: i32, iov: u64, iovcnt: u64) -> Result<Vec<u8>, Answer> {
+    let count = iovcnt as usize;
+    if count > 1024 {
+        return Err(Answer::Fail(libc::EMSGSIZE));
+    }
+    let vectors = program::read(tid, iov, count * 16).map_err(|_| Answer::Fail(libc::EFAULT))?;
+    let mut data = Vec::new();
+    for vector in vectors.chunks_exact(16) {
+        let base = u64::from_ne_bytes(vector[..8].try_into().unwrap_or([0; 8]));
+        let len = u64::from_ne_bytes(vector[8..].try_into().unwrap_or([0; 8])) as usize;
+        let room = 65_536usize.saturating_sub(data.len());
+        let bytes =
+            program::read(tid, base, len.min(room)).map_err(|_| Answer::Fail(libc::EFAULT))?;
+        data.extend_from_slice(&bytes);
+    }
+    Ok(data)
+}
+
+/// A `sendmsg` with `MSG_FASTOPEN` (the filter stops no other): made by us, through
+/// the tunnel for a routed destination.
 fn on_sendmsg(shared: &Arc<Shared>, n: Notification) {
     // struct msghdr: msg_name, msg_namelen, msg_iov, msg_iovlen, ...
-    let header = program::read(n.tid, n.args[1], 32);
-    let Ok(header) = header else {
-        return answer(shared, &n, Answer::Continue);
+    let Ok(header) = program::read(n.tid, n.args[1], 32) else {
+        return answer(shared, &n, Answer::Fail(libc::EFAULT));
     };
     let word = |at: usize| u64::from_ne_bytes(header[at..at + 8].try_into().unwrap_or([0; 8]));
     let (name, name_len, iov, iov_len) = (word(0), word(8) & 0xffff_ffff, word(16), word(24));
-    let Some(destination) = destination_of(shared, &n, name, name_len) else {
-        return;
-    };
-    let Destination::Internet(destination) = destination else {
-        return answer(shared, &n, Answer::Continue);
-    };
-    if !is_routed(shared, destination) {
+    if name == 0 {
+        // No address: a send on a connected socket, nothing to route.
         return answer(shared, &n, Answer::Continue);
     }
+    let bytes = match sockaddr_of(shared, &n, name, name_len) {
+        Ok(Some(bytes)) => bytes,
+        Ok(None) => return,
+        Err(refusal) => return answer(shared, &n, refusal),
+    };
     in_worker(shared, n, move |shared, n| {
         let socket = match take_socket(shared, n) {
             Ok(socket) => socket,
             Err(answer) => return answer,
         };
-        let mut data = Vec::new();
-        let Ok(vectors) = program::read(n.tid, iov, (iov_len as usize).min(64) * 16) else {
-            return Answer::Fail(libc::EFAULT);
-        };
-        for vector in vectors.chunks_exact(16) {
-            let base = u64::from_ne_bytes(vector[..8].try_into().unwrap_or([0; 8]));
-            let len = u64::from_ne_bytes(vector[8..].try_into().unwrap_or([0; 8])) as usize;
-            let room = 65_536usize.saturating_sub(data.len());
-            match program::read(n.tid, base, len.min(room)) {
-                Ok(bytes) => data.extend_from_slice(&bytes),
-                Err(_) => return Answer::Fail(libc::EFAULT),
-            }
+        match gather(n.tid, iov, iov_len) {
+            Ok(data) => fast_open(shared, n, &socket, &bytes, &data, n.args[2] as i32),
+            Err(answer) => answer,
         }
-        fast_open(shared, &socket, destination, &data, n.args[2] as i32)
     });
 }
 
-/// A `sendto` with a destination: a query to a nameserver (UDP, port 53) goes to the
-/// resolver stub from the program's own socket; a Fast Open connect to a routed
-/// destination goes through the tunnel; everything else continues.
+/// A `sendto` with a destination: a Fast Open connect goes as by `connect` (made by us
+/// either way); a query to a nameserver (UDP, port 53) goes to the resolver stub from
+/// the program's own socket; other datagrams continue (UDP is not carried).
 fn on_sendto(shared: &Arc<Shared>, n: Notification) {
-    let Some(destination) = destination_of(shared, &n, n.args[4], n.args[5]) else {
-        return;
+    let bytes = match sockaddr_of(shared, &n, n.args[4], n.args[5]) {
+        Ok(Some(bytes)) => bytes,
+        Ok(None) => return,
+        Err(refusal) => return answer(shared, &n, refusal),
     };
     let flags = n.args[3] as i32;
-    if flags & libc::MSG_FASTOPEN != 0
-        && let Destination::Internet(destination) = destination
-        && is_routed(shared, destination)
-    {
+    if flags & libc::MSG_FASTOPEN != 0 {
         return in_worker(shared, n, move |shared, n| {
             let socket = match take_socket(shared, n) {
                 Ok(socket) => socket,
                 Err(answer) => return answer,
             };
-            if is_datagram(&socket) {
+            if !is_datagram_or_stream(&socket) || is_datagram(&socket) {
                 return Answer::Continue;
             }
             match program::read(n.tid, n.args[1], (n.args[2] as usize).min(65_536)) {
-                Ok(data) => fast_open(shared, &socket, destination, &data, flags),
+                Ok(data) => fast_open(shared, n, &socket, &bytes, &data, flags),
                 Err(_) => Answer::Fail(libc::EFAULT),
             }
         });
     }
-    if shared.resolver.is_none() {
-        return answer(shared, &n, Answer::Continue);
-    }
-    let nameserver = match destination {
-        Destination::Internet(d) if d.port() == 53 => d,
+    let nameserver = match parse_sockaddr(&bytes) {
+        Destination::Internet(d) if d.port() == 53 && shared.resolver.is_some() => d,
         _ => return answer(shared, &n, Answer::Continue),
     };
     in_worker(shared, n, move |shared, n| {
@@ -530,7 +671,12 @@ fn on_sendto(shared: &Arc<Shared>, n: Notification) {
         let Ok(query) = program::read(n.tid, n.args[1], (n.args[2] as usize).min(65_535)) else {
             return Answer::Fail(libc::EFAULT);
         };
-        let stub = resolver.stub_for(program::is_ipv6(&socket));
+        let ipv6 = program::is_ipv6(&socket);
+        let stub = resolver.stub_for(ipv6, false);
+        // Bound first (to what the send would bind it to), so that the stub knows which
+        // nameserver this socket asked before the query reaches it.
+        bind_any(&socket, ipv6);
+        note_resolver(resolver, &shared.redirects, &socket, nameserver, stub);
         let flags = nix::sys::socket::MsgFlags::from_bits_truncate(n.args[3] as i32);
         let sent = match stub {
             SocketAddr::V4(v4) => nix::sys::socket::sendto(
@@ -548,8 +694,10 @@ fn on_sendto(shared: &Arc<Shared>, n: Notification) {
         };
         match sent {
             Ok(bytes) => {
-                note_resolver(resolver, &shared.redirects, &socket, nameserver, stub);
-                shared.trace(format_args!("query to {nameserver}: to the resolver stub"));
+                shared.trace(format_args!(
+                    "pid {}: DNS query to {nameserver}: answered by the resolver stub",
+                    n.tid
+                ));
                 Answer::Return(bytes as i64)
             }
             Err(e) => Answer::Fail(e as i32),

@@ -217,3 +217,96 @@ pub fn die_of(signal: nix::sys::signal::Signal) -> ! {
     let _ = nix::sys::signal::raise(signal);
     std::process::exit(128 + signal as i32)
 }
+
+/// `connect` of `socket` to the `struct sockaddr` in `address`, as the program passed
+/// it (any family): the kernel reads our copy, which the program cannot change.
+pub fn connect_raw(socket: BorrowedFd<'_>, address: &[u8]) -> io::Result<()> {
+    // SAFETY: `address` is a live buffer of exactly the length given; the kernel only
+    // reads it during the call.
+    let rc = unsafe {
+        libc::connect(
+            socket.as_raw_fd(),
+            address.as_ptr().cast::<libc::sockaddr>(),
+            address.len() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Sends `signal` to the process behind `pidfd` (never to a process that took its
+/// number after it was reaped).
+pub fn pidfd_send_signal(pidfd: BorrowedFd<'_>, signal: i32) -> io::Result<()> {
+    // SAFETY: a system call with integer arguments and a null siginfo.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signal,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// `sendto` of `data` on `socket` to the `struct sockaddr` in `address`, as read from
+/// the program (a Fast Open connect made with our copy of the address).
+pub fn sendto_raw(
+    socket: BorrowedFd<'_>,
+    data: &[u8],
+    flags: i32,
+    address: &[u8],
+) -> io::Result<usize> {
+    // SAFETY: both buffers are live for the call and given with their lengths.
+    let sent = unsafe {
+        libc::sendto(
+            socket.as_raw_fd(),
+            data.as_ptr().cast(),
+            data.len(),
+            flags,
+            address.as_ptr().cast::<libc::sockaddr>(),
+            address.len() as libc::socklen_t,
+        )
+    };
+    if sent < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(sent as usize)
+    }
+}
+
+/// Receives one descriptor passed as SCM_RIGHTS on `channel` (the filter's listener,
+/// from the child).
+pub fn receive_fd(channel: &OwnedFd) -> io::Result<OwnedFd> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    let mut byte = [0u8; 1];
+    let mut space = nix::cmsg_space!(RawFd);
+    let mut iov = [std::io::IoSliceMut::new(&mut byte)];
+    let message = recvmsg::<()>(
+        channel.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )?;
+    for cmsg in message.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(fds) = cmsg
+            && let Some(fd) = fds.first()
+        {
+            // SAFETY: SCM_RIGHTS just installed this descriptor in our table, and
+            // nothing else owns it.
+            return Ok(unsafe { OwnedFd::from_raw_fd(*fd) });
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "the program's side sent no listener",
+    ))
+}

@@ -34,11 +34,14 @@ use crate::elf::Executable;
 /// that the far site can connect back (active FTP, GridFTP data channels).
 ///
 /// Statically linked and Go programs make their own system calls, which LD_PRELOAD
-/// cannot see: tunnel-run supervises those (and any program, with --seccomp) with
-/// seccomp user notification instead. Their connects stop until tunnel-run has
-/// decided: a routed one is connected through the agent by tunnel-run itself, and
-/// returns the far side's answer; the rest continue untouched. tunnel-run stays
-/// until the program and every process it left behind have ended, passes on SIGTERM,
+/// cannot see: tunnel-run supervises those, scripts and shells (which may start them),
+/// and any program with --seccomp, with seccomp user notification. A dynamically linked
+/// program named directly is only preloaded: give --seccomp when it starts static or Go
+/// programs itself (make, a Python job runner). Their connects stop until tunnel-run has
+/// looked: a routed one is connected through the agent by tunnel-run itself and
+/// returns the far side's answer; any other is made by tunnel-run as the program asked,
+/// with the address it read. tunnel-run stays until the program and every process it
+/// left behind have ended (Ctrl-C or SIGTERM then ends those), passes on SIGTERM,
 /// SIGHUP, SIGUSR1, SIGUSR2 and SIGALRM, and exits as the program did.
 ///
 /// Under the supervisor the program runs with no_new_privs: setuid and setcap
@@ -63,7 +66,7 @@ struct Args {
     #[arg(long, value_name = "DEST", num_args = 1..)]
     explain: Vec<String>,
     /// Supervise the program with seccomp even if LD_PRELOAD could reach it (the
-    /// default for statically linked and Go programs only).
+    /// default for statically linked and Go programs, scripts and shells).
     #[arg(long, conflicts_with = "no_seccomp")]
     seccomp: bool,
     /// Never supervise: statically linked and Go programs then connect directly,
@@ -152,15 +155,14 @@ fn run(args: Args) -> Result<Never> {
     }
 
     let kind = executable_kind(&args.command[0]);
-    let supervised = match supervision(&args, kind) {
+    let supervised = match supervision(&args, &args.command[0], kind) {
         Supervision::Supervise => true,
         Supervision::Outer => {
-            if debug() {
-                eprintln!(
-                    "tunnel-run: the program runs under a supervisor already (pid {}): it carries this one's connects",
-                    std::env::var(tunnel_supervisor::SUPERVISED_ENV).unwrap_or_default()
-                );
-            }
+            eprintln!(
+                "tunnel-run: note: already under tunnel-run's supervisor (pid {}): its routes, not this one's, carry {}'s connects",
+                std::env::var(tunnel_supervisor::SUPERVISED_ENV).unwrap_or_default(),
+                args.command[0]
+            );
             false
         }
         Supervision::Preload => {
@@ -208,11 +210,28 @@ enum Supervision {
     Outer,
 }
 
-fn supervision(args: &Args, kind: Option<Executable>) -> Supervision {
+/// Shells, which start whatever their scripts name, static and Go programs included:
+/// supervised, so that those are carried too.
+const SHELLS: [&str; 10] = [
+    "sh", "bash", "dash", "zsh", "ksh", "mksh", "csh", "tcsh", "fish", "busybox",
+];
+
+fn supervision(args: &Args, program: &str, kind: Option<Executable>) -> Supervision {
     if args.no_seccomp {
         return Supervision::Preload;
     }
-    let wanted = args.seccomp || matches!(kind, Some(Executable::Static) | Some(Executable::Go));
+    let shell = std::path::Path::new(program)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| SHELLS.contains(&n));
+    // Static and Go programs, scripts (and executables this user may not read), and
+    // shells: everything but a dynamically linked program named directly.
+    let wanted = args.seccomp
+        || shell
+        || matches!(
+            kind,
+            Some(Executable::Static) | Some(Executable::Go) | Some(Executable::Other)
+        );
     if wanted && under_supervisor() {
         Supervision::Outer
     } else if wanted {
@@ -375,8 +394,12 @@ fn executable_kind(program: &str) -> Option<Executable> {
                 .find(|p| p.is_file())
         })
     };
-    let bytes = std::fs::read(path?).ok()?;
-    Some(elf::classify(&bytes))
+    let path = path?;
+    if !path.exists() {
+        return None;
+    }
+    // An executable this user may not read (mode 0711) could be anything: Other.
+    Some(std::fs::read(&path).map_or(Executable::Other, |bytes| elf::classify(&bytes)))
 }
 
 /// Says so when LD_PRELOAD cannot reach a program that is not supervised (--no-seccomp).

@@ -288,6 +288,7 @@ fn a_go_program_with_busy_goroutines_dials_2000_times_without_an_error() {
 
 /// A static C program whose glibc resolver asks the nameserver itself.
 const STATIC_BY_NAME: &str = r#"
+#include <arpa/inet.h>
 #include <errno.h>
 #include <netdb.h>
 #include <stdio.h>
@@ -299,8 +300,14 @@ int main(int argc, char **argv) {
     struct addrinfo hints = {0}, *res;
     hints.ai_family = AF_INET;
     hints.ai_socktype = SOCK_STREAM;
-    int e = getaddrinfo(argv[1], argv[2], &hints, &res);
+        int e = getaddrinfo(argv[1], strcmp(argv[2], "resolve") ? argv[2] : "80", &hints, &res);
     if (e != 0) { printf("getaddrinfo: %s\n", gai_strerror(e)); return 1; }
+    if (!strcmp(argv[2], "resolve")) {
+        char text[64];
+        inet_ntop(AF_INET, &((struct sockaddr_in *)res->ai_addr)->sin_addr, text, sizeof text);
+        printf("%s\n", text);
+        return 0;
+    }
     int fd = socket(res->ai_family, SOCK_STREAM, 0);
     if (connect(fd, res->ai_addr, res->ai_addrlen) != 0) { printf("errno %d\n", errno); return 0; }
     dprintf(fd, "GET /data.bin HTTP/1.0\r\nHost: %s\r\n\r\n", argv[1]);
@@ -349,4 +356,90 @@ fn static_glibc_and_musl_programs_resolve_a_routed_name_and_get_the_real_errno()
             program.display()
         );
     }
+}
+
+/// A nameserver for the client site (its resolv.conf's 127.0.0.1): `plain.example` is
+/// 192.0.2.7, every other name does not exist; each query is logged.
+const CLIENT_NAMESERVER: &str = r"
+import socket, struct
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(('127.0.0.1', 53))
+print('ready', flush=True)
+while True:
+    q, peer = s.recvfrom(4096)
+    print('query', q, flush=True)
+    i = 12
+    while i < len(q) and q[i] != 0:
+        i += q[i] + 1
+    end = i + 5
+    qtype = struct.unpack('>H', q[i + 1:i + 3])[0]
+    if q[12:i].lower() == b'\x05plain\x07example' and qtype == 1:
+        r = q[:2] + b'\x81\x80\x00\x01\x00\x01\x00\x00\x00\x00' + q[12:end]
+        r += b'\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x04' + bytes([192, 0, 2, 7])
+    elif q[12:i].lower() == b'\x05plain\x07example':
+        r = q[:2] + b'\x81\x80\x00\x01\x00\x00\x00\x00\x00\x00' + q[12:end]
+    else:
+        r = q[:2] + b'\x81\x83\x00\x01\x00\x00\x00\x00\x00\x00' + q[12:end]
+    s.sendto(r, peer)
+";
+
+#[test]
+fn unrouted_names_resolve_through_the_stub_over_udp_and_tcp() {
+    if needs_root("unrouted_names_resolve_through_the_stub_over_udp_and_tcp") {
+        return;
+    }
+    let data_dir = tempfile::tempdir().expect("data");
+    std::fs::write(data_dir.path().join("data.bin"), "data\n").expect("data");
+    let sites = sites(data_dir.path());
+    let mut nameserver = Topology::command(&sites.topology.client, "python3");
+    nameserver.args(["-u", "-c", CLIENT_NAMESERVER]);
+    let mut nameserver =
+        Daemon::spawn("nameserver", nameserver, sites.site.path("ns.log")).expect("nameserver");
+    nameserver
+        .wait_log("ready", Duration::from_secs(20))
+        .expect("nameserver up");
+    let glibc = compile_c(
+        &sites.site,
+        "by-name",
+        STATIC_BY_NAME,
+        &["-static", "-O1", "-w"],
+    );
+    require("musl-gcc", "musl-tools");
+    let musl = sites.site.path("by-name-musl");
+    run_ok(
+        Command::new("musl-gcc")
+            .args(["-static", "-O1", "-w", "-o"])
+            .arg(&musl)
+            .arg(sites.site.path("by-name.c")),
+    );
+    // An unrouted name goes on to the client site's nameserver and comes back: musl
+    // sends from an unbound socket with sendto; glibc told to use TCP (use-vc) reaches
+    // the stub's TCP listener.
+    for (program, options) in [(&musl, ""), (&glibc, ""), (&glibc, "use-vc")] {
+        let (code, out, err) = output_within(
+            sites
+                .run(program)
+                .env("RES_OPTIONS", options)
+                .args(["plain.example", "resolve"]),
+            LIMIT,
+        );
+        assert_eq!(code, Some(0), "{} {options}: {out}{err}", program.display());
+        assert_eq!(out, "192.0.2.7\n", "{} {options}: {err}", program.display());
+    }
+    // A routed name over TCP: answered by the stub, never asked of the nameserver.
+    let (code, out, err) = output_within(
+        sites
+            .run(&glibc)
+            .env("RES_OPTIONS", "use-vc")
+            .args([NAME, "8080"]),
+        LIMIT,
+    );
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert_eq!(out, "HTTP/1.0 200 OK\n", "{err}");
+    let log = nameserver.log_text();
+    assert!(log.contains("plain"), "{log}");
+    assert!(
+        !log.contains("site-b"),
+        "a routed name reached the nameserver:\n{log}"
+    );
 }

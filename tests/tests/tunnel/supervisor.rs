@@ -15,6 +15,7 @@ const LIMIT: Duration = Duration::from_secs(60);
 
 /// A static C program with one mode per first argument.
 const PROGRAM: &str = r#"
+#define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
 #include <netdb.h>
@@ -125,6 +126,37 @@ int main(int argc, char **argv) {
         char buf[64] = {0};
         read(fd, buf, sizeof buf - 1);
         printf("echo %s", buf);
+        } else if (!strcmp(mode, "biglen")) {
+        /* The kernel takes addrlen as an int: the upper half of the register is not
+           part of it. */
+        int fd = open_to(argv[2], argv[3], 0, &rc, &err);
+        close(fd);
+        fd = socket(last.ss_family, SOCK_STREAM, 0);
+        long r = syscall(SYS_connect, fd, &last, 0x100000000L | last_len);
+        if (r != 0) { printf("errno %d\n", errno); return 0; }
+        echo(fd, "biglen");
+    } else if (!strcmp(mode, "mmsg")) {
+        struct addrinfo hints = {0}, *res;
+        hints.ai_socktype = SOCK_STREAM;
+        hints.ai_flags = AI_NUMERICHOST;
+        getaddrinfo(argv[2], argv[3], &hints, &res);
+        int fd = socket(res->ai_family, SOCK_STREAM, 0);
+        struct iovec iov = { "x\n", 2 };
+        struct mmsghdr m = {0};
+        m.msg_hdr.msg_name = res->ai_addr;
+        m.msg_hdr.msg_namelen = res->ai_addrlen;
+        m.msg_hdr.msg_iov = &iov;
+        m.msg_hdr.msg_iovlen = 1;
+        int r = sendmmsg(fd, &m, 1, MSG_FASTOPEN);
+        printf("sendmmsg %d errno %d\n", r, r < 0 ? errno : 0);
+    } else if (!strcmp(mode, "linger")) {
+        /* Leaves a process behind that would sleep for a minute. */
+        if (fork() == 0) {
+            setsid();
+            sleep(60);
+            _exit(0);
+        }
+        return 3;
     } else if (!strcmp(mode, "sleep")) {
         printf("sleeping\n");
         sleep(30);
@@ -221,6 +253,42 @@ fn a_static_programs_routed_connects_get_the_far_sides_real_answers() {
         assert_eq!(tunnel.streams_seen(), before + 1, "{mode} went direct");
     }
 
+    // An addrlen with bits above its 32 (the kernel reads an int) is routed as the
+    // kernel reads it; Fast Open inside sendmmsg is refused, never sent direct.
+    let (host, port) = host_port(echo);
+    let before = tunnel.streams_seen();
+    let (_, out, err) = run_static(&tunnel, &program, &["biglen", &host, &port]);
+    assert_eq!(out, "echo biglen\n", "{err}");
+    assert_eq!(tunnel.streams_seen(), before + 2);
+    let (_, out, err) = run_static(&tunnel, &program, &["mmsg", &host, &port]);
+    assert_eq!(
+        out,
+        format!("sendmmsg -1 errno {}\n", nix::libc::EOPNOTSUPP),
+        "{err}"
+    );
+
+    // A script that runs the static program: supervised too (the shell starts it).
+    let script = tunnel.site.path("job.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nexec {} connect {host} {port}\n",
+            program.display()
+        ),
+    )
+    .expect("script");
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let before = tunnel.streams_seen();
+    let (code, out, err) = run_static(&tunnel, &script, &[]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert_eq!(out, "connected\necho static\n", "{err}");
+    assert_eq!(
+        tunnel.streams_seen(),
+        before + 1,
+        "the script's static program went direct"
+    );
+
     // Not routed: direct and untouched.
     let before = tunnel.streams_seen();
     let (host, port) = host_port(direct);
@@ -314,6 +382,32 @@ fn a_daemonised_grandchild_stays_supervised_and_tunnel_run_waits_for_it() {
         before + 1,
         "the grandchild's connect was not carried"
     );
+
+    // A process left behind keeps tunnel-run, which says so; SIGTERM then ends it, and
+    // tunnel-run exits with the program's status.
+    let mut lingering = Command::new(bin("tunnel-run"))
+        .arg("--config")
+        .arg(&tunnel.agent.config)
+        .arg("--")
+        .arg(&program)
+        .arg("linger")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("tunnel-run");
+    let mut stderr = std::io::BufReader::new(lingering.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stderr, &mut line).expect("the note");
+    assert!(line.contains("left behind"), "{line}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(lingering.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("kill");
+    let status = wait_for(Duration::from_secs(10), "tunnel-run to end", || {
+        lingering.try_wait().ok().flatten()
+    })
+    .expect("tunnel-run ended");
+    assert_eq!(status.code(), Some(3), "{status:?}");
 }
 
 #[test]
