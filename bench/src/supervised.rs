@@ -1,9 +1,10 @@
 //! What `tunnel-run`'s seccomp supervisor adds to a connect, side by side with the
 //! preload library and with no tunnel at all. One small C program, built twice: linked
 //! dynamically (the preload sees its connects) and statically (only the supervisor
-//! does). Each figure is microseconds per blocking connect (and close), the median of
-//! interleaved rounds: unrouted TCP, a Unix socket, and a routed connect through the
-//! tunnel (agent, gateway, destination, all on loopback).
+//! does). Each figure is microseconds per connect, the median of interleaved rounds: an
+//! unrouted one (a UDP connect: a system call and no handshake, so what is measured is
+//! what the hook or the supervisor adds), a Unix socket's, and a routed TCP connect
+//! through the tunnel (agent, gateway, destination, all on loopback).
 
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::net::UnixListener;
@@ -27,9 +28,26 @@ const PROGRAM: &str = r#"
 #include <time.h>
 #include <unistd.h>
 
-/* connects tcp IP PORT N | connects unix PATH N: microseconds per connect + close. */
+/* connects tcp IP PORT N | connects unix PATH N: microseconds per connect + close;
+   connects udp IP PORT N: microseconds per connect of one UDP socket (a system call
+   with no handshake: what is left is what a hook or the supervisor adds). */
 int main(int argc, char **argv) {
     int n = atoi(argv[4 - (strcmp(argv[1], "unix") == 0)]);
+    if (!strcmp(argv[1], "udp")) {
+        struct sockaddr_in in = {0};
+        in.sin_family = AF_INET;
+        in.sin_port = htons(atoi(argv[3]));
+        inet_pton(AF_INET, argv[2], &in.sin_addr);
+        int fd = socket(AF_INET, SOCK_DGRAM, 0);
+        struct timespec a, b;
+        clock_gettime(CLOCK_MONOTONIC, &a);
+        for (int i = 0; i < n; i++) {
+            if (connect(fd, (struct sockaddr *)&in, sizeof in) != 0) { perror("connect"); return 1; }
+        }
+        clock_gettime(CLOCK_MONOTONIC, &b);
+        printf("%.2f\n", ((b.tv_sec - a.tv_sec) * 1e9 + (b.tv_nsec - a.tv_nsec)) / 1e3 / n);
+        return 0;
+    }
     struct sockaddr_storage ss = {0};
     socklen_t len;
     int family;
@@ -61,16 +79,24 @@ int main(int argc, char **argv) {
 }
 "#;
 
-/// Accepts connections and resets each at once (SO_LINGER 0): nothing of a closed
-/// connection stays at either end, so a client port the kernel hands out again (it
-/// reuses loopback ports in TIME_WAIT) never meets an old socket and waits out a
-/// second's SYN retry.
-fn accept_and_close_tcp(ip: &str) -> Result<SocketAddr> {
+/// Accepts connections as fast as they come (a listener that falls behind drops SYNs,
+/// which cost the client a second's retry) and closes each once its client has, on a
+/// second thread: the 4-tuple's TIME_WAIT is then the client's, which the kernel steers
+/// new connects around, and the listener keeps no state that a reused port could meet.
+fn accept_until_eof(ip: &str) -> Result<SocketAddr> {
     let listener = TcpListener::bind((ip, 0)).with_context(|| format!("binding {ip}:0"))?;
     let addr = listener.local_addr()?;
+    let (accepted, to_close) = std::sync::mpsc::channel::<std::net::TcpStream>();
+    std::thread::spawn(move || {
+        for mut stream in to_close {
+            let _ = std::io::Read::read(&mut stream, &mut [0u8; 1]);
+        }
+    });
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
-            let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+            if accepted.send(stream).is_err() {
+                return;
+            }
         }
     });
     Ok(addr)
@@ -140,8 +166,9 @@ pub fn measure(bins: &Path, report: &mut Report, rounds: usize) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let dynamic = build(dir.path(), false)?;
     let fixed = build(dir.path(), true)?;
-    let routed = accept_and_close_tcp("127.0.0.3")?;
-    let unrouted = accept_and_close_tcp("127.0.0.4")?;
+    let routed = accept_until_eof("127.0.0.3")?;
+    // Nothing listens there: a UDP connect only sets the socket's peer.
+    let unrouted = SocketAddr::from(([127, 0, 0, 4], 9));
     let unix = dir.path().join("u.sock");
     accept_and_close_unix(&unix)?;
     let tunnel = Tunnel::start(bins, routed, None)?;
@@ -164,24 +191,30 @@ pub fn measure(bins: &Path, report: &mut Report, rounds: usize) -> Result<()> {
     ];
     let none: Vec<String> = Vec::new();
     // (figure, wrapper, program, arguments)
+    let udp = vec![
+        "udp".to_string(),
+        unrouted.ip().to_string(),
+        unrouted.port().to_string(),
+        "2000".to_string(),
+    ];
     let cases: Vec<(&str, &[String], &Path, Vec<String>)> = vec![
         (
-            "connect, unrouted TCP: direct",
+            "connect, unrouted (UDP, no handshake): direct",
             &none,
             &dynamic,
-            tcp(unrouted, 1000),
+            udp.clone(),
         ),
         (
-            "connect, unrouted TCP: preload",
+            "connect, unrouted (UDP, no handshake): preload",
             &preload,
             &dynamic,
-            tcp(unrouted, 1000),
+            udp.clone(),
         ),
         (
-            "connect, unrouted TCP: seccomp supervisor",
+            "connect, unrouted (UDP, no handshake): seccomp supervisor",
             &supervised,
             &fixed,
-            tcp(unrouted, 1000),
+            udp.clone(),
         ),
         (
             "connect, AF_UNIX: direct",
@@ -220,8 +253,8 @@ pub fn measure(bins: &Path, report: &mut Report, rounds: usize) -> Result<()> {
         // the same case.
         for i in 0..cases.len() {
             let k = (i + round) % cases.len();
-            let (_, wrapper, program, args) = &cases[k];
-            figures[k].push(run(wrapper, program, args)?);
+            let (name, wrapper, program, args) = &cases[k];
+            figures[k].push(run(wrapper, program, args).with_context(|| name.to_string())?);
         }
     }
     let median = |v: &mut Vec<f64>| {
@@ -239,7 +272,7 @@ pub fn measure(bins: &Path, report: &mut Report, rounds: usize) -> Result<()> {
     let added = |supervisor: usize, base: usize| medians[supervisor] - medians[base];
     let t = &mut report.tunnel_only;
     t.insert(
-        "connect, unrouted TCP: supervisor added over direct".into(),
+        "connect, unrouted: supervisor added over direct".into(),
         (added(2, 0), "µs".into()),
     );
     t.insert(

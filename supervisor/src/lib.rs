@@ -25,6 +25,7 @@ mod program;
 mod resolver;
 mod supervise;
 mod sys;
+mod workers;
 
 pub use agent::{AgentSocket, agent_socket};
 pub use connect::Routes;

@@ -24,6 +24,7 @@ use crate::filter::Rules;
 use crate::program::{self, Redirects};
 use crate::resolver::Resolver;
 use crate::sys::{self, Answer, Notification};
+use crate::workers::Workers;
 
 /// What the supervisor needs to know.
 #[derive(Debug, Clone)]
@@ -68,6 +69,7 @@ struct Shared {
     routes: Routes,
     agent: AgentSocket,
     redirects: Redirects,
+    workers: Arc<Workers>,
     /// The resolver stub for programs' own DNS queries; `None` when names are left
     /// to the program.
     resolver: Option<Arc<Resolver>>,
@@ -163,6 +165,7 @@ pub fn run(mut command: Command, plan: Plan) -> Result<Exit> {
         routes: plan.routes,
         agent: plan.agent,
         redirects: Redirects::default(),
+        workers: Workers::new(),
         resolver,
         trace: plan.trace,
     });
@@ -334,13 +337,10 @@ fn in_worker(
     work: impl FnOnce(&Shared, &Notification) -> Answer + Send + 'static,
 ) {
     let worker = shared.clone();
-    let started = std::thread::Builder::new()
-        .name("notified".into())
-        .stack_size(256 * 1024)
-        .spawn(move || {
-            let result = work(&worker, &n);
-            answer(&worker, &n, result);
-        });
+    let started = shared.workers.run(Box::new(move || {
+        let result = work(&worker, &n);
+        answer(&worker, &n, result);
+    }));
     if started.is_err() {
         answer(shared, &n, Answer::Fail(libc::EAGAIN));
     }
@@ -443,7 +443,9 @@ fn connect_as_read(shared: &Arc<Shared>, n: Notification, bytes: Vec<u8>) {
     };
     let nonblocking = nix::fcntl::fcntl(&socket, nix::fcntl::FcntlArg::F_GETFL)
         .is_ok_and(|flags| flags & libc::O_NONBLOCK != 0);
-    if nonblocking {
+    // A non-blocking connect, and a datagram socket's (it only sets the peer), return
+    // at once: answered here.
+    if nonblocking || is_datagram(&socket) {
         return answer(shared, &n, connect_now(&socket, &bytes));
     }
     in_worker(shared, n, move |_, _| connect_now(&socket, &bytes))
@@ -767,8 +769,7 @@ fn on_getpeername(shared: &Arc<Shared>, n: Notification) {
 /// Our duplicate of the socket a notified call is for, or nothing (the call then
 /// continues as the program made it).
 fn take_socket_quietly(shared: &Shared, n: &Notification) -> Option<OwnedFd> {
-    let process = thread_group_of(n.tid)?;
-    let pidfd = sys::pidfd_open(process).ok()?;
+    let pidfd = pidfd_of(n.tid)?;
     if !sys::still_waiting(shared.listener.as_fd(), n.id) {
         return None;
     }
@@ -778,8 +779,8 @@ fn take_socket_quietly(shared: &Shared, n: &Notification) -> Option<OwnedFd> {
 /// Our duplicate of the socket the notified connect is for.
 fn take_socket(shared: &Shared, n: &Notification) -> Result<OwnedFd, Answer> {
     let refused = Answer::Fail(libc::ECONNREFUSED);
-    let process = thread_group_of(n.tid).ok_or(refused)?;
-    let pidfd = sys::pidfd_open(process).map_err(|_| refused)?;
+    let process = n.tid;
+    let pidfd = pidfd_of(n.tid).ok_or(refused)?;
     // The pidfd is the caller's only if the call still waits (ids are reused).
     if !sys::still_waiting(shared.listener.as_fd(), n.id) {
         return Err(refused);
@@ -793,6 +794,14 @@ fn take_socket(shared: &Shared, n: &Notification) -> Result<OwnedFd, Answer> {
             refused
         }
     })
+}
+
+/// A pidfd for the calling thread: for the thread itself where the kernel has them
+/// (PIDFD_THREAD, Linux 6.9), else for its process, found in /proc.
+fn pidfd_of(tid: i32) -> Option<OwnedFd> {
+    sys::pidfd_open_thread(tid)
+        .ok()
+        .or_else(|| sys::pidfd_open(thread_group_of(tid)?).ok())
 }
 
 /// The process (thread group) a thread belongs to.

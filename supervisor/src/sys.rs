@@ -190,6 +190,13 @@ pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     owned(fd)
 }
 
+/// A pidfd for thread `tid` (PIDFD_THREAD, Linux 6.9 and newer).
+pub fn pidfd_open_thread(tid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: a system call with integer arguments.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, tid, libc::O_EXCL) };
+    owned(fd)
+}
+
 /// A duplicate of file descriptor `fd` of the process behind `pidfd`, in this process.
 pub fn pidfd_getfd(pidfd: BorrowedFd<'_>, fd: i32) -> io::Result<OwnedFd> {
     // SAFETY: a system call with integer arguments.
