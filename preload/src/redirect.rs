@@ -4,7 +4,7 @@
 //! values.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -223,23 +223,8 @@ fn source_address(fd: c_int, destination: SocketAddr) -> Result<SocketAddr, c_in
     if let Some(local) = sys::local_addr(fd).filter(|a| a.port() != 0) {
         return Ok(local);
     }
-    let candidates: &[IpAddr] = match destination {
-        SocketAddr::V4(_) => &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
-        // An IPv4 destination in mapped form (Java, dual-stack servers): the mapped
-        // IPv4 loopback, so the socket's own address is IPv4-mapped as a direct
-        // connection's would be, and protocols that send it (FTP's EPRT) stay IPv4.
-        SocketAddr::V6(d) if d.ip().to_ipv4_mapped().is_some() => &[
-            IpAddr::V6(Ipv4Addr::LOCALHOST.to_ipv6_mapped()),
-            IpAddr::V6(Ipv6Addr::LOCALHOST),
-        ],
-        // ::1 where IPv6 is up; else the mapped IPv4 loopback (a dual-stack socket).
-        SocketAddr::V6(_) => &[
-            IpAddr::V6(Ipv6Addr::LOCALHOST),
-            IpAddr::V6(Ipv4Addr::LOCALHOST.to_ipv6_mapped()),
-        ],
-    };
     let mut last = libc::EADDRNOTAVAIL;
-    for ip in candidates {
+    for ip in tunnel_proto::local::loopback_sources(destination) {
         match sys::bind(fd, SocketAddr::new(*ip, 0)) {
             Ok(()) => return sys::local_addr(fd).ok_or(libc::EBADF),
             Err(e) => last = e,
@@ -551,6 +536,8 @@ pub fn own_name(fd: c_int) -> Detour<SocketAddr> {
 mod tests {
     use tunnel_proto::Pattern;
     use tunnel_proto::routes::RouteTable;
+
+    use std::net::{Ipv4Addr, Ipv6Addr};
 
     use super::*;
 

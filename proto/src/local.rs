@@ -458,6 +458,26 @@ impl fmt::Display for Reply {
     }
 }
 
+/// The loopback addresses a redirected socket without an address of its own is bound
+/// to before it registers (the agent knows the connection that arrives by its source),
+/// in the order to try them, for a connect to `destination`: IPv4's for IPv4; for an
+/// IPv4 destination in mapped form (Java, dual-stack servers) the mapped IPv4 loopback
+/// first, so the socket's own address is IPv4-mapped as a direct connection's would be
+/// and protocols that send it (FTP's EPRT) stay IPv4; else ::1 first, where IPv6 is up,
+/// then the mapped IPv4 loopback (a dual-stack socket).
+pub fn loopback_sources(destination: SocketAddr) -> &'static [IpAddr] {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+    const MAPPED: IpAddr = IpAddr::V6(Ipv4Addr::LOCALHOST.to_ipv6_mapped());
+    const V4: &[IpAddr] = &[IpAddr::V4(Ipv4Addr::LOCALHOST)];
+    const MAPPED_FIRST: &[IpAddr] = &[MAPPED, IpAddr::V6(Ipv6Addr::LOCALHOST)];
+    const V6_FIRST: &[IpAddr] = &[IpAddr::V6(Ipv6Addr::LOCALHOST), MAPPED];
+    match destination {
+        SocketAddr::V4(_) => V4,
+        SocketAddr::V6(d) if d.ip().to_ipv4_mapped().is_some() => MAPPED_FIRST,
+        SocketAddr::V6(_) => V6_FIRST,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -239,19 +239,8 @@ fn source_address(socket: &OwnedFd, destination: SocketAddr) -> Result<SocketAdd
     if let Some(local) = program::local_addr(socket).filter(|a| a.port() != 0) {
         return Ok(local);
     }
-    let candidates: &[IpAddr] = match destination {
-        SocketAddr::V4(_) => &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
-        SocketAddr::V6(d) if d.ip().to_ipv4_mapped().is_some() => &[
-            IpAddr::V6(Ipv4Addr::LOCALHOST.to_ipv6_mapped()),
-            IpAddr::V6(Ipv6Addr::LOCALHOST),
-        ],
-        SocketAddr::V6(_) => &[
-            IpAddr::V6(Ipv6Addr::LOCALHOST),
-            IpAddr::V6(Ipv4Addr::LOCALHOST.to_ipv6_mapped()),
-        ],
-    };
     let mut last = libc::EADDRNOTAVAIL;
-    for ip in candidates {
+    for ip in tunnel_proto::local::loopback_sources(destination) {
         match program::bind(socket, SocketAddr::new(*ip, 0)) {
             Ok(()) => {
                 return program::local_addr(socket)

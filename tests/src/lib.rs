@@ -764,3 +764,24 @@ pub fn wait_callbacks(agent: &Agent) {
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", agent.daemon.log_text()));
 }
+
+/// A gateway in `topology`'s gateway namespace and an agent in its client namespace
+/// (as `alice`, the gateway named `site-b`), with `to` allowed at the gateway and routed
+/// by the agent.
+pub fn tunnel_across(topology: &netns::Topology, site: &Site, to: &[&str]) -> (Gateway, Agent) {
+    let gw_dir = site.init_gateway_on("gateway", netns::GATEWAY_IP);
+    let creds = site.issue(&gw_dir, "alice", "alice");
+    let config = gw_dir.join("gateway.toml");
+    let mut text = fs::read_to_string(&config).expect("gateway.toml");
+    text.push_str(&allow_alice(to));
+    fs::write(&config, text).expect("gateway.toml");
+    let gateway = Gateway::run_in(&gw_dir, Some(&topology.gateway)).expect("gateway");
+    let body = format!(
+        "{}{}",
+        gateway_table("site-b", gateway.addr, &creds, "alice"),
+        route_table(to)
+    );
+    let agent =
+        Agent::start_in(&site.path("agent"), &body, true, Some(&topology.client)).expect("agent");
+    (gateway, agent)
+}

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use tunnel_tests::netns::{GATEWAY_IP, REMOTE_IP, Topology};
+use tunnel_tests::netns::{REMOTE_IP, Topology};
 use tunnel_tests::*;
 
 const LIMIT: Duration = Duration::from_secs(240);
@@ -180,20 +180,7 @@ fn sites(data: &Path) -> Sites {
             "import socketserver\nclass E(socketserver.StreamRequestHandler):\n    def handle(self):\n        for line in self.rfile:\n            self.wfile.write(line)\nsocketserver.ThreadingTCPServer.allow_reuse_address = True\nsocketserver.ThreadingTCPServer.daemon_threads = True\ns = socketserver.ThreadingTCPServer(({REMOTE_IP:?}, 7007), E)\ns.request_queue_size = 256\nprint('ready', flush=True)\ns.serve_forever()\n"
         ),
     );
-    let gw_dir = site.init_gateway_on("gateway", GATEWAY_IP);
-    let creds = site.issue(&gw_dir, "alice", "alice");
-    let config = gw_dir.join("gateway.toml");
-    let mut text = std::fs::read_to_string(&config).expect("gateway.toml");
-    text.push_str(&allow_alice(&["10.77.2.0/24", "*.site-b.internal"]));
-    std::fs::write(&config, text).expect("gateway.toml");
-    let gateway = Gateway::run_in(&gw_dir, Some(&topology.gateway)).expect("gateway");
-    let body = format!(
-        "{}{}",
-        gateway_table("site-b", gateway.addr, &creds, "alice"),
-        route_table(&["10.77.2.0/24", "*.site-b.internal"])
-    );
-    let agent =
-        Agent::start_in(&site.path("agent"), &body, true, Some(&topology.client)).expect("agent");
+    let (gateway, agent) = tunnel_across(&topology, &site, &["10.77.2.0/24", "*.site-b.internal"]);
     Sites {
         agent,
         _gateway: gateway,
@@ -286,6 +273,19 @@ fn a_go_program_with_busy_goroutines_dials_2000_times_without_an_error() {
     assert!(out.ends_with("errors 0\n"), "{out}\n{err}");
 }
 
+/// The static C program again, with musl (after `compile_c` wrote its source).
+fn musl_program(site: &Site) -> PathBuf {
+    require("musl-gcc", "musl-tools");
+    let musl = site.path("by-name-musl");
+    run_ok(
+        Command::new("musl-gcc")
+            .args(["-static", "-O1", "-w", "-o"])
+            .arg(&musl)
+            .arg(site.path("by-name.c")),
+    );
+    musl
+}
+
 /// A static C program whose glibc resolver asks the nameserver itself.
 const STATIC_BY_NAME: &str = r#"
 #include <arpa/inet.h>
@@ -334,14 +334,7 @@ fn static_glibc_and_musl_programs_resolve_a_routed_name_and_get_the_real_errno()
     );
     // musl's resolver sends with sendto on an unconnected socket and takes an answer
     // only from the nameserver's own address (recvfrom).
-    require("musl-gcc", "musl-tools");
-    let musl = sites.site.path("by-name-musl");
-    run_ok(
-        Command::new("musl-gcc")
-            .args(["-static", "-O1", "-w", "-o"])
-            .arg(&musl)
-            .arg(sites.site.path("by-name.c")),
-    );
+    let musl = musl_program(&sites.site);
     for program in [&glibc, &musl] {
         let (code, out, err) = output_within(sites.run(program).args([NAME, "8080"]), LIMIT);
         assert_eq!(code, Some(0), "{}: {out}{err}", program.display());
@@ -404,14 +397,7 @@ fn unrouted_names_resolve_through_the_stub_over_udp_and_tcp() {
         STATIC_BY_NAME,
         &["-static", "-O1", "-w"],
     );
-    require("musl-gcc", "musl-tools");
-    let musl = sites.site.path("by-name-musl");
-    run_ok(
-        Command::new("musl-gcc")
-            .args(["-static", "-O1", "-w", "-o"])
-            .arg(&musl)
-            .arg(sites.site.path("by-name.c")),
-    );
+    let musl = musl_program(&sites.site);
     // An unrouted name goes on to the client site's nameserver and comes back: musl
     // sends from an unbound socket with sendto; glibc told to use TCP (use-vc) reaches
     // the stub's TCP listener.

@@ -4,7 +4,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use tunnel_tests::netns::{GATEWAY_IP, REMOTE_IP, Topology};
+use tunnel_tests::netns::{REMOTE_IP, Topology};
 use tunnel_tests::*;
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -40,20 +40,7 @@ fn sites() -> Sites {
     web.wait_log(" port ", Duration::from_secs(20))
         .expect("web server up");
 
-    let gw_dir = site.init_gateway_on("gateway", GATEWAY_IP);
-    let creds = site.issue(&gw_dir, "alice", "alice");
-    let config = gw_dir.join("gateway.toml");
-    let mut text = std::fs::read_to_string(&config).expect("gateway.toml");
-    text.push_str(&allow_alice(&["10.77.2.0/24", "*.site-b.internal"]));
-    std::fs::write(&config, text).expect("gateway.toml");
-    let gateway = Gateway::run_in(&gw_dir, Some(&topology.gateway)).expect("gateway");
-    let body = format!(
-        "{}{}",
-        gateway_table("site-b", gateway.addr, &creds, "alice"),
-        route_table(&["10.77.2.0/24", "*.site-b.internal"])
-    );
-    let agent =
-        Agent::start_in(&site.path("agent"), &body, true, Some(&topology.client)).expect("agent");
+    let (gateway, agent) = tunnel_across(&topology, &site, &["10.77.2.0/24", "*.site-b.internal"]);
     Sites {
         agent,
         _gateway: gateway,
