@@ -276,9 +276,18 @@ impl Resolver {
             }
         };
         if self.trace {
+            let kind = match question.qtype {
+                dns::TYPE_A => "A".to_string(),
+                dns::TYPE_AAAA => "AAAA".to_string(),
+                other => format!("type {other}"),
+            };
+            let answered = match (question.qtype, address) {
+                (dns::TYPE_A | dns::TYPE_AAAA, Some(a)) => a.to_string(),
+                _ => "no address".to_string(),
+            };
             eprintln!(
-                "tunnel-run: supervisor: {} (type {}) -> {address:?}",
-                question.name, question.qtype
+                "tunnel-run: supervisor: {} {kind}: {answered} (routed: a synthetic address)",
+                question.name
             );
         }
         dns::answer(query, question, address)

@@ -218,10 +218,11 @@ fn spawn_error(command: &Command, e: std::io::Error) -> anyhow::Error {
     }
 }
 
-/// Passes signals sent to the supervisor on to the program; once it has ended, the
-/// ones that end a job (SIGINT, SIGTERM, SIGHUP, SIGQUIT) go to the processes it left
-/// behind, which would otherwise keep tunnel-run waiting.
+/// Passes signals sent to the supervisor on to the program; once it has ended, one
+/// that ends a job (SIGINT, SIGTERM, SIGHUP, SIGQUIT) sends SIGTERM to the processes it
+/// left behind, which would otherwise keep tunnel-run waiting, and the next SIGKILL.
 fn pass_signals_on(blocked: SigSet, job: &Job) {
+    let mut ended_once = false;
     while let Ok(signal) = blocked.wait() {
         if !job.main_done.load(AtomicOrdering::Acquire) {
             if PASSED_ON.contains(&signal) {
@@ -233,8 +234,28 @@ fn pass_signals_on(blocked: SigSet, job: &Job) {
             signal,
             Signal::SIGINT | Signal::SIGTERM | Signal::SIGHUP | Signal::SIGQUIT
         ) {
-            for pid in left_behind(&job.not_waited_for) {
-                let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), signal);
+            // SIGTERM first (a shell starts background jobs with SIGINT ignored), then
+            // SIGKILL for whatever is still there at the next one.
+            let sent = if ended_once {
+                Signal::SIGKILL
+            } else {
+                Signal::SIGTERM
+            };
+            ended_once = true;
+            let left = left_behind(&job.not_waited_for);
+            for pid in &left {
+                let _ = nix::sys::signal::kill(Pid::from_raw(*pid as i32), sent);
+            }
+            if !left.is_empty() {
+                eprintln!(
+                    "tunnel-run: sent {sent} to the {} process(es) left behind{}",
+                    left.len(),
+                    if sent == Signal::SIGTERM {
+                        "; once more sends SIGKILL"
+                    } else {
+                        ""
+                    }
+                );
             }
         }
     }
@@ -269,7 +290,7 @@ fn reap(job: &Job, program: &str) -> Exit {
                     said = true;
                     let pids: Vec<String> = left.iter().map(u32::to_string).collect();
                     eprintln!(
-                        "tunnel-run: `{program}` has ended; waiting for the {} process(es) it left behind (pid {}), which stay supervised until they end (Ctrl-C or SIGTERM ends them)",
+                        "tunnel-run: `{program}` has ended; waiting for the {} process(es) it left behind (pid {}), which stay supervised until they end (Ctrl-C or SIGTERM sends them SIGTERM)",
                         left.len(),
                         pids.join(", ")
                     );
@@ -504,19 +525,20 @@ fn finish(
     match result {
         Ok(answer) => {
             let how = match answer {
-                Answer::Fail(libc::EINPROGRESS) => "redirected (non-blocking: in progress)",
-                Answer::Continue => "not a stream: direct",
-                _ => "redirected",
+                Answer::Fail(libc::EINPROGRESS) => "through the tunnel (non-blocking: in progress)",
+                Answer::Continue => "a datagram socket: not carried, connected as asked",
+                _ if destination.port() == 53 => "a resolver's: to the resolver stub",
+                _ => "through the tunnel",
             };
             shared.trace(format_args!("pid {}: {destination}: {how}", n.tid));
             answer
         }
         Err(failed) => {
             shared.trace(format_args!(
-                "pid {}: {destination}: refused: {} ({})",
+                "pid {}: {destination}: the connect fails with {} ({})",
                 n.tid,
-                failed.why,
-                std::io::Error::from_raw_os_error(failed.errno)
+                std::io::Error::from_raw_os_error(failed.errno),
+                failed.why
             ));
             Answer::Fail(failed.errno)
         }

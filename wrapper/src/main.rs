@@ -34,10 +34,11 @@ use crate::elf::Executable;
 /// that the far site can connect back (active FTP, GridFTP data channels).
 ///
 /// Statically linked and Go programs make their own system calls, which LD_PRELOAD
-/// cannot see: tunnel-run supervises those, scripts and shells (which may start them),
-/// and any program with --seccomp, with seccomp user notification. A dynamically linked
+/// cannot see: tunnel-run supervises those, scripts, shells and launchers (env, timeout,
+/// nice, nohup, xargs, make, srun, mpirun and the like, which may start them), and any
+/// program with --seccomp, with seccomp user notification. Another dynamically linked
 /// program named directly is only preloaded: give --seccomp when it starts static or Go
-/// programs itself (make, a Python job runner). Their connects stop until tunnel-run has
+/// programs itself (a Python job runner, say). Their connects stop until tunnel-run has
 /// looked: a routed one is connected through the agent by tunnel-run itself and
 /// returns the far side's answer; any other is made by tunnel-run as the program asked,
 /// with the address it read. tunnel-run stays until the program and every process it
@@ -66,7 +67,7 @@ struct Args {
     #[arg(long, value_name = "DEST", num_args = 1..)]
     explain: Vec<String>,
     /// Supervise the program with seccomp even if LD_PRELOAD could reach it (the
-    /// default for statically linked and Go programs, scripts and shells).
+    /// default for statically linked and Go programs, scripts, shells and launchers).
     #[arg(long, conflicts_with = "no_seccomp")]
     seccomp: bool,
     /// Never supervise: statically linked and Go programs then connect directly,
@@ -210,10 +211,12 @@ enum Supervision {
     Outer,
 }
 
-/// Shells, which start whatever their scripts name, static and Go programs included:
-/// supervised, so that those are carried too.
-const SHELLS: [&str; 10] = [
-    "sh", "bash", "dash", "zsh", "ksh", "mksh", "csh", "tcsh", "fish", "busybox",
+/// Shells and launchers, which start whatever they are given, static and Go programs
+/// included: supervised, so that those are carried too.
+const LAUNCHERS: [&str; 28] = [
+    "sh", "bash", "dash", "zsh", "ksh", "mksh", "csh", "tcsh", "fish", "busybox", "env", "timeout",
+    "nice", "ionice", "nohup", "setsid", "stdbuf", "time", "xargs", "taskset", "chrt", "flock",
+    "numactl", "parallel", "make", "srun", "mpirun", "mpiexec",
 ];
 
 fn supervision(args: &Args, program: &str, kind: Option<Executable>) -> Supervision {
@@ -223,9 +226,9 @@ fn supervision(args: &Args, program: &str, kind: Option<Executable>) -> Supervis
     let shell = std::path::Path::new(program)
         .file_name()
         .and_then(|n| n.to_str())
-        .is_some_and(|n| SHELLS.contains(&n));
-    // Static and Go programs, scripts (and executables this user may not read), and
-    // shells: everything but a dynamically linked program named directly.
+        .is_some_and(|n| LAUNCHERS.contains(&n));
+    // Static and Go programs, scripts (and executables this user may not read), shells
+    // and launchers: everything but another dynamically linked program named directly.
     let wanted = args.seccomp
         || shell
         || matches!(

@@ -289,6 +289,25 @@ fn a_static_programs_routed_connects_get_the_far_sides_real_answers() {
         "the script's static program went direct"
     );
 
+    // Through a launcher (timeout): supervised too.
+    let before = tunnel.streams_seen();
+    let (code, out, err) = output_within(
+        Command::new(bin("tunnel-run"))
+            .arg("--config")
+            .arg(&tunnel.agent.config)
+            .args(["--", "timeout", "30"])
+            .arg(&program)
+            .args(["connect", &host, &port]),
+        LIMIT,
+    );
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert_eq!(out, "connected\necho static\n", "{err}");
+    assert_eq!(
+        tunnel.streams_seen(),
+        before + 1,
+        "timeout's static program went direct"
+    );
+
     // Not routed: direct and untouched.
     let before = tunnel.streams_seen();
     let (host, port) = host_port(direct);
@@ -408,6 +427,31 @@ fn a_daemonised_grandchild_stays_supervised_and_tunnel_run_waits_for_it() {
     })
     .expect("tunnel-run ended");
     assert_eq!(status.code(), Some(3), "{status:?}");
+
+    // A background job of a shell ignores SIGINT; Ctrl-C (SIGINT to tunnel-run) still
+    // ends it, with SIGTERM.
+    let mut job = Command::new(bin("tunnel-run"))
+        .arg("--config")
+        .arg(&tunnel.agent.config)
+        .args(["--", "sh", "-c", "sleep 60 & echo started"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("tunnel-run");
+    let mut stderr = std::io::BufReader::new(job.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stderr, &mut line).expect("the note");
+    assert!(line.contains("left behind"), "{line}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(job.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .expect("kill");
+    let status = wait_for(Duration::from_secs(10), "tunnel-run to end", || {
+        job.try_wait().ok().flatten()
+    })
+    .expect("tunnel-run ended after Ctrl-C");
+    assert_eq!(status.code(), Some(0), "{status:?}");
 }
 
 #[test]
