@@ -193,7 +193,20 @@ pub fn redirect(
             ));
         }
     };
-    connect_locally(socket, listener)?;
+    if let Err(local) = connect_locally(socket, listener) {
+        disconnect(socket);
+        // The agent resets the local leg as soon as the gateway refuses: the verdict,
+        // when it is there, says why.
+        if delivery == VerdictDelivery::Wait
+            && local.errno == libc::ECONNRESET
+            && let Ok(Reply::Verdict {
+                error: Some(refusal),
+            }) = exchange.verdict()
+        {
+            return Err(failed(refusal.errno(), refusal.to_string()));
+        }
+        return Err(local);
+    }
     if let Some(inode) = program::inode(socket) {
         redirects.insert(
             inode,
@@ -216,8 +229,13 @@ pub fn redirect(
     }
     // Checked: the program's connect returns once the gateway has answered, blocking
     // or not, so a refusal is the connect's own errno and never a socket that looks
-    // connected and then resets.
-    match exchange.verdict() {
+    // connected and then resets; the socket is then unconnected again, so that a
+    // program that tries again gets a new attempt, not EISCONN.
+    let verdict = exchange.verdict();
+    if !matches!(verdict, Ok(Reply::Verdict { error: None })) {
+        disconnect(socket);
+    }
+    match verdict {
         Ok(Reply::Verdict { error: None }) => Ok(connected),
         Ok(Reply::Verdict {
             error: Some(refusal),
@@ -279,6 +297,11 @@ pub fn redirect_resolver(
     })
 }
 
+/// Makes a socket unconnected again (a connect to AF_UNSPEC), as after a failed connect.
+fn disconnect(socket: &OwnedFd) {
+    let _ = crate::sys::connect_raw(std::os::fd::AsFd::as_fd(socket), &[0u8; 16]);
+}
+
 /// Binds a socket that has no port yet to the wildcard address of its family, port 0,
 /// as a send or connect would.
 pub fn bind_any(socket: &OwnedFd, ipv6: bool) {
@@ -301,8 +324,8 @@ pub fn note_resolver(
     nameserver: SocketAddr,
     stub: SocketAddr,
 ) {
-    if let Some(local) = program::local_addr(socket) {
-        resolver.note(local, nameserver);
+    if let (Some(local), Some(inode)) = (program::local_addr(socket), program::inode(socket)) {
+        resolver.note(local, nameserver, inode);
     }
     if let Some(inode) = program::inode(socket) {
         redirects.insert(

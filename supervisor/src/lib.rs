@@ -23,6 +23,7 @@ mod connect;
 mod filter;
 mod program;
 mod resolver;
+mod sockets_table;
 mod supervise;
 mod sys;
 mod workers;

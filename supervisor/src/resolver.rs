@@ -33,6 +33,9 @@ const FORWARD_WITHIN: Duration = Duration::from_secs(5);
 const MAX_DATAGRAM: usize = 65_535;
 /// Queries answered at once, at most; more are dropped (the resolver asks again).
 const MAX_BUSY: usize = 128;
+/// DNS-over-TCP connections served at once, at most, and for how long each.
+const MAX_TCP: usize = 32;
+const TCP_FOR: Duration = Duration::from_secs(15);
 
 pub struct Resolver {
     v4: UdpSocket,
@@ -41,9 +44,12 @@ pub struct Resolver {
     tcp_v4: TcpListener,
     tcp_v6: Option<TcpListener>,
     busy: AtomicUsize,
+    tcp_busy: AtomicUsize,
     /// For each program socket that asked (by its port: a socket bound to the wildcard
     /// address sends from a loopback one), the nameserver it asked.
     asked: Mutex<HashMap<u16, SocketAddr>>,
+    /// The program sockets the supervisor sent here, by inode: only they are answered.
+    sockets: Mutex<std::collections::HashSet<u64>>,
     /// The synthetic addresses handed out, with their names: a connect to one is
     /// routed by the name's route.
     handed_out: Mutex<HashMap<IpAddr, String>>,
@@ -78,7 +84,9 @@ impl Resolver {
             tcp_v4: TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?,
             tcp_v6: TcpListener::bind((Ipv6Addr::LOCALHOST, 0)).ok(),
             busy: AtomicUsize::new(0),
+            tcp_busy: AtomicUsize::new(0),
             asked: Mutex::default(),
+            sockets: Mutex::default(),
             handed_out: Mutex::default(),
             table,
             agent,
@@ -135,13 +143,19 @@ impl Resolver {
             .any(|a| a == address)
     }
 
-    /// Notes that the program socket at `program` asked `nameserver`.
-    pub fn note(&self, program: SocketAddr, nameserver: SocketAddr) {
+    /// Notes that the program socket at `program` (inode `inode`) asked `nameserver`.
+    pub fn note(&self, program: SocketAddr, nameserver: SocketAddr, inode: u64) {
         let mut asked = self.asked.lock();
         if asked.len() > 65_536 {
             asked.clear();
         }
         asked.insert(program.port(), nameserver);
+        drop(asked);
+        let mut sockets = self.sockets.lock();
+        if sockets.len() > 65_536 {
+            sockets.clear();
+        }
+        sockets.insert(inode);
     }
 
     /// The name a synthetic address was handed out for, in this job.
@@ -149,10 +163,15 @@ impl Resolver {
         self.handed_out.lock().get(&ip.to_canonical()).cloned()
     }
 
-    /// True when `from` is a socket the supervisor sent here: queries from anyone else
-    /// (another user's program on this machine) are dropped, not answered.
-    fn expects(&self, from: SocketAddr) -> bool {
-        from.ip().to_canonical().is_loopback() && self.asked.lock().contains_key(&from.port())
+    /// True when `from` is a socket the supervisor sent here (to `to`, one of the stub's
+    /// addresses), known by its inode in the kernel's socket table: queries from anyone
+    /// else (another user's program on this machine, whatever port it binds) are dropped.
+    fn expects(&self, from: SocketAddr, to: SocketAddr, tcp: bool) -> bool {
+        if !from.ip().to_canonical().is_loopback() {
+            return false;
+        }
+        crate::sockets_table::sender(from, to, tcp)
+            .is_some_and(|inode| self.sockets.lock().contains(&inode))
     }
 
     /// Runs `work` on a thread of its own, unless [`MAX_BUSY`] are busy already.
@@ -180,7 +199,10 @@ impl Resolver {
             let Ok((n, from)) = socket.recv_from(&mut buffer) else {
                 continue;
             };
-            if !self.expects(from) {
+            let Ok(to) = socket.local_addr() else {
+                continue;
+            };
+            if !self.expects(from, to, false) {
                 continue;
             }
             let query = buffer[..n].to_vec();
@@ -200,19 +222,38 @@ impl Resolver {
     fn serve_tcp(self: &Arc<Self>, listener: &TcpListener) {
         for stream in listener.incoming() {
             let Ok(stream) = stream else { continue };
-            let Ok(from) = stream.peer_addr() else {
+            let (Ok(from), Ok(to)) = (stream.peer_addr(), stream.local_addr()) else {
                 continue;
             };
-            if !self.expects(from) {
+            if !self.expects(from, to, true) {
                 continue;
             }
-            self.spawn_bounded(move |resolver| resolver.answer_tcp(stream, from));
+            if self.tcp_busy.fetch_add(1, Ordering::AcqRel) >= MAX_TCP {
+                self.tcp_busy.fetch_sub(1, Ordering::AcqRel);
+                continue;
+            }
+            let serving = self.clone();
+            let started = std::thread::Builder::new()
+                .name("query-tcp".into())
+                .stack_size(256 * 1024)
+                .spawn(move || {
+                    serving.answer_tcp(stream, from);
+                    serving.tcp_busy.fetch_sub(1, Ordering::AcqRel);
+                });
+            if started.is_err() {
+                self.tcp_busy.fetch_sub(1, Ordering::AcqRel);
+            }
         }
     }
 
+    /// Answers the queries of one connection, for at most [`TCP_FOR`].
     fn answer_tcp(&self, mut stream: TcpStream, from: SocketAddr) {
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+        let until = std::time::Instant::now() + TCP_FOR;
         loop {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+                return;
+            }
             let mut length = [0u8; 2];
             if stream.read_exact(&mut length).is_err() {
                 return;

@@ -69,6 +69,10 @@ struct Shared {
     routes: Routes,
     agent: AgentSocket,
     redirects: Redirects,
+    /// Sockets whose redirect was refused, by inode, with the destination and errno: a
+    /// connect tried again on one gets the same answer (its source address is
+    /// registered already).
+    refused: parking_lot::Mutex<std::collections::HashMap<u64, (SocketAddr, i32)>>,
     workers: Arc<Workers>,
     /// The resolver stub for programs' own DNS queries; `None` when names are left
     /// to the program.
@@ -165,6 +169,7 @@ pub fn run(mut command: Command, plan: Plan) -> Result<Exit> {
         routes: plan.routes,
         agent: plan.agent,
         redirects: Redirects::default(),
+        refused: Default::default(),
         workers: Workers::new(),
         resolver,
         trace: plan.trace,
@@ -432,6 +437,7 @@ fn on_connect(shared: &Arc<Shared>, n: Notification) {
                 Err(answer) => return answer,
             };
             if let Some(resolver) = &shared.resolver
+                && is_internet(&socket)
                 && is_datagram_or_stream(&socket)
             {
                 return finish(
@@ -455,21 +461,29 @@ fn on_connect(shared: &Arc<Shared>, n: Notification) {
     })
 }
 
-/// The program's connect, made by us on its socket with the address as read: at once
-/// for a non-blocking socket, on a worker for a blocking one (it may wait long).
+/// The program's connect on an internet socket, made by us with the address as read:
+/// a datagram socket's at once (it only sets the peer, and never waits), any other on a
+/// worker (it may wait, whatever the socket's flags say by then). A connect on any other
+/// kind of socket (a Unix socket's path, netlink) is the kernel's to make, in the
+/// program's own context: its credentials, directory and mounts decide, not ours, and no
+/// address of another family can be given to such a socket.
 fn connect_as_read(shared: &Arc<Shared>, n: Notification, bytes: Vec<u8>) {
     let socket = match take_socket(shared, &n) {
         Ok(socket) => socket,
         Err(refusal) => return answer(shared, &n, refusal),
     };
-    let nonblocking = nix::fcntl::fcntl(&socket, nix::fcntl::FcntlArg::F_GETFL)
-        .is_ok_and(|flags| flags & libc::O_NONBLOCK != 0);
-    // A non-blocking connect, and a datagram socket's (it only sets the peer), return
-    // at once: answered here.
-    if nonblocking || is_datagram(&socket) {
+    if !is_internet(&socket) {
+        return answer(shared, &n, Answer::Continue);
+    }
+    if is_datagram(&socket) {
         return answer(shared, &n, connect_now(&socket, &bytes));
     }
     in_worker(shared, n, move |_, _| connect_now(&socket, &bytes))
+}
+
+/// True for an IPv4 or IPv6 socket.
+fn is_internet(socket: &OwnedFd) -> bool {
+    program::local_addr(socket).is_some()
 }
 
 fn connect_now(socket: &OwnedFd, bytes: &[u8]) -> Answer {
@@ -488,6 +502,10 @@ fn route_stream(
     destination: SocketAddr,
     bytes: &[u8],
 ) -> Answer {
+    if !is_internet(socket) {
+        // An address of another family than the socket's: the kernel's EAFNOSUPPORT.
+        return Answer::Continue;
+    }
     // The same connect again (a call restarted after a signal, a program asking once
     // more): the socket is connected already, to the agent for this destination.
     if shared.redirects.of(socket).is_some_and(|r| {
@@ -495,24 +513,41 @@ fn route_stream(
     }) {
         return Answer::Return(0);
     }
+    // A datagram socket (a connect only sets its peer: nothing to carry), or one that is
+    // connected already (EISCONN, EALREADY): made by us with the address as read.
+    if is_datagram(socket) || program::peer_addr(socket).is_some() {
+        return connect_now(socket, bytes);
+    }
+    let inode = program::inode(socket);
+    if let Some(inode) = inode
+        && let Some((to, errno)) = shared.refused.lock().get(&inode).copied()
+        && to == destination
+    {
+        return Answer::Fail(errno);
+    }
     match shared.routes.decide(destination, |ip| shared.name_of(ip)) {
         Decision::Direct => {
             shared.trace(format_args!("pid {}: {destination}: direct", n.tid));
             connect_now(socket, bytes)
         }
-        Decision::Tunnel { via, connect } => finish(
-            shared,
-            n,
-            destination,
-            redirect(
+        Decision::Tunnel { via, connect } => {
+            let result = redirect(
                 &shared.agent,
                 &shared.redirects,
                 socket,
                 destination,
                 via,
                 connect,
-            ),
-        ),
+            );
+            if let (Err(failed), Some(inode)) = (&result, inode) {
+                let mut refused = shared.refused.lock();
+                if refused.len() > 65_536 {
+                    refused.clear();
+                }
+                refused.insert(inode, (destination, failed.errno));
+            }
+            finish(shared, n, destination, result)
+        }
     }
 }
 
@@ -632,8 +667,26 @@ fn on_sendmsg(shared: &Arc<Shared>, n: Notification) {
     let word = |at: usize| u64::from_ne_bytes(header[at..at + 8].try_into().unwrap_or([0; 8]));
     let (name, name_len, iov, iov_len) = (word(0), word(8) & 0xffff_ffff, word(16), word(24));
     if name == 0 {
-        // No address: a send on a connected socket, nothing to route.
-        return answer(shared, &n, Answer::Continue);
+        // No address: sent by us as it is (the header is read once: a thread cannot
+        // put a routed address in it after this look).
+        return in_worker(shared, n, move |shared, n| {
+            let socket = match take_socket(shared, n) {
+                Ok(socket) => socket,
+                Err(answer) => return answer,
+            };
+            if !is_internet(&socket) {
+                return Answer::Continue;
+            }
+            let data = match gather(n.tid, iov, iov_len) {
+                Ok(data) => data,
+                Err(answer) => return answer,
+            };
+            let flags = nix::sys::socket::MsgFlags::from_bits_truncate(n.args[2] as i32);
+            match nix::sys::socket::send(socket.as_raw_fd(), &data, flags) {
+                Ok(sent) => Answer::Return(sent as i64),
+                Err(e) => Answer::Fail(e as i32),
+            }
+        });
     }
     let bytes = match sockaddr_of(shared, &n, name, name_len) {
         Ok(Some(bytes)) => bytes,
@@ -668,8 +721,18 @@ fn on_sendto(shared: &Arc<Shared>, n: Notification) {
                 Ok(socket) => socket,
                 Err(answer) => return answer,
             };
-            if !is_datagram_or_stream(&socket) || is_datagram(&socket) {
+            if !is_internet(&socket) || !is_datagram_or_stream(&socket) {
                 return Answer::Continue;
+            }
+            if is_datagram(&socket) {
+                // UDP ignores MSG_FASTOPEN: sent by us with the address as read.
+                return match program::read(n.tid, n.args[1], (n.args[2] as usize).min(65_536)) {
+                    Ok(data) => match sys::sendto_raw(socket.as_fd(), &data, flags, &bytes) {
+                        Ok(sent) => Answer::Return(sent as i64),
+                        Err(e) => Answer::Fail(e.raw_os_error().unwrap_or(libc::EIO)),
+                    },
+                    Err(_) => Answer::Fail(libc::EFAULT),
+                };
             }
             match program::read(n.tid, n.args[1], (n.args[2] as usize).min(65_536)) {
                 Ok(data) => fast_open(shared, n, &socket, &bytes, &data, flags),

@@ -27,6 +27,7 @@ const PROGRAM: &str = r#"
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 static struct sockaddr_storage last;
@@ -149,6 +150,21 @@ int main(int argc, char **argv) {
         m.msg_hdr.msg_iovlen = 1;
         int r = sendmmsg(fd, &m, 1, MSG_FASTOPEN);
         printf("sendmmsg %d errno %d\n", r, r < 0 ? errno : 0);
+        } else if (!strcmp(mode, "retry")) {
+        /* A refused connect tried again on the same socket: refused again, never
+           "already connected". */
+        int fd = open_to(argv[2], argv[3], 0, &rc, &err);
+        int again = connect(fd, (struct sockaddr *)&last, last_len);
+        printf("first %d second %d\n", err, again == 0 ? 0 : errno);
+    } else if (!strcmp(mode, "unixrel")) {
+        /* A Unix socket by a path relative to the program's own directory. */
+        struct sockaddr_un u = {0};
+        u.sun_family = AF_UNIX;
+        strncpy(u.sun_path, argv[3], sizeof u.sun_path - 1);
+        if (chdir(argv[2]) != 0) { printf("chdir %d\n", errno); return 0; }
+        int fd = socket(AF_UNIX, SOCK_STREAM, 0);
+        int r = connect(fd, (struct sockaddr *)&u, sizeof u);
+        printf("unix %d\n", r == 0 ? 0 : errno);
     } else if (!strcmp(mode, "linger")) {
         /* Leaves a process behind that would sleep for a minute. */
         if (fork() == 0) {
@@ -307,6 +323,24 @@ fn a_static_programs_routed_connects_get_the_far_sides_real_answers() {
         before + 1,
         "timeout's static program went direct"
     );
+
+    // A refused connect tried again: refused again (a new attempt), not EISCONN.
+    let (host, port) = host_port(closed);
+    let (_, out, err) = run_static(&tunnel, &program, &["retry", &host, &port]);
+    let refused = nix::libc::ECONNREFUSED;
+    assert_eq!(out, format!("first {refused} second {refused}\n"), "{err}");
+
+    // A Unix socket by a relative path: looked up in the program's directory, as the
+    // program would, not in tunnel-run's.
+    let dir = tunnel.site.path("unix-dir");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let _listener = std::os::unix::net::UnixListener::bind(dir.join("s")).expect("unix listener");
+    let (_, out, err) = run_static(
+        &tunnel,
+        &program,
+        &["unixrel", dir.to_str().expect("path"), "s"],
+    );
+    assert_eq!(out, "unix 0\n", "{err}");
 
     // Not routed: direct and untouched.
     let before = tunnel.streams_seen();
