@@ -122,3 +122,28 @@ pub fn elf(data: &[u8]) {
         assert!(data.len() >= 64, "dynamic from {} bytes", data.len());
     }
 }
+
+/// The supervisor's resolver stub: any datagram read as a query or not, never a panic;
+/// the answer to one it reads repeats its id and question and reads back the same.
+pub fn dns(data: &[u8]) {
+    use tunnel_proto::dns;
+    let Some(question) = dns::read_query(data) else {
+        return;
+    };
+    assert!(question.name.len() <= 253, "{} bytes of name", question.name.len());
+    for address in [
+        Some(std::net::IpAddr::from([198, 18, 0, 1])),
+        Some(std::net::IpAddr::from([0xfd00, 0, 0, 0, 0, 0, 0, 1])),
+        None,
+    ] {
+        let mut answer = dns::answer(data, &question, address);
+        assert_eq!(answer[..2], data[..2], "the answer's id");
+        assert_eq!(answer[2] & 0x80, 0x80, "an answer");
+        // As a query again, it asks the same question.
+        answer[2] &= 0x7f;
+        answer[6..8].copy_from_slice(&[0, 0]);
+        let again = dns::read_query(&answer).expect("the answer's question reads");
+        assert_eq!(again.name, question.name);
+        assert_eq!((again.qtype, again.qclass), (question.qtype, question.qclass));
+    }
+}

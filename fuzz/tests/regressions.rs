@@ -9,13 +9,14 @@ type Check = fn(&[u8]);
 #[test]
 fn saved_inputs_pass_their_checks() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("regressions");
-    let targets: [(&str, Check); 6] = [
+    let targets: [(&str, Check); 7] = [
         ("local_protocol", tunnel_fuzz::local_protocol),
         ("routes", tunnel_fuzz::routes),
         ("configs", tunnel_fuzz::configs),
         ("sock_diag", tunnel_fuzz::sock_diag),
         ("elf", tunnel_fuzz::elf),
         ("tokens", tunnel_fuzz::tokens),
+        ("dns", tunnel_fuzz::dns),
     ];
     let mut replayed = 0;
     for (name, check) in targets {
