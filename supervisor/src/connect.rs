@@ -136,8 +136,9 @@ fn failed(errno: i32, why: impl Into<String>) -> Failed {
     }
 }
 
-/// Redirects the program's socket `socket` (our duplicate of it) to the agent for
-/// `destination`: what the program's connect returns.
+/// Redirects the program's socket `socket` (our duplicate of it: an unconnected
+/// internet stream socket) to the agent for `destination`: what the program's connect
+/// returns.
 pub fn redirect(
     agent: &AgentSocket,
     redirects: &Redirects,
@@ -146,20 +147,7 @@ pub fn redirect(
     via: Option<String>,
     connect: ConnectMode,
 ) -> Result<Answer, Failed> {
-    let kind = nix::sys::socket::getsockopt(socket, sockopt::SockType)
-        .map_err(|e| failed(libc::ENOTSOCK, format!("not a socket ({e})")))?;
-    if kind != nix::sys::socket::SockType::Stream {
-        // A datagram "connect" only sets a default peer: nothing to carry.
-        return Ok(Answer::Continue);
-    }
-    if program::peer_addr(socket).is_some() {
-        // Connected already (or connecting): the kernel answers EISCONN or EALREADY
-        // for this socket without sending anything anywhere.
-        return Ok(Answer::Continue);
-    }
-    let nonblocking = nix::fcntl::fcntl(socket, nix::fcntl::FcntlArg::F_GETFL)
-        .map(|flags| flags & libc::O_NONBLOCK != 0)
-        .map_err(|e| failed(libc::EBADF, format!("F_GETFL ({e})")))?;
+    let nonblocking = program::is_nonblocking(socket);
     let source = source_address(socket, destination)?;
     let delivery = match connect {
         ConnectMode::Checked => VerdictDelivery::Wait,
@@ -279,8 +267,7 @@ pub fn redirect_resolver(
     socket: &OwnedFd,
     nameserver: SocketAddr,
 ) -> Result<Answer, Failed> {
-    let stream = nix::sys::socket::getsockopt(socket, sockopt::SockType)
-        .is_ok_and(|t| t == nix::sys::socket::SockType::Stream);
+    let stream = program::is_stream(socket);
     let ipv6 = program::is_ipv6(socket);
     let stub = resolver.stub_for(ipv6, stream);
     // Bound first (as the connect would bind it), so that the stub knows this socket
@@ -288,9 +275,7 @@ pub fn redirect_resolver(
     bind_any(socket, ipv6);
     note_resolver(resolver, redirects, socket, nameserver, stub);
     connect_locally(socket, stub)?;
-    let nonblocking = nix::fcntl::fcntl(socket, nix::fcntl::FcntlArg::F_GETFL)
-        .is_ok_and(|flags| flags & libc::O_NONBLOCK != 0);
-    Ok(if stream && nonblocking {
+    Ok(if stream && program::is_nonblocking(socket) {
         Answer::Fail(libc::EINPROGRESS)
     } else {
         Answer::Return(0)
@@ -324,10 +309,8 @@ pub fn note_resolver(
     nameserver: SocketAddr,
     stub: SocketAddr,
 ) {
-    if let (Some(local), Some(inode)) = (program::local_addr(socket), program::inode(socket)) {
-        resolver.note(local, nameserver, inode);
-    }
     if let Some(inode) = program::inode(socket) {
+        resolver.note(inode, nameserver);
         redirects.insert(
             inode,
             Redirect {

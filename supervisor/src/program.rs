@@ -97,6 +97,29 @@ pub fn bind(socket: &OwnedFd, address: SocketAddr) -> nix::Result<()> {
     }
 }
 
+/// True for an IPv4 or IPv6 socket.
+pub fn is_internet(socket: &OwnedFd) -> bool {
+    local_addr(socket).is_some()
+}
+
+pub fn socket_type(socket: &OwnedFd) -> Option<nix::sys::socket::SockType> {
+    nix::sys::socket::getsockopt(socket, nix::sys::socket::sockopt::SockType).ok()
+}
+
+pub fn is_datagram(socket: &OwnedFd) -> bool {
+    socket_type(socket) == Some(nix::sys::socket::SockType::Datagram)
+}
+
+pub fn is_stream(socket: &OwnedFd) -> bool {
+    socket_type(socket) == Some(nix::sys::socket::SockType::Stream)
+}
+
+/// The socket's O_NONBLOCK (shared by every descriptor of it, ours too).
+pub fn is_nonblocking(socket: &OwnedFd) -> bool {
+    nix::fcntl::fcntl(socket, nix::fcntl::FcntlArg::F_GETFL)
+        .is_ok_and(|flags| flags & libc::O_NONBLOCK != 0)
+}
+
 pub fn inode(socket: &OwnedFd) -> Option<u64> {
     nix::sys::stat::fstat(socket).ok().map(|s| s.st_ino)
 }

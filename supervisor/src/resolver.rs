@@ -45,11 +45,9 @@ pub struct Resolver {
     tcp_v6: Option<TcpListener>,
     busy: AtomicUsize,
     tcp_busy: AtomicUsize,
-    /// For each program socket that asked (by its port: a socket bound to the wildcard
-    /// address sends from a loopback one), the nameserver it asked.
-    asked: Mutex<HashMap<u16, SocketAddr>>,
-    /// The program sockets the supervisor sent here, by inode: only they are answered.
-    sockets: Mutex<std::collections::HashSet<u64>>,
+    /// The program sockets the supervisor sent here, by inode, with the nameserver
+    /// each asked: only they are answered.
+    asked: Mutex<HashMap<u64, SocketAddr>>,
     /// The synthetic addresses handed out, with their names: a connect to one is
     /// routed by the name's route.
     handed_out: Mutex<HashMap<IpAddr, String>>,
@@ -86,7 +84,6 @@ impl Resolver {
             busy: AtomicUsize::new(0),
             tcp_busy: AtomicUsize::new(0),
             asked: Mutex::default(),
-            sockets: Mutex::default(),
             handed_out: Mutex::default(),
             table,
             agent,
@@ -143,19 +140,13 @@ impl Resolver {
             .any(|a| a == address)
     }
 
-    /// Notes that the program socket at `program` (inode `inode`) asked `nameserver`.
-    pub fn note(&self, program: SocketAddr, nameserver: SocketAddr, inode: u64) {
+    /// Notes that the program socket `inode` asked `nameserver`.
+    pub fn note(&self, inode: u64, nameserver: SocketAddr) {
         let mut asked = self.asked.lock();
         if asked.len() > 65_536 {
             asked.clear();
         }
-        asked.insert(program.port(), nameserver);
-        drop(asked);
-        let mut sockets = self.sockets.lock();
-        if sockets.len() > 65_536 {
-            sockets.clear();
-        }
-        sockets.insert(inode);
+        asked.insert(inode, nameserver);
     }
 
     /// The name a synthetic address was handed out for, in this job.
@@ -163,15 +154,16 @@ impl Resolver {
         self.handed_out.lock().get(&ip.to_canonical()).cloned()
     }
 
-    /// True when `from` is a socket the supervisor sent here (to `to`, one of the stub's
-    /// addresses), known by its inode in the kernel's socket table: queries from anyone
-    /// else (another user's program on this machine, whatever port it binds) are dropped.
-    fn expects(&self, from: SocketAddr, to: SocketAddr, tcp: bool) -> bool {
+    /// The nameserver the socket at `from` asked, when it is one the supervisor sent
+    /// here (to `to`, one of the stub's addresses), known by its inode in the kernel's
+    /// socket table: queries from anyone else (another user's program on this machine,
+    /// whatever port it binds) are dropped.
+    fn asked_by(&self, from: SocketAddr, to: SocketAddr, tcp: bool) -> Option<SocketAddr> {
         if !from.ip().to_canonical().is_loopback() {
-            return false;
+            return None;
         }
-        crate::sockets_table::sender(from, to, tcp)
-            .is_some_and(|inode| self.sockets.lock().contains(&inode))
+        let inode = crate::sockets_table::sender(from, to, tcp)?;
+        self.asked.lock().get(&inode).copied()
     }
 
     /// Runs `work` on a thread of its own, unless [`MAX_BUSY`] are busy already.
@@ -202,15 +194,15 @@ impl Resolver {
             let Ok(to) = socket.local_addr() else {
                 continue;
             };
-            if !self.expects(from, to, false) {
+            let Some(nameserver) = self.asked_by(from, to, false) else {
                 continue;
-            }
+            };
             let query = buffer[..n].to_vec();
             let Ok(reply_socket) = socket.try_clone() else {
                 continue;
             };
             self.spawn_bounded(move |resolver| {
-                if let Some(answer) = resolver.answer(&query, from) {
+                if let Some(answer) = resolver.answer(&query, nameserver) {
                     let _ = reply_socket.send_to(&answer, from);
                 }
             });
@@ -225,9 +217,9 @@ impl Resolver {
             let (Ok(from), Ok(to)) = (stream.peer_addr(), stream.local_addr()) else {
                 continue;
             };
-            if !self.expects(from, to, true) {
+            let Some(nameserver) = self.asked_by(from, to, true) else {
                 continue;
-            }
+            };
             if self.tcp_busy.fetch_add(1, Ordering::AcqRel) >= MAX_TCP {
                 self.tcp_busy.fetch_sub(1, Ordering::AcqRel);
                 continue;
@@ -237,7 +229,7 @@ impl Resolver {
                 .name("query-tcp".into())
                 .stack_size(256 * 1024)
                 .spawn(move || {
-                    serving.answer_tcp(stream, from);
+                    serving.answer_tcp(stream, nameserver);
                     serving.tcp_busy.fetch_sub(1, Ordering::AcqRel);
                 });
             if started.is_err() {
@@ -247,7 +239,7 @@ impl Resolver {
     }
 
     /// Answers the queries of one connection, for at most [`TCP_FOR`].
-    fn answer_tcp(&self, mut stream: TcpStream, from: SocketAddr) {
+    fn answer_tcp(&self, mut stream: TcpStream, nameserver: SocketAddr) {
         let until = std::time::Instant::now() + TCP_FOR;
         loop {
             let left = until.saturating_duration_since(std::time::Instant::now());
@@ -262,7 +254,7 @@ impl Resolver {
             if stream.read_exact(&mut query).is_err() {
                 return;
             }
-            let Some(answer) = self.answer(&query, from) else {
+            let Some(answer) = self.answer(&query, nameserver) else {
                 return;
             };
             let Ok(length) = u16::try_from(answer.len()) else {
@@ -276,14 +268,14 @@ impl Resolver {
         }
     }
 
-    /// The answer for `query` from the program socket at `from`.
-    fn answer(&self, query: &[u8], from: SocketAddr) -> Option<Vec<u8>> {
+    /// The answer for `query` from a program socket that asked `nameserver`.
+    fn answer(&self, query: &[u8], nameserver: SocketAddr) -> Option<Vec<u8>> {
         if let Some(question) = dns::read_query(query)
             && self.table.may_route_name(&question.name)
         {
             return Some(self.synthetic(query, &question));
         }
-        let nameserver = *self.asked.lock().get(&from.port())?;
+
         self.forward(query, nameserver)
     }
 

@@ -65,7 +65,8 @@ fn rows(tcp: bool) -> Vec<Row> {
 /// `to` (TCP): the one bound to exactly that address, else one bound to the wildcard
 /// address on that port.
 pub fn sender(from: SocketAddr, to: SocketAddr, tcp: bool) -> Option<u64> {
-    let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+    use crate::program::canonical;
+
     let from = canonical(from);
     let rows = rows(tcp);
     let mut wildcard = None;

@@ -21,7 +21,7 @@ use crate::connect::{
     redirect_resolver,
 };
 use crate::filter::Rules;
-use crate::program::{self, Redirects};
+use crate::program::{self, Redirects, is_datagram, is_internet};
 use crate::resolver::Resolver;
 use crate::sys::{self, Answer, Notification};
 use crate::workers::Workers;
@@ -481,11 +481,6 @@ fn connect_as_read(shared: &Arc<Shared>, n: Notification, bytes: Vec<u8>) {
     in_worker(shared, n, move |_, _| connect_now(&socket, &bytes))
 }
 
-/// True for an IPv4 or IPv6 socket.
-fn is_internet(socket: &OwnedFd) -> bool {
-    program::local_addr(socket).is_some()
-}
-
 fn connect_now(socket: &OwnedFd, bytes: &[u8]) -> Answer {
     match sys::connect_raw(socket.as_fd(), bytes) {
         Ok(()) => Answer::Return(0),
@@ -580,19 +575,8 @@ fn finish(
     }
 }
 
-fn socket_type(socket: &OwnedFd) -> Option<nix::sys::socket::SockType> {
-    nix::sys::socket::getsockopt(socket, nix::sys::socket::sockopt::SockType).ok()
-}
-
-fn is_datagram(socket: &OwnedFd) -> bool {
-    socket_type(socket) == Some(nix::sys::socket::SockType::Datagram)
-}
-
 fn is_datagram_or_stream(socket: &OwnedFd) -> bool {
-    matches!(
-        socket_type(socket),
-        Some(nix::sys::socket::SockType::Datagram | nix::sys::socket::SockType::Stream)
-    )
+    program::is_datagram(socket) || program::is_stream(socket)
 }
 
 /// A TCP Fast Open connect inside a send (`MSG_FASTOPEN`): to a routed destination,
